@@ -1,0 +1,275 @@
+"""Validation of the public entry points.
+
+Everything a caller can get wrong is checked here, once, before any arithmetic or
+communication, and reported as a ``TypeError`` (wrong kind or dtype) or a
+``ValueError`` (wrong shape or value) that names the parameter and what was received.
+Only shapes, dtypes, devices and Python numbers are inspected, never array values, so
+the checks also run unchanged under ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+
+from ._typing import Array, Namespace
+
+__all__ = ["SIGMOID_STRATEGIES", "SOFTMAX_STRATEGIES", "Problem", "prepare"]
+
+SIGMOID_STRATEGIES = ("bidir", "shift", "reduce", "gather")
+SOFTMAX_STRATEGIES = ("ring", "gather")
+
+#: Tile edge used when ``block_size=None``; docs/benchmarks.md has the measurements behind it.
+DEFAULT_BLOCK_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Validated inputs, cast to the dtype the arithmetic runs in.
+
+    Attributes
+    ----------
+    xp : namespace
+        Array-API namespace of the inputs.
+    img, txt : array
+        The (n, d) features, in ``compute_dtype``.
+    scale, bias : float or array
+        Python floats stay Python floats; 0-d arrays are cast to ``compute_dtype``.
+    n, d : int
+        Rows and feature dimension.
+    device : object
+        Device of the inputs (``None`` for jax under ``jit``).
+    input_dtype, compute_dtype : dtype
+        Dtype of the features as given, and the dtype the loss accumulates in (float64
+        for float64 inputs, float32 otherwise).
+    scale_dtype, bias_dtype : dtype
+        Dtype the gradient of ``scale``/``bias`` is returned in.
+    block_size : int
+        Tile edge, at most ``n``.
+    """
+
+    xp: Namespace
+    img: Array
+    txt: Array
+    scale: float | Array
+    bias: float | Array
+    n: int
+    d: int
+    device: Any
+    input_dtype: Any
+    compute_dtype: Any
+    scale_dtype: Any
+    bias_dtype: Any
+    block_size: int
+
+
+def _describe(value: Any) -> str:
+    """Say what a received value is, for error messages."""
+    if array_api_compat.is_array_api_obj(value):
+        kind = f"{type(value).__module__}.{type(value).__name__}"
+        return f"{kind} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"{type(value).__name__} {value!r}"[:200]
+
+
+def _namespace_name(xp: Namespace) -> str:
+    return str(getattr(xp, "__name__", type(xp).__name__))
+
+
+def _check_features(img: Any, txt: Any) -> Namespace:
+    """Check the two feature matrices and return their common namespace."""
+    for name, value in (("img", img), ("txt", txt)):
+        if not array_api_compat.is_array_api_obj(value):
+            msg = (
+                f"`{name}` must be an array of an array-API library (numpy, torch, jax, "
+                f"cupy, ...), got {_describe(value)}"
+            )
+            raise TypeError(msg)
+    xp_img = array_api_compat.array_namespace(img)
+    xp_txt = array_api_compat.array_namespace(txt)
+    if xp_img is not xp_txt:
+        msg = (
+            "`img` and `txt` must come from the same array library, got "
+            f"{_namespace_name(xp_img)} and {_namespace_name(xp_txt)}"
+        )
+        raise TypeError(msg)
+    xp = xp_img
+    for name, value in (("img", img), ("txt", txt)):
+        shape = tuple(value.shape)
+        if len(shape) != 2:
+            msg = f"`{name}` must be 2-D with shape (n, d), got shape {shape}"
+            raise ValueError(msg)
+        if not xp.isdtype(value.dtype, "real floating"):
+            msg = (
+                f"`{name}` must have a real floating dtype (float16, bfloat16, float32 "
+                f"or float64), got {value.dtype}"
+            )
+            raise TypeError(msg)
+    if tuple(img.shape) != tuple(txt.shape):
+        msg = (
+            "`img` and `txt` must have the same shape (n, d), row i of each being a pair; "
+            f"got {tuple(img.shape)} and {tuple(txt.shape)}"
+        )
+        raise ValueError(msg)
+    n, d = img.shape
+    if n == 0:
+        msg = f"`img` and `txt` must hold at least one pair, got shape {(n, d)} (n = 0)"
+        raise ValueError(msg)
+    if d == 0:
+        msg = f"`img` and `txt` must have at least one feature, got shape {(n, d)} (d = 0)"
+        raise ValueError(msg)
+    if img.dtype != txt.dtype:
+        msg = f"`img` and `txt` must have the same dtype, got {img.dtype} and {txt.dtype}"
+        raise TypeError(msg)
+    dev_img = array_api_compat.device(img)
+    dev_txt = array_api_compat.device(txt)
+    if dev_img != dev_txt:
+        msg = f"`img` and `txt` must be on the same device, got {dev_img} and {dev_txt}"
+        raise ValueError(msg)
+    return xp
+
+
+def _check_scalar(
+    name: str, value: Any, xp: Namespace, device: object, *, positive: bool
+) -> float | Array:
+    """Check `scale` or `bias`: a finite Python real, or a 0-d floating array of `xp`."""
+    if isinstance(value, bool):
+        msg = f"`{name}` must be a Python float or a 0-d array, got bool {value!r}"
+        raise TypeError(msg)
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        if not math.isfinite(number):
+            msg = f"`{name}` must be finite, got {number!r}"
+            raise ValueError(msg)
+        if positive and number <= 0.0:
+            msg = (
+                f"`{name}` must be the positive multiplier t = exp(t') applied to the "
+                f"logits, got {number!r}; if you hold the log-scale t', pass exp(t')"
+            )
+            raise ValueError(msg)
+        return number
+    if array_api_compat.is_array_api_obj(value):
+        shape = tuple(value.shape)
+        if shape != ():
+            msg = f"`{name}` must be a Python float or a 0-d array, got an array of shape {shape}"
+            raise TypeError(msg)
+        xp_value = array_api_compat.array_namespace(value)
+        if xp_value is not xp:
+            msg = (
+                f"`{name}` must come from the same array library as `img`, got "
+                f"{_namespace_name(xp_value)} and {_namespace_name(xp)}"
+            )
+            raise TypeError(msg)
+        if not xp.isdtype(value.dtype, "real floating"):
+            msg = f"`{name}` must have a real floating dtype, got {value.dtype}"
+            raise TypeError(msg)
+        dev = array_api_compat.device(value)
+        if dev != device:
+            msg = f"`{name}` must be on the same device as `img`, got {dev} and {device}"
+            raise ValueError(msg)
+        return value
+    msg = f"`{name}` must be a Python float or a 0-d array, got {_describe(value)}"
+    raise TypeError(msg)
+
+
+def _check_block_size(block_size: Any, n: int) -> int:
+    if block_size is None:
+        return min(n, DEFAULT_BLOCK_SIZE)
+    if isinstance(block_size, bool) or not hasattr(block_size, "__index__"):
+        msg = f"`block_size` must be a positive int or None, got {_describe(block_size)}"
+        raise TypeError(msg)
+    size = operator.index(block_size)
+    if size <= 0:
+        msg = f"`block_size` must be a positive int or None, got {size}"
+        raise ValueError(msg)
+    return min(int(size), n)
+
+
+def _check_strategy(strategy: object, allowed: tuple[str, ...], loss: str) -> str:
+    if not isinstance(strategy, str):
+        msg = f"`strategy` must be a string, one of {allowed}, got {_describe(strategy)}"
+        raise TypeError(msg)
+    if strategy not in allowed:
+        msg = f"`strategy` for the {loss} loss must be one of {allowed}, got {strategy!r}"
+        raise ValueError(msg)
+    return strategy
+
+
+def prepare(
+    img: Any,
+    txt: Any,
+    scale: object,
+    bias: object,
+    *,
+    block_size: object,
+    comm: object,
+    strategy: object,
+    loss: str,
+) -> Problem:
+    """Validate the arguments of a public loss function and cast them for the arithmetic.
+
+    Parameters
+    ----------
+    img, txt, scale, bias, block_size, comm, strategy
+        The public arguments, as received.
+    loss : {"sigmoid", "softmax"}
+        Which loss is being called (selects the allowed strategies).
+
+    Returns
+    -------
+    Problem
+        The validated inputs.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On any invalid argument; the message names the parameter and what was received.
+    NotImplementedError
+        When a communicator is passed: distributed evaluation is not available yet.
+    """
+    xp = _check_features(img, txt)
+    device = array_api_compat.device(img)
+    n, d = (int(s) for s in img.shape)
+    scale_checked = _check_scalar("scale", scale, xp, device, positive=True)
+    bias_checked = _check_scalar("bias", 0.0 if bias is None else bias, xp, device, positive=False)
+    size = _check_block_size(block_size, n)
+    allowed = SIGMOID_STRATEGIES if loss == "sigmoid" else SOFTMAX_STRATEGIES
+    _check_strategy(strategy, allowed, loss)
+    if comm is not None:
+        msg = (
+            "distributed evaluation (`comm` other than None) is not available in this "
+            "version of portable_siglip; pass comm=None to evaluate on one process"
+        )
+        raise NotImplementedError(msg)
+
+    input_dtype = img.dtype
+    # Half-precision inputs accumulate in float32; float32 and float64 in themselves.
+    compute_dtype = xp.float64 if input_dtype == xp.float64 else xp.float32
+
+    def cast(value: Any) -> Any:
+        if isinstance(value, float):
+            return value
+        return xp.astype(value, compute_dtype, copy=False)
+
+    def grad_dtype(value: Any) -> Any:
+        return compute_dtype if isinstance(value, float) else value.dtype
+
+    return Problem(
+        xp=xp,
+        img=cast(img),
+        txt=cast(txt),
+        scale=cast(scale_checked),
+        bias=cast(bias_checked),
+        n=n,
+        d=d,
+        device=device,
+        input_dtype=input_dtype,
+        compute_dtype=compute_dtype,
+        scale_dtype=grad_dtype(scale_checked),
+        bias_dtype=grad_dtype(bias_checked),
+        block_size=size,
+    )

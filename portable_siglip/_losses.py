@@ -1,0 +1,348 @@
+"""Public entry points: the sigmoid and softmax losses, alone or with their gradients."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ._checks import Problem, prepare
+from ._sigmoid import sigmoid_sums
+from ._softmax import SoftmaxLse, diagonal_logits, softmax_grad_sums, softmax_lse
+from ._typing import Array
+
+__all__ = [
+    "Gradients",
+    "sigmoid_loss",
+    "sigmoid_loss_and_grad",
+    "softmax_loss",
+    "softmax_loss_and_grad",
+]
+
+
+class Gradients(NamedTuple):
+    """Gradients of a loss with respect to each of its four inputs.
+
+    Attributes
+    ----------
+    img : array, shape (n, d)
+        ``dL/dimg``, in the dtype of ``img``.
+    txt : array, shape (n, d)
+        ``dL/dtxt``, in the dtype of ``txt``.
+    scale : 0-d array
+        ``dL/dt`` for the multiplier ``t`` itself (not its log; multiply by ``t`` for
+        ``dL/dlog t``), in the dtype of ``scale`` when it is an array, else in the
+        accumulation dtype.
+    bias : 0-d array
+        ``dL/db``, dtype chosen as for ``scale``. Exactly zero for the softmax loss.
+    """
+
+    img: Array
+    txt: Array
+    scale: Array
+    bias: Array
+
+
+def _scaled_img(problem: Problem) -> Array:
+    # Fold t into the image rows once (O(n d)) so every tile is one GEMM plus the bias.
+    return problem.img * problem.scale
+
+
+def _finish(
+    problem: Problem, loss: Array, img_acc: Array, txt_acc: Array, bias_sum: Array, norm: float
+) -> tuple[Array, Gradients]:
+    """Normalise the accumulated sums by ``norm`` and return them in the documented dtypes."""
+    xp = problem.xp
+    scale_sum = xp.sum(problem.img * img_acc)  # sum_ij G_ij (img_i . txt_j), times norm
+    grads = Gradients(
+        img=xp.astype(img_acc * (problem.scale / norm), problem.input_dtype),
+        txt=xp.astype(txt_acc / norm, problem.input_dtype),
+        scale=xp.astype(scale_sum / norm, problem.scale_dtype),
+        bias=xp.astype(bias_sum / norm, problem.bias_dtype),
+    )
+    return loss / norm, grads
+
+
+def sigmoid_loss(
+    img: Array,
+    txt: Array,
+    scale: float | Array,
+    bias: float | Array | None,
+    *,
+    block_size: int | None = None,
+    comm: object = None,
+    strategy: str = "bidir",
+) -> Array:
+    r"""SigLIP sigmoid loss of n image-text pairs, evaluated blockwise.
+
+    .. math::
+
+        L = \frac{1}{n} \sum_{i,j} \operatorname{softplus}(-\ell_{ij} Z_{ij}),
+        \qquad Z = t\, \mathrm{img}\, \mathrm{txt}^\top + b,
+
+    with :math:`\ell_{ij} = +1` if :math:`i = j` and :math:`-1` otherwise (Zhai et al.,
+    ICCV 2023, Sec. 3): the sum over all n^2 pairs divided by the number of rows, as in the
+    paper, open_clip and big_vision.
+
+    Parameters
+    ----------
+    img, txt : array, shape (n, d)
+        Image and text features of one array-API library, same dtype and device; row i of
+        each is a matched pair. Usually L2-normalised by the caller.
+    scale : float or 0-d array
+        The multiplier ``t > 0`` itself (already ``exp(t')`` if you learn ``t'``).
+    bias : float, 0-d array or None
+        The logit bias ``b``; None means 0.
+    block_size : int, optional
+        Edge of the square tiles of the n x n logit matrix; None picks a default (1024).
+        Extra memory is O(n d + block_size^2).
+    comm : None
+        Communicator for distributed evaluation; only None (one process) for now.
+    strategy : {"bidir", "shift", "reduce", "gather"}
+        Distributed schedule; validated, and used once ``comm`` is supported.
+
+    Returns
+    -------
+    array, 0-d
+        The loss, float64 for float64 inputs and float32 otherwise.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On invalid input; the message names the parameter and what was received.
+
+    See Also
+    --------
+    sigmoid_loss_and_grad : the loss with its gradients, in the same pass.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import portable_siglip as ps
+    >>> img = np.eye(3)
+    >>> loss = ps.sigmoid_loss(img, img, scale=10.0, bias=-5.0)
+    >>> print(f"{float(loss):.6f}")  # every pair scores 5 the right way: 3 softplus(-5)
+    0.020146
+    """
+    problem = prepare(
+        img, txt, scale, bias, block_size=block_size, comm=comm, strategy=strategy, loss="sigmoid"
+    )
+    sums = sigmoid_sums(
+        problem.xp,
+        _scaled_img(problem),
+        problem.txt,
+        problem.bias,
+        positives=True,
+        block_size=problem.block_size,
+        grad=False,
+    )
+    return sums.loss / problem.n
+
+
+def sigmoid_loss_and_grad(
+    img: Array,
+    txt: Array,
+    scale: float | Array,
+    bias: float | Array | None,
+    *,
+    block_size: int | None = None,
+    comm: object = None,
+    strategy: str = "bidir",
+) -> tuple[Array, Gradients]:
+    r"""SigLIP sigmoid loss and its exact gradients, from one blockwise pass.
+
+    The gradient of the loss of :func:`sigmoid_loss` with respect to the logits is
+    :math:`G = (\sigma(Z) - I)/n`, and
+
+    .. math::
+
+        \partial_{\mathrm{img}} L = t\, G\, \mathrm{txt}, \quad
+        \partial_{\mathrm{txt}} L = t\, G^\top \mathrm{img}, \quad
+        \partial_t L = \textstyle\sum_{ij} G_{ij} (\mathrm{img}\,\mathrm{txt}^\top)_{ij}, \quad
+        \partial_b L = \textstyle\sum_{ij} G_{ij}.
+
+    Each tile contributes to the loss and all four gradients at once; the n x n matrices
+    are never formed.
+
+    Parameters
+    ----------
+    img, txt, scale, bias, block_size, comm, strategy
+        As for :func:`sigmoid_loss`.
+
+    Returns
+    -------
+    loss : array, 0-d
+        As returned by :func:`sigmoid_loss`.
+    grads : Gradients
+        ``grads.img``/``grads.txt`` in the dtype of the features; ``grads.scale`` and
+        ``grads.bias`` in the dtype of ``scale``/``bias`` when they are arrays.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On invalid input; the message names the parameter and what was received.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import portable_siglip as ps
+    >>> rng = np.random.default_rng(0)
+    >>> img = rng.standard_normal((5, 4))
+    >>> txt = rng.standard_normal((5, 4))
+    >>> loss, grads = ps.sigmoid_loss_and_grad(img, txt, 10.0, -10.0, block_size=2)
+    >>> grads.img.shape, grads.txt.shape, grads.scale.shape
+    ((5, 4), (5, 4), ())
+    >>> bool(np.isclose(loss, ps.sigmoid_loss(img, txt, 10.0, -10.0)))
+    True
+    """
+    problem = prepare(
+        img, txt, scale, bias, block_size=block_size, comm=comm, strategy=strategy, loss="sigmoid"
+    )
+    sums = sigmoid_sums(
+        problem.xp,
+        _scaled_img(problem),
+        problem.txt,
+        problem.bias,
+        positives=True,
+        block_size=problem.block_size,
+        grad=True,
+    )
+    return _finish(problem, sums.loss, sums.img_acc, sums.txt_acc, sums.bias, float(problem.n))
+
+
+def _softmax_first_pass(problem: Problem) -> tuple[Array, Array, SoftmaxLse]:
+    """Return the scaled images, the diagonal logits and the relative row/column lse."""
+    scaled_img = _scaled_img(problem)
+    diag = diagonal_logits(problem.xp, scaled_img, problem.txt)
+    lse = softmax_lse(
+        problem.xp, scaled_img, problem.txt, diag, diag, block_size=problem.block_size
+    )
+    return scaled_img, diag, lse
+
+
+def _softmax_total(problem: Problem, lse: SoftmaxLse) -> Array:
+    # sum_i (lse_j Z_ij - Z_ii) + sum_j (lse_i Z_ij - Z_jj), without the 1/(2n).
+    return problem.xp.sum(lse.rows) + problem.xp.sum(lse.cols)
+
+
+def softmax_loss(
+    img: Array,
+    txt: Array,
+    scale: float | Array,
+    bias: float | Array | None = None,
+    *,
+    block_size: int | None = None,
+    comm: object = None,
+    strategy: str = "ring",
+) -> Array:
+    r"""CLIP softmax (InfoNCE) loss, symmetric over both directions, evaluated blockwise.
+
+    .. math::
+
+        L = \frac{1}{2n} \Big[ \sum_i \big(\operatorname{lse}_j Z_{ij} - Z_{ii}\big)
+            + \sum_j \big(\operatorname{lse}_i Z_{ij} - Z_{jj}\big) \Big],
+        \qquad Z = t\, \mathrm{img}\, \mathrm{txt}^\top + b,
+
+    the mean of the image-to-text and text-to-image cross-entropies, as open_clip's
+    ``ClipLoss`` computes them. ``b`` has no effect (softmax is shift invariant); it is
+    accepted so both losses share one signature.
+
+    Parameters
+    ----------
+    img, txt : array, shape (n, d)
+        Image and text features of one array-API library, same dtype and device.
+    scale : float or 0-d array
+        The multiplier ``t > 0`` (CLIP learns ``t' = log t``, initialised to log(1/0.07)).
+    bias : float, 0-d array or None, optional
+        Accepted and validated; it cancels out of the loss.
+    block_size : int, optional
+        Edge of the square tiles; None picks a default (1024).
+    comm : None
+        Communicator for distributed evaluation; only None (one process) for now.
+    strategy : {"ring", "gather"}
+        Distributed schedule; validated, and used once ``comm`` is supported.
+
+    Returns
+    -------
+    array, 0-d
+        The loss, float64 for float64 inputs and float32 otherwise.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On invalid input; the message names the parameter and what was received.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import portable_siglip as ps
+    >>> img = np.eye(2)
+    >>> loss = ps.softmax_loss(img, img, scale=1.0)
+    >>> print(f"{float(loss):.6f}")  # log(1 + e^-1)
+    0.313262
+    """
+    problem = prepare(
+        img, txt, scale, bias, block_size=block_size, comm=comm, strategy=strategy, loss="softmax"
+    )
+    _, _, lse = _softmax_first_pass(problem)
+    return _softmax_total(problem, lse) / (2.0 * problem.n)
+
+
+def softmax_loss_and_grad(
+    img: Array,
+    txt: Array,
+    scale: float | Array,
+    bias: float | Array | None = None,
+    *,
+    block_size: int | None = None,
+    comm: object = None,
+    strategy: str = "ring",
+) -> tuple[Array, Gradients]:
+    r"""CLIP softmax loss and its exact gradients, in two blockwise passes.
+
+    The gradient with respect to the logits is
+    :math:`G = (\operatorname{softmax}_\text{rows}(Z) + \operatorname{softmax}_\text{cols}(Z)
+    - 2I) / (2n)`; the first pass finds every row and column log-sum-exp online, the second
+    recomputes each tile and applies the same chain rule as :func:`sigmoid_loss_and_grad`.
+
+    Parameters
+    ----------
+    img, txt, scale, bias, block_size, comm, strategy
+        As for :func:`softmax_loss`.
+
+    Returns
+    -------
+    loss : array, 0-d
+        As returned by :func:`softmax_loss`.
+    grads : Gradients
+        As for :func:`sigmoid_loss_and_grad`; ``grads.bias`` is an exact zero.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On invalid input; the message names the parameter and what was received.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import portable_siglip as ps
+    >>> rng = np.random.default_rng(0)
+    >>> img = rng.standard_normal((5, 4))
+    >>> loss, grads = ps.softmax_loss_and_grad(img, rng.standard_normal((5, 4)), 3.0)
+    >>> float(grads.bias)
+    0.0
+    """
+    problem = prepare(
+        img, txt, scale, bias, block_size=block_size, comm=comm, strategy=strategy, loss="softmax"
+    )
+    xp = problem.xp
+    scaled_img, diag, lse = _softmax_first_pass(problem)
+    img_acc, txt_acc = softmax_grad_sums(
+        xp,
+        scaled_img,
+        problem.txt,
+        lse.rows + diag,
+        lse.cols + diag,
+        positives=True,
+        block_size=problem.block_size,
+    )
+    zero = xp.zeros((), dtype=problem.compute_dtype, device=problem.device)
+    return _finish(problem, _softmax_total(problem, lse), img_acc, txt_acc, zero, 2.0 * problem.n)

@@ -1,0 +1,121 @@
+"""The SigLIP sigmoid loss and its analytic gradient, one pass over square tiles.
+
+With ``Z = t * img @ txt.T + b`` and labels ``l_ij = +1`` on the diagonal, ``-1`` off it
+(Zhai et al., ICCV 2023, Sec. 3), write ``u = -l * Z`` (``u = Z`` off the diagonal,
+``u = -Z`` on it). Then
+
+    L    = (1/n) * sum_ij softplus(u_ij)
+    dL/dZ = G = (1/n) * (-l) * sigmoid(u) = (sigmoid(Z) - I) / n
+
+and the chain rule through ``Z`` gives the four gradients (see docs/math.md). Every tile
+yields its share of the loss and of all four gradients at once, so the loss and the
+gradient need a single pass, and no tile outlives its iteration.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import array_api_compat
+
+from ._tiles import blocks, diagonal_mask
+from ._typing import Array, Namespace
+
+__all__ = ["SigmoidSums", "sigmoid_sums"]
+
+
+class SigmoidSums(NamedTuple):
+    """Unnormalised sums over the tiles of one (row shard, column shard) pair.
+
+    ``loss`` is ``sum softplus(u)``; ``img_acc`` is ``sigmoid_part @ txt`` (so that
+    ``dL/dimg = t/n * img_acc`` and ``dL/dt = sum(img * img_acc) / n``); ``txt_acc`` is
+    ``sigmoid_part.T @ (t * img)`` (so that ``dL/dtxt = txt_acc / n``); ``bias`` is
+    ``sum(sigmoid_part)``. The gradient fields are ``None`` when only the loss was asked.
+    """
+
+    loss: Array
+    img_acc: Array | None
+    txt_acc: Array | None
+    bias: Array | None
+
+
+def sigmoid_sums(
+    xp: Namespace,
+    scaled_img: Array,
+    txt: Array,
+    bias: float | Array,
+    *,
+    positives: bool,
+    block_size: int,
+    grad: bool,
+) -> SigmoidSums:
+    """Sum the sigmoid loss (and its gradient pieces) over all tiles of ``scaled_img @ txt.T``.
+
+    Parameters
+    ----------
+    xp : namespace
+        Array-API namespace of the arrays.
+    scaled_img : array, shape (m, d)
+        Image rows already multiplied by the scale ``t``.
+    txt : array, shape (k, d)
+        Text rows.
+    bias : float or 0-d array
+        The logit bias ``b``.
+    positives : bool
+        Whether row ``i`` and text ``i`` are a positive pair (requires ``m == k``); false for
+        a block of another rank's texts, which holds negatives only.
+    block_size : int
+        Tile edge.
+    grad : bool
+        Whether to accumulate the gradient pieces as well as the loss.
+
+    Returns
+    -------
+    SigmoidSums
+        The unnormalised sums; the caller divides by n.
+    """
+    m, k = scaled_img.shape[0], txt.shape[0]
+    dtype = scaled_img.dtype
+    device = array_api_compat.device(scaled_img)
+    zero = xp.zeros((), dtype=dtype, device=device)
+    loss = zero
+    bias_sum = zero
+    img_acc_blocks: list[Array] = []
+    txt_acc_blocks: list[Array | None] = [None] * len(range(0, k, block_size))
+    for row_start, row_stop in blocks(m, block_size):
+        img_rows = scaled_img[row_start:row_stop, :]
+        img_acc: Array | None = None
+        for col, (col_start, col_stop) in enumerate(blocks(k, block_size)):
+            txt_cols = txt[col_start:col_stop, :]
+            logits = xp.matmul(img_rows, txt_cols.T) + bias  # (b, d) @ (d, c) -> (b, c)
+            on_diagonal = positives and row_start == col_start
+            if on_diagonal:
+                # Flip the sign of the positives instead of subtracting the trace later:
+                # softplus(-Z) stays exact where softplus(Z) - Z would cancel for large Z.
+                mask = diagonal_mask(xp, row_stop - row_start, device)
+                logits = xp.where(mask, -logits, logits)
+            # softplus through logaddexp(0, u): never overflows, exact for u << 0.
+            softplus = xp.logaddexp(zero, logits)
+            loss = loss + xp.sum(softplus)
+            if not grad:
+                continue
+            # sigmoid(u) = exp(u - softplus(u)) reuses the softplus and cannot overflow.
+            part = xp.exp(logits - softplus)
+            if on_diagonal:
+                part = xp.where(mask, -part, part)  # dL/dZ = -l * sigmoid(u)
+            bias_sum = bias_sum + xp.sum(part)
+            step = xp.matmul(part, txt_cols)  # (b, c) @ (c, d) -> (b, d)
+            img_acc = step if img_acc is None else img_acc + step
+            back = xp.matmul(part.T, img_rows)  # (c, b) @ (b, d) -> (c, d)
+            previous = txt_acc_blocks[col]
+            txt_acc_blocks[col] = back if previous is None else previous + back
+        if grad:
+            img_acc_blocks.append(img_acc)
+    if not grad:
+        return SigmoidSums(loss, None, None, None)
+    return SigmoidSums(
+        loss,
+        xp.concat(img_acc_blocks, axis=0),
+        xp.concat(txt_acc_blocks, axis=0),
+        bias_sum,
+    )

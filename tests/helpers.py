@@ -1,0 +1,86 @@
+"""Conversions and comparisons shared by the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat
+import numpy as np
+import pytest
+
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+#: Normwise relative tolerance against the long-double oracle, per input dtype. Half
+#: precision inputs accumulate in float32, but their gradients are rounded to the half
+#: dtype on the way out (8 bits of mantissa for bfloat16, 11 for float16).
+LOSS_RTOL = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-5, "bfloat16": 1e-5}
+GRAD_RTOL = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+def dtype_of(xp: Any, name: str) -> Any:
+    """The dtype object `name` of namespace `xp`, or skip when the library has none."""
+    dtype = getattr(xp, name, None)
+    if dtype is None:
+        pytest.skip(f"{getattr(xp, '__name__', xp)} has no {name}")
+    return dtype
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Copy any backend's array (any device, any float dtype) to a float64 NumPy array."""
+    if isinstance(x, np.ndarray | np.generic):
+        return np.asarray(x, dtype=np.float64)
+    if array_api_compat.is_torch_array(x):
+        return x.detach().to("cpu").double().numpy()  # type: ignore[no-any-return]
+    if array_api_compat.is_cupy_array(x):
+        return x.get().astype(np.float64)  # type: ignore[no-any-return]
+    if array_api_compat.is_jax_array(x):
+        import jax.numpy as jnp
+
+        return np.asarray(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, dtype=np.float64)
+    if array_api_compat.is_array_api_strict_namespace(array_api_compat.array_namespace(x)):
+        import array_api_strict as xs
+
+        return np.asarray(x.to_device(xs.Device("CPU_DEVICE")), dtype=np.float64)
+    return np.asarray(x, dtype=np.float64)
+
+
+def on_backend(xp: Any, values: np.ndarray, dtype: str) -> tuple[Any, np.ndarray]:
+    """Put float64 `values` on `xp` in `dtype`; also return them as rounded there, in float64.
+
+    The oracle is evaluated on the rounded values, so a comparison measures the arithmetic
+    of the code under test, not the rounding of its inputs.
+    """
+    arr = xp.asarray(values, dtype=dtype_of(xp, dtype))
+    return arr, to_numpy(arr)
+
+
+def relative_error(actual: Any, expected: Any) -> float:
+    """Normwise relative error ``max|a - e| / max|e|`` (absolute when ``e`` is all zero)."""
+    a = to_numpy(actual)
+    e = np.asarray(expected, dtype=np.longdouble)
+    assert a.shape == e.shape, f"shape {a.shape} != expected {e.shape}"
+    assert np.all(np.isfinite(a)), f"non-finite values: {a}"
+    scale = float(np.max(np.abs(e))) if e.size else 0.0
+    err = float(np.max(np.abs(a - e))) if e.size else 0.0
+    return err / scale if scale > 0 else err
+
+
+def assert_close(actual: Any, expected: Any, rtol: float, what: str) -> None:
+    """Assert a normwise relative error below `rtol`, naming the quantity on failure."""
+    err = relative_error(actual, expected)
+    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e}"
+
+
+def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """n random rows of unit L2 norm, in float64."""
+    x = rng.standard_normal((n, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def pairs(
+    rng: np.random.Generator, n: int, d: int, noise: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Correlated unit image/text rows, so positives score higher than negatives."""
+    img = unit_rows(rng, n, d)
+    txt = img + noise * rng.standard_normal((n, d)) / np.sqrt(d)
+    return img, txt / np.linalg.norm(txt, axis=1, keepdims=True)

@@ -1,0 +1,74 @@
+"""Independent dense oracle for both losses, in NumPy long double.
+
+Written from the formulas of DESIGN section 2, without looking at the library's code paths:
+the whole n x n matrix is formed, sigmoid is taken through tanh, and log-softmax through a
+row max. Long double (80-bit on x86) leaves the float64 code under test a margin.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+EXACT = np.longdouble
+
+
+class Reference(NamedTuple):
+    loss: float
+    img: np.ndarray
+    txt: np.ndarray
+    scale: float
+    bias: float
+
+
+def _prepare(img: np.ndarray, txt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    img = np.asarray(img, dtype=EXACT)
+    txt = np.asarray(txt, dtype=EXACT)
+    return img, txt, img @ txt.T
+
+
+def sigmoid_reference(img: np.ndarray, txt: np.ndarray, scale: float, bias: float) -> Reference:
+    """Dense SigLIP loss with labels +1 on the diagonal and -1 off it, divided by n."""
+    img, txt, sims = _prepare(img, txt)
+    n = img.shape[0]
+    t, b = EXACT(scale), EXACT(bias)
+    logits = t * sims + b
+    labels = 2 * np.eye(n, dtype=EXACT) - 1
+    # -log sigmoid(x) = softplus(-x) = logaddexp(0, -x)
+    loss = np.logaddexp(EXACT(0), -labels * logits).sum() / n
+    sigmoid = (1 + np.tanh(logits / 2)) / 2
+    dlogits = (sigmoid - np.eye(n, dtype=EXACT)) / n
+    return Reference(
+        loss=loss,
+        img=t * dlogits @ txt,
+        txt=t * dlogits.T @ img,
+        scale=(dlogits * sims).sum(),
+        bias=dlogits.sum(),
+    )
+
+
+def _log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def softmax_reference(img: np.ndarray, txt: np.ndarray, scale: float, bias: float) -> Reference:
+    """Dense symmetric CLIP loss: mean of the row and column cross-entropies."""
+    img, txt, sims = _prepare(img, txt)
+    n = img.shape[0]
+    t = EXACT(scale)
+    logits = t * sims + EXACT(bias)
+    rows, cols = _log_softmax(logits, 1), _log_softmax(logits, 0)
+    loss = -(np.trace(rows) + np.trace(cols)) / (2 * n)
+    dlogits = (np.exp(rows) + np.exp(cols) - 2 * np.eye(n, dtype=EXACT)) / (2 * n)
+    return Reference(
+        loss=loss,
+        img=t * dlogits @ txt,
+        txt=t * dlogits.T @ img,
+        scale=(dlogits * sims).sum(),
+        bias=EXACT(0),
+    )
+
+
+REFERENCES = {"sigmoid": sigmoid_reference, "softmax": softmax_reference}

@@ -1,0 +1,61 @@
+"""The public surface: names, no framework imported, runnable docstring examples."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+import portable_siglip as ps
+
+PUBLIC = {
+    "Gradients",
+    "__version__",
+    "sigmoid_loss",
+    "sigmoid_loss_and_grad",
+    "softmax_loss",
+    "softmax_loss_and_grad",
+}
+
+
+def test_all_matches_public_names() -> None:
+    public = {name for name in dir(ps) if not name.startswith("_")} | {"__version__"}
+    # Submodules (e.g. `backends`) are reached by path, not re-exported.
+    public -= {"backends", "conformance"}
+    assert set(ps.__all__) == PUBLIC == public
+    assert list(ps.__all__) == sorted(ps.__all__)
+
+
+def test_gradients_fields() -> None:
+    assert ps.Gradients._fields == ("img", "txt", "scale", "bias")
+
+
+def test_import_pulls_in_no_framework() -> None:
+    code = (
+        "import sys, portable_siglip, portable_siglip.backends, portable_siglip.conformance\n"
+        "heavy = [m for m in ('numpy', 'torch', 'jax', 'cupy', 'mpi4py', 'array_api_strict') "
+        "if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "", f"imported at import time: {result.stdout.strip()}"
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "portable_siglip",
+        "portable_siglip._losses",
+        "portable_siglip._tiles",
+        "portable_siglip._reference",
+    ],
+)
+def test_docstring_examples_run(module: str) -> None:
+    result = doctest.testmod(importlib.import_module(module), verbose=False)
+    assert result.attempted > 0, f"{module} has no examples"
+    assert result.failed == 0
