@@ -53,10 +53,10 @@ def _finish(
     xp = problem.xp
     scale_sum = xp.sum(problem.img * img_acc)  # sum_ij G_ij (img_i . txt_j), times norm
     grads = Gradients(
-        img=xp.astype(img_acc * (problem.scale / norm), problem.input_dtype),
-        txt=xp.astype(txt_acc / norm, problem.input_dtype),
-        scale=xp.astype(scale_sum / norm, problem.scale_dtype),
-        bias=xp.astype(bias_sum / norm, problem.bias_dtype),
+        img=xp.astype(img_acc * (problem.scale / norm), problem.input_dtype, copy=False),
+        txt=xp.astype(txt_acc / norm, problem.input_dtype, copy=False),
+        scale=xp.astype(scale_sum / norm, problem.scale_dtype, copy=False),
+        bias=xp.astype(bias_sum / norm, problem.bias_dtype, copy=False),
     )
     return loss / norm, grads
 

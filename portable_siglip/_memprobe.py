@@ -1,0 +1,175 @@
+"""Peak extra memory of one benchmark case, measured in a process of its own.
+
+Run as ``python -m portable_siglip._memprobe --backend numpy --loss sigmoid --impl ours
+--n 2048 --dim 768 --dtype float32``; prints one JSON line and exits 0. The benchmark
+(``python -m portable_siglip bench``) starts one such process per case, so that each
+high-water mark belongs to that case alone.
+
+Method: warm the case up on a tiny batch (so one-time library start-up, such as thread
+pools and BLAS buffers, is not counted), create the real inputs, record the resident set
+size (RSS) from ``/proc/self/statm``, reset the kernel's high-water mark through
+``/proc/self/clear_refs``, run the case once and read the high-water mark back
+(``VmHWM`` in ``/proc/self/status``). The extra memory is that high-water mark minus the
+RSS before the run: the inputs are excluded, the outputs and every temporary included.
+
+``resource.getrusage(...).ru_maxrss`` is recorded too, but it cannot be reset, and a child
+started by ``fork``/``vfork`` + ``exec`` carries its parent's high-water mark in it (Linux
+keeps the larger of the two across ``exec``), so it over-reports whenever the parent is
+larger than the case; the JSON says when that happened. NumPy also reports its
+allocations to :mod:`tracemalloc`, which gives an exact figure for the NumPy backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tracemalloc
+from typing import Any
+
+from ._bench import BACKENDS, DTYPES, IMPLS, LOSSES, make_inputs, make_run
+from ._memory import high_water_bytes, reset_high_water, rss_bytes, ru_maxrss_bytes
+
+__all__ = ["main", "measure"]
+
+#: Batch size of the warm-up call that triggers lazy library initialisation.
+WARMUP_N = 64
+
+
+def measure(
+    *,
+    backend: str,
+    loss: str,
+    impl: str,
+    n: int,
+    dim: int,
+    dtype: str,
+    block_size: int | None,
+    seed: int,
+) -> dict[str, Any]:
+    """Run one case once and return its peak extra memory.
+
+    Parameters
+    ----------
+    backend : {"numpy", "torch"}
+        Array library.
+    loss : {"sigmoid", "softmax"}
+        Which loss (ignored by the ``roofline`` case).
+    impl : {"ours", "roofline", "dense autograd"}
+        What runs: the blockwise loss and gradient, the three GEMMs, or the dense torch loss.
+    n, dim : int
+        Batch size and feature dimension.
+    dtype : {"float32", "float64"}
+        Feature dtype.
+    block_size : int or None
+        Tile edge of the blockwise loss (None: the library default).
+    seed : int
+        Seed of the random inputs.
+
+    Returns
+    -------
+    dict
+        ``peak_extra_bytes`` (the figure to report) and ``method`` (how it was obtained),
+        plus the raw readings: ``rss_before_bytes``, ``high_water_bytes``,
+        ``ru_maxrss_extra_bytes``, ``ru_maxrss_inherited`` and, for NumPy,
+        ``tracemalloc_peak_bytes``.
+    """
+    ru_maxrss_at_start = ru_maxrss_bytes()
+    own_high_water_at_start = high_water_bytes()
+
+    warm_img, warm_txt = make_inputs(backend, min(n, WARMUP_N), dim, dtype, seed + 1)
+    make_run(backend, loss, impl, warm_img, warm_txt, block_size)()
+    del warm_img, warm_txt
+
+    img, txt = make_inputs(backend, n, dim, dtype, seed)
+    run = make_run(backend, loss, impl, img, txt, block_size)
+    gc.collect()
+    use_tracemalloc = backend == "numpy"
+    if use_tracemalloc:
+        tracemalloc.start()
+        traced_before = tracemalloc.get_traced_memory()[0]
+    rss_before = rss_bytes()
+    reset = reset_high_water()
+    run()
+    high_water = high_water_bytes()
+    ru_maxrss = ru_maxrss_bytes()
+    traced_peak = None
+    if use_tracemalloc:
+        traced_peak = max(0, tracemalloc.get_traced_memory()[1] - traced_before)
+        tracemalloc.stop()
+
+    baseline = rss_before if rss_before is not None else 0
+    ru_maxrss_extra = max(0, ru_maxrss - baseline)
+    # A fresh process's ru_maxrss should not exceed its own high-water mark; when it does,
+    # it was inherited from the parent across exec.
+    inherited = own_high_water_at_start is not None and ru_maxrss_at_start > (
+        own_high_water_at_start + 16 * 2**20
+    )
+    if reset and high_water is not None and rss_before is not None:
+        method = "VmHWM after clear_refs reset"
+        extra = max(0, high_water - rss_before)
+    elif high_water is not None and rss_before is not None:
+        method = "VmHWM (no reset; includes set-up transients)"
+        extra = max(0, high_water - rss_before)
+    else:
+        method = "ru_maxrss"
+        extra = ru_maxrss_extra
+    return {
+        "backend": backend,
+        "loss": loss,
+        "impl": impl,
+        "n": n,
+        "dim": dim,
+        "dtype": dtype,
+        "peak_extra_bytes": extra,
+        "method": method,
+        "rss_before_bytes": rss_before,
+        "high_water_bytes": high_water,
+        "ru_maxrss_extra_bytes": ru_maxrss_extra,
+        "ru_maxrss_inherited": inherited,
+        "tracemalloc_peak_bytes": traced_peak,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, measure one case and print it as one JSON line.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit status, 0 on success.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m portable_siglip._memprobe",
+        description="Peak extra memory of one benchmark case (one JSON line on stdout).",
+    )
+    parser.add_argument("--backend", choices=BACKENDS, required=True)
+    parser.add_argument("--loss", choices=LOSSES, required=True)
+    parser.add_argument("--impl", choices=IMPLS, required=True)
+    parser.add_argument("--n", type=int, required=True)
+    parser.add_argument("--dim", type=int, required=True)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--block-size", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    result = measure(
+        backend=args.backend,
+        loss=args.loss,
+        impl=args.impl,
+        n=args.n,
+        dim=args.dim,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        seed=args.seed,
+    )
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

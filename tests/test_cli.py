@@ -1,0 +1,117 @@
+"""``python -m portable_siglip run``: output, --verify, exit statuses."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from portable_siglip import _cli, _losses
+
+SMALL = ["--batch", "300", "--dim", "16", "--block-size", "64"]
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    [
+        ("numpy", "float32"),
+        ("numpy", "float64"),
+        ("array_api_strict", "float32"),
+        ("torch", "bfloat16"),
+        ("jax", "float16"),
+    ],
+)
+def test_run_verify_passes(
+    capsys: pytest.CaptureFixture[str], loss: str, backend: str, dtype: str
+) -> None:
+    pytest.importorskip(backend)
+    status = _cli.main(
+        ["run", "--loss", loss, "--backend", backend, "--dtype", dtype, *SMALL, "--verify"]
+    )
+    out = capsys.readouterr().out
+    assert status == 0, out
+    for field in ("loss", "|grad img|", "|grad txt|", "wall time", "peak extra mem", "verify: ok"):
+        assert field in out
+
+
+def test_run_verify_catches_a_wrong_loss(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = _losses.sigmoid_loss_and_grad
+
+    def off_by_one_percent(*args: Any, **kwargs: Any) -> Any:
+        loss, grads = original(*args, **kwargs)
+        return loss * 1.01, grads
+
+    monkeypatch.setattr(_losses, "sigmoid_loss_and_grad", off_by_one_percent)
+    assert _cli.main(["run", *SMALL, "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert "loss" in out and "FAIL" in out and "verify: FAILED (loss)" in out
+
+
+def test_run_verify_catches_a_wrong_gradient(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = _losses.softmax_loss_and_grad
+
+    def transposed(*args: Any, **kwargs: Any) -> Any:
+        loss, grads = original(*args, **kwargs)
+        return loss, grads._replace(img=grads.txt, txt=grads.img)
+
+    monkeypatch.setattr(_losses, "softmax_loss_and_grad", transposed)
+    assert _cli.main(["run", "--loss", "softmax", *SMALL, "--verify"]) == 1
+    assert "verify: FAILED (grads.img, grads.txt)" in capsys.readouterr().out
+
+
+def test_invalid_value_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli.main(["run", *SMALL, "--scale", "0"]) == 2
+    assert "`scale` must be the positive multiplier" in capsys.readouterr().err
+
+
+def test_unknown_strategy_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli.main(["run", *SMALL, "--loss", "softmax", "--strategy", "bidir"]) == 2
+    assert "`strategy` for the softmax loss" in capsys.readouterr().err
+
+
+def test_bad_option_value_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _cli.main(["run", "--batch", "0"])
+    assert exit_info.value.code == 2
+    assert "expected a positive integer, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="cupy is installed")
+def test_missing_backend_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli.main(["run", *SMALL, "--backend", "cupy"]) == 2
+    assert "backend 'cupy' is not installed" in capsys.readouterr().err
+
+
+def test_missing_dtype_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli.main(["run", *SMALL, "--dtype", "bfloat16"]) == 2
+    assert "backend 'numpy' has no dtype 'bfloat16'" in capsys.readouterr().err
+
+
+def test_module_entry_point() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "portable_siglip", "run", "--batch", "64", "--dim", "8", "--verify"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "verify: ok" in result.stdout
+
+
+def test_same_seed_same_features() -> None:
+    np = pytest.importorskip("numpy")
+    first = _cli.random_pairs(np, 10, 4, seed=3)
+    second = _cli.random_pairs(np, 10, 4, seed=3)
+    other = _cli.random_pairs(np, 10, 4, seed=4)
+    np.testing.assert_array_equal(first[0], second[0])
+    assert not np.allclose(first[0], other[0])
+    np.testing.assert_allclose(np.linalg.norm(first[1], axis=1), 1.0)
