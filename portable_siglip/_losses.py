@@ -51,7 +51,8 @@ def _finish(
 ) -> tuple[Array, Gradients]:
     """Normalise the accumulated sums by ``norm`` and return them in the documented dtypes."""
     xp = problem.xp
-    scale_sum = xp.sum(problem.img * img_acc)  # sum_ij G_ij (img_i . txt_j), times norm
+    # sum_ij G_ij (img_i . txt_j) = sum_i img_i . (G txt)_i, times norm: (n, d), (n, d) -> (n,)
+    scale_sum = xp.sum(xp.vecdot(problem.img, img_acc))
     grads = Gradients(
         img=xp.astype(img_acc * (problem.scale / norm), problem.input_dtype, copy=False),
         txt=xp.astype(txt_acc / norm, problem.input_dtype, copy=False),

@@ -36,7 +36,7 @@ class SoftmaxLse(NamedTuple):
 
 def diagonal_logits(xp: Namespace, scaled_img: Array, txt: Array) -> Array:
     """Return ``Z_ii = (t * img_i) . txt_i``: shape (n, d), (n, d) -> (n,)."""
-    return xp.sum(scaled_img * txt, axis=1)
+    return xp.vecdot(scaled_img, txt)
 
 
 def _merge(xp: Namespace, total: Array | None, part: Array) -> Array:
