@@ -11,7 +11,6 @@ Exit status: 0 success, 1 verification failed, 2 invalid arguments or missing li
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 import tracemalloc
@@ -20,11 +19,10 @@ from typing import Any
 
 from . import _losses, _memory
 from ._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
+from ._interop import BACKENDS, DTYPES, UsageError, load_backend, to_numpy
 
 __all__ = ["main"]
 
-BACKENDS = ("numpy", "torch", "jax", "cupy", "array_api_strict")
-DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 #: Normwise relative tolerance of ``--verify`` per input dtype: (loss, gradients). The
 #: blockwise result and the dense reference see the same rounded inputs, so these only
@@ -35,10 +33,6 @@ VERIFY_RTOL = {
     "float16": (1e-4, 4e-3),
     "bfloat16": (1e-4, 3e-2),
 }
-
-
-class UsageError(Exception):
-    """A problem with the command line itself; reported with exit status 2."""
 
 
 def _positive_int(text: str) -> int:
@@ -100,37 +94,6 @@ def _import_numpy() -> Any:
     return numpy
 
 
-def load_backend(name: str, dtype: str) -> tuple[Any, Any]:
-    """Import backend `name` and return ``(namespace, dtype object)``.
-
-    Raises
-    ------
-    UsageError
-        If the library is not installed or lacks the dtype.
-    """
-    from array_api_compat import array_namespace
-
-    try:
-        module = importlib.import_module(name)
-    except ImportError:
-        msg = f"backend {name!r} is not installed (pip install {name.replace('_', '-')})"
-        raise UsageError(msg) from None
-    if name == "jax":
-        module.config.update("jax_enable_x64", True)
-        xp = importlib.import_module("jax.numpy")
-    elif name == "array_api_strict":
-        xp = module
-    elif name == "cupy":
-        xp = array_namespace(module.empty(0))
-    else:
-        xp = array_namespace(module.empty(0))
-    dtype_object = getattr(xp, dtype, None)
-    if dtype_object is None:
-        msg = f"backend {name!r} has no dtype {dtype!r}"
-        raise UsageError(msg)
-    return xp, dtype_object
-
-
 def random_pairs(np: Any, n: int, d: int, seed: int) -> tuple[Any, Any]:
     """Seed-deterministic L2-normalised image rows and correlated text rows, float64."""
     rng = np.random.default_rng(seed)
@@ -139,19 +102,6 @@ def random_pairs(np: Any, n: int, d: int, seed: int) -> tuple[Any, Any]:
     txt = img + rng.standard_normal((n, d)) / np.sqrt(d)
     txt /= np.linalg.norm(txt, axis=1, keepdims=True)
     return img, txt
-
-
-def to_numpy(np: Any, xp: Any, x: Any) -> Any:
-    """Copy an array of any backend and float dtype to a float64 NumPy array."""
-    import array_api_compat
-
-    wide = xp.float64 if hasattr(xp, "float64") else xp.float32
-    x = xp.astype(x, wide)
-    if array_api_compat.is_torch_array(x):
-        return x.detach().cpu().numpy()
-    if array_api_compat.is_cupy_array(x):
-        return x.get()
-    return np.asarray(x, dtype=np.float64)
 
 
 def _synchronise(values: Sequence[Any]) -> None:
@@ -209,7 +159,7 @@ def _run(args: argparse.Namespace) -> int:
 
     n, d = args.batch, args.dim
     norm = {
-        name: float(np.linalg.norm(to_numpy(np, xp, getattr(grads, name))))
+        name: float(np.linalg.norm(to_numpy(getattr(grads, name))))
         for name in ("img", "txt")
     }
     print(
@@ -217,11 +167,11 @@ def _run(args: argparse.Namespace) -> int:
         f"n={n} d={d} block_size={args.block_size or 'default'} seed={args.seed}"
     )
     print(f"  scale t = {args.scale:g}, bias b = {args.bias if bias is not None else 'none'}")
-    print(f"  loss            {float(to_numpy(np, xp, loss)):.10g}")
+    print(f"  loss            {float(to_numpy(loss)):.10g}")
     print(f"  |grad img|      {norm['img']:.6g}")
     print(f"  |grad txt|      {norm['txt']:.6g}")
-    print(f"  grad scale      {float(to_numpy(np, xp, grads.scale)):.6g}")
-    print(f"  grad bias       {float(to_numpy(np, xp, grads.bias)):.6g}")
+    print(f"  grad scale      {float(to_numpy(grads.scale)):.6g}")
+    print(f"  grad bias       {float(to_numpy(grads.bias)):.6g}")
     print(f"  wall time       {seconds:.4f} s (forward + gradient, first call)")
     print(f"  peak extra mem  {peak / 2**20:.1f} MiB ({memory_note})")
     print(f"  for scale: one n x n float32 matrix is {n * n * 4 / 2**20:.1f} MiB")
@@ -237,7 +187,7 @@ def _verify(
 
     bias = args.bias if args.loss == "sigmoid" else 0.0
     expected = dense_loss_and_grad(
-        args.loss, to_numpy(np, xp, img), to_numpy(np, xp, txt), args.scale, bias
+        args.loss, to_numpy(img), to_numpy(txt), args.scale, bias
     )
     actual = [loss, grads.img, grads.txt, grads.scale, grads.bias]
     names = ["loss", "grads.img", "grads.txt", "grads.scale", "grads.bias"]
@@ -245,7 +195,7 @@ def _verify(
     print("verify against a dense float64 evaluation (normwise relative error):")
     failed = []
     for name, got, want in zip(names, actual, expected, strict=True):
-        got_np = to_numpy(np, xp, got)
+        got_np = to_numpy(got)
         want_np = np.asarray(want, dtype=np.float64)
         # Scalars are sums of n^2 terms: judge them like the loss, against its magnitude.
         rtol = grad_rtol if name in ("grads.img", "grads.txt") else loss_rtol

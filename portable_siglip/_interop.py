@@ -1,0 +1,92 @@
+"""Loading array libraries by name and copying their arrays to NumPy.
+
+Used by the command line and the conformance suite, never by the loss functions, which
+work on whatever arrays they are given. NumPy and the named library are imported on call.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["BACKENDS", "DTYPES", "UsageError", "load_backend", "to_numpy"]
+
+BACKENDS = ("numpy", "torch", "jax", "cupy", "array_api_strict")
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for (missing library, unknown dtype, ...)."""
+
+
+def load_backend(name: str, dtype: str) -> tuple[Any, Any]:
+    """Import backend `name` and return ``(namespace, dtype object)``.
+
+    Parameters
+    ----------
+    name : {"numpy", "torch", "jax", "cupy", "array_api_strict"}
+        The array library.
+    dtype : {"float64", "float32", "float16", "bfloat16"}
+        Name of the floating dtype wanted.
+
+    Returns
+    -------
+    namespace, dtype
+        The array-API namespace (jax: ``jax.numpy`` with x64 enabled) and the dtype object.
+
+    Raises
+    ------
+    UsageError
+        If the library is unknown or not installed, or lacks the dtype.
+    """
+    from array_api_compat import array_namespace
+
+    if name not in BACKENDS:
+        msg = f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}"
+        raise UsageError(msg)
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        msg = f"backend {name!r} is not installed (pip install {name.replace('_', '-')})"
+        raise UsageError(msg) from None
+    if name == "jax":
+        module.config.update("jax_enable_x64", True)
+        xp = importlib.import_module("jax.numpy")
+    elif name == "array_api_strict":
+        xp = module
+    else:
+        xp = array_namespace(module.empty(0))
+    dtype_object = getattr(xp, dtype, None)
+    if dtype_object is None:
+        msg = f"backend {name!r} has no dtype {dtype!r}"
+        raise UsageError(msg)
+    return xp, dtype_object
+
+
+def to_numpy(x: Any) -> Any:
+    """Copy an array of any backend, device and float dtype to a float64 NumPy array.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> to_numpy(np.ones(2, dtype=np.float32)).dtype
+    dtype('float64')
+    """
+    import array_api_compat
+    import numpy as np
+
+    if array_api_compat.is_torch_array(x):
+        return x.detach().to("cpu").double().numpy()
+    if array_api_compat.is_cupy_array(x):
+        return x.get().astype(np.float64)
+    if array_api_compat.is_jax_array(x):
+        import jax.numpy as jnp
+
+        if x.dtype == jnp.bfloat16:
+            x = x.astype(jnp.float32)
+        return np.asarray(x, dtype=np.float64)
+    if hasattr(x, "__array_namespace__") and not isinstance(x, np.ndarray):
+        xp = x.__array_namespace__()
+        if getattr(xp, "__name__", "") == "array_api_strict":
+            x = x.to_device(xp.Device("CPU_DEVICE"))
+    return np.asarray(x, dtype=np.float64)
