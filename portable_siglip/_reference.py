@@ -9,7 +9,49 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["dense_loss_and_grad"]
+__all__ = ["dense_logit_gradient", "dense_loss_and_grad"]
+
+
+def dense_logit_gradient(
+    loss: str, img: Any, txt: Any, scale: float, bias: float
+) -> tuple[float, Any, Any]:
+    """Loss, ``G = dL/dZ`` and ``S = img @ txt.T`` of `loss`, dense, in float64.
+
+    Parameters
+    ----------
+    loss : {"sigmoid", "softmax"}
+        Which loss.
+    img, txt : numpy.ndarray, shape (n, d)
+        Features (converted to float64).
+    scale, bias : float
+        ``t`` and ``b``.
+
+    Returns
+    -------
+    tuple
+        ``(loss, G, S)`` with ``G`` and ``S`` of shape (n, n).
+    """
+    import numpy as np
+
+    img = np.asarray(img, dtype=np.float64)
+    txt = np.asarray(txt, dtype=np.float64)
+    n = img.shape[0]
+    eye = np.eye(n)
+    sims = img @ txt.T  # (n, d) @ (d, n) -> (n, n)
+    if loss == "sigmoid":
+        logits = scale * sims + bias
+        signed = (1.0 - 2.0 * eye) * logits  # -l_ij Z_ij
+        value = float(np.logaddexp(0.0, signed).sum() / n)
+        dlogits = (np.exp(-np.logaddexp(0.0, -logits)) - eye) / n  # (sigmoid(Z) - I) / n
+    else:
+        logits = scale * sims
+        rows = logits - logits.max(axis=1, keepdims=True)
+        rows = rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
+        cols = logits - logits.max(axis=0, keepdims=True)
+        cols = cols - np.log(np.exp(cols).sum(axis=0, keepdims=True))
+        value = float(-(np.trace(rows) + np.trace(cols)) / (2 * n))
+        dlogits = (np.exp(rows) + np.exp(cols) - 2.0 * eye) / (2 * n)
+    return value, dlogits, sims
 
 
 def dense_loss_and_grad(
@@ -42,22 +84,7 @@ def dense_loss_and_grad(
 
     img = np.asarray(img, dtype=np.float64)
     txt = np.asarray(txt, dtype=np.float64)
-    n = img.shape[0]
-    eye = np.eye(n)
-    sims = img @ txt.T  # (n, d) @ (d, n) -> (n, n)
-    if loss == "sigmoid":
-        logits = scale * sims + bias
-        signed = (1.0 - 2.0 * eye) * logits  # -l_ij Z_ij
-        value = float(np.logaddexp(0.0, signed).sum() / n)
-        dlogits = (np.exp(-np.logaddexp(0.0, -logits)) - eye) / n  # (sigmoid(Z) - I) / n
-    else:
-        logits = scale * sims
-        rows = logits - logits.max(axis=1, keepdims=True)
-        rows = rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
-        cols = logits - logits.max(axis=0, keepdims=True)
-        cols = cols - np.log(np.exp(cols).sum(axis=0, keepdims=True))
-        value = float(-(np.trace(rows) + np.trace(cols)) / (2 * n))
-        dlogits = (np.exp(rows) + np.exp(cols) - 2.0 * eye) / (2 * n)
+    value, dlogits, sims = dense_logit_gradient(loss, img, txt, scale, bias)
     d_bias = float(dlogits.sum()) if loss == "sigmoid" else 0.0
     return (
         value,

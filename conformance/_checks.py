@@ -1,0 +1,499 @@
+"""Judge a contrastive-loss implementation against the golden cases.
+
+An implementation is a callable ``f(img, txt, scale, bias)`` on arrays of one backend that
+returns the loss, or ``(loss, grads)`` with grads a NamedTuple, mapping or 4-tuple
+``(img, txt, scale, bias)``. With torch and jax a loss alone is differentiated by
+autodiff; with the other backends a loss alone is checked for its value only.
+
+Every case yields one check per quantity (loss and each gradient) against the goldens;
+two invariants follow (permuting the pairs permutes the gradients; the block size, when
+the callable takes one, changes nothing). When checks fail, :func:`diagnose` looks for
+the signature of known mistakes and names them with a stable code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from portable_siglip._interop import UsageError, load_backend, to_numpy
+
+from ._cases import Case, Golden, load_cases
+
+__all__ = [
+    "CONVENTIONS",
+    "QUANTITIES",
+    "TOLERANCE",
+    "CheckResult",
+    "Report",
+    "check",
+    "tolerance_for",
+]
+
+QUANTITIES = ("loss", "img", "txt", "scale", "bias")
+
+#: Normwise relative tolerance per dtype of the inputs:
+#: ``max|actual - golden| / max(max|golden|, floor) <= TOLERANCE[dtype] * logit_factor``.
+#: float64 leaves ~10^6 ulps for summation order. float32 allows 1e-3: a float32 softmax
+#: scale gradient is a sum of n^2 terms that cancel (sum(G) = 0), and G = P - I loses eps
+#: to cancellation where P_ii is near 1, so correct float32 code reaches a few 1e-4. The
+#: mistakes the suite looks for are O(1) relative errors, far above every tolerance.
+#: float16 and bfloat16 cover gradients rounded to the half dtype (2^-11, 2^-8) by code
+#: that accumulates in float32, with room for code that keeps half-precision logits.
+TOLERANCE = {"float64": 1e-9, "float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
+
+#: A quantity is compared absolutely below this fraction of its natural scale (see
+#: :func:`natural_scale`): saturated cases have gradients of 1e-4 that any float32 code
+#: only gets right to ~eps in absolute terms.
+FLOOR = 1e-3
+
+#: Logits are rounded to the dtype before anything else, costing ``eps * |Z|`` absolute:
+#: the tolerance grows with the largest logit of the case beyond this size.
+LOGIT_SCALE_FREE = 100.0
+
+#: Declared normalisations and the factor that maps this library's loss onto them.
+CONVENTIONS: dict[str, Callable[[int], float]] = {
+    "default": lambda n: 1.0,  # sum over pairs / n (sigmoid); mean over rows (softmax)
+    "mean": lambda n: 1.0 / n,  # mean over the n^2 pairs
+    "sum": lambda n: float(n),  # sum over pairs, not normalised
+}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Outcome of one check.
+
+    Attributes
+    ----------
+    check : str
+        ``"golden"``, ``"permutation"`` or ``"blocks"``.
+    case : str
+        Name of the golden case.
+    quantity : str
+        ``"loss"``, ``"img"``, ``"txt"``, ``"scale"`` or ``"bias"`` (a gradient but the loss).
+    error : float
+        Normwise relative error (``inf`` for non-finite output or an exception).
+    tolerance : float
+        The bound it had to meet.
+    passed : bool
+        Whether it met it.
+    message : str
+        What went wrong, when something did.
+    """
+
+    check: str
+    case: str
+    quantity: str
+    error: float
+    tolerance: float
+    passed: bool
+    message: str = ""
+
+
+@dataclass
+class Report:
+    """Verdict on one implementation for one loss, backend and dtype."""
+
+    loss: str
+    backend: str
+    dtype: str
+    convention: str
+    implementation: str
+    results: list[CheckResult] = field(default_factory=list)
+    gradients_checked: bool = False
+    notes: list[str] = field(default_factory=list)
+    findings: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """Whether every check passed."""
+        return bool(self.results) and all(result.passed for result in self.results)
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        """The checks that failed."""
+        return [result for result in self.results if not result.passed]
+
+    @property
+    def codes(self) -> set[str]:
+        """Codes of the diagnosed mistakes (see docs/conformance.md)."""
+        return {code for code, _ in self.findings}
+
+    @property
+    def diagnosis(self) -> list[str]:
+        """Human-readable diagnosis, one line per finding."""
+        return [f"[{code}] {text}" for code, text in self.findings]
+
+    @property
+    def worst(self) -> float:
+        """Largest error relative to its tolerance (below 1 when everything passed)."""
+        ratios = [r.error / r.tolerance for r in self.results if r.tolerance > 0]
+        return max(ratios, default=math.inf)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form of the report."""
+        return {
+            "passed": self.passed,
+            "loss": self.loss,
+            "backend": self.backend,
+            "dtype": self.dtype,
+            "convention": self.convention,
+            "implementation": self.implementation,
+            "gradients_checked": self.gradients_checked,
+            "notes": list(self.notes),
+            "diagnosis": [{"code": c, "message": m} for c, m in self.findings],
+            "results": [
+                {**asdict(r), "error": r.error if math.isfinite(r.error) else None}
+                for r in self.results
+            ],
+        }
+
+
+# --------------------------------------------------------------------------- running f
+
+
+@dataclass
+class Outcome:
+    """What an implementation returned on one case, as float64 NumPy values."""
+
+    values: dict[str, Any]  # quantity -> numpy value; gradients missing if not available
+    error: str | None = None
+
+
+def _as_grads(grads: Any) -> dict[str, Any]:
+    names = ("img", "txt", "scale", "bias")
+    if isinstance(grads, Mapping):
+        return {name: grads[name] for name in names}
+    if all(hasattr(grads, name) for name in names):
+        return {name: getattr(grads, name) for name in names}
+    if isinstance(grads, Sequence) and len(grads) == 4:
+        return dict(zip(names, grads, strict=True))
+    msg = (
+        "the implementation returned (loss, grads) but grads is neither a NamedTuple, a "
+        f"mapping nor a 4-tuple with img, txt, scale, bias: got {type(grads).__name__}"
+    )
+    raise TypeError(msg)
+
+
+def _split(result: Any) -> tuple[Any, dict[str, Any] | None]:
+    """Tell a bare loss from ``(loss, grads)``."""
+    if isinstance(result, tuple | list) and len(result) == 2:
+        return result[0], _as_grads(result[1])
+    return result, None
+
+
+class Runner:
+    """Calls an implementation on golden cases in one backend and dtype."""
+
+    def __init__(self, function: Callable[..., Any], backend: str, dtype: str) -> None:
+        self.function = function
+        self.backend = backend
+        self.dtype = dtype
+        self.xp, self.dtype_object = load_backend(backend, dtype)
+        self.autodiff = backend in ("torch", "jax")
+        self.gradients_seen = False
+        self.autodiff_used = False
+
+    def _arrays(self, case_img: Any, case_txt: Any, scale: float, bias: float) -> list[Any]:
+        xp, dtype = self.xp, self.dtype_object
+        if self.backend == "torch":
+            import torch
+
+            return [
+                torch.tensor(value, dtype=dtype, requires_grad=True)
+                for value in (case_img, case_txt, scale, bias)
+            ]
+        return [xp.asarray(value, dtype=dtype) for value in (case_img, case_txt, scale, bias)]
+
+    def run(self, img: Any, txt: Any, scale: float, bias: float, **kwargs: Any) -> Outcome:
+        """Evaluate the implementation once; exceptions become a failed outcome."""
+        try:
+            return self._run(img, txt, scale, bias, **kwargs)
+        except Exception as error:  # the implementation's failure is a check result
+            return Outcome({}, f"{type(error).__name__}: {error}")
+
+    def _run(self, img: Any, txt: Any, scale: float, bias: float, **kwargs: Any) -> Outcome:
+        args = self._arrays(img, txt, scale, bias)
+        if self.backend == "jax":
+            return self._run_jax(args, kwargs)
+        loss, grads = _split(self.function(*args, **kwargs))
+        values: dict[str, Any] = {"loss": to_numpy(loss)}
+        if grads is None and self.backend == "torch" and getattr(loss, "requires_grad", False):
+            loss.backward()
+            self.autodiff_used = True
+            grads = {
+                name: (arg.grad if arg.grad is not None else None)
+                for name, arg in zip(("img", "txt", "scale", "bias"), args, strict=True)
+            }
+        elif grads is None and self.backend == "torch":
+            # The loss does not depend on any input that requires grad: all gradients zero.
+            self.autodiff_used = True
+            grads = dict.fromkeys(("img", "txt", "scale", "bias"))
+        if grads is not None:
+            self.gradients_seen = True
+            for name, value in grads.items():
+                shape = args[("img", "txt", "scale", "bias").index(name)].shape
+                values[name] = _zeros(shape) if value is None else to_numpy(value)
+        return Outcome(values)
+
+    def _run_jax(self, args: list[Any], kwargs: dict[str, Any]) -> Outcome:
+        import jax
+
+        loss, grads = _split(self.function(*args, **kwargs))
+        values: dict[str, Any] = {"loss": to_numpy(loss)}
+        if grads is None:
+            self.autodiff_used = True
+
+            def scalar(*inputs: Any) -> Any:
+                return self.function(*inputs, **kwargs)
+
+            auto = jax.grad(scalar, argnums=(0, 1, 2, 3))(*args)
+            grads = dict(zip(("img", "txt", "scale", "bias"), auto, strict=True))
+        self.gradients_seen = True
+        for name, value in grads.items():
+            values[name] = to_numpy(value)
+        return Outcome(values)
+
+
+def _zeros(shape: Any) -> Any:
+    import numpy as np
+
+    return np.zeros(tuple(shape))
+
+
+# --------------------------------------------------------------------------- comparing
+
+
+def natural_scale(case: Case, quantity: str) -> float:
+    """Size a quantity of `case` has when nothing cancels, for the absolute floor.
+
+    The loss and the bias gradient are O(1); ``dL/dimg = t G txt`` with rows of ``G``
+    summing to O(1) is O(t max|txt|), and likewise for txt; ``dL/dt = sum G * S`` is
+    O(max|S|), S = img @ txt.T.
+    """
+    import numpy as np
+
+    img_max = float(np.max(np.abs(case.img), initial=0.0))
+    txt_max = float(np.max(np.abs(case.txt), initial=0.0))
+    sizes = {
+        "loss": 1.0,
+        "bias": 1.0,
+        "img": case.scale * txt_max,
+        "txt": case.scale * img_max,
+        "scale": float(np.max(np.abs(case.img @ case.txt.T), initial=0.0)),
+    }
+    return max(sizes[quantity], 1e-300)
+
+
+def tolerance_for(dtype: str, case: Case) -> float:
+    """Tolerance of every check on `case` for inputs of `dtype`."""
+    return TOLERANCE[dtype] * max(1.0, case.max_abs_logit / LOGIT_SCALE_FREE)
+
+
+def relative_error(actual: Any, expected: Any, floor: float = FLOOR) -> float:
+    """Normwise relative error, absolute below `floor`; ``inf`` if not finite."""
+    import numpy as np
+
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape:
+        return math.inf
+    if not np.all(np.isfinite(actual)):
+        return math.inf
+    scale = max(float(np.max(np.abs(expected), initial=0.0)), floor)
+    return float(np.max(np.abs(actual - expected), initial=0.0)) / scale
+
+
+def _expected(golden: Golden, quantity: str, factor: float) -> Any:
+    value = getattr(golden, quantity)
+    return value * factor
+
+
+def _compare(
+    check: str, case: Case, outcome: Outcome, expected: dict[str, Any], tolerance: float
+) -> list[CheckResult]:
+    import numpy as np
+
+    results = []
+    for quantity, want in expected.items():
+        if outcome.error is not None:
+            results.append(
+                CheckResult(check, case.name, quantity, math.inf, tolerance, False, outcome.error)
+            )
+            continue
+        if quantity not in outcome.values:
+            continue
+        got = outcome.values[quantity]
+        got_shape = np.shape(got)
+        if got_shape != np.shape(want):
+            message = f"shape {got_shape}, expected {np.shape(want)}"
+            results.append(
+                CheckResult(check, case.name, quantity, math.inf, tolerance, False, message)
+            )
+            continue
+        error = relative_error(got, want, FLOOR * natural_scale(case, quantity))
+        message = ""
+        if not math.isfinite(error):
+            message = "non-finite values"
+        elif error > tolerance:
+            message = f"off by {error:.2e} (tolerance {tolerance:.1e})"
+        results.append(
+            CheckResult(check, case.name, quantity, error, tolerance, error <= tolerance, message)
+        )
+    return results
+
+
+# --------------------------------------------------------------------------- the suite
+
+
+def _describe(function: Callable[..., Any]) -> str:
+    module = getattr(function, "__module__", None) or "?"
+    name = getattr(function, "__qualname__", None) or type(function).__name__
+    return f"{module}:{name}"
+
+
+def _takes_block_size(function: Callable[..., Any]) -> bool:
+    try:
+        return "block_size" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _invariants(
+    runner: Runner,
+    loss: str,
+    cases: Sequence[Case],
+    outcomes: dict[str, Outcome],
+    dtype: str,
+) -> list[CheckResult]:
+    import numpy as np
+
+    results: list[CheckResult] = []
+    random_cases = [c for c in cases if "random" in c.tags and outcomes[c.name].error is None]
+    if not random_cases:
+        return results
+    case = max(random_cases, key=lambda c: c.n)
+    base = outcomes[case.name]
+    tolerance = tolerance_for(dtype, case)
+    # Permuting the pairs (the same rows of img and txt) permutes the gradients.
+    order = np.random.default_rng(0).permutation(case.n)
+    permuted = runner.run(case.img[order], case.txt[order], case.scale, case.bias)
+    expected = {"loss": base.values["loss"]}
+    for name in ("img", "txt"):
+        if name in base.values:
+            expected[name] = base.values[name][order]
+    for name in ("scale", "bias"):
+        if name in base.values:
+            expected[name] = base.values[name]
+    results += _compare("permutation", case, permuted, expected, tolerance)
+    # The block size changes nothing, where the implementation takes one.
+    if _takes_block_size(runner.function):
+        for block_size in (1, 3, case.n - 1, case.n + 5):
+            blocked = runner.run(
+                case.img, case.txt, case.scale, case.bias, block_size=max(1, block_size)
+            )
+            expected = {name: value for name, value in base.values.items()}
+            for result in _compare("blocks", case, blocked, expected, tolerance):
+                results.append(
+                    CheckResult(
+                        result.check,
+                        f"{result.case} (block_size={max(1, block_size)})",
+                        result.quantity,
+                        result.error,
+                        result.tolerance,
+                        result.passed,
+                        result.message,
+                    )
+                )
+    return results
+
+
+def check(
+    function: Callable[..., Any],
+    *,
+    loss: str,
+    backend: str = "numpy",
+    dtype: str = "float64",
+    convention: str = "default",
+    cases: Iterable[Case] | None = None,
+) -> Report:
+    """Check an implementation of a contrastive loss against the golden cases.
+
+    Parameters
+    ----------
+    function : callable
+        ``f(img, txt, scale, bias)`` taking arrays of `backend` (scale and bias as 0-d
+        arrays; with torch, leaves that require grad) and returning the loss or
+        ``(loss, grads)``.
+    loss : {"sigmoid", "softmax"}
+        Which loss it claims to compute.
+    backend : {"numpy", "torch", "jax", "cupy", "array_api_strict"}
+        Array library to call it with.
+    dtype : {"float64", "float32", "float16", "bfloat16"}
+        Dtype of the inputs.
+    convention : {"default", "mean", "sum"}
+        Normalisation the implementation declares: this library's (sum over pairs / n),
+        the mean over n^2 pairs, or the plain sum. Under "mean" and "sum" the goldens are
+        rescaled accordingly.
+    cases : iterable of Case, optional
+        Subset of the golden cases (all by default).
+
+    Returns
+    -------
+    Report
+        ``report.passed``, the per-check ``report.results``, ``report.codes`` and
+        ``report.diagnosis`` naming known mistakes.
+
+    Raises
+    ------
+    ValueError
+        On an unknown `loss` or `convention`.
+    portable_siglip._interop.UsageError
+        If the backend is not installed or lacks the dtype.
+
+    Examples
+    --------
+    >>> import portable_siglip as ps
+    >>> from portable_siglip.conformance import check
+    >>> check(ps.sigmoid_loss_and_grad, loss="sigmoid").passed
+    True
+    """
+    if loss not in ("sigmoid", "softmax"):
+        msg = f"`loss` must be 'sigmoid' or 'softmax', got {loss!r}"
+        raise ValueError(msg)
+    if convention not in CONVENTIONS:
+        msg = f"`convention` must be one of {tuple(CONVENTIONS)}, got {convention!r}"
+        raise ValueError(msg)
+    if dtype not in TOLERANCE:
+        msg = f"`dtype` must be one of {tuple(TOLERANCE)}, got {dtype!r}"
+        raise ValueError(msg)
+    selected = tuple(load_cases() if cases is None else cases)
+    runner = Runner(function, backend, dtype)
+    report = Report(loss, backend, dtype, convention, _describe(function))
+    outcomes: dict[str, Outcome] = {}
+    for case in selected:
+        outcome = runner.run(case.img, case.txt, case.scale, case.bias)
+        outcomes[case.name] = outcome
+        factor = CONVENTIONS[convention](case.n)
+        golden = case.goldens[loss]
+        expected = {q: _expected(golden, q, factor) for q in QUANTITIES}
+        report.results += _compare("golden", case, outcome, expected, tolerance_for(dtype, case))
+    report.results += _invariants(runner, loss, selected, outcomes, dtype)
+    report.gradients_checked = runner.gradients_seen
+    if runner.autodiff_used:
+        report.notes.append(f"gradients taken by {backend} autodiff of the returned loss")
+    if not runner.gradients_seen:
+        report.notes.append(
+            f"gradients NOT checked: the implementation returned a loss only and {backend} "
+            "has no autodiff; return (loss, grads) to have them checked"
+        )
+    from ._diagnose import diagnose
+
+    report.findings = diagnose(report, loss, selected, outcomes, convention)
+    return report
+
+
+__all__ += ["Outcome", "Runner", "UsageError"]
