@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from portable_siglip.conformance import check, load_cases
+from portable_siglip.conformance.__main__ import load_implementation, main
 
 import portable_siglip as ps
 from portable_siglip._interop import UsageError
-from portable_siglip.conformance import check, load_cases
-from portable_siglip.conformance.__main__ import load_implementation, main
 
 FUNCTIONS = {"sigmoid": ps.sigmoid_loss_and_grad, "softmax": ps.softmax_loss_and_grad}
 
