@@ -23,5 +23,8 @@ def test_readme_example_runs(block: str) -> None:
     code = block.replace("4096", "300").replace("block_size=1024", "block_size=128")
     namespace: dict[str, object] = {}
     exec(compile(code, str(README), "exec"), namespace)
-    loss = namespace["loss"]
-    assert float(loss) > 0  # type: ignore[arg-type]
+    # Blocks that compute a loss must get a positive one; the others assert for themselves.
+    if "loss" in namespace:
+        assert float(namespace["loss"]) > 0  # type: ignore[arg-type]
+    else:
+        assert "assert " in block
