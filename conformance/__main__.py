@@ -51,13 +51,20 @@ def load_implementation(spec: str) -> Callable[..., Any]:
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[unique] = module
         sys.path.insert(0, str(path.resolve().parent))  # let it import its siblings
-        loader_spec.loader.exec_module(module)
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as error:
+            msg = f"`--impl`: loading {str(path)!r} raised {type(error).__name__}: {error}"
+            raise UsageError(msg) from error
     else:
         try:
             module = importlib.import_module(module_name)
         except ImportError as error:
             msg = f"`--impl`: cannot import module {module_name!r}: {error}"
             raise UsageError(msg) from None
+        except Exception as error:
+            msg = f"`--impl`: importing {module_name!r} raised {type(error).__name__}: {error}"
+            raise UsageError(msg) from error
     target: Any = module
     for part in attribute.split("."):
         if not hasattr(target, part):
@@ -93,7 +100,7 @@ def print_report(report: Report, *, limit: int = 40) -> None:
     for note in report.notes:
         print(f"  note: {note}")
     if not failed:
-        print(f"PASSED: {checks} checks; worst error {report.worst:.2f}x its tolerance")
+        print(f"PASSED: {checks} checks; worst error {report.worst:.2g} x its tolerance")
         return
     print(f"FAILED: {len(failed)} of {checks} checks")
     rows = [("check", "case", "quantity", "error", "tolerance", "what")]

@@ -196,6 +196,7 @@ class Runner:
         self.autodiff = backend in ("torch", "jax")
         self.gradients_seen = False
         self.autodiff_used = False
+        self.jax_returns_grads: bool | None = None
 
     def _arrays(self, case_img: Any, case_txt: Any, scale: float, bias: float) -> list[Any]:
         xp, dtype = self.xp, self.dtype_object
@@ -242,18 +243,25 @@ class Runner:
     def _run_jax(self, args: list[Any], kwargs: dict[str, Any]) -> Outcome:
         import jax
 
-        loss, grads = _split(self.function(*args, **kwargs))
-        values: dict[str, Any] = {"loss": to_numpy(loss)}
-        if grads is None:
+        def function(*inputs: Any) -> Any:
+            return self.function(*inputs, **kwargs)
+
+        grads: dict[str, Any] | None = None
+        if self.jax_returns_grads is not False:
+            # First call, or an implementation known to return (loss, grads).
+            loss, grads = _split(function(*args))
+            self.jax_returns_grads = grads is not None
+        if not self.jax_returns_grads:
+            # A bare loss: one value_and_grad call gives both (no separate forward call).
+            # Not jitted: jit would unroll a blockwise loop into one graph per shape and
+            # compile far longer than eager dispatch takes to run it.
             self.autodiff_used = True
-
-            def scalar(*inputs: Any) -> Any:
-                return self.function(*inputs, **kwargs)
-
-            auto = jax.grad(scalar, argnums=(0, 1, 2, 3))(*args)
+            both = jax.value_and_grad(function, argnums=(0, 1, 2, 3))
+            loss, auto = both(*args)
             grads = dict(zip(("img", "txt", "scale", "bias"), auto, strict=True))
         self.gradients_seen = True
-        for name, value in grads.items():
+        values: dict[str, Any] = {"loss": to_numpy(loss)}
+        for name, value in (grads or {}).items():
             values[name] = to_numpy(value)
         return Outcome(values)
 
