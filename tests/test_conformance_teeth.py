@@ -1,0 +1,175 @@
+"""The conformance suite has teeth: it fails known-wrong implementations and names the mistake.
+
+``wrong_impls.WRONG`` holds plausible real-world mistakes, each with the diagnosis code the
+suite must give; ``right_impls.RIGHT`` holds correct independent implementations that it
+must accept. Both are also run through ``python -m portable_siglip.conformance``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import right_impls
+import wrong_impls
+from portable_siglip.conformance import check
+
+TESTS = Path(__file__).resolve().parent
+WRONG_FILE = TESTS / "wrong_impls.py"
+RIGHT_FILE = TESTS / "right_impls.py"
+
+# Words that a human-readable diagnosis of each code must contain (any one, case-insensitive).
+MEANINGFUL: dict[str, tuple[str, ...]] = {
+    "mean-over-pairs": ("pairs", "n^2", "n²", "mean"),
+    "unnormalised-sum": ("sum", "normalis", "normaliz"),
+    "bias-sign": ("bias",),
+    "labels": ("label",),
+    "one-direction": ("direction", "image", "text"),
+    "sum-of-directions": ("direction", "sum", "/2", "/ 2"),
+    "non-finite-stress": ("finite", "overflow", "nan", "inf"),
+    "tail-block": ("tail", "block", "remainder", "multiple"),
+    "zero-scale-grad": ("scale",),
+    "zero-bias-grad": ("bias",),
+    "scale-as-log": ("exp", "log"),
+    "transposed-gradient": ("transpos", "swap"),
+    "gradient-sign": ("sign",),
+    "gradient-factor": ("factor",),
+}
+
+
+def _params(table: dict[str, Any]) -> list[Any]:
+    """Test parameters of a WRONG/RIGHT table; JAX ones are slow (eager op-by-op compiles)."""
+    return [
+        pytest.param(name, marks=pytest.mark.slow) if entry.backend == "jax" else name
+        for name, entry in sorted(table.items())
+    ]
+
+
+def _require(backend: str) -> None:
+    """Skip unless the backend's library is installed."""
+    if backend in ("torch", "jax", "array_api_strict"):
+        pytest.importorskip(backend)
+
+
+def _explain(report: Any) -> str:
+    """The report's diagnosis and failed checks, for assertion messages."""
+    lines = [f"passed={report.passed} codes={sorted(report.codes)}", *report.diagnosis]
+    lines += [
+        f"  {r.check} [{r.case}] {r.quantity}: error={r.error} tol={r.tolerance} {r.message}"
+        for r in report.failed[:20]
+    ]
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("name", _params(wrong_impls.WRONG))
+def test_wrong_implementation_fails_with_its_diagnosis(name: str) -> None:
+    wrong = wrong_impls.WRONG[name]
+    _require(wrong.backend)
+    report = check(wrong.func, loss=wrong.loss, backend=wrong.backend, dtype=wrong.dtype)
+    explanation = _explain(report)
+    assert not report.passed, explanation
+    assert report.failed, explanation
+    assert wrong.code in report.codes, explanation
+    text = "\n".join(report.diagnosis).lower()
+    assert any(word in text for word in MEANINGFUL[wrong.code]), explanation
+
+
+@pytest.mark.parametrize("name", _params(right_impls.RIGHT))
+def test_right_implementation_passes(name: str) -> None:
+    right = right_impls.RIGHT[name]
+    _require(right.backend)
+    report = check(right.func, loss=right.loss, backend=right.backend, dtype=right.dtype)
+    explanation = _explain(report)
+    assert report.passed, explanation
+    assert not report.failed, explanation
+    assert not report.codes, explanation
+    assert report.gradients_checked, explanation
+
+
+@pytest.mark.parametrize("name", sorted(right_impls.LOSS_ONLY))
+def test_loss_only_numpy_implementation_passes_without_gradients(name: str) -> None:
+    right = right_impls.LOSS_ONLY[name]
+    report = check(right.func, loss=right.loss, backend=right.backend, dtype=right.dtype)
+    explanation = _explain(report)
+    assert report.passed, explanation
+    assert not report.gradients_checked, explanation
+
+
+def test_mean_convention_accepts_the_mean_over_pairs() -> None:
+    """``convention="mean"`` judges against the mean over n^2 pairs: the default one fails it."""
+    pytest.importorskip("torch")
+    report = check(
+        wrong_impls.mean_over_pairs_sigmoid, loss="sigmoid", backend="torch", convention="mean"
+    )
+    assert report.passed, _explain(report)
+    report = check(right_impls.torch_sigmoid, loss="sigmoid", backend="torch", convention="mean")
+    assert not report.passed, _explain(report)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "portable_siglip.conformance", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def test_cli_fails_a_wrong_implementation_and_names_the_mistake(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    impl = f"{WRONG_FILE}:mean_over_pairs_sigmoid"
+    report_file = tmp_path / "report.json"
+    result = _cli(
+        "--loss", "sigmoid", "--impl", impl, "--backend", "torch", "--report", str(report_file)
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "mean-over-pairs" in result.stdout, output
+    # The table has a row for at least one of the checks that fail in-process.
+    in_process = check(wrong_impls.mean_over_pairs_sigmoid, loss="sigmoid", backend="torch")
+    lines = result.stdout.splitlines()
+    assert any(
+        failed.check in line and failed.case in line
+        for failed in in_process.failed
+        for line in lines
+    ), output
+    data = json.loads(report_file.read_text(encoding="utf-8"))
+    assert data["passed"] is False
+
+
+@pytest.mark.parametrize(
+    ("attr", "loss", "backend"),
+    [
+        ("torch_sigmoid", "sigmoid", "torch"),
+        ("numpy_softmax_and_grad", "softmax", "numpy"),
+        ("numpy_sigmoid", "sigmoid", "numpy"),
+    ],
+)
+def test_cli_passes_a_right_implementation(
+    tmp_path: Path, attr: str, loss: str, backend: str
+) -> None:
+    _require(backend)
+    report_file = tmp_path / "report.json"
+    result = _cli(
+        "--loss",
+        loss,
+        "--impl",
+        f"{RIGHT_FILE}:{attr}",
+        "--backend",
+        backend,
+        "--report",
+        str(report_file),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(report_file.read_text(encoding="utf-8"))
+    assert data["passed"] is True

@@ -1,0 +1,443 @@
+"""Deliberately wrong, but plausible, contrastive-loss implementations.
+
+Each function imitates one mistake that real code has made (normalisation confusion, a
+flipped sign, one softmax direction, exp overflow, a dropped tail chunk, a detached
+parameter; docs/conformance.md lists the diagnosis codes) and is wrong in that one way only, so that the conformance suite can be asked to name it. ``WRONG`` maps each
+name to the loss, backend and dtype it is judged with and the diagnosis code that the suite
+must give.
+
+Every function has the signature ``f(img, txt, scale, bias)`` of the conformance contract
+(DESIGN section 6). Framework imports happen inside the functions, so that this module
+imports without torch or jax (the tests skip what they cannot run), and so that
+``python -m portable_siglip.conformance --impl tests/wrong_impls.py:NAME`` can load it by
+path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+
+class Grads(NamedTuple):
+    """Gradients returned by the (loss, grads) implementations."""
+
+    img: Any
+    txt: Any
+    scale: Any
+    bias: Any
+
+
+class Wrong(NamedTuple):
+    """How one wrong implementation is judged, and what the suite must call it."""
+
+    func: Callable[..., Any]
+    loss: str
+    backend: str
+    dtype: str
+    code: str
+
+
+# ---------------------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------------------
+
+
+def mean_over_pairs_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss averaged over all n^2 pairs instead of summed and divided by n.
+
+    The mistake of big_vision issue #115: ``-log_sigmoid(labels * logits).mean()`` reads like
+    the usual "mean loss" but is n times smaller than the paper's (and open_clip's)
+    ``sum / n``, and so is its gradient. Torch, gradients by autodiff.
+    """
+    import torch
+    from torch.nn.functional import logsigmoid
+
+    logits = scale * img @ txt.T + bias  # (n, d) @ (d, n) -> (n, n)
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, dtype=logits.dtype) - 1
+    return -logsigmoid(labels * logits).mean()
+
+
+def unnormalised_sum_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss summed over all pairs without the final division by n.
+
+    open_clip's ``SigLipLoss`` ends with ``loss / image_features.shape[0]``; ports that drop
+    that line (or move it to a data-parallel mean that a single process never runs) return
+    a loss n times too large. JAX, gradients by ``jax.grad``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    logits = scale * img @ txt.T + bias  # (n, d) @ (d, n) -> (n, n)
+    n = logits.shape[0]
+    labels = 2 * jnp.eye(n, dtype=logits.dtype) - 1
+    return -jnp.sum(jax.nn.log_sigmoid(labels * logits))
+
+
+# ---------------------------------------------------------------------------------------
+# Signs and labels
+# ---------------------------------------------------------------------------------------
+
+
+def bias_sign_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss with the bias subtracted: ``Z = t * img @ txt.T - b``.
+
+    Treating ``logit_bias`` as a decision threshold ("a pair is positive when the similarity
+    exceeds b") instead of an additive logit offset. SigLIP's b is added and starts negative
+    (-10); this version pushes the logits the wrong way. Torch, autodiff.
+    """
+    import torch
+    from torch.nn.functional import logsigmoid
+
+    logits = scale * img @ txt.T - bias  # (n, d) @ (d, n) -> (n, n)
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, dtype=logits.dtype) - 1
+    return -logsigmoid(labels * logits).sum() / n
+
+
+def labels_all_negative_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss that treats every pair, the matched ones included, as a negative.
+
+    open_clip's ``SigLipLoss.get_ground_truth(..., negative_only=True)`` returns
+    ``-torch.ones(n, n)`` for the blocks exchanged with neighbouring ranks; calling it with
+    ``negative_only=True`` for the local block as well (or building ``-ones`` and forgetting
+    ``+ 2 * eye``) leaves no positive pair. Torch, autodiff.
+    """
+    import torch
+    from torch.nn.functional import logsigmoid
+
+    logits = scale * img @ txt.T + bias  # (n, d) @ (d, n) -> (n, n)
+    n = logits.shape[0]
+    labels = -torch.ones(n, n, dtype=logits.dtype)
+    return -logsigmoid(labels * logits).sum() / n
+
+
+def labels_flipped_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss with the label sign flipped: ``-log_sigmoid(-labels * logits)``.
+
+    Mixing up the identity ``softplus(-x) = -log_sigmoid(x)``: the minus sign is applied
+    twice, so matched pairs are pushed apart and unmatched ones together. Torch, autodiff.
+    """
+    import torch
+    from torch.nn.functional import logsigmoid
+
+    logits = scale * img @ txt.T + bias  # (n, d) @ (d, n) -> (n, n)
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, dtype=logits.dtype) - 1
+    return -logsigmoid(-labels * logits).sum() / n
+
+
+# ---------------------------------------------------------------------------------------
+# Softmax directions
+# ---------------------------------------------------------------------------------------
+
+
+def one_direction_softmax(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Softmax loss with the image-to-text cross-entropy only.
+
+    Inf-CL's ``cal_inf_loss`` computes one direction per call and leaves the caller to add
+    the text-to-image one; code that calls it once (or a hand-written InfoNCE that only
+    takes ``cross_entropy(logits, arange(n))``) misses half of CLIP's symmetric loss.
+    Torch, autodiff.
+    """
+    import torch
+    from torch.nn.functional import cross_entropy
+
+    logits = scale * img @ txt.T + bias  # (n, d) @ (d, n) -> (n, n)
+    targets = torch.arange(logits.shape[0])
+    return cross_entropy(logits, targets)
+
+
+def sum_of_directions_softmax(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Softmax loss that adds the two directional cross-entropies instead of averaging them.
+
+    open_clip's ``ClipLoss`` returns ``(CE(logits_per_image) + CE(logits_per_text)) / 2``;
+    dropping the ``/ 2`` doubles the loss and every gradient. JAX, ``jax.grad``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    logits = scale * img @ txt.T + bias  # (n, d) @ (d, n) -> (n, n)
+    image_to_text = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=1)))
+    text_to_image = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=0)))
+    return image_to_text + text_to_image
+
+
+# ---------------------------------------------------------------------------------------
+# Overflow
+# ---------------------------------------------------------------------------------------
+
+
+def naive_softplus_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss with softplus written as ``log(1 + exp(x))``.
+
+    DESIGN section 2 and anchors pitfall 8: ``exp`` overflows float32 for a logit above
+    ~88.7, which trained SigLIP models (t ~ 118) reach; the loss becomes inf and the
+    gradient NaN, while ordinary inputs give the right numbers. Torch, float32, autodiff.
+    """
+    import torch
+
+    logits = scale * img @ txt.T + bias  # (n, d) @ (d, n) -> (n, n)
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, dtype=logits.dtype) - 1
+    return torch.log(1 + torch.exp(-labels * logits)).sum() / n
+
+
+def naive_logsumexp_softmax(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Softmax loss with ``log(exp(logits).sum())``: log-sum-exp without the max subtracted.
+
+    The pure-torch ``RingProb`` of Inf-CL computes ``log(exp(qk).sum())``; in float32 the
+    exponential overflows for a scaled logit above ~88.7 (scale 100 and cosine > 0.887).
+    Torch, float32, autodiff.
+    """
+    import torch
+
+    logits = scale * img @ txt.T + bias  # (n, d) @ (d, n) -> (n, n)
+    positives = torch.diagonal(logits)
+    exp = torch.exp(logits)
+    image_to_text = torch.mean(torch.log(exp.sum(dim=1)) - positives)
+    text_to_image = torch.mean(torch.log(exp.sum(dim=0)) - positives)
+    return (image_to_text + text_to_image) / 2
+
+
+# ---------------------------------------------------------------------------------------
+# Blocking
+# ---------------------------------------------------------------------------------------
+
+
+def dropped_tail_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Row-chunked sigmoid loss whose loop ``range(n // chunk)`` forgets the remainder rows.
+
+    Chunked losses (open_clip's first ``chunk_size`` version, big_vision's
+    ``chunked_sigmoid``) loop over row blocks; ``for i in range(n // chunk)`` with
+    ``chunk = 8`` silently drops the last ``n % 8`` rows whenever the batch is not a
+    multiple of the chunk (and every row of a batch smaller than a chunk). Torch, autodiff.
+    """
+    return _chunked_sigmoid(img, txt, scale, bias, chunk=8)
+
+
+def dropped_tail_clamped_chunk_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """The same dropped tail, with ``chunk = min(8, n)``: batches smaller than a chunk are right.
+
+    What ``dropped_tail_sigmoid`` becomes once someone notices that a batch smaller than a
+    chunk gives a zero loss: clamping the chunk to the batch fixes n < 8, yet
+    ``range(n // chunk)`` still drops the ``n % 8`` remainder rows of every larger batch
+    that is not a multiple of 8. Torch, autodiff.
+    """
+    return _chunked_sigmoid(img, txt, scale, bias, chunk=min(8, img.shape[0]))
+
+
+def _chunked_sigmoid(img: Any, txt: Any, scale: Any, bias: Any, *, chunk: int) -> Any:
+    """Sigmoid loss over row chunks of ``chunk`` rows, without the remainder chunk."""
+    import torch
+    from torch.nn.functional import logsigmoid
+
+    n = img.shape[0]
+    total = torch.zeros((), dtype=img.dtype)
+    for i in range(n // chunk):  # the mistake: no last, shorter chunk of n % chunk rows
+        rows = slice(i * chunk, (i + 1) * chunk)
+        logits = scale * img[rows] @ txt.T + bias  # (chunk, d) @ (d, n) -> (chunk, n)
+        labels = -torch.ones_like(logits)
+        labels[:, rows] += 2 * torch.eye(chunk, dtype=logits.dtype)
+        total = total - logsigmoid(labels * logits).sum()
+    return total / n
+
+
+# ---------------------------------------------------------------------------------------
+# Scale and bias
+# ---------------------------------------------------------------------------------------
+
+
+def detached_scale_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss with ``logit_scale.detach()``: the temperature never learns.
+
+    Taking the scale through ``.detach()`` (or ``.item()``, e.g. after logging or clamping
+    it) cuts it out of the graph: the loss is right but dL/dt is missing.
+    Torch, autodiff.
+    """
+    import torch
+    from torch.nn.functional import logsigmoid
+
+    logits = scale.detach() * img @ txt.T + bias  # (n, d) @ (d, n) -> (n, n)
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, dtype=logits.dtype) - 1
+    return -logsigmoid(labels * logits).sum() / n
+
+
+def stop_gradient_bias_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss with ``jax.lax.stop_gradient(bias)``: the bias never learns.
+
+    The JAX form of a detached parameter (a bias read from a frozen collection, or wrapped
+    in ``stop_gradient`` while debugging); compare open_clip #1076, where the bias is left
+    without a gradient. JAX, ``jax.grad``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    logits = scale * img @ txt.T + jax.lax.stop_gradient(bias)  # (n, d) @ (d, n) -> (n, n)
+    n = logits.shape[0]
+    labels = 2 * jnp.eye(n, dtype=logits.dtype) - 1
+    return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / n
+
+
+def scale_as_log_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss that exponentiates the scale it is given: ``exp(scale) * sims``.
+
+    open_clip models keep ``logit_scale`` in log space and the losses take the multiplier
+    ``exp(t')`` (anchors pitfall 2); a loss written for the model's parameter applies the
+    exponential a second time. Torch, autodiff.
+    """
+    import torch
+    from torch.nn.functional import logsigmoid
+
+    logits = torch.exp(scale) * img @ txt.T + bias  # (n, d) @ (d, n) -> (n, n)
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, dtype=logits.dtype) - 1
+    return -logsigmoid(labels * logits).sum() / n
+
+
+# ---------------------------------------------------------------------------------------
+# Hand-written gradients (NumPy, returning (loss, grads))
+# ---------------------------------------------------------------------------------------
+
+
+def _sigmoid_loss_and_dlogits(
+    img: np.ndarray, txt: np.ndarray, scale: np.ndarray, bias: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Correct sigmoid loss, dL/dZ and the similarities, in float64."""
+    img, txt = np.asarray(img, np.float64), np.asarray(txt, np.float64)
+    sims = img @ txt.T  # (n, d) @ (d, n) -> (n, n)
+    logits = float(scale) * sims + float(bias)
+    n = logits.shape[0]
+    labels = 2 * np.eye(n) - 1
+    loss = np.logaddexp(0.0, -labels * logits).sum() / n
+    sigmoid = 0.5 * (1 + np.tanh(0.5 * logits))  # overflow-free sigmoid
+    return np.asarray(loss), (sigmoid - np.eye(n)) / n, sims
+
+
+def _as_input(value: Any, like: np.ndarray) -> np.ndarray:
+    return np.asarray(value, dtype=like.dtype)
+
+
+def transposed_gradient_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid (loss, grads) whose feature gradients use G^T where G belongs, and vice versa.
+
+    A hand-derived backward with the chain rule through ``img @ txt.T`` taken the wrong way
+    round: ``d img = t * G.T @ txt`` and ``d txt = t * G @ img``. Shapes still match, and
+    it is right whenever G is symmetric, so it survives a test with ``txt = img``. NumPy.
+    """
+    loss, dlogits, sims = _sigmoid_loss_and_dlogits(img, txt, scale, bias)
+    t = float(scale)
+    img64, txt64 = np.asarray(img, np.float64), np.asarray(txt, np.float64)
+    grads = Grads(
+        img=_as_input(t * dlogits.T @ txt64, img),  # (n, n) @ (n, d) -> (n, d)
+        txt=_as_input(t * dlogits @ img64, img),  # (n, n) @ (n, d) -> (n, d)
+        scale=_as_input((dlogits * sims).sum(), img),
+        bias=_as_input(dlogits.sum(), img),
+    )
+    return _as_input(loss, img), grads
+
+
+def gradient_sign_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid (loss, grads) with dL/dZ = (I - sigmoid(Z)) / n: the gradient of the log-likelihood.
+
+    Deriving the gradient of ``sum log sigmoid(l * Z)`` (the quantity being maximised) and
+    forgetting the minus sign of the loss: every gradient points uphill. NumPy.
+    """
+    loss, dlogits, sims = _sigmoid_loss_and_dlogits(img, txt, scale, bias)
+    dlogits = -dlogits
+    t = float(scale)
+    img64, txt64 = np.asarray(img, np.float64), np.asarray(txt, np.float64)
+    grads = Grads(
+        img=_as_input(t * dlogits @ txt64, img),  # (n, n) @ (n, d) -> (n, d)
+        txt=_as_input(t * dlogits.T @ img64, img),  # (n, n) @ (n, d) -> (n, d)
+        scale=_as_input((dlogits * sims).sum(), img),
+        bias=_as_input(dlogits.sum(), img),
+    )
+    return _as_input(loss, img), grads
+
+
+def gradient_factor_softmax(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Softmax (loss, grads) with dL/dZ = (P_rows + P_cols - 2I) / n: the 1/2 forgotten.
+
+    The loss is the mean of the two directional cross-entropies, but the backward adds the
+    two directions' gradients without the 1/2 of that mean: every gradient is twice too
+    large while the loss is right. NumPy.
+    """
+    img64, txt64 = np.asarray(img, np.float64), np.asarray(txt, np.float64)
+    sims = img64 @ txt64.T  # (n, d) @ (d, n) -> (n, n)
+    t = float(scale)
+    logits = t * sims + float(bias)
+    n = logits.shape[0]
+    row_max = logits.max(axis=1, keepdims=True)
+    col_max = logits.max(axis=0, keepdims=True)
+    row_lse = row_max + np.log(np.exp(logits - row_max).sum(axis=1, keepdims=True))  # (n, 1)
+    col_lse = col_max + np.log(np.exp(logits - col_max).sum(axis=0, keepdims=True))  # (1, n)
+    positives = np.diagonal(logits)
+    loss = 0.5 * (np.mean(row_lse[:, 0] - positives) + np.mean(col_lse[0] - positives))
+    probs_rows = np.exp(logits - row_lse)
+    probs_cols = np.exp(logits - col_lse)
+    dlogits = (probs_rows + probs_cols - 2 * np.eye(n)) / n  # should be / (2 n)
+    grads = Grads(
+        img=_as_input(t * dlogits @ txt64, img),  # (n, n) @ (n, d) -> (n, d)
+        txt=_as_input(t * dlogits.T @ img64, img),  # (n, n) @ (n, d) -> (n, d)
+        scale=_as_input((dlogits * sims).sum(), img),
+        bias=_as_input(dlogits.sum(), img),
+    )
+    return _as_input(loss, img), grads
+
+
+WRONG: dict[str, Wrong] = {
+    "mean_over_pairs_sigmoid": Wrong(
+        mean_over_pairs_sigmoid, "sigmoid", "torch", "float64", "mean-over-pairs"
+    ),
+    "unnormalised_sum_sigmoid": Wrong(
+        unnormalised_sum_sigmoid, "sigmoid", "jax", "float64", "unnormalised-sum"
+    ),
+    "bias_sign_sigmoid": Wrong(bias_sign_sigmoid, "sigmoid", "torch", "float64", "bias-sign"),
+    "labels_all_negative_sigmoid": Wrong(
+        labels_all_negative_sigmoid, "sigmoid", "torch", "float64", "labels"
+    ),
+    "labels_flipped_sigmoid": Wrong(
+        labels_flipped_sigmoid, "sigmoid", "torch", "float64", "labels"
+    ),
+    "one_direction_softmax": Wrong(
+        one_direction_softmax, "softmax", "torch", "float64", "one-direction"
+    ),
+    "sum_of_directions_softmax": Wrong(
+        sum_of_directions_softmax, "softmax", "jax", "float64", "sum-of-directions"
+    ),
+    "naive_softplus_sigmoid": Wrong(
+        naive_softplus_sigmoid, "sigmoid", "torch", "float32", "non-finite-stress"
+    ),
+    "naive_logsumexp_softmax": Wrong(
+        naive_logsumexp_softmax, "softmax", "torch", "float32", "non-finite-stress"
+    ),
+    "dropped_tail_clamped_chunk_sigmoid": Wrong(
+        dropped_tail_clamped_chunk_sigmoid, "sigmoid", "torch", "float64", "tail-block"
+    ),
+    "dropped_tail_sigmoid": Wrong(
+        dropped_tail_sigmoid, "sigmoid", "torch", "float64", "tail-block"
+    ),
+    "detached_scale_sigmoid": Wrong(
+        detached_scale_sigmoid, "sigmoid", "torch", "float64", "zero-scale-grad"
+    ),
+    "stop_gradient_bias_sigmoid": Wrong(
+        stop_gradient_bias_sigmoid, "sigmoid", "jax", "float64", "zero-bias-grad"
+    ),
+    "scale_as_log_sigmoid": Wrong(
+        scale_as_log_sigmoid, "sigmoid", "torch", "float64", "scale-as-log"
+    ),
+    "transposed_gradient_sigmoid": Wrong(
+        transposed_gradient_sigmoid, "sigmoid", "numpy", "float64", "transposed-gradient"
+    ),
+    "gradient_sign_sigmoid": Wrong(
+        gradient_sign_sigmoid, "sigmoid", "numpy", "float64", "gradient-sign"
+    ),
+    "gradient_factor_softmax": Wrong(
+        gradient_factor_softmax, "softmax", "numpy", "float64", "gradient-factor"
+    ),
+}
