@@ -158,10 +158,7 @@ def _run(args: argparse.Namespace) -> int:
         memory_note = "growth of ru_maxrss; a lower bound"
 
     n, d = args.batch, args.dim
-    norm = {
-        name: float(np.linalg.norm(to_numpy(getattr(grads, name))))
-        for name in ("img", "txt")
-    }
+    norm = {name: float(np.linalg.norm(to_numpy(getattr(grads, name)))) for name in ("img", "txt")}
     print(
         f"portable_siglip run: loss={args.loss} backend={args.backend} dtype={args.dtype} "
         f"n={n} d={d} block_size={args.block_size or 'default'} seed={args.seed}"
@@ -186,9 +183,7 @@ def _verify(
     from ._reference import dense_loss_and_grad
 
     bias = args.bias if args.loss == "sigmoid" else 0.0
-    expected = dense_loss_and_grad(
-        args.loss, to_numpy(img), to_numpy(txt), args.scale, bias
-    )
+    expected = dense_loss_and_grad(args.loss, to_numpy(img), to_numpy(txt), args.scale, bias)
     actual = [loss, grads.img, grads.txt, grads.scale, grads.bias]
     names = ["loss", "grads.img", "grads.txt", "grads.scale", "grads.bias"]
     loss_rtol, grad_rtol = VERIFY_RTOL[args.dtype]
