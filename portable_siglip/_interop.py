@@ -15,8 +15,8 @@ BACKENDS = ("numpy", "torch", "jax", "cupy", "array_api_strict")
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
-class UsageError(Exception):
-    """A problem with what the user asked for (missing library, unknown dtype, ...)."""
+class UsageError(ValueError):
+    """A problem with what the user asked for (unknown or missing library, missing dtype)."""
 
 
 def load_backend(name: str, dtype: str) -> tuple[Any, Any]:
@@ -42,12 +42,12 @@ def load_backend(name: str, dtype: str) -> tuple[Any, Any]:
     from array_api_compat import array_namespace
 
     if name not in BACKENDS:
-        msg = f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}"
+        msg = f"`backend` must be one of {', '.join(BACKENDS)}; got {name!r}"
         raise UsageError(msg)
     try:
         module = importlib.import_module(name)
     except ImportError:
-        msg = f"backend {name!r} is not installed (pip install {name.replace('_', '-')})"
+        msg = f"`backend`: {name!r} is not installed (pip install {name.replace('_', '-')})"
         raise UsageError(msg) from None
     if name == "jax":
         module.config.update("jax_enable_x64", True)
@@ -58,7 +58,7 @@ def load_backend(name: str, dtype: str) -> tuple[Any, Any]:
         xp = array_namespace(module.empty(0))
     dtype_object = getattr(xp, dtype, None)
     if dtype_object is None:
-        msg = f"backend {name!r} has no dtype {dtype!r}"
+        msg = f"`dtype`: backend {name!r} has no dtype {dtype!r}"
         raise UsageError(msg)
     return xp, dtype_object
 

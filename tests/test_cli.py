@@ -88,7 +88,7 @@ def test_bad_option_value_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="cupy is installed")
 def test_missing_backend_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert _cli.main(["run", *SMALL, "--backend", "cupy"]) == 2
-    assert "backend 'cupy' is not installed" in capsys.readouterr().err
+    assert "`backend`: 'cupy' is not installed" in capsys.readouterr().err
 
 
 def test_missing_dtype_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

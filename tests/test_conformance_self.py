@@ -67,6 +67,10 @@ def test_invalid_arguments() -> None:
         check(ps.sigmoid_loss, loss="hinge")
     with pytest.raises(ValueError, match="`convention` must be"):
         check(ps.sigmoid_loss, loss="sigmoid", convention="median")
+    with pytest.raises(ValueError, match=r"`backend` must be one of.*'tensorflow'"):
+        check(ps.sigmoid_loss, loss="sigmoid", backend="tensorflow")
+    with pytest.raises(ValueError, match=r"`dtype` must be one of.*'float8'"):
+        check(ps.sigmoid_loss, loss="sigmoid", dtype="float8")
 
 
 def test_load_implementation_errors(tmp_path: Path) -> None:

@@ -2,9 +2,10 @@
 
 Each function imitates one mistake that real code has made (normalisation confusion, a
 flipped sign, one softmax direction, exp overflow, a dropped tail chunk, a detached
-parameter; docs/conformance.md lists the diagnosis codes) and is wrong in that one way only, so that the conformance suite can be asked to name it. ``WRONG`` maps each
-name to the loss, backend and dtype it is judged with and the diagnosis code that the suite
-must give.
+parameter; docs/conformance.md lists the diagnosis codes) and is wrong in that one way
+only, so that the conformance suite can be asked to name it. ``WRONG`` maps each name to
+the loss, backend and dtype it is judged with and the diagnosis code that the suite must
+give.
 
 Every function has the signature ``f(img, txt, scale, bias)`` of the conformance contract
 (DESIGN section 6). Framework imports happen inside the functions, so that this module
