@@ -28,7 +28,10 @@ __all__ = [
     "QUANTITIES",
     "TOLERANCE",
     "CheckResult",
+    "Outcome",
     "Report",
+    "Runner",
+    "UsageError",
     "check",
     "tolerance_for",
 ]
@@ -503,5 +506,3 @@ def check(
     report.findings = diagnose(report, loss, selected, outcomes, convention)
     return report
 
-
-__all__ += ["Outcome", "Runner", "UsageError"]
