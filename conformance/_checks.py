@@ -505,4 +505,3 @@ def check(
 
     report.findings = diagnose(report, loss, selected, outcomes, convention)
     return report
-
