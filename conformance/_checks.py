@@ -21,7 +21,7 @@ from typing import Any
 
 from portable_siglip._interop import UsageError, load_backend, to_numpy
 
-from ._cases import Case, Golden, load_cases
+from ._cases import Case, load_cases
 
 __all__ = [
     "CONVENTIONS",
@@ -318,11 +318,6 @@ def relative_error(actual: Any, expected: Any, floor: float = FLOOR) -> float:
     return float(np.max(np.abs(actual - expected), initial=0.0)) / scale
 
 
-def _expected(golden: Golden, quantity: str, factor: float) -> Any:
-    value = getattr(golden, quantity)
-    return value * factor
-
-
 def _compare(
     check: str, case: Case, outcome: Outcome, expected: dict[str, Any], tolerance: float
 ) -> list[CheckResult]:
@@ -375,7 +370,6 @@ def _takes_block_size(function: Callable[..., Any]) -> bool:
 
 def _invariants(
     runner: Runner,
-    loss: str,
     cases: Sequence[Case],
     outcomes: dict[str, Outcome],
     dtype: str,
@@ -490,9 +484,9 @@ def check(
         outcomes[case.name] = outcome
         factor = CONVENTIONS[convention](case.n)
         golden = case.goldens[loss]
-        expected = {q: _expected(golden, q, factor) for q in QUANTITIES}
+        expected = {q: getattr(golden, q) * factor for q in QUANTITIES}
         report.results += _compare("golden", case, outcome, expected, tolerance_for(dtype, case))
-    report.results += _invariants(runner, loss, selected, outcomes, dtype)
+    report.results += _invariants(runner, selected, outcomes, dtype)
     report.gradients_checked = runner.gradients_seen
     if runner.autodiff_used:
         report.notes.append(f"gradients taken by {backend} autodiff of the returned loss")

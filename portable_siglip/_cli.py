@@ -174,12 +174,10 @@ def _run(args: argparse.Namespace) -> int:
     print(f"  for scale: one n x n float32 matrix is {n * n * 4 / 2**20:.1f} MiB")
     if not args.verify:
         return 0
-    return _verify(np, xp, args, img, txt, loss, grads)
+    return _verify(np, args, img, txt, loss, grads)
 
 
-def _verify(
-    np: Any, xp: Any, args: argparse.Namespace, img: Any, txt: Any, loss: Any, grads: Any
-) -> int:
+def _verify(np: Any, args: argparse.Namespace, img: Any, txt: Any, loss: Any, grads: Any) -> int:
     from ._reference import dense_loss_and_grad
 
     bias = args.bias if args.loss == "sigmoid" else 0.0
