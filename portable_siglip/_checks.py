@@ -206,7 +206,6 @@ def prepare(
     bias: object,
     *,
     block_size: object,
-    comm: object,
     strategy: object,
     loss: str,
 ) -> Problem:
@@ -214,8 +213,8 @@ def prepare(
 
     Parameters
     ----------
-    img, txt, scale, bias, block_size, comm, strategy
-        The public arguments, as received.
+    img, txt, scale, bias, block_size, strategy
+        The public arguments, as received (``comm`` is checked by the caller).
     loss : {"sigmoid", "softmax"}
         Which loss is being called (selects the allowed strategies).
 
@@ -228,8 +227,6 @@ def prepare(
     ------
     TypeError, ValueError
         On any invalid argument; the message names the parameter and what was received.
-    NotImplementedError
-        When a communicator is passed: distributed evaluation is not available yet.
     """
     xp = _check_features(img, txt)
     device = array_api_compat.device(img)
@@ -239,12 +236,6 @@ def prepare(
     size = _check_block_size(block_size, n)
     allowed = SIGMOID_STRATEGIES if loss == "sigmoid" else SOFTMAX_STRATEGIES
     _check_strategy(strategy, allowed, loss)
-    if comm is not None:
-        msg = (
-            "distributed evaluation (`comm` other than None) is not available in this "
-            "version of portable_siglip; pass comm=None to evaluate on one process"
-        )
-        raise NotImplementedError(msg)
 
     input_dtype = img.dtype
     # Half-precision inputs accumulate in float32; float32 and float64 in themselves.

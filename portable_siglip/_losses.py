@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ._checks import Problem, prepare
+from ._checks import Problem
+from ._distributed import Ring, circulate, global_sums, setup
 from ._sigmoid import sigmoid_sums
-from ._softmax import SoftmaxLse, diagonal_logits, softmax_grad_sums, softmax_lse
+from ._softmax import diagonal_logits, softmax_grad_sums, softmax_lse
 from ._typing import Array
 
 __all__ = [
@@ -47,19 +48,155 @@ def _scaled_img(problem: Problem) -> Array:
 
 
 def _finish(
-    problem: Problem, loss: Array, img_acc: Array, txt_acc: Array, bias_sum: Array, norm: float
-) -> tuple[Array, Gradients]:
-    """Normalise the accumulated sums by ``norm`` and return them in the documented dtypes."""
+    problem: Problem,
+    img_acc: Array,
+    txt_acc: Array,
+    scale_sum: Array,
+    bias_sum: Array,
+    norm: float,
+) -> Gradients:
+    """Normalise the accumulated (global) sums by ``norm``; return them in the documented dtypes."""
     xp = problem.xp
-    # sum_ij G_ij (img_i . txt_j) = sum_i img_i . (G txt)_i, times norm: (n, d), (n, d) -> (n,)
-    scale_sum = xp.sum(xp.vecdot(problem.img, img_acc))
-    grads = Gradients(
+    return Gradients(
         img=xp.astype(img_acc * (problem.scale / norm), problem.input_dtype, copy=False),
         txt=xp.astype(txt_acc / norm, problem.input_dtype, copy=False),
         scale=xp.astype(scale_sum / norm, problem.scale_dtype, copy=False),
         bias=xp.astype(bias_sum / norm, problem.bias_dtype, copy=False),
     )
-    return loss / norm, grads
+
+
+def _scale_sum(problem: Problem, img_acc: Array) -> Array:
+    # sum_ij G_ij (img_i . txt_j) = sum_i img_i . (G txt)_i, times norm: (n, d), (n, d) -> (n,)
+    return problem.xp.sum(problem.xp.vecdot(problem.img, img_acc))
+
+
+class _Sums:
+    """Running per-rank sums of the visits of one distributed evaluation."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.zero = problem.xp.zeros((), dtype=problem.compute_dtype, device=problem.device)
+        self.loss = self.zero
+        self.bias = self.zero
+        self.img_acc: Array | None = None
+        self.rows: Array | None = None
+
+    def add_img(self, part: Array) -> None:
+        self.img_acc = part if self.img_acc is None else self.img_acc + part
+
+
+def _sigmoid(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array, Gradients | None]:
+    """Evaluate the sigmoid loss (and gradients) of the global batch in one pass over tiles."""
+    xp = problem.xp
+    scaled_img = _scaled_img(problem)
+    if ring is None:
+        sums = sigmoid_sums(
+            xp,
+            scaled_img,
+            problem.txt,
+            problem.bias,
+            positives=True,
+            block_size=problem.block_size,
+            grad=grad,
+        )
+        if not grad:
+            return sums.loss / problem.n, None
+        scale_sum = _scale_sum(problem, sums.img_acc)
+        grads = _finish(problem, sums.img_acc, sums.txt_acc, scale_sum, sums.bias, problem.n)
+        return sums.loss / problem.n, grads
+
+    state = _Sums(problem)
+    rank = ring.comm.rank
+
+    def visit(owner: int, block: tuple[Array, ...]) -> tuple[Array, ...]:
+        part = sigmoid_sums(
+            xp,
+            scaled_img,
+            block[0],
+            problem.bias,
+            positives=owner == rank,
+            block_size=problem.block_size,
+            grad=grad,
+        )
+        state.loss = state.loss + part.loss
+        if not grad:
+            return ()
+        state.add_img(part.img_acc)
+        state.bias = state.bias + part.bias
+        return (part.txt_acc,)
+
+    tails = ((problem.d,),) if grad else ()
+    accs = circulate(ring, xp, (problem.txt,), visit, acc_tails=tails, merge="sum")
+    if not grad:
+        (loss,) = global_sums(ring, xp, [state.loss])
+        return loss / ring.total, None
+    scale_sum = _scale_sum(problem, state.img_acc)
+    loss, scale_sum, bias_sum = global_sums(ring, xp, [state.loss, scale_sum, state.bias])
+    return loss / ring.total, _finish(
+        problem, state.img_acc, accs[0], scale_sum, bias_sum, ring.total
+    )
+
+
+def _softmax(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array, Gradients | None]:
+    """Evaluate the softmax loss (and gradients): a log-sum-exp pass, then a gradient pass."""
+    xp = problem.xp
+    scaled_img = _scaled_img(problem)
+    diag = diagonal_logits(xp, scaled_img, problem.txt)
+    zero = xp.zeros((), dtype=problem.compute_dtype, device=problem.device)
+    if ring is None:
+        lse = softmax_lse(xp, scaled_img, problem.txt, diag, diag, block_size=problem.block_size)
+        total = xp.sum(lse.rows) + xp.sum(lse.cols)
+        if not grad:
+            return total / (2.0 * problem.n), None
+        img_acc, txt_acc = softmax_grad_sums(
+            xp,
+            scaled_img,
+            problem.txt,
+            lse.rows + diag,
+            lse.cols + diag,
+            positives=True,
+            block_size=problem.block_size,
+        )
+        scale_sum = _scale_sum(problem, img_acc)
+        grads = _finish(problem, img_acc, txt_acc, scale_sum, zero, 2.0 * problem.n)
+        return total / (2.0 * problem.n), grads
+
+    state = _Sums(problem)
+    rank = ring.comm.rank
+
+    def first(owner: int, block: tuple[Array, ...]) -> tuple[Array, ...]:
+        txt, txt_diag = block
+        part = softmax_lse(xp, scaled_img, txt, diag, txt_diag, block_size=problem.block_size)
+        state.rows = part.rows if state.rows is None else xp.logaddexp(state.rows, part.rows)
+        return (part.cols,)
+
+    (cols,) = circulate(ring, xp, (problem.txt, diag), first, acc_tails=((),), merge="logaddexp")
+    local = xp.sum(state.rows) + xp.sum(cols)
+    norm = 2.0 * ring.total
+    if not grad:
+        (total,) = global_sums(ring, xp, [local])
+        return total / norm, None
+    row_lse = state.rows + diag
+
+    def second(owner: int, block: tuple[Array, ...]) -> tuple[Array, ...]:
+        txt, col_lse = block
+        img_part, txt_part = softmax_grad_sums(
+            xp,
+            scaled_img,
+            txt,
+            row_lse,
+            col_lse,
+            positives=owner == rank,
+            block_size=problem.block_size,
+        )
+        state.add_img(img_part)
+        return (txt_part,)
+
+    (txt_acc,) = circulate(
+        ring, xp, (problem.txt, cols + diag), second, acc_tails=((problem.d,),), merge="sum"
+    )
+    scale_sum = _scale_sum(problem, state.img_acc)
+    total, scale_sum = global_sums(ring, xp, [local, scale_sum])
+    return total / norm, _finish(problem, state.img_acc, txt_acc, scale_sum, zero, norm)
 
 
 def sigmoid_loss(
@@ -123,19 +260,10 @@ def sigmoid_loss(
     >>> print(f"{float(loss):.6f}")  # every pair scores 5 the right way: 3 softplus(-5)
     0.020146
     """
-    problem = prepare(
+    problem, ring = setup(
         img, txt, scale, bias, block_size=block_size, comm=comm, strategy=strategy, loss="sigmoid"
     )
-    sums = sigmoid_sums(
-        problem.xp,
-        _scaled_img(problem),
-        problem.txt,
-        problem.bias,
-        positives=True,
-        block_size=problem.block_size,
-        grad=False,
-    )
-    return sums.loss / problem.n
+    return _sigmoid(problem, ring, grad=False)[0]
 
 
 def sigmoid_loss_and_grad(
@@ -194,34 +322,12 @@ def sigmoid_loss_and_grad(
     >>> bool(np.isclose(loss, ps.sigmoid_loss(img, txt, 10.0, -10.0)))
     True
     """
-    problem = prepare(
+    problem, ring = setup(
         img, txt, scale, bias, block_size=block_size, comm=comm, strategy=strategy, loss="sigmoid"
     )
-    sums = sigmoid_sums(
-        problem.xp,
-        _scaled_img(problem),
-        problem.txt,
-        problem.bias,
-        positives=True,
-        block_size=problem.block_size,
-        grad=True,
-    )
-    return _finish(problem, sums.loss, sums.img_acc, sums.txt_acc, sums.bias, float(problem.n))
-
-
-def _softmax_first_pass(problem: Problem) -> tuple[Array, Array, SoftmaxLse]:
-    """Return the scaled images, the diagonal logits and the relative row/column lse."""
-    scaled_img = _scaled_img(problem)
-    diag = diagonal_logits(problem.xp, scaled_img, problem.txt)
-    lse = softmax_lse(
-        problem.xp, scaled_img, problem.txt, diag, diag, block_size=problem.block_size
-    )
-    return scaled_img, diag, lse
-
-
-def _softmax_total(problem: Problem, lse: SoftmaxLse) -> Array:
-    # sum_i (lse_j Z_ij - Z_ii) + sum_j (lse_i Z_ij - Z_jj), without the 1/(2n).
-    return problem.xp.sum(lse.rows) + problem.xp.sum(lse.cols)
+    loss, grads = _sigmoid(problem, ring, grad=True)
+    assert grads is not None
+    return loss, grads
 
 
 def softmax_loss(
@@ -280,11 +386,10 @@ def softmax_loss(
     >>> print(f"{float(loss):.6f}")  # log(1 + e^-1)
     0.313262
     """
-    problem = prepare(
+    problem, ring = setup(
         img, txt, scale, bias, block_size=block_size, comm=comm, strategy=strategy, loss="softmax"
     )
-    _, _, lse = _softmax_first_pass(problem)
-    return _softmax_total(problem, lse) / (2.0 * problem.n)
+    return _softmax(problem, ring, grad=False)[0]
 
 
 def softmax_loss_and_grad(
@@ -331,19 +436,9 @@ def softmax_loss_and_grad(
     >>> float(grads.bias)
     0.0
     """
-    problem = prepare(
+    problem, ring = setup(
         img, txt, scale, bias, block_size=block_size, comm=comm, strategy=strategy, loss="softmax"
     )
-    xp = problem.xp
-    scaled_img, diag, lse = _softmax_first_pass(problem)
-    img_acc, txt_acc = softmax_grad_sums(
-        xp,
-        scaled_img,
-        problem.txt,
-        lse.rows + diag,
-        lse.cols + diag,
-        positives=True,
-        block_size=problem.block_size,
-    )
-    zero = xp.zeros((), dtype=problem.compute_dtype, device=problem.device)
-    return _finish(problem, _softmax_total(problem, lse), img_acc, txt_acc, zero, 2.0 * problem.n)
+    loss, grads = _softmax(problem, ring, grad=True)
+    assert grads is not None
+    return loss, grads

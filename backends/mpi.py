@@ -1,0 +1,219 @@
+"""MPI communicator over mpi4py, for ``comm=`` of every loss.
+
+Launch with ``mpirun -n W python -m mpi4py your_script.py``: with ``-m mpi4py`` an
+exception on any rank calls ``MPI_Abort`` and ends the job, instead of leaving the other
+ranks waiting in an exchange that will never complete.
+
+Arrays travel through host (NumPy) buffers: CPU arrays of NumPy, torch, jax or
+array_api_strict are handed to MPI without a copy where DLPack allows it, device arrays
+are copied to the host and back. With a CUDA-aware MPI build, ``cuda_aware=True`` hands
+CuPy and torch CUDA arrays to MPI directly (after synchronising the current stream).
+
+Examples
+--------
+>>> import numpy as np
+>>> from mpi4py import MPI
+>>> import portable_siglip as ps
+>>> from portable_siglip.backends.mpi import MPIComm
+>>> comm = MPIComm(MPI.COMM_WORLD)  # under mpirun -n W, each rank passes its own shard
+>>> img = np.eye(3)
+>>> loss = ps.sigmoid_loss(img, img, 10.0, -5.0, comm=comm)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import array_api_compat
+import numpy as np
+from mpi4py import MPI
+
+from portable_siglip.comm import BaseComm, Request
+
+__all__ = ["MPIComm"]
+
+Array = Any
+
+
+def _is_host(x: Array) -> bool:
+    if isinstance(x, np.ndarray):
+        return True
+    device = getattr(x, "__dlpack_device__", None)
+    if device is None:
+        return False
+    try:
+        return int(device()[0]) == 1  # kDLCPU
+    except Exception:
+        return False
+
+
+def _to_host(x: Array) -> np.ndarray:
+    """Return a C-contiguous NumPy view of ``x`` where possible, else a host copy."""
+    if isinstance(x, np.ndarray):
+        return np.ascontiguousarray(x)
+    if _is_host(x):
+        try:
+            return np.ascontiguousarray(np.from_dlpack(x))
+        except (BufferError, RuntimeError, TypeError, ValueError):
+            pass  # e.g. a torch tensor that requires grad, or a dtype NumPy lacks
+    if array_api_compat.is_torch_array(x):
+        return np.ascontiguousarray(x.detach().cpu().numpy())
+    if array_api_compat.is_cupy_array(x):
+        return np.ascontiguousarray(x.get())
+    if hasattr(x, "__array_namespace__") and not array_api_compat.is_jax_array(x):
+        xp = x.__array_namespace__()
+        if getattr(xp, "__name__", "") == "array_api_strict":
+            x = x.to_device(xp.Device("CPU_DEVICE"))
+    return np.ascontiguousarray(np.asarray(x))
+
+
+def _like(host: np.ndarray, like: Array) -> Array:
+    """``host`` as an array of ``like``'s namespace and device."""
+    if isinstance(like, np.ndarray):
+        return host
+    xp = array_api_compat.array_namespace(like)
+    return xp.asarray(host, device=array_api_compat.device(like))
+
+
+def _synchronise(x: Array) -> None:
+    if array_api_compat.is_cupy_array(x):
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()
+    elif array_api_compat.is_torch_array(x) and x.is_cuda:
+        import torch
+
+        torch.cuda.current_stream(x.device).synchronize()
+
+
+def _as_bytes(buffer: np.ndarray) -> list[Any]:
+    return [buffer.reshape(-1).view(np.uint8), MPI.BYTE]
+
+
+class _MPIRequest:
+    """Keeps the buffers of a posted exchange alive until ``wait()``."""
+
+    def __init__(self, requests: list[Any], recvbuf: Any, like: Array, direct: bool) -> None:
+        self._requests = requests
+        self._recvbuf = recvbuf
+        self._like = like
+        self._direct = direct
+        self._sendbuf: Any = None
+
+    def wait(self) -> Array:
+        MPI.Request.Waitall(self._requests)
+        self._sendbuf = None
+        if self._direct:
+            return self._recvbuf
+        return _like(self._recvbuf, self._like)
+
+
+class MPIComm(BaseComm):
+    """A :class:`portable_siglip.comm.Communicator` over an mpi4py communicator.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm, optional
+        The ranks to use; ``MPI.COMM_WORLD`` by default.
+    cuda_aware : bool, optional
+        Declare that the MPI library is CUDA-aware, so device arrays (CuPy, torch CUDA) go
+        to MPI without a host copy. Wrong on a build without CUDA support, MPI will crash.
+
+    Attributes
+    ----------
+    rank, size : int
+        This rank and the number of ranks.
+    bytes_sent : int
+        Payload bytes this rank has handed to MPI so far.
+    """
+
+    def __init__(self, comm: Any = None, *, cuda_aware: bool = False) -> None:
+        super().__init__()
+        if comm is None:
+            comm = MPI.COMM_WORLD
+        if not isinstance(comm, MPI.Comm):
+            msg = f"`comm` must be an mpi4py.MPI.Comm, got {type(comm).__name__}"
+            raise TypeError(msg)
+        if not isinstance(cuda_aware, bool):
+            msg = f"`cuda_aware` must be a bool, got {cuda_aware!r}"  # type: ignore[unreachable]
+            raise TypeError(msg)
+        self.comm = comm
+        self.rank = int(comm.Get_rank())
+        self.size = int(comm.Get_size())
+        self.cuda_aware = cuda_aware
+
+    def _direct(self, x: Array) -> bool:
+        """Whether ``x`` goes to MPI as it is (a device array on CUDA-aware MPI)."""
+        return self.cuda_aware and not _is_host(x) and not array_api_compat.is_jax_array(x)
+
+    def isendrecv(
+        self, send: Array, dest: int, source: int, shape: tuple[int, ...], *, tag: int = 0
+    ) -> Request:
+        """Post ``Irecv`` from ``source``, then ``Isend`` to ``dest``; ``wait()`` gives the data."""
+        self._count(send)
+        if self._direct(send):
+            _synchronise(send)
+            xp = array_api_compat.array_namespace(send)
+            device = array_api_compat.device(send)
+            recvbuf = xp.empty(tuple(shape), dtype=send.dtype, device=device)
+            requests = [
+                self.comm.Irecv(recvbuf, source=source, tag=tag),
+                self.comm.Isend(send, dest=dest, tag=tag),
+            ]
+            request = _MPIRequest(requests, recvbuf, send, direct=True)
+            request._sendbuf = send
+            return request
+        sendbuf = _to_host(send)
+        recvbuf = np.empty(tuple(shape), dtype=sendbuf.dtype)
+        requests = [
+            self.comm.Irecv(_as_bytes(recvbuf), source=source, tag=tag),
+            self.comm.Isend(_as_bytes(sendbuf), dest=dest, tag=tag),
+        ]
+        request = _MPIRequest(requests, recvbuf, send, direct=False)
+        request._sendbuf = sendbuf
+        return request
+
+    def allreduce(self, x: Array) -> Array:
+        """Return the elementwise sum over ranks (``MPI_Allreduce``)."""
+        self._count(x)
+        host = _to_host(x)
+        out = np.empty_like(host)
+        self.comm.Allreduce(host, out, op=MPI.SUM)
+        return _like(out, x)
+
+    def allgather(self, x: Array) -> list[Array]:
+        """Return every rank's ``x`` in rank order (``MPI_Allgatherv``; leading dims may differ)."""
+        self._count(x)
+        host = _to_host(x)
+        shapes: Sequence[tuple[int, ...]] = self.comm.allgather(tuple(host.shape))
+        if any(shape[1:] != host.shape[1:] for shape in shapes):
+            msg = f"allgather: the ranks' arrays differ beyond the first axis: {list(shapes)}"
+            raise ValueError(msg)
+        counts = [int(np.prod(shape)) * host.itemsize for shape in shapes]
+        displacements = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+        out = np.empty(sum(counts), dtype=np.uint8)
+        self.comm.Allgatherv(_as_bytes(host), [out, counts, displacements, MPI.BYTE])
+        parts = []
+        for shape, start, count in zip(shapes, displacements, counts, strict=True):
+            part = out[start : start + count].view(host.dtype).reshape(shape)
+            parts.append(_like(part, x))
+        return parts
+
+    def bcast(self, x: Array, root: int = 0) -> Array:
+        """Return the root's ``x`` (``MPI_Bcast``); other ranks pass one of its shape and dtype."""
+        if self.rank == root:
+            self._count(x)
+            buffer = _to_host(x).copy()  # the result must not alias the caller's array
+        else:
+            buffer = np.empty_like(_to_host(x))
+        self.comm.Bcast(_as_bytes(buffer), root=root)
+        return _like(buffer, x)
+
+    def allgather_object(self, obj: object) -> list[Any]:
+        """Return every rank's picklable ``obj`` in rank order."""
+        return list(self.comm.allgather(obj))
+
+    def abort(self, code: int = 1) -> None:
+        """End every rank of the job at once (``MPI_Abort``)."""
+        self.comm.Abort(code)

@@ -1,0 +1,397 @@
+"""Distributed evaluation: the handshake, and the schedules that move text blocks between ranks.
+
+Every rank holds a shard of the global batch: its images stay home, its text block travels.
+A *visit* computes everything one text block contributes on one rank (the tiles of the
+local images against that block) and returns the block's share of its *accumulators*
+(for the sigmoid loss, ``dL/dtxt`` before normalisation; for the softmax first pass, the
+column log-sum-exp). The accumulators travel with the block and come home merged over every
+rank. A schedule decides how blocks and accumulators move:
+
+- ``bidir`` (sigmoid default): each block travels both ways round the ring,
+  ``ceil((W-1)/2)`` hops to the right and ``floor((W-1)/2)`` to the left; at the end of each
+  chain the accumulator goes straight home.
+- ``shift`` (sigmoid) and ``ring`` (softmax): one way round, W-1 hops, then one hop home.
+- ``reduce``: rank by rank, the block is broadcast and its accumulator summed with
+  ``allreduce``.
+- ``gather``: all blocks at once by ``allgather``; accumulators by one ``allreduce``.
+
+In the chain schedules the next block's exchange is posted before the current block is
+computed, so the transfer overlaps the arithmetic. docs/distributed.md has the diagram and
+the costs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+
+from ._checks import Problem, prepare
+from ._typing import Array, Namespace
+from .comm import Communicator, Request, check_communicator
+
+__all__ = ["Ring", "circulate", "global_sums", "setup"]
+
+Visit = Callable[[int, tuple[Array, ...]], tuple[Array, ...]]
+
+# Tags keep concurrent exchanges with the same neighbour apart: (chain, kind, field).
+_STATIC, _ACC, _HOME = 0, 1, 2
+_FIELDS = 8
+
+
+def _tag(chain: int, kind: int, field: int) -> int:
+    return (3 * chain + kind) * _FIELDS + field
+
+
+@dataclass(frozen=True)
+class Ring:
+    """A validated distributed call: the communicator, every rank's rows and the schedule."""
+
+    comm: Communicator
+    sizes: tuple[int, ...]
+    strategy: str
+
+    @property
+    def total(self) -> int:
+        """Rows of the global batch."""
+        return sum(self.sizes)
+
+    @property
+    def offset(self) -> int:
+        """Index of this rank's first row in the global batch."""
+        return sum(self.sizes[: self.comm.rank])
+
+
+def _scalar_value(value: float | Array) -> float:
+    if isinstance(value, float):
+        return value
+    try:
+        return float(value)
+    except Exception as error:  # jax tracers and the like have no value to agree on
+        msg = (
+            "`comm` needs concrete `scale` and `bias` values (every rank checks they agree), "
+            f"got {type(value).__name__}; distributed evaluation cannot run inside jax.jit"
+        )
+        raise TypeError(msg) from error
+
+
+def _by_rank(values: Sequence[object]) -> str:
+    return ", ".join(f"rank {rank}: {value!r}" for rank, value in enumerate(values))
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def setup(
+    img: Any,
+    txt: Any,
+    scale: object,
+    bias: object,
+    *,
+    block_size: object,
+    comm: object,
+    strategy: object,
+    loss: str,
+) -> tuple[Problem, Ring | None]:
+    """Validate a call; with a communicator, agree with the other ranks before any exchange.
+
+    Every rank validates its own arguments, then all ranks swap a summary (one
+    ``allgather_object``). If any rank's arguments are invalid, or the ranks disagree on
+    the loss, strategy, d, dtype, scale or bias, every rank raises the same error, naming
+    the rank and the parameter, so no rank is left waiting in an exchange.
+
+    Returns
+    -------
+    problem : Problem
+        This rank's validated inputs.
+    ring : Ring or None
+        None for ``comm=None``.
+    """
+    if comm is None:
+        single = prepare(img, txt, scale, bias, block_size=block_size, strategy=strategy, loss=loss)
+        return single, None
+    checked = check_communicator(comm)
+    summary: dict[str, Any]
+    problem: Problem | None = None
+    try:
+        problem = prepare(
+            img, txt, scale, bias, block_size=block_size, strategy=strategy, loss=loss
+        )
+        summary = {
+            "error": None,
+            "loss": loss,
+            "strategy": strategy,
+            "d": problem.d,
+            "dtype": str(problem.input_dtype),
+            "n": problem.n,
+            "scale": _scalar_value(problem.scale),
+            "bias": _scalar_value(problem.bias),
+        }
+    except (TypeError, ValueError) as error:
+        summary = {"error": (type(error).__name__, str(error))}
+        local_error: BaseException | None = error
+    else:
+        local_error = None
+    everyone = checked.allgather_object(summary)
+    failed = [rank for rank, entry in enumerate(everyone) if entry["error"] is not None]
+    if failed:
+        first = failed[0]
+        kind, message = everyone[first]["error"]
+        others = (
+            f" (ranks {', '.join(map(str, failed))} have invalid input)" if len(failed) > 1 else ""
+        )
+        text = f"rank {first}: {message}{others}"
+        raise (TypeError if kind == "TypeError" else ValueError)(text) from local_error
+    for name in ("loss", "strategy", "d", "dtype", "scale", "bias"):
+        values = [entry[name] for entry in everyone]
+        if not all(_same(value, values[0]) for value in values):
+            what = {"d": "the feature dimension d", "dtype": "the dtype of `img` and `txt`"}
+            label = what.get(name, f"`{name}`")
+            msg = f"{label} must be the same on every rank, got {_by_rank(values)}"
+            raise (TypeError if name == "dtype" else ValueError)(msg)
+    assert problem is not None
+    sizes = tuple(int(entry["n"]) for entry in everyone)
+    return problem, Ring(checked, sizes, str(strategy))
+
+
+def global_sums(ring: Ring, xp: Namespace, values: Sequence[Array]) -> list[Array]:
+    """Sum 0-d arrays over ranks, in rank order, so every rank gets the same bits."""
+    stacked = xp.stack(list(values))  # k x () -> (k,)
+    parts = ring.comm.allgather(stacked)
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return [total[i] for i in range(len(values))]
+
+
+def _merge_fn(xp: Namespace, merge: str) -> Callable[[Array, Array], Array]:
+    if merge == "sum":
+        return lambda a, b: a + b
+    return xp.logaddexp  # type: ignore[no-any-return]
+
+
+def circulate(
+    ring: Ring,
+    xp: Namespace,
+    static: tuple[Array, ...],
+    visit: Visit,
+    *,
+    acc_tails: tuple[tuple[int, ...], ...],
+    merge: str,
+) -> tuple[Array, ...]:
+    """Show every rank's block to every rank; return this rank's merged accumulators.
+
+    Parameters
+    ----------
+    ring : Ring
+        Communicator, rows per rank and strategy.
+    xp : namespace
+        Array namespace of the arrays.
+    static : tuple of arrays
+        This rank's block: arrays whose leading dimension is this rank's row count.
+    visit : callable
+        ``visit(source_rank, block) -> contributions``: called once for every rank's block
+        (this rank's own included); returns one array per accumulator, with the block's
+        leading dimension and trailing shape ``acc_tails[i]``.
+    acc_tails : tuple of shapes
+        Trailing shape of each accumulator (empty: nothing travels back).
+    merge : {"sum", "logaddexp"}
+        How contributions to an accumulator combine.
+
+    Returns
+    -------
+    tuple of arrays
+        This rank's accumulators, merged over every rank's contribution.
+    """
+    size = ring.comm.size
+    strategy = ring.strategy
+    combine = _merge_fn(xp, merge)
+    if strategy == "bidir":
+        return _chains(ring, static, visit, acc_tails, combine, size // 2, (size - 1) // 2)
+    if strategy in ("shift", "ring"):
+        return _chains(ring, static, visit, acc_tails, combine, size - 1, 0)
+    if strategy == "reduce":
+        return _by_broadcast(ring, xp, static, visit, acc_tails, merge, combine)
+    return _by_gather(ring, xp, static, visit, acc_tails, merge, combine)
+
+
+def _shapes(
+    arrays_or_tails: Sequence[Any], rows: int, *, tails: bool = False
+) -> list[tuple[int, ...]]:
+    if tails:
+        return [(rows, *tail) for tail in arrays_or_tails]
+    return [(rows, *tuple(a.shape[1:])) for a in arrays_or_tails]
+
+
+def _post(
+    comm: Communicator,
+    arrays: Sequence[Array],
+    dest: int,
+    source: int,
+    shapes: Sequence[tuple[int, ...]],
+    chain: int,
+    kind: int,
+) -> list[Request]:
+    return [
+        comm.isendrecv(array, dest, source, shape, tag=_tag(chain, kind, field))
+        for field, (array, shape) in enumerate(zip(arrays, shapes, strict=True))
+    ]
+
+
+def _wait(requests: list[Request]) -> tuple[Array, ...]:
+    return tuple(request.wait() for request in requests)
+
+
+def _chains(
+    ring: Ring,
+    static: tuple[Array, ...],
+    visit: Visit,
+    acc_tails: tuple[tuple[int, ...], ...],
+    combine: Callable[[Array, Array], Array],
+    right: int,
+    left: int,
+) -> tuple[Array, ...]:
+    """Blocks travel ``right`` hops rightwards and ``left`` hops leftwards; then home."""
+    comm, sizes = ring.comm, ring.sizes
+    rank, size = comm.rank, comm.size
+    # (step sign, hops, chain id): at step s of a chain, rank r holds block r - sign * s.
+    chains = [(sign, hops, chain) for chain, (sign, hops) in enumerate(((1, right), (-1, left)))]
+    chains = [c for c in chains if c[1] > 0]
+    incoming: dict[int, list[Request]] = {}
+    travelling: dict[int, list[Request]] = {}
+    returning: dict[int, list[Request]] = {}
+    for sign, _, chain in chains:  # the first hop is posted before the home tiles run
+        source = (rank - sign) % size
+        incoming[chain] = _post(
+            comm,
+            static,
+            (rank + sign) % size,
+            source,
+            _shapes(static, sizes[source]),
+            chain,
+            _STATIC,
+        )
+    result = visit(rank, static)
+    for step in range(1, max((hops for _, hops, _ in chains), default=0) + 1):
+        active = [c for c in chains if c[1] >= step]
+        held: dict[int, tuple[Array, ...]] = {}
+        for sign, hops, chain in active:
+            held[chain] = _wait(incoming.pop(chain))
+            if step < hops:  # forward it now, so the transfer overlaps this step's tiles
+                source = (rank - sign * (step + 1)) % size
+                incoming[chain] = _post(
+                    comm,
+                    held[chain],
+                    (rank + sign) % size,
+                    (rank - sign) % size,
+                    _shapes(held[chain], sizes[source]),
+                    chain,
+                    _STATIC,
+                )
+        for sign, hops, chain in active:
+            owner = (rank - sign * step) % size
+            contribution = visit(owner, held.pop(chain))
+            if not acc_tails:
+                continue
+            if step == 1:
+                acc = contribution
+            else:
+                arrived = _wait(travelling.pop(chain))
+                acc = tuple(combine(a, c) for a, c in zip(arrived, contribution, strict=True))
+            if step < hops:  # pass it on with the block; take the next block's from behind
+                source = (rank - sign * (step + 1)) % size
+                travelling[chain] = _post(
+                    comm,
+                    acc,
+                    (rank + sign) % size,
+                    (rank - sign) % size,
+                    _shapes(acc_tails, sizes[source], tails=True),
+                    chain,
+                    _ACC,
+                )
+            else:  # end of the chain: straight home; ours arrives from our chain's end
+                returning[chain] = _post(
+                    comm,
+                    acc,
+                    owner,
+                    (rank + sign * hops) % size,
+                    _shapes(acc_tails, sizes[rank], tails=True),
+                    chain,
+                    _HOME,
+                )
+    for chain in sorted(returning):
+        arrived = _wait(returning[chain])
+        result = tuple(combine(a, c) for a, c in zip(result, arrived, strict=True))
+    return result
+
+
+def _by_broadcast(
+    ring: Ring,
+    xp: Namespace,
+    static: tuple[Array, ...],
+    visit: Visit,
+    acc_tails: tuple[tuple[int, ...], ...],
+    merge: str,
+    combine: Callable[[Array, Array], Array],
+) -> tuple[Array, ...]:
+    """``reduce``: rank by rank, broadcast its block and reduce its accumulators."""
+    comm, sizes = ring.comm, ring.sizes
+    device = array_api_compat.device(static[0])
+    mine: tuple[Array, ...] = ()
+    for owner in range(comm.size):
+        if owner == comm.rank:
+            for array in static:
+                comm.bcast(array, root=owner)
+            block = static
+        else:
+            block = tuple(
+                comm.bcast(xp.empty(shape, dtype=a.dtype, device=device), root=owner)
+                for a, shape in zip(static, _shapes(static, sizes[owner]), strict=True)
+            )
+        contribution = visit(owner, block)
+        reduced = tuple(_reduce(comm, c, merge, combine) for c in contribution)
+        if owner == comm.rank:
+            mine = reduced
+    return mine
+
+
+def _reduce(
+    comm: Communicator, contribution: Array, merge: str, combine: Callable[[Array, Array], Array]
+) -> Array:
+    if merge == "sum":
+        return comm.allreduce(contribution)
+    parts = comm.allgather(contribution)  # log-domain: no allreduce for logaddexp
+    total = parts[0]
+    for part in parts[1:]:
+        total = combine(total, part)
+    return total
+
+
+def _by_gather(
+    ring: Ring,
+    xp: Namespace,
+    static: tuple[Array, ...],
+    visit: Visit,
+    acc_tails: tuple[tuple[int, ...], ...],
+    merge: str,
+    combine: Callable[[Array, Array], Array],
+) -> tuple[Array, ...]:
+    """``gather``: every block at once; the accumulators of all blocks reduced together."""
+    comm = ring.comm
+    gathered = [comm.allgather(array) for array in static]  # field -> rank -> block
+    contributions = [
+        visit(owner, tuple(field[owner] for field in gathered)) for owner in range(comm.size)
+    ]
+    del gathered
+    start, stop = ring.offset, ring.offset + ring.sizes[comm.rank]
+    mine = []
+    for field in range(len(acc_tails)):
+        stacked = xp.concat([c[field] for c in contributions], axis=0)  # W x (n_r, ...) -> (N, ...)
+        mine.append(_reduce(comm, stacked, merge, combine)[start:stop, ...])
+    return tuple(mine)
