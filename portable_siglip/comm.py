@@ -162,9 +162,11 @@ def _nbytes(x: Array) -> int:
     count = 1
     for extent in x.shape:
         count *= int(extent)
-    itemsize = getattr(x.dtype, "itemsize", None)
-    if itemsize is None:  # torch dtypes
-        itemsize = x.element_size() if hasattr(x, "element_size") else 0
+    itemsize = getattr(x.dtype, "itemsize", None)  # numpy, cupy, jax
+    if itemsize is None:  # torch and array_api_strict dtypes: ask the namespace
+        xp = array_api_compat.array_namespace(x)
+        info = xp.finfo if xp.isdtype(x.dtype, "real floating") else xp.iinfo
+        itemsize = info(x.dtype).bits // 8
     return count * int(itemsize)
 
 
