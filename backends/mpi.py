@@ -18,6 +18,8 @@ Examples
 >>> comm = MPIComm(MPI.COMM_WORLD)  # under mpirun -n W, each rank passes its own shard
 >>> img = np.eye(3)
 >>> loss = ps.sigmoid_loss(img, img, 10.0, -5.0, comm=comm)
+>>> print(f"{float(loss):.6f}")  # run as one process: the loss of these 3 pairs
+0.020146
 """
 
 from __future__ import annotations

@@ -232,10 +232,18 @@ def sigmoid_loss(
     block_size : int, optional
         Edge of the square tiles of the n x n logit matrix; None picks a default (1024).
         Extra memory is O(n d + block_size^2).
-    comm : None
-        Communicator for distributed evaluation; only None (one process) for now.
+    comm : Communicator, optional
+        None (default) evaluates on this process. With a communicator of W ranks
+        (:class:`~portable_siglip.backends.mpi.MPIComm`, a
+        :class:`~portable_siglip.comm.ThreadGroup` rank, ...), ``img``/``txt`` are this
+        rank's shard of a global batch (shards may differ in size); the result is the
+        loss of the whole batch, the same on every rank. Every rank must call with the
+        same ``strategy``, ``scale``, ``bias``, d and dtype; otherwise every rank raises
+        the same error before any data moves.
     strategy : {"bidir", "shift", "reduce", "gather"}
-        Distributed schedule; validated, and used once ``comm`` is supported.
+        Distributed schedule (ignored without ``comm``): text blocks travel both ways
+        round the ring ("bidir"), one way ("shift"), by broadcast and allreduce
+        ("reduce"), or all at once ("gather", O(global n * d) memory per rank).
 
     Returns
     -------
@@ -302,7 +310,9 @@ def sigmoid_loss_and_grad(
         As returned by :func:`sigmoid_loss`.
     grads : Gradients
         ``grads.img``/``grads.txt`` in the dtype of the features; ``grads.scale`` and
-        ``grads.bias`` in the dtype of ``scale``/``bias`` when they are arrays.
+        ``grads.bias`` in the dtype of ``scale``/``bias`` when they are arrays. With a
+        ``comm``, the exact gradients of the global loss with respect to this rank's
+        rows (and the shared ``scale`` and ``bias``, the same on every rank).
 
     Raises
     ------
@@ -320,6 +330,20 @@ def sigmoid_loss_and_grad(
     >>> grads.img.shape, grads.txt.shape, grads.scale.shape
     ((5, 4), (5, 4), ())
     >>> bool(np.isclose(loss, ps.sigmoid_loss(img, txt, 10.0, -10.0)))
+    True
+
+    Two ranks (threads here; MPI ranks under ``mpirun`` alike), holding rows 0-1 and 2-4:
+
+    >>> from portable_siglip.comm import ThreadGroup
+    >>> rows = [slice(0, 2), slice(2, 5)]
+    >>> results = ThreadGroup(2).run(
+    ...     lambda comm: ps.sigmoid_loss_and_grad(
+    ...         img[rows[comm.rank]], txt[rows[comm.rank]], 10.0, -10.0, comm=comm
+    ...     )
+    ... )
+    >>> bool(np.isclose(results[0][0], loss) and np.isclose(results[1][0], loss))
+    True
+    >>> bool(np.allclose(results[1][1].img, grads.img[2:5]))
     True
     """
     problem, ring = setup(
@@ -362,10 +386,12 @@ def softmax_loss(
         Accepted and validated; it cancels out of the loss.
     block_size : int, optional
         Edge of the square tiles; None picks a default (1024).
-    comm : None
-        Communicator for distributed evaluation; only None (one process) for now.
+    comm : Communicator, optional
+        As for :func:`sigmoid_loss`: with W ranks, the loss of the global batch.
     strategy : {"ring", "gather"}
-        Distributed schedule; validated, and used once ``comm`` is supported.
+        Distributed schedule (ignored without ``comm``): text blocks travel round the
+        ring twice, once for the log-sum-exp and once for the gradient ("ring", as in
+        Inf-CL), or are gathered at once ("gather").
 
     Returns
     -------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 import subprocess
 import sys
 
@@ -52,6 +53,13 @@ def test_import_pulls_in_no_framework() -> None:
         "portable_siglip",
         "portable_siglip._losses",
         "portable_siglip.comm",
+        "portable_siglip._cli",
+        pytest.param(
+            "portable_siglip.backends.mpi",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("mpi4py") is None, reason="mpi4py is not installed"
+            ),
+        ),
         "portable_siglip._tiles",
         "portable_siglip._reference",
     ],
