@@ -7,7 +7,10 @@ ranks waiting in an exchange that will never complete.
 Arrays travel through host (NumPy) buffers: CPU arrays of NumPy, torch, jax or
 array_api_strict are handed to MPI without a copy where DLPack allows it, device arrays
 are copied to the host and back. With a CUDA-aware MPI build, ``cuda_aware=True`` hands
-CuPy and torch CUDA arrays to MPI directly (after synchronising the current stream).
+CuPy and torch CUDA arrays to MPI directly (after synchronising the current stream) in
+the ring exchanges (``isendrecv``, all the traffic of the bidir/shift/ring schedules);
+the collectives (``allreduce``, ``allgather``, ``bcast``: the reduce and gather
+schedules and the final scalar sums) and JAX arrays always go through host memory.
 
 Examples
 --------
@@ -119,8 +122,9 @@ class MPIComm(BaseComm):
     comm : mpi4py.MPI.Comm, optional
         The ranks to use; ``MPI.COMM_WORLD`` by default.
     cuda_aware : bool, optional
-        Declare that the MPI library is CUDA-aware, so device arrays (CuPy, torch CUDA) go
-        to MPI without a host copy. Wrong on a build without CUDA support, MPI will crash.
+        Declare that the MPI library is CUDA-aware, so device arrays (CuPy, torch CUDA) of
+        the ring exchanges go to MPI without a host copy. Wrong on a build without CUDA
+        support, MPI will crash. Not yet verified on a GPU.
 
     Attributes
     ----------
