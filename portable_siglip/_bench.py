@@ -18,6 +18,9 @@ Every row reports GFLOP/s counted as three GEMMs of ``2 n^2 d`` flops whatever t
 the rows compare, and the roofline fraction ``roofline time / row time``. Peak extra memory is
 measured per case in a fresh process by :mod:`portable_siglip._memprobe`.
 
+``bench --distributed`` times the distributed strategies over MPI instead (one BLAS thread
+per rank, W ranks against one): see :mod:`portable_siglip._distbench`.
+
 NumPy and torch are imported inside functions only: ``import portable_siglip`` stays light.
 """
 
@@ -155,6 +158,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-memory",
         action="store_true",
         help="skip the peak-memory probes (one subprocess per case)",
+    )
+    group = parser.add_argument_group(
+        "distributed",
+        "`--distributed` times every strategy over MPI instead (numpy only; needs mpi4py and "
+        "mpirun): W = 1 and W = --ranks processes, one BLAS thread each, on one global batch",
+    )
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="benchmark the distributed strategies over MPI (see portable_siglip._distbench)",
+    )
+    group.add_argument(
+        "--ranks",
+        type=_comma_list("--ranks", _positive_int, None),
+        default=[2],
+        help="comma-separated numbers of MPI ranks W >= 2 compared with W = 1 (default: 2)",
+    )
+    group.add_argument(
+        "--batch",
+        type=_positive_int_arg,
+        default=8192,
+        help="global batch n of --distributed (8192); --sizes is for the default benchmark",
     )
 
 
@@ -592,8 +617,13 @@ def main(args: argparse.Namespace) -> int:
     -------
     int
         0 when every case ran, 1 when some case failed (the table and JSON say which),
-        2 for invalid options.
+        2 for invalid options. With ``args.distributed``, what
+        :func:`portable_siglip._distbench.main` returns.
     """
+    if getattr(args, "distributed", False):
+        from . import _distbench
+
+        return _distbench.main(args)
     problem = _check_args(args)
     if problem is not None:
         print(f"bench: error: {problem}", file=sys.stderr)
