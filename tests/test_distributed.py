@@ -473,3 +473,14 @@ def test_communicator_arguments_are_checked() -> None:
         ThreadGroup(2).run(lambda comm: comm.isendrecv(np.zeros(1), 2, 0, (1,)))
     assert isinstance(SelfComm(), Communicator)
     assert check_communicator(SelfComm()).size == 1
+
+
+@pytest.mark.parametrize(("loss", "strategy"), SCHEDULES, ids=SCHEDULE_IDS)
+def test_one_rank_sends_nothing(loss: str, strategy: str) -> None:
+    img, txt = pairs(np.random.default_rng(9), 6, 3)
+    comm = SelfComm()
+    LOSS_AND_GRAD[loss](img, txt, SCALE, BIAS, comm=comm, strategy=strategy)
+    assert comm.bytes_sent == 0
+    assert ThreadGroup(1).run(
+        lambda c: (LOSS[loss](img, txt, SCALE, BIAS, comm=c, strategy=strategy), c.bytes_sent)[1]
+    ) == [0]
