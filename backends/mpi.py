@@ -34,6 +34,7 @@ import array_api_compat
 import numpy as np
 from mpi4py import MPI
 
+from portable_siglip._interop import to_host
 from portable_siglip.comm import BaseComm, Request
 
 __all__ = ["MPIComm"]
@@ -55,22 +56,12 @@ def _is_host(x: Array) -> bool:
 
 def _to_host(x: Array) -> np.ndarray:
     """Return a C-contiguous NumPy view of ``x`` where possible, else a host copy."""
-    if isinstance(x, np.ndarray):
-        return np.ascontiguousarray(x)
-    if _is_host(x):
+    if _is_host(x) and not isinstance(x, np.ndarray):
         try:
             return np.ascontiguousarray(np.from_dlpack(x))
         except (BufferError, RuntimeError, TypeError, ValueError):
             pass  # e.g. a torch tensor that requires grad, or a dtype NumPy lacks
-    if array_api_compat.is_torch_array(x):
-        return np.ascontiguousarray(x.detach().cpu().numpy())
-    if array_api_compat.is_cupy_array(x):
-        return np.ascontiguousarray(x.get())
-    if hasattr(x, "__array_namespace__") and not array_api_compat.is_jax_array(x):
-        xp = x.__array_namespace__()
-        if getattr(xp, "__name__", "") == "array_api_strict":
-            x = x.to_device(xp.Device("CPU_DEVICE"))
-    return np.ascontiguousarray(np.asarray(x))
+    return np.ascontiguousarray(to_host(x))
 
 
 def _like(host: np.ndarray, like: Array) -> Array:

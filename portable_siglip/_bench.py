@@ -450,8 +450,23 @@ def _table(rows: list[dict[str, Any]]) -> str:
                 _fmt(row["tracemalloc_peak_mib"], ".1f"),
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    left = {0, 1, 3}  # text columns; numbers align right
+    return render_table(lines, left={0, 1, 3})
+
+
+def render_table(lines: Sequence[Sequence[str]], left: set[int]) -> str:
+    """Lay out a header line and rows as aligned text columns under a rule.
+
+    Columns in ``left`` (text) align left; the others (numbers) align right.
+
+    Examples
+    --------
+    >>> print(render_table([("name", "s"), ("a", "1.5"), ("bb", "10.25")], left={0}))
+    name      s
+    ----  -----
+    a       1.5
+    bb    10.25
+    """
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
 
     def render(line: Sequence[str]) -> str:
         cells = [

@@ -263,6 +263,8 @@ def _run(args: argparse.Namespace, comm: Any = None) -> int:
         _print_run(np, args, strategy, comm, per_rank, loss, grads, memory_note)
     if not args.verify:
         return 0
+    if comm is None:
+        return _verify(np, args, img, txt, loss, grads)
     return _verify_sharded(np, args, dtype, xp, comm, loss, grads, per_rank)
 
 
@@ -320,11 +322,6 @@ def _verify_sharded(
     per_rank: list[tuple[Any, ...]],
 ) -> int:
     """Gather the shards' gradients and check them on rank 0; every rank returns its status."""
-    if comm is None:
-        img_np, txt_np = random_pairs(np, args.batch, args.dim, args.seed)
-        return _verify(
-            np, args, xp.asarray(img_np, dtype=dtype), xp.asarray(txt_np, dtype=dtype), loss, grads
-        )
     pieces = {name: comm.allgather(getattr(grads, name)) for name in ("img", "txt")}
     status = 0
     if comm.rank == 0:

@@ -505,18 +505,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
                 _bench._fmt(row["loss_value"], ".7g"),
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    left = {0, 1}
-
-    def render(line: Sequence[str]) -> str:
-        cells = [
-            cell.ljust(width) if i in left else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
-        ]
-        return "  ".join(cells).rstrip()
-
-    rule = "  ".join("-" * width for width in widths)
-    return "\n".join([render(lines[0]), rule, *(render(line) for line in lines[1:])])
+    return _bench.render_table(lines, left={0, 1})
 
 
 NOTES = (

@@ -224,16 +224,18 @@ def circulate(
     if strategy in ("shift", "ring"):
         return _chains(ring, static, visit, acc_tails, combine, size - 1, 0)
     if strategy == "reduce":
-        return _by_broadcast(ring, xp, static, visit, acc_tails, merge, combine)
+        return _by_broadcast(ring, xp, static, visit, merge, combine)
     return _by_gather(ring, xp, static, visit, acc_tails, merge, combine)
 
 
-def _shapes(
-    arrays_or_tails: Sequence[Any], rows: int, *, tails: bool = False
-) -> list[tuple[int, ...]]:
-    if tails:
-        return [(rows, *tail) for tail in arrays_or_tails]
-    return [(rows, *tuple(a.shape[1:])) for a in arrays_or_tails]
+def _block_shapes(arrays: Sequence[Array], rows: int) -> list[tuple[int, ...]]:
+    """Shapes of another rank's block of ``rows`` rows, laid out like ``arrays``."""
+    return [(rows, *tuple(a.shape[1:])) for a in arrays]
+
+
+def _acc_shapes(tails: Sequence[tuple[int, ...]], rows: int) -> list[tuple[int, ...]]:
+    """Shapes of the accumulators of a block of ``rows`` rows."""
+    return [(rows, *tail) for tail in tails]
 
 
 def _post(
@@ -280,7 +282,7 @@ def _chains(
             static,
             (rank + sign) % size,
             source,
-            _shapes(static, sizes[source]),
+            _block_shapes(static, sizes[source]),
             chain,
             _STATIC,
         )
@@ -297,7 +299,7 @@ def _chains(
                     held[chain],
                     (rank + sign) % size,
                     (rank - sign) % size,
-                    _shapes(held[chain], sizes[source]),
+                    _block_shapes(held[chain], sizes[source]),
                     chain,
                     _STATIC,
                 )
@@ -318,7 +320,7 @@ def _chains(
                     acc,
                     (rank + sign) % size,
                     (rank - sign) % size,
-                    _shapes(acc_tails, sizes[source], tails=True),
+                    _acc_shapes(acc_tails, sizes[source]),
                     chain,
                     _ACC,
                 )
@@ -328,7 +330,7 @@ def _chains(
                     acc,
                     owner,
                     (rank + sign * hops) % size,
-                    _shapes(acc_tails, sizes[rank], tails=True),
+                    _acc_shapes(acc_tails, sizes[rank]),
                     chain,
                     _HOME,
                 )
@@ -343,7 +345,6 @@ def _by_broadcast(
     xp: Namespace,
     static: tuple[Array, ...],
     visit: Visit,
-    acc_tails: tuple[tuple[int, ...], ...],
     merge: str,
     combine: Callable[[Array, Array], Array],
 ) -> tuple[Array, ...]:
@@ -359,7 +360,7 @@ def _by_broadcast(
         else:
             block = tuple(
                 comm.bcast(xp.empty(shape, dtype=a.dtype, device=device), root=owner)
-                for a, shape in zip(static, _shapes(static, sizes[owner]), strict=True)
+                for a, shape in zip(static, _block_shapes(static, sizes[owner]), strict=True)
             )
         contribution = visit(owner, block)
         reduced = tuple(_reduce(comm, c, merge, combine) for c in contribution)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["BACKENDS", "DTYPES", "UsageError", "load_backend", "to_numpy"]
+__all__ = ["BACKENDS", "DTYPES", "UsageError", "load_backend", "to_host", "to_numpy"]
 
 BACKENDS = ("numpy", "torch", "jax", "cupy", "array_api_strict")
 DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -63,6 +63,34 @@ def load_backend(name: str, dtype: str) -> tuple[Any, Any]:
     return xp, dtype_object
 
 
+def to_host(x: Any) -> Any:
+    """Return an array of any backend and device as a NumPy array of its own dtype.
+
+    CPU arrays are viewed without a copy where the library allows it; device arrays are
+    copied to the host.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> to_host(np.ones(2, dtype=np.float32)).dtype
+    dtype('float32')
+    """
+    import array_api_compat
+    import numpy as np
+
+    if isinstance(x, np.ndarray):
+        return x
+    if array_api_compat.is_torch_array(x):
+        return x.detach().to("cpu").numpy()
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    if hasattr(x, "__array_namespace__") and not array_api_compat.is_jax_array(x):
+        xp = x.__array_namespace__()
+        if getattr(xp, "__name__", "") == "array_api_strict":
+            x = x.to_device(xp.Device("CPU_DEVICE"))
+    return np.asarray(x)
+
+
 def to_numpy(x: Any) -> Any:
     """Copy an array of any backend, device and float dtype to a float64 NumPy array.
 
@@ -76,17 +104,10 @@ def to_numpy(x: Any) -> Any:
     import numpy as np
 
     if array_api_compat.is_torch_array(x):
-        return x.detach().to("cpu").double().numpy()
-    if array_api_compat.is_cupy_array(x):
-        return x.get().astype(np.float64)
+        return x.detach().to("cpu").double().numpy()  # NumPy has no bfloat16
     if array_api_compat.is_jax_array(x):
         import jax.numpy as jnp
 
         if x.dtype == jnp.bfloat16:
             x = x.astype(jnp.float32)
-        return np.asarray(x, dtype=np.float64)
-    if hasattr(x, "__array_namespace__") and not isinstance(x, np.ndarray):
-        xp = x.__array_namespace__()
-        if getattr(xp, "__name__", "") == "array_api_strict":
-            x = x.to_device(xp.Device("CPU_DEVICE"))
-    return np.asarray(x, dtype=np.float64)
+    return np.asarray(to_host(x), dtype=np.float64)
