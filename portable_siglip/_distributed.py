@@ -98,13 +98,15 @@ def setup(
     comm: object,
     strategy: object,
     loss: str,
+    grad: bool,
 ) -> tuple[Problem, Ring | None]:
     """Validate a call; with a communicator, agree with the other ranks before any exchange.
 
     Every rank validates its own arguments, then all ranks swap a summary (one
     ``allgather_object``). If any rank's arguments are invalid, or the ranks disagree on
-    the loss, strategy, d, dtype, scale or bias, every rank raises the same error, naming
-    the rank and the parameter, so no rank is left waiting in an exchange.
+    the loss, whether gradients are wanted, the strategy, d, dtype, scale or bias, every
+    rank raises the same error, naming the rank and the parameter, so no rank is left
+    waiting in an exchange.
 
     Returns
     -------
@@ -126,6 +128,7 @@ def setup(
         summary = {
             "error": None,
             "loss": loss,
+            "gradients": grad,
             "strategy": strategy,
             "d": problem.d,
             "dtype": str(problem.input_dtype),
@@ -151,10 +154,14 @@ def setup(
                 f" (ranks {listed} are invalid)" if len(failed) > 1 else ""
             )
         raise (TypeError if kind == "TypeError" else ValueError)(text) from local_error
-    for name in ("loss", "strategy", "d", "dtype", "scale", "bias"):
+    for name in ("loss", "gradients", "strategy", "d", "dtype", "scale", "bias"):
         values = [entry[name] for entry in everyone]
         if not all(_same(value, values[0]) for value in values):
-            what = {"d": "the feature dimension d", "dtype": "the dtype of `img` and `txt`"}
+            what = {
+                "d": "the feature dimension d",
+                "dtype": "the dtype of `img` and `txt`",
+                "gradients": "whether gradients are computed (the loss alone or with them)",
+            }
             label = what.get(name, f"`{name}`")
             msg = f"{label} must be the same on every rank, got {_by_rank(values)}"
             raise (TypeError if name == "dtype" else ValueError)(msg)

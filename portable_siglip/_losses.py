@@ -269,7 +269,15 @@ def sigmoid_loss(
     0.020146
     """
     problem, ring = setup(
-        img, txt, scale, bias, block_size=block_size, comm=comm, strategy=strategy, loss="sigmoid"
+        img,
+        txt,
+        scale,
+        bias,
+        block_size=block_size,
+        comm=comm,
+        strategy=strategy,
+        loss="sigmoid",
+        grad=False,
     )
     return _sigmoid(problem, ring, grad=False)[0]
 
@@ -347,7 +355,15 @@ def sigmoid_loss_and_grad(
     True
     """
     problem, ring = setup(
-        img, txt, scale, bias, block_size=block_size, comm=comm, strategy=strategy, loss="sigmoid"
+        img,
+        txt,
+        scale,
+        bias,
+        block_size=block_size,
+        comm=comm,
+        strategy=strategy,
+        loss="sigmoid",
+        grad=True,
     )
     loss, grads = _sigmoid(problem, ring, grad=True)
     assert grads is not None
@@ -413,7 +429,15 @@ def softmax_loss(
     0.313262
     """
     problem, ring = setup(
-        img, txt, scale, bias, block_size=block_size, comm=comm, strategy=strategy, loss="softmax"
+        img,
+        txt,
+        scale,
+        bias,
+        block_size=block_size,
+        comm=comm,
+        strategy=strategy,
+        loss="softmax",
+        grad=False,
     )
     return _softmax(problem, ring, grad=False)[0]
 
@@ -463,7 +487,15 @@ def softmax_loss_and_grad(
     0.0
     """
     problem, ring = setup(
-        img, txt, scale, bias, block_size=block_size, comm=comm, strategy=strategy, loss="softmax"
+        img,
+        txt,
+        scale,
+        bias,
+        block_size=block_size,
+        comm=comm,
+        strategy=strategy,
+        loss="softmax",
+        grad=True,
     )
     loss, grads = _softmax(problem, ring, grad=True)
     assert grads is not None

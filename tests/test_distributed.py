@@ -484,3 +484,18 @@ def test_one_rank_sends_nothing(loss: str, strategy: str) -> None:
     assert ThreadGroup(1).run(
         lambda c: (LOSS[loss](img, txt, SCALE, BIAS, comm=c, strategy=strategy), c.bytes_sent)[1]
     ) == [0]
+
+
+def test_gradient_mismatch_raises_everywhere(xp: Any) -> None:
+    # e.g. one rank of a torch job under no_grad: the loss alone there, with gradients elsewhere
+    def call(comm: ThreadComm) -> None:
+        function = ps.softmax_loss if comm.rank == 1 else ps.softmax_loss_and_grad
+        function(features(xp), features(xp), 10.0, 0.0, comm=comm)
+
+    errors = errors_on_every_rank(3, call)
+    for error in errors:
+        assert isinstance(error, ValueError)
+        assert (
+            "whether gradients are computed (the loss alone or with them) must be the same on "
+            "every rank, got rank 0: True, rank 1: False, rank 2: True"
+        ) in str(error)

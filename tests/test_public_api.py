@@ -60,6 +60,12 @@ def test_import_pulls_in_no_framework() -> None:
                 importlib.util.find_spec("mpi4py") is None, reason="mpi4py is not installed"
             ),
         ),
+        pytest.param(
+            "portable_siglip.backends.torch",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("torch") is None, reason="torch is not installed"
+            ),
+        ),
         "portable_siglip._tiles",
         "portable_siglip._reference",
     ],

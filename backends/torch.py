@@ -1,0 +1,588 @@
+"""PyTorch bridge: autograd-aware losses and ``nn.Module`` drop-ins for open_clip's.
+
+:func:`sigmoid_loss` and :func:`softmax_loss` take torch tensors and return a loss that
+``backward()`` differentiates. Their forward computes the loss and its analytic gradients
+in one blockwise pass (:func:`portable_siglip.sigmoid_loss_and_grad`) and keeps only the
+gradients, O(n d); backward multiplies them by the incoming gradient. No autograd graph
+is built over the n x n logits, so backward needs no more memory than forward:
+O(n d + block_size^2) beyond the inputs, whatever n is.
+
+:class:`SigLipLoss` and :class:`ClipLoss` are ``nn.Module`` s with the constructor and
+``forward`` of open_clip's modules of the same names: ``logit_scale`` is the multiplier
+itself (the model's ``logit_scale.exp()``), ``logit_bias`` is optional, and
+``output_dict=True`` returns ``{"contrastive_loss": loss}``.
+
+Distributed training
+--------------------
+With ``comm`` (a :class:`~portable_siglip.comm.Communicator` of W ranks, e.g.
+:class:`~portable_siglip.backends.mpi.MPIComm`), each rank passes its shard of the
+global batch and gets the **global** loss, identical on every rank. Its gradients then
+come in one of two conventions:
+
+``ddp=False`` (the functions' default)
+    The exact gradients of the global loss with respect to this rank's shard and the
+    shared ``logit_scale``/``logit_bias``: what a caller that sums gradients over ranks
+    (or keeps them per rank) needs.
+``ddp=True`` (the modules' default)
+    Gradients ready for DistributedDataParallel (or FSDP, Horovod), which *average* the
+    parameter gradients over the W ranks: the shard's gradients are multiplied by W, the
+    ``logit_scale``/``logit_bias`` gradients (already complete on every rank) are not.
+    After DDP's averaging every parameter holds the exact gradient of the global loss,
+    as with open_clip's ``SigLipLoss`` and its ``ClipLoss(gather_with_grad=True)``.
+
+With W = 1 (or ``comm=None``) the two conventions coincide.
+
+Precision
+---------
+float64, float32, bfloat16 and float16 features are accepted; half precision is
+accumulated in float32 and the loss is float32. Autocast is switched off inside the
+loss, so an enclosing ``torch.autocast`` region does not lower the precision of its
+matrix products; gradients come back in each input's dtype.
+
+Double backward is not supported: the backward is the precomputed analytic gradient.
+A backward pass with ``create_graph=True`` (the first step of a gradient penalty, a
+Hessian-vector product or ``gradgradcheck``) raises a ``RuntimeError`` rather than
+return gradients that autograd would then treat as constants.
+
+Examples
+--------
+>>> import torch
+>>> from portable_siglip.backends.torch import SigLipLoss
+>>> from torch.nn.functional import normalize
+>>> img = normalize(torch.randn(6, 4, dtype=torch.float64), dim=-1).requires_grad_()
+>>> txt = normalize(torch.randn(6, 4, dtype=torch.float64), dim=-1)
+>>> logit_scale = torch.tensor(2.3, dtype=torch.float64, requires_grad=True)  # t' = log t
+>>> logit_bias = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True)
+>>> loss = SigLipLoss(block_size=4)(img, txt, logit_scale.exp(), logit_bias)
+>>> loss.backward()
+>>> img.grad.shape, logit_scale.grad.shape, logit_bias.grad.shape
+(torch.Size([6, 4]), torch.Size([]), torch.Size([]))
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeAlias
+
+import torch
+from torch import nn
+
+import portable_siglip as ps
+from portable_siglip._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
+from portable_siglip.comm import Communicator, check_communicator
+
+__all__ = ["ClipLoss", "SigLipLoss", "sigmoid_loss", "softmax_loss"]
+
+Scalar: TypeAlias = "float | torch.Tensor"
+LossName: TypeAlias = Literal["sigmoid", "softmax"]
+
+
+def _loss_functions(loss: LossName) -> tuple[Any, Any]:
+    if loss == "sigmoid":
+        return ps.sigmoid_loss, ps.sigmoid_loss_and_grad
+    return ps.softmax_loss, ps.softmax_loss_and_grad
+
+
+def _detached(value: Any) -> Any:
+    # The core sees plain tensors: no autograd bookkeeping, and DLPack export (MPIComm's
+    # host staging) refuses tensors that require grad.
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, factor: float) -> torch.Tensor:
+    out = grad * grad_output
+    if factor != 1.0:
+        out = out * factor
+    return out.to(grad.dtype)
+
+
+class _LossFunction(torch.autograd.Function):
+    """The loss as one autograd node whose backward is the precomputed analytic gradient."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        loss: LossName,
+        options: dict[str, Any],
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        scale: Scalar,
+        bias: Scalar | None,
+    ) -> torch.Tensor:
+        _, loss_and_grad = _loss_functions(loss)
+        value, grads = loss_and_grad(
+            _detached(img), _detached(txt), _detached(scale), _detached(bias), **options["core"]
+        )
+        comm = options["core"]["comm"]
+        # DDP averages over W ranks: pre-multiply what only this rank holds (its shard).
+        ctx.shard_factor = float(comm.size) if options["ddp"] and comm is not None else 1.0
+        ctx.scale_is_tensor = isinstance(scale, torch.Tensor)
+        ctx.bias_is_tensor = isinstance(bias, torch.Tensor)
+        ctx.save_for_backward(grads.img, grads.txt, grads.scale, grads.bias)
+        return value  # type: ignore[no-any-return]
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+        if torch.is_grad_enabled():  # backward(create_graph=True) or autograd.grad(...)
+            msg = (
+                "portable_siglip: double backward is not supported: the loss's backward is "
+                "its precomputed analytic gradient, which autograd cannot differentiate "
+                "again. Do not pass create_graph=True through this loss (a gradient "
+                "penalty on it, gradgradcheck or a Hessian-vector product would be wrong)."
+            )
+            raise RuntimeError(msg)
+        g_img, g_txt, g_scale, g_bias = ctx.saved_tensors
+        factor = ctx.shard_factor
+        return (
+            None,
+            None,
+            _scaled(g_img, grad_output, factor) if ctx.needs_input_grad[2] else None,
+            _scaled(g_txt, grad_output, factor) if ctx.needs_input_grad[3] else None,
+            _scaled(g_scale, grad_output, 1.0) if ctx.scale_is_tensor else None,
+            _scaled(g_bias, grad_output, 1.0) if ctx.bias_is_tensor else None,
+        )
+
+
+def _as_scalar(value: Any) -> Any:
+    """Let a one-element tensor (shape ``(1,)``, ``(1, 1)``, ...) stand for a 0-d one."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.numel() == 1:
+        return value.reshape(())
+    return value
+
+
+def _needs_graph(*values: Any) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(v, torch.Tensor) and v.requires_grad for v in values
+    )
+
+
+def _check_ddp(ddp: object) -> bool:
+    if not isinstance(ddp, bool):
+        msg = f"`ddp` must be True or False, got {type(ddp).__name__} {ddp!r}"
+        raise TypeError(msg)
+    return ddp
+
+
+def _evaluate(
+    loss: LossName,
+    img: Any,
+    txt: Any,
+    scale: Any,
+    bias: Any,
+    *,
+    block_size: int | None,
+    comm: Communicator | None,
+    strategy: str,
+    ddp: bool,
+) -> torch.Tensor:
+    ddp = _check_ddp(ddp)
+    scale = _as_scalar(scale)
+    bias = _as_scalar(bias)
+    core = {"block_size": block_size, "comm": comm, "strategy": strategy}
+    device_type = img.device.type if isinstance(img, torch.Tensor) else "cpu"
+    # The loss runs its own precision policy (half inputs accumulate in float32): an
+    # enclosing autocast must not lower the precision of its GEMMs.
+    with torch.autocast(device_type=device_type, enabled=False):
+        if _needs_graph(img, txt, scale, bias):
+            options = {"core": core, "ddp": ddp}
+            out = _LossFunction.apply(loss, options, img, txt, scale, bias)  # type: ignore[no-untyped-call]
+            return out  # type: ignore[no-any-return]
+        value, _ = _loss_functions(loss)
+        return value(  # type: ignore[no-any-return]
+            _detached(img), _detached(txt), _detached(scale), _detached(bias), **core
+        )
+
+
+def sigmoid_loss(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    scale: Scalar,
+    bias: Scalar | None,
+    *,
+    block_size: int | None = None,
+    comm: Communicator | None = None,
+    strategy: str = "bidir",
+    ddp: bool = False,
+) -> torch.Tensor:
+    """SigLIP sigmoid loss that torch autograd differentiates, with flat memory in backward.
+
+    The arguments and the value are those of :func:`portable_siglip.sigmoid_loss`; in
+    addition, ``loss.backward()`` delivers the analytic gradients computed in the same
+    blockwise pass as the loss (the module docstring says how).
+
+    Parameters
+    ----------
+    img, txt : torch.Tensor, shape (n, d)
+        Image and text features (this rank's shard with ``comm``); float64, float32,
+        bfloat16 or float16, same dtype and device.
+    scale : float or torch.Tensor
+        The logit multiplier ``t > 0`` itself, 0-d (or one element).
+    bias : float, torch.Tensor or None
+        The logit bias ``b``, 0-d (or one element); None means 0.
+    block_size : int, optional
+        Tile edge; None picks the library default.
+    comm : Communicator, optional
+        Communicator of the ranks sharing the batch; None for one process.
+    strategy : {"bidir", "shift", "reduce", "gather"}
+        Distributed schedule (ignored without ``comm``).
+    ddp : bool
+        False: exact gradients of the global loss. True: the shard's gradients are
+        multiplied by the number of ranks, so that DDP's gradient averaging yields the
+        exact gradients (see the module docstring).
+
+    Returns
+    -------
+    torch.Tensor, 0-d
+        The (global) loss; float64 for float64 features, else float32.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On invalid input, naming the parameter (with ``comm``: on every rank).
+    RuntimeError
+        On double backward, which is not supported.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from portable_siglip.backends.torch import sigmoid_loss
+    >>> img = torch.eye(3, requires_grad=True)
+    >>> loss = sigmoid_loss(img, torch.eye(3), 10.0, -5.0)
+    >>> loss.backward()
+    >>> print(f"{loss.item():.6f}", tuple(img.grad.shape))
+    0.020146 (3, 3)
+    """
+    return _evaluate(
+        "sigmoid",
+        img,
+        txt,
+        scale,
+        bias,
+        block_size=block_size,
+        comm=comm,
+        strategy=strategy,
+        ddp=ddp,
+    )
+
+
+def softmax_loss(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    scale: Scalar,
+    bias: Scalar | None = None,
+    *,
+    block_size: int | None = None,
+    comm: Communicator | None = None,
+    strategy: str = "ring",
+    ddp: bool = False,
+) -> torch.Tensor:
+    """CLIP softmax loss that torch autograd differentiates, with flat memory in backward.
+
+    The arguments and the value are those of :func:`portable_siglip.softmax_loss`; the
+    gradient of ``bias`` is an exact zero (the loss is shift invariant).
+
+    Parameters
+    ----------
+    img, txt : torch.Tensor, shape (n, d)
+        Image and text features (this rank's shard with ``comm``).
+    scale : float or torch.Tensor
+        The logit multiplier ``t > 0`` itself, 0-d (or one element).
+    bias : float, torch.Tensor or None
+        A logit bias (no effect on the value); None means 0.
+    block_size : int, optional
+        Tile edge; None picks the library default.
+    comm : Communicator, optional
+        Communicator of the ranks sharing the batch; None for one process.
+    strategy : {"ring", "gather"}
+        Distributed schedule (ignored without ``comm``).
+    ddp : bool
+        Gradient convention with ``comm``, as in :func:`sigmoid_loss`.
+
+    Returns
+    -------
+    torch.Tensor, 0-d
+        The (global) loss; float64 for float64 features, else float32.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On invalid input, naming the parameter (with ``comm``: on every rank).
+    RuntimeError
+        On double backward, which is not supported.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from portable_siglip.backends.torch import softmax_loss
+    >>> scale = torch.tensor(10.0, requires_grad=True)
+    >>> loss = softmax_loss(torch.eye(3), torch.eye(3), scale)
+    >>> loss.backward()
+    >>> print(f"{loss.item():.6f} {scale.grad.item():.6f}")
+    0.000091 -0.000091
+    """
+    return _evaluate(
+        "softmax",
+        img,
+        txt,
+        scale,
+        bias,
+        block_size=block_size,
+        comm=comm,
+        strategy=strategy,
+        ddp=ddp,
+    )
+
+
+def _check_options(
+    owner: str,
+    comm: object,
+    rank: object,
+    world_size: object,
+    strategy: object,
+    allowed: tuple[str, ...],
+) -> Communicator | None:
+    """Validate a module's constructor arguments; return the communicator."""
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            msg = f"{owner}: `{name}` must be an int, got {type(value).__name__} {value!r}"
+            raise TypeError(msg)
+    if comm is None:
+        if world_size != 1 or rank != 0:
+            msg = (
+                f"{owner}(rank={rank}, world_size={world_size}) needs a communicator to reach "
+                "the other ranks: pass comm=, e.g. "
+                "portable_siglip.backends.mpi.MPIComm(MPI.COMM_WORLD) under mpirun "
+                "(rank and world_size are then read from it)"
+            )
+            raise ValueError(msg)
+        checked = None
+    else:
+        checked = check_communicator(comm)
+        if (rank, world_size) != (0, 1) and (rank, world_size) != (checked.rank, checked.size):
+            msg = (
+                f"{owner}: rank={rank}, world_size={world_size} disagree with the "
+                f"communicator's rank {checked.rank} of {checked.size}; leave them out when "
+                "passing comm="
+            )
+            raise ValueError(msg)
+    if not isinstance(strategy, str) or strategy not in allowed:
+        msg = f"{owner}: the strategy must be one of {allowed}, got {strategy!r}"
+        raise ValueError(msg)
+    return checked
+
+
+def _check_block_size(owner: str, block_size: object) -> int | None:
+    if block_size is None:
+        return None
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        msg = f"{owner}: `block_size` must be a positive int or None, got {block_size!r}"
+        raise ValueError(msg)
+    return block_size
+
+
+class SigLipLoss(nn.Module):
+    """SigLIP sigmoid loss as a drop-in for ``open_clip.loss.SigLipLoss``.
+
+    Same constructor and ``forward`` as open_clip's; the loss is evaluated blockwise with
+    analytic gradients (see the module docstring), so neither forward nor backward ever
+    holds the n x n logits.
+
+    Parameters
+    ----------
+    cache_labels : bool
+        Accepted for compatibility; there are no labels to cache.
+    rank, world_size : int
+        Accepted for compatibility. With ``comm`` they are read from it (any value given
+        must agree); without ``comm`` they must be 0 and 1.
+    dist_impl : {"bidir", "shift", "reduce", "gather"}, optional
+        open_clip's name for ``strategy``; None means "bidir".
+    comm : Communicator, optional
+        Communicator of the ranks sharing the global batch; None for one process.
+    strategy : str, optional
+        The distributed schedule; overrides ``dist_impl``.
+    block_size : int, optional
+        Tile edge; None picks the library default.
+    ddp : bool
+        True (default): gradients for DDP's gradient averaging; False: exact gradients of
+        the global loss on every rank. Only matters with W > 1 ranks.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from portable_siglip.backends.torch import SigLipLoss
+    >>> loss_fn = SigLipLoss()
+    >>> out = loss_fn(torch.eye(3), torch.eye(3), 10.0, -5.0, output_dict=True)
+    >>> print(f"{out['contrastive_loss'].item():.6f}")
+    0.020146
+    """
+
+    def __init__(
+        self,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        dist_impl: str | None = None,
+        *,
+        comm: Communicator | None = None,
+        strategy: str | None = None,
+        block_size: int | None = None,
+        ddp: bool = True,
+    ) -> None:
+        super().__init__()
+        chosen = strategy if strategy is not None else (dist_impl or "bidir")
+        self.comm = _check_options("SigLipLoss", comm, rank, world_size, chosen, SIGMOID_STRATEGIES)
+        self.strategy = chosen
+        self.block_size = _check_block_size("SigLipLoss", block_size)
+        self.ddp = _check_ddp(ddp)
+        self.cache_labels = cache_labels
+        self.rank = self.comm.rank if self.comm is not None else 0
+        self.world_size = self.comm.size if self.comm is not None else 1
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: Scalar,
+        logit_bias: Scalar | None = None,
+        output_dict: bool = False,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Return the sigmoid loss of the (global) batch.
+
+        Parameters
+        ----------
+        image_features, text_features : torch.Tensor, shape (n, d)
+            This rank's features; row i of each is a pair.
+        logit_scale : float or torch.Tensor
+            The multiplier itself (open_clip models return ``logit_scale.exp()``).
+        logit_bias : float, torch.Tensor or None
+            The logit bias; None means 0.
+        output_dict : bool
+            Return ``{"contrastive_loss": loss}`` instead of the loss.
+
+        Returns
+        -------
+        torch.Tensor or dict
+            The 0-d loss, or the dict.
+        """
+        loss = sigmoid_loss(
+            image_features,
+            text_features,
+            logit_scale,
+            logit_bias,
+            block_size=self.block_size,
+            comm=self.comm,
+            strategy=self.strategy,
+            ddp=self.ddp,
+        )
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def extra_repr(self) -> str:
+        """Say how the module is configured."""
+        return (
+            f"world_size={self.world_size}, strategy={self.strategy!r}, "
+            f"block_size={self.block_size}, ddp={self.ddp}"
+        )
+
+
+class ClipLoss(nn.Module):
+    """CLIP softmax loss as a drop-in for ``open_clip.loss.ClipLoss``.
+
+    Same constructor and ``forward`` as open_clip's; evaluated blockwise with analytic
+    gradients (see the module docstring).
+
+    Parameters
+    ----------
+    local_loss, gather_with_grad, cache_labels, use_horovod : bool
+        Accepted for compatibility. They choose how open_clip gathers features; here the
+        loss is always the global one, and with ``ddp=True`` the averaged gradients are
+        exact, as open_clip's with ``gather_with_grad=True``.
+    rank, world_size : int
+        Accepted for compatibility. With ``comm`` they are read from it (any value given
+        must agree); without ``comm`` they must be 0 and 1.
+    comm : Communicator, optional
+        Communicator of the ranks sharing the global batch; None for one process.
+    strategy : {"ring", "gather"}
+        The distributed schedule.
+    block_size : int, optional
+        Tile edge; None picks the library default.
+    ddp : bool
+        True (default): gradients for DDP's gradient averaging; False: exact gradients of
+        the global loss on every rank. Only matters with W > 1 ranks.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from portable_siglip.backends.torch import ClipLoss
+    >>> print(f"{ClipLoss()(torch.eye(3), torch.eye(3), 10.0).item():.6f}")
+    0.000091
+    """
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+        *,
+        comm: Communicator | None = None,
+        strategy: str = "ring",
+        block_size: int | None = None,
+        ddp: bool = True,
+    ) -> None:
+        super().__init__()
+        self.comm = _check_options("ClipLoss", comm, rank, world_size, strategy, SOFTMAX_STRATEGIES)
+        self.strategy = strategy
+        self.block_size = _check_block_size("ClipLoss", block_size)
+        self.ddp = _check_ddp(ddp)
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels
+        self.use_horovod = use_horovod
+        self.rank = self.comm.rank if self.comm is not None else 0
+        self.world_size = self.comm.size if self.comm is not None else 1
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: Scalar,
+        logit_bias: Scalar | None = None,
+        output_dict: bool = False,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Return the softmax loss of the (global) batch.
+
+        Parameters
+        ----------
+        image_features, text_features : torch.Tensor, shape (n, d)
+            This rank's features; row i of each is a pair.
+        logit_scale : float or torch.Tensor
+            The multiplier itself (open_clip models return ``logit_scale.exp()``).
+        logit_bias : float, torch.Tensor or None
+            A logit bias; it does not change the loss and its gradient is zero.
+        output_dict : bool
+            Return ``{"contrastive_loss": loss}`` instead of the loss.
+
+        Returns
+        -------
+        torch.Tensor or dict
+            The 0-d loss, or the dict.
+        """
+        loss = softmax_loss(
+            image_features,
+            text_features,
+            logit_scale,
+            logit_bias,
+            block_size=self.block_size,
+            comm=self.comm,
+            strategy=self.strategy,
+            ddp=self.ddp,
+        )
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def extra_repr(self) -> str:
+        """Say how the module is configured."""
+        return (
+            f"world_size={self.world_size}, strategy={self.strategy!r}, "
+            f"block_size={self.block_size}, ddp={self.ddp}"
+        )
