@@ -64,13 +64,14 @@ from __future__ import annotations
 from typing import Any, Literal, TypeAlias
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import portable_siglip as ps
 from portable_siglip._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
-from portable_siglip.comm import Communicator, check_communicator
+from portable_siglip.comm import BaseComm, Communicator, Request, check_communicator
 
-__all__ = ["ClipLoss", "SigLipLoss", "sigmoid_loss", "softmax_loss"]
+__all__ = ["ClipLoss", "SigLipLoss", "TorchDistComm", "sigmoid_loss", "softmax_loss"]
 
 Scalar: TypeAlias = "float | torch.Tensor"
 LossName: TypeAlias = Literal["sigmoid", "softmax"]
@@ -332,6 +333,122 @@ def softmax_loss(
     )
 
 
+class _TorchRequest:
+    """Keeps a posted exchange's buffers alive until ``wait()``."""
+
+    def __init__(self, works: list[Any], recv: torch.Tensor, send: torch.Tensor) -> None:
+        self._works = works
+        self._recv = recv
+        self._send: torch.Tensor | None = send
+
+    def wait(self) -> torch.Tensor:
+        for work in self._works:
+            work.wait()
+        self._send = None
+        return self._recv
+
+
+class TorchDistComm(BaseComm):
+    """A :class:`portable_siglip.comm.Communicator` over ``torch.distributed``.
+
+    Use it in a job started by ``torchrun`` (or anything that calls
+    ``torch.distributed.init_process_group``): gloo for CPU tensors, NCCL for CUDA
+    tensors. :class:`SigLipLoss` and :class:`ClipLoss` create one by themselves when
+    given open_clip's ``rank``/``world_size`` in an initialised process group.
+
+    Ring exchanges are ``batch_isend_irecv`` pairs; ``allgather`` pads uneven shards to
+    the longest, and the handshake uses ``all_gather_object``.
+
+    Parameters
+    ----------
+    group : torch.distributed.ProcessGroup, optional
+        The ranks to use; the default (world) group if None.
+
+    Raises
+    ------
+    RuntimeError
+        If ``torch.distributed`` is not available or not initialised.
+
+    Examples
+    --------
+    >>> import torch.distributed as dist
+    >>> from portable_siglip.backends.torch import TorchDistComm
+    >>> dist.init_process_group(  # what torchrun does, here for one process
+    ...     "gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1
+    ... )
+    >>> comm = TorchDistComm()
+    >>> comm.rank, comm.size
+    (0, 1)
+    >>> dist.destroy_process_group()
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        super().__init__()
+        if not (dist.is_available() and dist.is_initialized()):
+            msg = (
+                "TorchDistComm needs an initialised torch.distributed process group: start "
+                "the job with torchrun, or call torch.distributed.init_process_group first"
+            )
+            raise RuntimeError(msg)
+        self.group = group
+        self.rank = int(dist.get_rank(group))
+        self.size = int(dist.get_world_size(group))
+
+    def _global(self, rank: int) -> int:
+        return rank if self.group is None else int(dist.get_global_rank(self.group, rank))
+
+    def isendrecv(
+        self, send: Any, dest: int, source: int, shape: tuple[int, ...], *, tag: int = 0
+    ) -> Request:
+        """Post a paired send to ``dest`` and receive from ``source``; ``wait()`` gives the data."""
+        self._count(send)
+        send = send.contiguous()
+        recv = torch.empty(tuple(shape), dtype=send.dtype, device=send.device)
+        ops = [
+            dist.P2POp(dist.irecv, recv, self._global(source), self.group, tag),
+            dist.P2POp(dist.isend, send, self._global(dest), self.group, tag),
+        ]
+        return _TorchRequest(dist.batch_isend_irecv(ops), recv, send)
+
+    def allreduce(self, x: Any) -> Any:
+        """Return the elementwise sum over ranks (``all_reduce``)."""
+        self._count(x)
+        out = x.clone().contiguous()
+        dist.all_reduce(out, group=self.group)
+        return out
+
+    def allgather(self, x: Any) -> list[Any]:
+        """Return every rank's ``x`` in rank order (leading dims may differ)."""
+        self._count(x)
+        shapes = self.allgather_object(tuple(x.shape))
+        if any(shape[1:] != tuple(x.shape[1:]) for shape in shapes):
+            msg = f"allgather: the ranks' arrays differ beyond the first axis: {shapes}"
+            raise ValueError(msg)
+        longest = max(shape[0] if shape else 1 for shape in shapes)
+        padded = x.new_zeros((longest, *x.shape[1:])) if x.ndim else x.clone()
+        if x.ndim:
+            padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in shapes]
+        dist.all_gather(parts, padded, group=self.group)
+        return [
+            part[: shape[0]] if shape else part for part, shape in zip(parts, shapes, strict=True)
+        ]
+
+    def bcast(self, x: Any, root: int = 0) -> Any:
+        """Return the root's ``x`` (``broadcast``); other ranks pass one of its shape and dtype."""
+        if self.rank == root:
+            self._count(x)
+        out = x.clone().contiguous()
+        dist.broadcast(out, src=self._global(root), group=self.group)
+        return out
+
+    def allgather_object(self, obj: object) -> list[Any]:
+        """Return every rank's picklable ``obj`` in rank order (``all_gather_object``)."""
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+
 def _check_options(
     owner: str,
     comm: object,
@@ -345,15 +462,17 @@ def _check_options(
         if isinstance(value, bool) or not isinstance(value, int):
             msg = f"{owner}: `{name}` must be an int, got {type(value).__name__} {value!r}"
             raise TypeError(msg)
-    if comm is None:
-        if world_size != 1 or rank != 0:
+    if comm is None and (rank, world_size) != (0, 1):
+        if dist.is_available() and dist.is_initialized():
+            comm = TorchDistComm()  # open_clip's way: the default process group
+        else:
             msg = (
                 f"{owner}(rank={rank}, world_size={world_size}) needs a communicator to reach "
-                "the other ranks: pass comm=, e.g. "
-                "portable_siglip.backends.mpi.MPIComm(MPI.COMM_WORLD) under mpirun "
-                "(rank and world_size are then read from it)"
+                "the other ranks: initialise torch.distributed (torchrun) or pass comm=, e.g. "
+                "portable_siglip.backends.mpi.MPIComm(MPI.COMM_WORLD) under mpirun"
             )
             raise ValueError(msg)
+    if comm is None:
         checked = None
     else:
         checked = check_communicator(comm)

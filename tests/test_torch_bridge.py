@@ -461,3 +461,10 @@ def test_one_rank_without_autograd_raises_on_every_rank() -> None:
 
     messages = ThreadGroup(2, timeout=30).run(rank_call)
     assert messages[0] == messages[1]
+
+
+def test_torch_dist_comm_needs_an_initialised_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        bridge.TorchDistComm()
