@@ -3,7 +3,12 @@
 Each module imports only its own library, and only when it is itself imported, so
 ``import portable_siglip`` never pulls in a framework.
 
-- :mod:`portable_siglip.backends.mpi`: :class:`MPIComm`, the mpi4py communicator.
+- :mod:`portable_siglip.backends.mpi`: ``MPIComm``, the mpi4py communicator.
+- :mod:`portable_siglip.backends.torch`: autograd-aware ``sigmoid_loss``/``softmax_loss``,
+  the ``SigLipLoss``/``ClipLoss`` modules that drop in for open_clip's, and
+  ``TorchDistComm``, a communicator over ``torch.distributed``.
+- :mod:`portable_siglip.backends.jax`: ``sigmoid_loss``/``softmax_loss`` as
+  ``jax.custom_vjp`` functions.
 
-The torch and jax bridges and the NCCL communicator are planned.
+The NCCL communicator is planned.
 """
