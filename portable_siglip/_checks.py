@@ -80,6 +80,11 @@ def _namespace_name(xp: Namespace) -> str:
     return str(getattr(xp, "__name__", type(xp).__name__))
 
 
+def _same_device(a: object, b: object) -> bool:
+    # A jax tracer has no device (None) until the traced function is placed: it goes with any.
+    return a is None or b is None or a == b
+
+
 def _check_features(img: Any, txt: Any) -> Namespace:
     """Check the two feature matrices and return their common namespace."""
     for name, value in (("img", img), ("txt", txt)):
@@ -127,7 +132,7 @@ def _check_features(img: Any, txt: Any) -> Namespace:
         raise TypeError(msg)
     dev_img = array_api_compat.device(img)
     dev_txt = array_api_compat.device(txt)
-    if dev_img != dev_txt:
+    if not _same_device(dev_img, dev_txt):
         msg = f"`img` and `txt` must be on the same device, got {dev_img} and {dev_txt}"
         raise ValueError(msg)
     return xp
@@ -168,7 +173,7 @@ def _check_scalar(
             msg = f"`{name}` must have a real floating dtype, got {value.dtype}"
             raise TypeError(msg)
         dev = array_api_compat.device(value)
-        if dev != device:
+        if not _same_device(dev, device):
             msg = f"`{name}` must be on the same device as `img`, got {dev} and {device}"
             raise ValueError(msg)
         return value

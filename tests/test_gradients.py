@@ -135,3 +135,20 @@ def test_jax_jit(loss_name: str) -> None:
     assert_close(loss, float(eager_loss), 1e-14, "loss")
     for field in ps.Gradients._fields:
         assert_close(getattr(grads, field), to_numpy(getattr(eager, field)), 1e-13, field)
+
+
+def test_jax_jit_with_closed_over_arrays(loss_name: str) -> None:
+    # A tracer has no device (None) while a closed-over array is on cpu:0: not a mismatch.
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    img_np, txt_np = pairs(np.random.default_rng(15), 9, 4)
+    img, txt = jnp.asarray(img_np), jnp.asarray(txt_np)
+    scale = jnp.asarray(6.0)
+    eager_loss, eager = LOSS_AND_GRAD[loss_name](img, txt, scale, -3.0, block_size=4)
+    loss, grads = jax.jit(lambda i: LOSS_AND_GRAD[loss_name](i, txt, scale, -3.0, block_size=4))(
+        img
+    )
+    assert_close(loss, float(eager_loss), 1e-14, "loss")
+    assert_close(grads.img, to_numpy(eager.img), 1e-13, "img")

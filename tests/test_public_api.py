@@ -66,6 +66,12 @@ def test_import_pulls_in_no_framework() -> None:
                 importlib.util.find_spec("torch") is None, reason="torch is not installed"
             ),
         ),
+        pytest.param(
+            "portable_siglip.backends.jax",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("jax") is None, reason="jax is not installed"
+            ),
+        ),
         "portable_siglip._tiles",
         "portable_siglip._reference",
     ],

@@ -1,0 +1,289 @@
+"""JAX bridge: the losses as JAX-differentiable functions, through ``jax.custom_vjp``.
+
+:func:`sigmoid_loss` and :func:`softmax_loss` take the arguments of
+:func:`portable_siglip.sigmoid_loss` and :func:`portable_siglip.softmax_loss` and return
+the same loss, but ``jax.grad``, ``jax.value_and_grad`` and ``jax.vjp`` differentiate
+them with respect to ``img``, ``txt`` and any ``scale``/``bias`` given as arrays. The
+forward pass of a differentiation calls :func:`portable_siglip.sigmoid_loss_and_grad`
+(or the softmax one) once and keeps its analytic gradients, O(n d), as residuals; the
+backward pass multiplies them by the cotangent, so the n x n logit matrix is never held
+and never differentiated through. A call whose value alone is needed runs the loss
+without any gradient work.
+
+``scale`` and ``bias`` given as Python numbers (or ``bias=None``) are constants of the
+call, checked as the core checks them (``scale`` must be positive, ...); as arrays (JAX
+or NumPy, 0-d) they are inputs with a gradient. NumPy arrays are converted with
+``jax.numpy.asarray``. Anything that is not a JAX or NumPy array in place of ``img`` or
+``txt`` is handed to the core function unchanged, which raises its ``TypeError`` for a
+non-array (on every rank, with a ``comm``).
+
+Under ``jax.jit`` (one process) everything works: the value, ``jax.grad`` and
+``jax.jit(jax.grad(...))``, with ``scale``/``bias`` traced, static or closed over;
+``jax.vmap`` works too. The tile loop is Python, unrolled while tracing, so compilation
+time grows with ``(n / block_size)^2``: prefer one large ``block_size`` (or the default,
+1024) under ``jit``. ``comm=`` works outside ``jit``, eager ``jax.grad`` included, but not
+inside ``jax.jit``, ``jax.vmap`` or any other transformation that hands the loss tracers
+instead of arrays: the ranks exchange concrete arrays. Such a call raises a
+``TypeError``; call the loss eagerly and ``jit`` the parts of the model that produce
+``img`` and ``txt``. Derivatives are first order, reverse mode: ``jax.jvp``,
+``jax.jacfwd`` and ``jax.hessian`` are refused by ``custom_vjp``.
+
+Examples
+--------
+>>> import jax
+>>> import jax.numpy as jnp
+>>> from portable_siglip.backends import jax as psj
+>>> img = jnp.eye(3)
+>>> loss, (d_img, d_scale) = jax.value_and_grad(psj.sigmoid_loss, argnums=(0, 2))(
+...     img, img, jnp.asarray(10.0), -5.0, block_size=2
+... )
+>>> print(f"{float(loss):.6f}")  # every pair scores 5 the right way: 3 softplus(-5)
+0.020146
+>>> d_img.shape, d_scale.shape
+((3, 3), ())
+>>> jitted = jax.jit(jax.grad(psj.softmax_loss, argnums=(0, 1, 2)))
+>>> [g.shape for g in jitted(img, img, jnp.asarray(2.0))]
+[(3, 3), (3, 3), ()]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import portable_siglip as _core
+
+__all__ = ["sigmoid_loss", "softmax_loss"]
+
+Array = Any
+Extras = tuple[jax.Array, ...]
+Residuals = tuple[jax.Array, jax.Array, Extras]
+
+
+def _is_array(value: object) -> bool:
+    """Whether ``value`` is a JAX array (a tracer included) or a NumPy array."""
+    return isinstance(value, jax.Array | np.ndarray)
+
+
+def _refuse_traced_comm(comm: object, *arrays: object) -> None:
+    """Raise if the call is distributed and any of ``arrays`` is a tracer."""
+    if comm is None or not any(isinstance(x, jax.core.Tracer) for x in arrays):
+        return
+    msg = (
+        "`comm` cannot be used under jax.jit, jax.vmap or another JAX transformation that "
+        "traces the loss: the ranks exchange concrete arrays. Call the loss outside jit "
+        "(eager jax.grad / jax.value_and_grad of it work) and jit the parts of the model "
+        "that produce `img` and `txt`."
+    )
+    raise TypeError(msg)
+
+
+def _times(cotangent: jax.Array, grad: jax.Array) -> jax.Array:
+    """``cotangent * grad`` in the dtype of ``grad`` (that of the primal it belongs to)."""
+    return (cotangent * grad).astype(grad.dtype)
+
+
+def _bridge(
+    loss: str,
+    img: Any,
+    txt: Any,
+    scale: object,
+    bias: object,
+    *,
+    block_size: object,
+    comm: object,
+    strategy: object,
+) -> jax.Array:
+    """Evaluate one loss through a ``custom_vjp`` built for this call's static arguments."""
+    # Looked up at call time, so the core functions are the ones of the package now.
+    loss_only: Callable[..., Array] = getattr(_core, f"{loss}_loss")
+    loss_and_grad: Callable[..., tuple[Array, _core.Gradients]] = getattr(
+        _core, f"{loss}_loss_and_grad"
+    )
+    options: dict[str, Any] = {"block_size": block_size, "comm": comm, "strategy": strategy}
+    if not (_is_array(img) and _is_array(txt)):
+        # Nothing to differentiate: the core raises its TypeError (after the handshake).
+        direct: jax.Array = loss_only(img, txt, scale, bias, **options)
+        return direct
+
+    dynamic = (_is_array(scale), _is_array(bias))
+    extras: Extras = tuple(
+        jnp.asarray(value)
+        for value, is_dynamic in zip((scale, bias), dynamic, strict=True)
+        if is_dynamic
+    )
+
+    def scalars(values: Extras) -> tuple[object, object]:
+        given = iter(values)
+        return (
+            next(given) if dynamic[0] else scale,
+            next(given) if dynamic[1] else bias,
+        )
+
+    def evaluate(img: jax.Array, txt: jax.Array, values: Extras) -> jax.Array:
+        t, b = scalars(values)
+        out: jax.Array = loss_only(img, txt, t, b, **options)
+        return out
+
+    def evaluate_with_grads(
+        img: jax.Array, txt: jax.Array, values: Extras
+    ) -> tuple[jax.Array, Residuals]:
+        t, b = scalars(values)
+        out, grads = loss_and_grad(img, txt, t, b, **options)
+        kept = tuple(
+            grad
+            for grad, is_dynamic in zip((grads.scale, grads.bias), dynamic, strict=True)
+            if is_dynamic
+        )
+        return out, (grads.img, grads.txt, kept)
+
+    def primal(img: jax.Array, txt: jax.Array, values: Extras) -> jax.Array:
+        _refuse_traced_comm(comm, img, txt, *values)
+        return evaluate(img, txt, values)
+
+    def forward(img: jax.Array, txt: jax.Array, values: Extras) -> tuple[jax.Array, Residuals]:
+        _refuse_traced_comm(comm, img, txt, *values)
+        return evaluate_with_grads(img, txt, values)
+
+    def backward(residuals: Residuals, cotangent: jax.Array) -> tuple[jax.Array, jax.Array, Extras]:
+        d_img, d_txt, kept = residuals
+        return (
+            _times(cotangent, d_img),
+            _times(cotangent, d_txt),
+            tuple(_times(cotangent, grad) for grad in kept),
+        )
+
+    function = jax.custom_vjp(primal)
+    function.defvjp(forward, backward)
+    result: jax.Array = function(jnp.asarray(img), jnp.asarray(txt), extras)
+    return result
+
+
+def sigmoid_loss(
+    img: Array,
+    txt: Array,
+    scale: float | Array,
+    bias: float | Array | None,
+    *,
+    block_size: int | None = None,
+    comm: object = None,
+    strategy: str = "bidir",
+) -> jax.Array:
+    """SigLIP sigmoid loss, differentiable by JAX through its analytic gradients.
+
+    The loss of :func:`portable_siglip.sigmoid_loss`; under ``jax.grad`` its forward pass
+    runs :func:`portable_siglip.sigmoid_loss_and_grad` once, the backward pass scales the
+    stored gradients by the cotangent.
+
+    Parameters
+    ----------
+    img, txt : jax.Array or numpy.ndarray, shape (n, d)
+        Image and text features; row i of each is a matched pair. Differentiable.
+    scale : float or 0-d array
+        The multiplier ``t > 0``. A Python number is a constant of the call (checked to be
+        positive); a 0-d JAX or NumPy array is differentiable.
+    bias : float, 0-d array or None
+        The logit bias ``b`` (None means 0); differentiable when an array.
+    block_size : int, optional
+        Tile edge; None picks the default (1024). Under ``jax.jit`` prefer a large one:
+        the tiles are unrolled at trace time.
+    comm : Communicator, optional
+        As for :func:`portable_siglip.sigmoid_loss`: ``img``/``txt`` are this rank's
+        shard and the result is the loss of the global batch; the gradient of each rank
+        is that of the global loss with respect to its own rows (and the shared ``scale``
+        and ``bias``). Not under ``jax.jit`` or other tracing.
+    strategy : {"bidir", "shift", "reduce", "gather"}
+        Distributed schedule, ignored without ``comm``.
+
+    Returns
+    -------
+    jax.Array, 0-d
+        The loss, float64 for float64 inputs and float32 otherwise. Its gradients have the
+        dtypes of the inputs they belong to (bfloat16 for bfloat16 ``img``, ...).
+
+    Raises
+    ------
+    TypeError, ValueError
+        On invalid input, as :func:`portable_siglip.sigmoid_loss` does; ``TypeError`` when
+        ``comm`` is given under ``jax.jit`` or another tracing transformation.
+
+    Examples
+    --------
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from portable_siglip.backends.jax import sigmoid_loss
+    >>> img = jnp.eye(3)
+    >>> print(f"{float(sigmoid_loss(img, img, 10.0, -5.0)):.6f}")
+    0.020146
+    >>> grad = jax.jit(jax.grad(sigmoid_loss, argnums=(0, 1, 2, 3)))
+    >>> d_img, d_txt, d_scale, d_bias = grad(img, img, jnp.asarray(10.0), jnp.asarray(-5.0))
+    >>> print(f"{float(d_bias):.6f}")  # sum of (sigmoid(Z) - I) / n
+    0.006693
+    """
+    return _bridge(
+        "sigmoid", img, txt, scale, bias, block_size=block_size, comm=comm, strategy=strategy
+    )
+
+
+def softmax_loss(
+    img: Array,
+    txt: Array,
+    scale: float | Array,
+    bias: float | Array | None = None,
+    *,
+    block_size: int | None = None,
+    comm: object = None,
+    strategy: str = "ring",
+) -> jax.Array:
+    """CLIP softmax loss, differentiable by JAX through its analytic gradients.
+
+    The loss of :func:`portable_siglip.softmax_loss`; under ``jax.grad`` its forward pass
+    runs :func:`portable_siglip.softmax_loss_and_grad` once (two blockwise passes), the
+    backward pass scales the stored gradients by the cotangent.
+
+    Parameters
+    ----------
+    img, txt : jax.Array or numpy.ndarray, shape (n, d)
+        Image and text features; row i of each is a matched pair. Differentiable.
+    scale : float or 0-d array
+        The multiplier ``t > 0``: a constant when a Python number, differentiable when a
+        0-d JAX or NumPy array.
+    bias : float, 0-d array or None, optional
+        Accepted and validated; it cancels out of the loss (its gradient is zero).
+    block_size : int, optional
+        Tile edge; None picks the default (1024).
+    comm : Communicator, optional
+        As for :func:`sigmoid_loss`; not under ``jax.jit`` or other tracing.
+    strategy : {"ring", "gather"}
+        Distributed schedule, ignored without ``comm``.
+
+    Returns
+    -------
+    jax.Array, 0-d
+        The loss, float64 for float64 inputs and float32 otherwise.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On invalid input, as :func:`portable_siglip.softmax_loss` does; ``TypeError`` when
+        ``comm`` is given under ``jax.jit`` or another tracing transformation.
+
+    Examples
+    --------
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from portable_siglip.backends.jax import softmax_loss
+    >>> img = jnp.eye(2)
+    >>> print(f"{float(softmax_loss(img, img, 1.0)):.6f}")  # log(1 + e^-1)
+    0.313262
+    >>> d_scale = jax.grad(softmax_loss, argnums=2)(img, img, jnp.asarray(1.0))
+    >>> print(f"{float(d_scale):.6f}")  # -e^-1 / (1 + e^-1)
+    -0.268941
+    """
+    return _bridge(
+        "softmax", img, txt, scale, bias, block_size=block_size, comm=comm, strategy=strategy
+    )
