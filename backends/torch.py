@@ -90,10 +90,8 @@ def _detached(value: Any) -> Any:
 
 
 def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, factor: float) -> torch.Tensor:
-    out = grad * grad_output
-    if factor != 1.0:
-        out = out * factor
-    return out.to(grad.dtype)
+    # Scalar first, so the (n, d) gradient is touched once; back to the primal's dtype.
+    return (grad * (grad_output * factor)).to(grad.dtype)
 
 
 class _LossFunction(torch.autograd.Function):
