@@ -21,6 +21,13 @@ measured per case in a fresh process by :mod:`portable_siglip._memprobe`.
 ``bench --distributed`` times the distributed strategies over MPI instead (one BLAS thread
 per rank, W ranks against one): see :mod:`portable_siglip._distbench`.
 
+``bench --frameworks`` compares the torch modules of :mod:`portable_siglip.backends.torch`
+(``SigLipLoss``, ``ClipLoss``; forward + ``loss.backward()``) with open_clip's losses of
+the same names when open-clip-torch is installed, a row-chunked autograd loss and the dense
+autograd loss: time and peak extra memory of each case in a fresh process under an
+address-space limit, cases predicted to exceed ``--memory-cap-gib`` skipped. See
+:mod:`portable_siglip._fwbench`.
+
 NumPy and torch are imported inside functions only: ``import portable_siglip`` stays light.
 """
 
@@ -41,12 +48,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_arguments", "main", "make_inputs", "make_run"]
+__all__ = ["add_arguments", "dense_loss", "main", "make_inputs", "make_run"]
 
 BACKENDS = ("numpy", "torch")
 LOSSES = ("sigmoid", "softmax")
 IMPLS = ("ours", "roofline", "dense autograd")
 DTYPES = ("float32", "float64")
+
+#: Batch sizes n of the default benchmark (``--sizes``).
+DEFAULT_SIZES = (2048, 8192)
 
 #: Logit scale t and bias b of the benchmark (SigLIP's initialisation, t' = log 10).
 SCALE = 10.0
@@ -104,6 +114,17 @@ def _positive_int_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _positive_float_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        msg = f"must be a positive number, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``python -m portable_siglip bench`` to ``parser``.
 
@@ -122,8 +143,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sizes",
         type=_comma_list("--sizes", _positive_int, None),
-        default=[2048, 8192],
-        help="comma-separated batch sizes n (default: 2048,8192)",
+        default=None,
+        help="comma-separated batch sizes n (default: 2048,8192; with --frameworks "
+        "8192,16384,32768)",
     )
     parser.add_argument(
         "--dim", type=_positive_int_arg, default=768, help="feature dimension d (768)"
@@ -180,6 +202,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int_arg,
         default=8192,
         help="global batch n of --distributed (8192); --sizes is for the default benchmark",
+    )
+    frameworks = parser.add_argument_group(
+        "frameworks",
+        "`--frameworks` compares forward + loss.backward() of portable_siglip.backends.torch's "
+        "SigLipLoss / ClipLoss with open_clip's (when open-clip-torch is installed), a "
+        "row-chunked autograd loss and the dense autograd loss (torch only): time, and peak "
+        "extra memory in a fresh process per case under an address-space limit",
+    )
+    frameworks.add_argument(
+        "--frameworks",
+        action="store_true",
+        help="benchmark against the framework losses (see portable_siglip._fwbench)",
+    )
+    frameworks.add_argument(
+        "--memory-cap-gib",
+        type=_positive_float_arg,
+        default=16.0,
+        help="with --frameworks: skip cases predicted to need more extra memory than this, "
+        "and run each case under an address-space limit of about this much (16)",
+    )
+    frameworks.add_argument(
+        "--chunk-size",
+        type=_positive_int_arg,
+        default=512,
+        help="with --frameworks: rows per chunk of the chunked autograd loss and of open_clip's "
+        "SigLipLoss(chunk_size=...) where it has one (512)",
     )
 
 
@@ -246,11 +294,45 @@ def _roofline(img: Any, txt: Any) -> Callable[[], None]:
     return run
 
 
-def _dense_autograd(loss: str, img: Any, txt: Any) -> Callable[[], None]:
+def dense_loss(loss: str, img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Write the loss densely in torch, for autograd: the n x n logits in one piece.
+
+    Parameters
+    ----------
+    loss : {"sigmoid", "softmax"}
+        Which loss.
+    img, txt : torch.Tensor, shape (n, d)
+        Image and text features.
+    scale : torch.Tensor, 0-d
+        The logit multiplier t.
+    bias : torch.Tensor, 0-d, or None
+        The logit bias b (None: 0; no effect on softmax).
+
+    Returns
+    -------
+    torch.Tensor, 0-d
+        The loss, differentiable by autograd.
+    """
     import torch
     from torch.nn import functional
 
     n = img.shape[0]
+    logits = scale * img @ txt.T  # (n, d) @ (d, n) -> (n, n)
+    if bias is not None:
+        logits = logits + bias
+    if loss == "sigmoid":
+        # Built on every call, as open_clip's SigLipLoss does.
+        labels = 2 * torch.eye(n, dtype=logits.dtype) - 1
+        return -functional.logsigmoid(labels * logits).sum() / n
+    target = torch.arange(n)
+    return (
+        functional.cross_entropy(logits, target) + functional.cross_entropy(logits.T, target)
+    ) / 2
+
+
+def _dense_autograd(loss: str, img: Any, txt: Any) -> Callable[[], None]:
+    import torch
+
     # detach() shares storage: the inputs of the other cases stay free of autograd.
     img_leaf = img.detach().requires_grad_(True)
     txt_leaf = txt.detach().requires_grad_(True)
@@ -261,18 +343,7 @@ def _dense_autograd(loss: str, img: Any, txt: Any) -> Callable[[], None]:
     def run() -> None:
         for leaf in leaves:
             leaf.grad = None
-        logits = scale * img_leaf @ txt_leaf.T + bias  # (n, d) @ (d, n) -> (n, n)
-        if loss == "sigmoid":
-            # Built on every call, as open_clip's SigLipLoss does.
-            labels = 2 * torch.eye(n, dtype=logits.dtype) - 1
-            value = -functional.logsigmoid(labels * logits).sum() / n
-        else:
-            target = torch.arange(n)
-            value = (
-                functional.cross_entropy(logits, target)
-                + functional.cross_entropy(logits.T, target)
-            ) / 2
-        value.backward()
+        dense_loss(loss, img_leaf, txt_leaf, scale, bias).backward()
 
     return run
 
@@ -633,12 +704,24 @@ def main(args: argparse.Namespace) -> int:
     int
         0 when every case ran, 1 when some case failed (the table and JSON say which),
         2 for invalid options. With ``args.distributed``, what
-        :func:`portable_siglip._distbench.main` returns.
+        :func:`portable_siglip._distbench.main` returns; with ``args.frameworks``, what
+        :func:`portable_siglip._fwbench.main` returns.
     """
+    if getattr(args, "distributed", False) and getattr(args, "frameworks", False):
+        print(
+            "bench: error: `--distributed` and `--frameworks` exclude each other", file=sys.stderr
+        )
+        return 2
     if getattr(args, "distributed", False):
         from . import _distbench
 
         return _distbench.main(args)
+    if getattr(args, "frameworks", False):
+        from . import _fwbench
+
+        return _fwbench.main(args)
+    if getattr(args, "sizes", None) is None:
+        args = argparse.Namespace(**{**vars(args), "sizes": list(DEFAULT_SIZES)})
     problem = _check_args(args)
     if problem is not None:
         print(f"bench: error: {problem}", file=sys.stderr)

@@ -110,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="evaluate one loss and its gradients")
     _add_run_arguments(run)
-    bench = commands.add_parser("bench", help="time forward + gradient against the roofline")
+    bench = commands.add_parser(
+        "bench",
+        help="time forward + gradient against the roofline; --distributed: the MPI "
+        "strategies; --frameworks: torch modules against open_clip and autograd",
+    )
     from . import _bench
 
     _bench.add_arguments(bench)

@@ -22,13 +22,12 @@ Check one with, for example::
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import inspect
-import sys
 from functools import cache
-from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from portable_siglip._fwbench import load_open_clip_loss
 
 __all__ = [
     "CHUNK_SIZE",
@@ -41,7 +40,6 @@ __all__ = [
 ]
 
 DISTRIBUTION = "open-clip-torch"
-MODULE_NAME = "_open_clip_loss_peer"  # not "open_clip.loss": the package itself is never imported
 CHUNK_SIZE = 8  # rows per block for the chunked path: smaller than the larger golden cases
 
 
@@ -64,34 +62,19 @@ def open_clip_version() -> str:
         raise ImportError(msg, name=DISTRIBUTION) from None
 
 
-@cache
 def load_loss_module() -> ModuleType:
     """Execute ``open_clip/loss.py`` of the installed distribution as a module of its own.
 
-    ``open_clip/__init__.py`` is never run.
+    ``open_clip/__init__.py`` is never run; the loader is the benchmark's
+    (:func:`portable_siglip._fwbench.load_open_clip_loss`).
 
     Raises
     ------
     ImportError
         If open-clip-torch is not installed or its distribution has no ``open_clip/loss.py``.
     """
-    version = open_clip_version()
-    path = Path(str(importlib.metadata.distribution(DISTRIBUTION).locate_file("open_clip/loss.py")))
-    if not path.is_file():
-        msg = f"{DISTRIBUTION} {version} has no open_clip/loss.py (looked at {path})"
-        raise ImportError(msg, name=DISTRIBUTION, path=str(path))
-    spec = importlib.util.spec_from_file_location(MODULE_NAME, path)
-    if spec is None or spec.loader is None:
-        msg = f"cannot load {path} as a module"
-        raise ImportError(msg, name=DISTRIBUTION, path=str(path))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[MODULE_NAME] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[MODULE_NAME]
-        raise
-    return module
+    open_clip_version()  # the ImportError that says how to install it
+    return load_open_clip_loss()
 
 
 load_loss_module()  # fail at import, with a clear ImportError, when open-clip-torch is missing
