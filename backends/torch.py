@@ -496,7 +496,79 @@ def _check_block_size(owner: str, block_size: object) -> int | None:
     return block_size
 
 
-class SigLipLoss(nn.Module):
+class _ContrastiveLoss(nn.Module):
+    """What the two modules share: their options, ``forward`` and ``repr``."""
+
+    _loss: LossName
+
+    def __init__(
+        self,
+        owner: str,
+        comm: Communicator | None,
+        rank: int,
+        world_size: int,
+        strategy: str,
+        allowed: tuple[str, ...],
+        block_size: int | None,
+        ddp: bool,
+    ) -> None:
+        super().__init__()
+        self.comm = _check_options(owner, comm, rank, world_size, strategy, allowed)
+        self.strategy = strategy
+        self.block_size = _check_block_size(owner, block_size)
+        self.ddp = _check_ddp(ddp)
+        self.rank = self.comm.rank if self.comm is not None else 0
+        self.world_size = self.comm.size if self.comm is not None else 1
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: Scalar,
+        logit_bias: Scalar | None = None,
+        output_dict: bool = False,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Return the loss of the (global) batch.
+
+        Parameters
+        ----------
+        image_features, text_features : torch.Tensor, shape (n, d)
+            This rank's features; row i of each is a pair.
+        logit_scale : float or torch.Tensor
+            The multiplier itself (open_clip models return ``logit_scale.exp()``).
+        logit_bias : float, torch.Tensor or None
+            The logit bias; None means 0. (It does not change the softmax loss, and its
+            gradient there is zero.)
+        output_dict : bool
+            Return ``{"contrastive_loss": loss}`` instead of the loss.
+
+        Returns
+        -------
+        torch.Tensor or dict
+            The 0-d loss, or the dict.
+        """
+        loss = _evaluate(
+            self._loss,
+            image_features,
+            text_features,
+            logit_scale,
+            logit_bias,
+            block_size=self.block_size,
+            comm=self.comm,
+            strategy=self.strategy,
+            ddp=self.ddp,
+        )
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def extra_repr(self) -> str:
+        """Say how the module is configured."""
+        return (
+            f"world_size={self.world_size}, strategy={self.strategy!r}, "
+            f"block_size={self.block_size}, ddp={self.ddp}"
+        )
+
+
+class SigLipLoss(_ContrastiveLoss):
     """SigLIP sigmoid loss as a drop-in for ``open_clip.loss.SigLipLoss``.
 
     Same constructor and ``forward`` as open_clip's; the loss is evaluated blockwise with
@@ -532,6 +604,8 @@ class SigLipLoss(nn.Module):
     0.020146
     """
 
+    _loss = "sigmoid"
+
     def __init__(
         self,
         cache_labels: bool = False,
@@ -544,63 +618,20 @@ class SigLipLoss(nn.Module):
         block_size: int | None = None,
         ddp: bool = True,
     ) -> None:
-        super().__init__()
-        chosen = strategy if strategy is not None else (dist_impl or "bidir")
-        self.comm = _check_options("SigLipLoss", comm, rank, world_size, chosen, SIGMOID_STRATEGIES)
-        self.strategy = chosen
-        self.block_size = _check_block_size("SigLipLoss", block_size)
-        self.ddp = _check_ddp(ddp)
+        super().__init__(
+            "SigLipLoss",
+            comm,
+            rank,
+            world_size,
+            strategy if strategy is not None else (dist_impl or "bidir"),
+            SIGMOID_STRATEGIES,
+            block_size,
+            ddp,
+        )
         self.cache_labels = cache_labels
-        self.rank = self.comm.rank if self.comm is not None else 0
-        self.world_size = self.comm.size if self.comm is not None else 1
-
-    def forward(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: Scalar,
-        logit_bias: Scalar | None = None,
-        output_dict: bool = False,
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Return the sigmoid loss of the (global) batch.
-
-        Parameters
-        ----------
-        image_features, text_features : torch.Tensor, shape (n, d)
-            This rank's features; row i of each is a pair.
-        logit_scale : float or torch.Tensor
-            The multiplier itself (open_clip models return ``logit_scale.exp()``).
-        logit_bias : float, torch.Tensor or None
-            The logit bias; None means 0.
-        output_dict : bool
-            Return ``{"contrastive_loss": loss}`` instead of the loss.
-
-        Returns
-        -------
-        torch.Tensor or dict
-            The 0-d loss, or the dict.
-        """
-        loss = sigmoid_loss(
-            image_features,
-            text_features,
-            logit_scale,
-            logit_bias,
-            block_size=self.block_size,
-            comm=self.comm,
-            strategy=self.strategy,
-            ddp=self.ddp,
-        )
-        return {"contrastive_loss": loss} if output_dict else loss
-
-    def extra_repr(self) -> str:
-        """Say how the module is configured."""
-        return (
-            f"world_size={self.world_size}, strategy={self.strategy!r}, "
-            f"block_size={self.block_size}, ddp={self.ddp}"
-        )
 
 
-class ClipLoss(nn.Module):
+class ClipLoss(_ContrastiveLoss):
     """CLIP softmax loss as a drop-in for ``open_clip.loss.ClipLoss``.
 
     Same constructor and ``forward`` as open_clip's; evaluated blockwise with analytic
@@ -633,6 +664,8 @@ class ClipLoss(nn.Module):
     0.000091
     """
 
+    _loss = "softmax"
+
     def __init__(
         self,
         local_loss: bool = False,
@@ -647,59 +680,10 @@ class ClipLoss(nn.Module):
         block_size: int | None = None,
         ddp: bool = True,
     ) -> None:
-        super().__init__()
-        self.comm = _check_options("ClipLoss", comm, rank, world_size, strategy, SOFTMAX_STRATEGIES)
-        self.strategy = strategy
-        self.block_size = _check_block_size("ClipLoss", block_size)
-        self.ddp = _check_ddp(ddp)
+        super().__init__(
+            "ClipLoss", comm, rank, world_size, strategy, SOFTMAX_STRATEGIES, block_size, ddp
+        )
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
         self.use_horovod = use_horovod
-        self.rank = self.comm.rank if self.comm is not None else 0
-        self.world_size = self.comm.size if self.comm is not None else 1
-
-    def forward(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: Scalar,
-        logit_bias: Scalar | None = None,
-        output_dict: bool = False,
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Return the softmax loss of the (global) batch.
-
-        Parameters
-        ----------
-        image_features, text_features : torch.Tensor, shape (n, d)
-            This rank's features; row i of each is a pair.
-        logit_scale : float or torch.Tensor
-            The multiplier itself (open_clip models return ``logit_scale.exp()``).
-        logit_bias : float, torch.Tensor or None
-            A logit bias; it does not change the loss and its gradient is zero.
-        output_dict : bool
-            Return ``{"contrastive_loss": loss}`` instead of the loss.
-
-        Returns
-        -------
-        torch.Tensor or dict
-            The 0-d loss, or the dict.
-        """
-        loss = softmax_loss(
-            image_features,
-            text_features,
-            logit_scale,
-            logit_bias,
-            block_size=self.block_size,
-            comm=self.comm,
-            strategy=self.strategy,
-            ddp=self.ddp,
-        )
-        return {"contrastive_loss": loss} if output_dict else loss
-
-    def extra_repr(self) -> str:
-        """Say how the module is configured."""
-        return (
-            f"world_size={self.world_size}, strategy={self.strategy!r}, "
-            f"block_size={self.block_size}, ddp={self.ddp}"
-        )
