@@ -524,6 +524,18 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return render_table(lines, left={0, 1, 3})
 
 
+def print_notes(notes: Sequence[str], errors: Sequence[str]) -> None:
+    """Print a benchmark's notes, then its errors, wrapped at 100 columns."""
+    for note in (*notes, *(f"error: {e}" for e in errors)):
+        print(textwrap.fill(note, width=100, subsequent_indent="  "))
+
+
+def print_load_after(machine: dict[str, Any]) -> None:
+    """Print the load average after the run and its wall time, from ``machine``."""
+    load = ", ".join(f"{x:.2f}" for x in machine["load_average_after"])
+    print(f"load average after: {load}; total {machine['wall_s']:.0f} s")
+
+
 def render_table(lines: Sequence[Sequence[str]], left: set[int]) -> str:
     """Lay out a header line and rows as aligned text columns under a rule.
 
@@ -755,10 +767,8 @@ def main(args: argparse.Namespace) -> int:
     print()
     print(_table(rows))
     print()
-    for note in (*NOTES, *(f"error: {e}" for e in errors)):
-        print(textwrap.fill(note, width=100, subsequent_indent="  "))
-    load = ", ".join(f"{x:.2f}" for x in machine["load_average_after"])
-    print(f"load average after: {load}; total {machine['wall_s']:.0f} s")
+    print_notes(NOTES, errors)
+    print_load_after(machine)
     if args.json is not None:
         report = {
             "machine": machine,

@@ -38,7 +38,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -605,8 +604,7 @@ def main(args: argparse.Namespace) -> int:
     print()
     print(_table(rows))
     print()
-    for note in (*NOTES, *(f"error: {e}" for e in errors)):
-        print(textwrap.fill(note, width=100, subsequent_indent="  "))
+    _bench.print_notes(NOTES, errors)
     library = next((job.get("mpi_library") for job in jobs.values()), None)
     if library:
         print(f"MPI: {library.split(',')[0]}; mpi4py {next(iter(jobs.values()))['mpi4py']}")

@@ -923,10 +923,8 @@ def main(args: argparse.Namespace) -> int:
         print("growth of the peak extra memory with n (n^k: the power of n it grew as):")
         for line in growth:
             print(f"  {line}")
-    for note in (*NOTES, *(f"error: {e}" for e in errors)):
-        print(textwrap.fill(note, width=100, subsequent_indent="  "))
-    load = ", ".join(f"{x:.2f}" for x in machine["load_average_after"])
-    print(f"load average after: {load}; total {machine['wall_s']:.0f} s")
+    _bench.print_notes(NOTES, errors)
+    _bench.print_load_after(machine)
     if args.json is not None:
         report = {
             "machine": machine,
