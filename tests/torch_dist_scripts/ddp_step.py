@@ -79,6 +79,9 @@ def main() -> None:
             out[f"open_clip {name}"] = step(model, peer, x_img[rows], x_txt[rows])
     if rank == 0:
         Path(sys.argv[1]).write_text(json.dumps(out))
+    # Leave together: a rank that tears gloo down while a peer is still in its last
+    # collective can make that peer's gloo thread abort the process.
+    dist.barrier()
     dist.destroy_process_group()
 
 
