@@ -1,0 +1,512 @@
+"""NCCLComm against a thread-backed fake of ``cupy.cuda.nccl`` (CPU), and on a real GPU.
+
+The fake (``fake_nccl.py``) runs W ranks as threads on NumPy arrays that stand in for
+device arrays; it keeps NCCL's matching, group and collective rules. The tests at the end
+(``test_gpu_*``) need CuPy and a GPU and skip without them.
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate
+from typing import Any
+
+import numpy as np
+import pytest
+from fake_nccl import FakeNccl, FakeNcclError, FakeRuntime, run_ranks
+from helpers import assert_close, pairs, to_numpy
+from portable_siglip.backends.nccl import NCCLComm, _nccl_dtype
+from test_distributed import (
+    BIAS,
+    LOSS,
+    LOSS_AND_GRAD,
+    SCALE,
+    SCHEDULE_IDS,
+    SCHEDULES,
+    SHARDS,
+    concat,
+    expected_bytes,
+)
+
+from portable_siglip.comm import Communicator, check_communicator
+
+WORLDS = [1, 2, 3, 4]
+
+
+def on_fake(size: int, fn: Any, **options: Any) -> list[Any]:
+    """Run ``fn(comm)`` on ``size`` ranks, each with an NCCLComm over the fake NCCL."""
+    nccl = FakeNccl(**options)
+    runtime = FakeRuntime(nccl)
+    unique_id = nccl.get_unique_id()
+
+    def rank_call(rank: int) -> Any:
+        comm = NCCLComm(nccl.NcclCommunicator(size, unique_id, rank), runtime=runtime)
+        return fn(comm)
+
+    return run_ranks(size, rank_call, nccl)
+
+
+# --- the primitives ---
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("direction", [1, -1])
+def test_ring_exchange(world: int, direction: int) -> None:
+    def call(comm: NCCLComm) -> np.ndarray:
+        send = np.arange(6.0).reshape(2, 3) + 100 * comm.rank
+        dest, source = (comm.rank + direction) % world, (comm.rank - direction) % world
+        return comm.sendrecv(send, dest, source, (2, 3))
+
+    for rank, got in enumerate(on_fake(world, call)):
+        source = (rank - direction) % world
+        np.testing.assert_array_equal(got, np.arange(6.0).reshape(2, 3) + 100 * source)
+
+
+def test_several_outstanding_exchanges_match_in_posting_order() -> None:
+    world = 3
+
+    def call(comm: NCCLComm) -> list[np.ndarray]:
+        right, left = (comm.rank + 1) % world, (comm.rank - 1) % world
+        requests = [
+            comm.isendrecv(np.full((k + 1,), 10.0 * comm.rank + k), right, left, (k + 1,), tag=k)
+            for k in range(4)
+        ]
+        requests.append(comm.isendrecv(np.array([comm.rank], dtype=np.int64), left, right, (1,)))
+        return [request.wait() for request in reversed(requests)]
+
+    for rank, got in enumerate(on_fake(world, call)):
+        got = got[::-1]
+        left, right = (rank - 1) % world, (rank + 1) % world
+        for k in range(4):
+            np.testing.assert_array_equal(got[k], np.full((k + 1,), 10.0 * left + k))
+        assert got[4].tolist() == [right]
+        assert got[4].dtype == np.int64
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_collectives(world: int) -> None:
+    def call(comm: NCCLComm) -> tuple[Any, ...]:
+        rows = comm.rank + 1  # uneven leading dims
+        x = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2) + comm.rank
+        total = comm.allreduce(np.full((2, 2), comm.rank + 1.0))
+        gathered = comm.allgather(x)
+        scalars = comm.allgather(np.asarray(float(comm.rank)))
+        roots = [
+            comm.bcast(np.full(3, 7 * comm.rank, dtype=np.int32), root) for root in range(world)
+        ]
+        objects = comm.allgather_object({"rank": comm.rank, "pad": "x" * comm.rank * 50})
+        return total, gathered, scalars, roots, objects
+
+    for total, gathered, scalars, roots, objects in on_fake(world, call):
+        np.testing.assert_array_equal(total, np.full((2, 2), world * (world + 1) / 2))
+        for r, part in enumerate(gathered):
+            want = np.arange((r + 1) * 2, dtype=np.float32).reshape(r + 1, 2) + r
+            np.testing.assert_array_equal(part, want)
+            assert part.dtype == np.float32
+        assert [float(s) for s in scalars] == [float(r) for r in range(world)]
+        assert all(s.shape == () for s in scalars)
+        for root, got in enumerate(roots):
+            np.testing.assert_array_equal(got, np.full(3, 7 * root, dtype=np.int32))
+        assert objects == [{"rank": r, "pad": "x" * r * 50} for r in range(world)]
+
+
+def test_results_do_not_alias_the_inputs() -> None:
+    def call(comm: NCCLComm) -> list[bool]:
+        x = np.ones(3)
+        outs = [comm.allreduce(x), comm.bcast(x, 0), comm.allgather(x)[comm.rank]]
+        return [np.shares_memory(out, x) for out in outs]
+
+    assert on_fake(2, call) == [[False] * 3] * 2
+
+
+def test_is_a_communicator_and_counts_bytes() -> None:
+    def call(comm: NCCLComm) -> int:
+        assert isinstance(comm, Communicator)
+        check_communicator(comm)
+        comm.sendrecv(np.ones((2, 3)), (comm.rank + 1) % 2, (comm.rank + 1) % 2, (2, 3))
+        comm.allreduce(np.ones(4, dtype=np.float32))
+        comm.allgather(np.ones((comm.rank + 1, 2)))
+        comm.bcast(np.ones(5), root=1)
+        comm.allgather_object("not counted")
+        return comm.bytes_sent
+
+    assert on_fake(2, call) == [48 + 16 + 16, 48 + 16 + 32 + 40]
+
+
+def test_results_are_synchronised_before_they_are_returned() -> None:
+    nccl = FakeNccl()
+    runtime = FakeRuntime(nccl)
+    comm = NCCLComm(nccl.NcclCommunicator(1, nccl.get_unique_id(), 0), runtime=runtime)
+    request = comm.isendrecv(np.ones(2), 0, 0, (2,))
+    assert runtime.synchronized == 0  # posted, not waited for
+    request.wait()
+    assert runtime.synchronized == 1
+    request.wait()  # a second wait returns the same array without more work
+    assert runtime.synchronized == 1
+    for operation, syncs in (
+        (lambda: comm.allreduce(np.ones(2)), 1),
+        (lambda: comm.bcast(np.ones(2)), 1),
+        (lambda: comm.allgather_object(1), 2),  # lengths, then the padded pickles
+        (lambda: comm.allgather(np.ones(2)), 3),  # shapes as objects, then the data
+    ):
+        before = runtime.synchronized
+        operation()
+        assert runtime.synchronized - before == syncs
+
+
+@pytest.mark.parametrize(("loss", "strategy"), SCHEDULES, ids=SCHEDULE_IDS)
+def test_bytes_sent_per_rank_match_the_schedule(loss: str, strategy: str) -> None:
+    world, n, d = 4, 5, 3
+    img, txt = pairs(np.random.default_rng(5), world * n, d)
+
+    def call(comm: NCCLComm) -> int:
+        rows = slice(n * comm.rank, n * (comm.rank + 1))
+        LOSS_AND_GRAD[loss](img[rows], txt[rows], SCALE, BIAS, comm=comm, strategy=strategy)
+        return comm.bytes_sent
+
+    assert on_fake(world, call) == [expected_bytes(loss, strategy, world, n, d, 8)] * world
+
+
+# --- every schedule of both losses against one process ---
+
+
+def sharded(sizes: list[int], function: Any, img: Any, txt: Any, **kwargs: Any) -> list[Any]:
+    edges = [0, *accumulate(sizes)]
+
+    def call(comm: NCCLComm) -> Any:
+        rows = slice(edges[comm.rank], edges[comm.rank + 1])
+        return function(img[rows, :], txt[rows, :], SCALE, BIAS, comm=comm, **kwargs)
+
+    return on_fake(len(sizes), call)
+
+
+@pytest.mark.parametrize("block_size", [2, None])
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize(("loss", "strategy"), SCHEDULES, ids=SCHEDULE_IDS)
+def test_schedules_match_one_process(
+    loss: str, strategy: str, world: int, block_size: int | None
+) -> None:
+    img, txt = pairs(np.random.default_rng(world), 13, 4)
+    function = LOSS_AND_GRAD[loss]
+    want_loss, want = function(img, txt, SCALE, BIAS, block_size=block_size)
+    results = sharded(SHARDS[world], function, img, txt, strategy=strategy, block_size=block_size)
+    for rank, (got_loss, grads) in enumerate(results):
+        assert to_numpy(got_loss) == to_numpy(results[0][0]), f"rank {rank} differs"
+        assert_close(grads.scale, want.scale, 1e-12, f"grads.scale on rank {rank}")
+        assert_close(grads.bias, want.bias, 1e-12, f"grads.bias on rank {rank}")
+        assert grads.img.shape == (SHARDS[world][rank], 4)
+    assert_close(results[0][0], want_loss, 1e-12, "loss")
+    assert_close(concat([r[1].img for r in results]), want.img, 1e-12, "grads.img")
+    assert_close(concat([r[1].txt for r in results]), want.txt, 1e-12, "grads.txt")
+
+
+@pytest.mark.parametrize(("loss", "strategy"), SCHEDULES, ids=SCHEDULE_IDS)
+def test_loss_alone_and_float32(loss: str, strategy: str) -> None:
+    img, txt = pairs(np.random.default_rng(3), 11, 6)
+    img, txt = img.astype(np.float32), txt.astype(np.float32)
+    want = LOSS[loss](img, txt, SCALE, BIAS, block_size=3)
+    for got in sharded([4, 2, 5], LOSS[loss], img, txt, strategy=strategy, block_size=3):
+        assert got.dtype == np.float32
+        assert_close(got, to_numpy(want), 1e-5, "loss")
+
+
+# --- bootstrap over MPI ---
+
+
+class FakeMPI:
+    """The part of an mpi4py communicator that ``from_mpi`` uses, for ranks as threads."""
+
+    def __init__(self, shared: dict[str, Any], rank: int, size: int) -> None:
+        self.shared, self.rank, self.size = shared, rank, size
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        box = self.shared
+        with box["cond"]:
+            if self.rank == root:
+                box["value"] = obj
+                box["cond"].notify_all()
+            assert box["cond"].wait_for(lambda: "value" in box, timeout=10)
+            return box["value"]
+
+    def allgather(self, obj: Any) -> list[Any]:
+        box = self.shared
+        with box["cond"]:
+            box.setdefault("gather", {})[self.rank] = obj
+            box["cond"].notify_all()
+            assert box["cond"].wait_for(lambda: len(box["gather"]) == self.size, timeout=10)
+            return [box["gather"][r] for r in range(self.size)]
+
+
+@pytest.mark.parametrize("id_form", ["bytes", "tuple"])
+@pytest.mark.parametrize("world", [1, 3])
+def test_from_mpi_bootstrap(id_form: str, world: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    for name in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    nccl = FakeNccl(id_form=id_form)
+    runtime = FakeRuntime(nccl, devices=2)
+    shared: dict[str, Any] = {"cond": threading.Condition()}
+
+    def call(rank: int) -> tuple[Any, ...]:
+        comm = NCCLComm.from_mpi(FakeMPI(shared, rank, world), runtime=runtime)
+        total = comm.allreduce(np.ones(2))
+        return (
+            comm.rank,
+            comm.size,
+            comm.device,
+            comm.nccl_comm.comm_id,
+            total,
+            comm.allgather_object(rank),
+        )
+
+    results = run_ranks(world, call, nccl)
+    assert nccl.unique_ids_made == 1  # rank 0 only
+    sent = shared["value"]
+    assert isinstance(sent, bytes if id_form == "bytes" else tuple)
+    for rank, (got_rank, size, device, comm_id, total, objects) in enumerate(results):
+        assert (got_rank, size, device) == (rank, world, rank % 2)
+        assert comm_id is sent or comm_id == sent  # unchanged
+        assert type(comm_id) is type(sent)
+        np.testing.assert_array_equal(total, np.full(2, float(world)))
+        assert objects == list(range(world))
+    assert runtime.used_devices == {f"fake-rank-{r}": r % 2 for r in range(world)}
+
+
+def test_from_mpi_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    nccl = FakeNccl()
+    runtime = FakeRuntime(nccl, devices=4)
+    monkeypatch.setenv("LOCAL_RANK", "6")
+    shared: dict[str, Any] = {"cond": threading.Condition()}
+    comm = NCCLComm.from_mpi(FakeMPI(shared, 0, 1), runtime=runtime)
+    assert comm.device == 2  # local rank 6 modulo 4 GPUs
+    comm = NCCLComm.from_mpi(
+        FakeMPI({"cond": threading.Condition()}, 0, 1), device=3, runtime=runtime
+    )
+    assert comm.device == 3
+    with pytest.raises(ValueError, match=r"`device` must be a GPU index in 0\.\.3, got 4"):
+        NCCLComm.from_mpi(FakeMPI(shared, 0, 1), device=4, runtime=runtime)
+
+
+def test_fake_rejects_the_other_id_form() -> None:
+    with pytest.raises(ValueError, match=r"commId length 10 != 128\."):
+        FakeNccl(id_form="tuple").NcclCommunicator(1, tuple(range(10)), 0)
+    with pytest.raises(TypeError, match="commId must be bytes"):
+        FakeNccl(id_form="bytes").NcclCommunicator(1, tuple(range(128)), 0)
+
+
+# --- dtypes and layouts ---
+
+
+@pytest.mark.parametrize("dtype", ["complex128", "bool", "int16"])
+def test_unsupported_dtypes_raise(dtype: str) -> None:
+    def call(comm: NCCLComm) -> None:
+        x = np.zeros(3, dtype=dtype)
+        for operation in (
+            lambda: comm.sendrecv(x, 0, 0, (3,)),
+            lambda: comm.allreduce(x),
+            lambda: comm.allgather(x),
+            lambda: comm.bcast(x),
+        ):
+            with pytest.raises(TypeError, match=rf"cannot send arrays of dtype {dtype}"):
+                operation()
+
+    on_fake(1, call)
+
+
+@pytest.mark.parametrize("has_bfloat16", [True, False])
+def test_bfloat16(has_bfloat16: bool) -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+
+    def call(comm: NCCLComm) -> list[Any]:
+        x = (np.arange(4.0) + comm.rank).astype(ml_dtypes.bfloat16)
+        out = [comm.sendrecv(x, (comm.rank + 1) % 2, (comm.rank + 1) % 2, (4,))]
+        out += [*comm.allgather(x), comm.bcast(x, 1)]
+        if has_bfloat16:
+            out.append(comm.allreduce(x))
+        else:
+            with pytest.raises(TypeError, match=r"allreduce of bfloat16 needs NCCL_BFLOAT16"):
+                comm.allreduce(x)
+        return out
+
+    for rank, out in enumerate(on_fake(2, call, bfloat16=has_bfloat16)):
+        want = [np.arange(4.0) + (1 - rank), np.arange(4.0), np.arange(4.0) + 1, np.arange(4.0) + 1]
+        if has_bfloat16:
+            want.append(2 * np.arange(4.0) + 1)
+        for got, expected in zip(out, want, strict=True):
+            assert got.dtype == ml_dtypes.bfloat16
+            np.testing.assert_array_equal(got.astype(np.float64), expected)
+
+
+def test_bfloat16_travels_as_bytes_without_the_constant() -> None:
+    nccl = FakeNccl(bfloat16=False)
+    assert _nccl_dtype(nccl, "bfloat16", reduce=False) == (nccl.NCCL_UINT8, 2)
+    assert _nccl_dtype(FakeNccl(), "bfloat16", reduce=True) == (9, 1)
+    assert _nccl_dtype(nccl, "float64", reduce=True) == (nccl.NCCL_FLOAT64, 1)
+
+
+def test_non_contiguous_arrays_raise() -> None:
+    def call(comm: NCCLComm) -> None:
+        x = np.zeros((4, 6))[:, ::2]
+        for operation in (
+            lambda: comm.sendrecv(x, 0, 0, (4, 3)),
+            lambda: comm.allreduce(x),
+            lambda: comm.allgather(x.T),
+            lambda: comm.bcast(x),
+        ):
+            with pytest.raises(ValueError, match=r"C-contiguous arrays; got shape \(.*strides"):
+                operation()
+
+    on_fake(1, call)
+
+
+def test_bad_peers_and_shapes_raise() -> None:
+    def call(comm: NCCLComm) -> None:
+        with pytest.raises(ValueError, match=r"`dest` must be a rank in 0\.\.1, got 2"):
+            comm.isendrecv(np.ones(2), 2, 0, (2,))
+        with pytest.raises(ValueError, match=r"`root` must be a rank in 0\.\.1, got -1"):
+            comm.bcast(np.ones(2), -1)
+        with pytest.raises(ValueError, match="differ beyond the first axis"):
+            comm.allgather(np.ones((2, 2 + comm.rank)))
+
+    on_fake(2, call)
+
+
+def test_count_mismatch_is_caught() -> None:
+    def call(comm: NCCLComm) -> None:
+        peer = 1 - comm.rank
+        comm.sendrecv(np.ones(3), peer, peer, (4,))
+
+    with pytest.raises(FakeNcclError, match=r"receives 4 x dtype 8 from rank \d, which sent 3"):
+        on_fake(2, call)
+
+
+# --- the fake keeps NCCL's rules (so the tests above can fail) ---
+
+
+def test_fake_send_to_self_needs_a_recv_in_its_group() -> None:
+    nccl = FakeNccl()
+    runtime = FakeRuntime(nccl)
+    comm = nccl.NcclCommunicator(1, nccl.get_unique_id(), 0)
+    x = np.ones(2)
+    with pytest.raises(FakeNcclError, match="send to self outside a group"):
+        comm.send(runtime.pointer(x), 2, nccl.NCCL_FLOAT64, 0, 0)
+    nccl.groupStart()
+    comm.send(runtime.pointer(x), 2, nccl.NCCL_FLOAT64, 0, 0)
+    with pytest.raises(FakeNcclError, match="send to self without the matching recv"):
+        nccl.groupEnd()
+
+
+def test_fake_matches_a_plain_send_with_a_grouped_recv_and_times_out() -> None:
+    def call(rank: int, comm_id: Any, nccl: FakeNccl, runtime: FakeRuntime) -> Any:
+        comm = nccl.NcclCommunicator(2, comm_id, rank)
+        x = np.full(2, float(rank))
+        if rank == 0:
+            comm.send(runtime.pointer(x), 2, nccl.NCCL_FLOAT64, 1, 0)
+            return None
+        nccl.groupStart()
+        comm.recv(runtime.pointer(x), 2, nccl.NCCL_FLOAT64, 0, 0)
+        nccl.groupEnd()
+        return x
+
+    nccl = FakeNccl()
+    runtime = FakeRuntime(nccl)
+    comm_id = nccl.get_unique_id()
+    got = run_ranks(2, lambda r: call(r, comm_id, nccl, runtime), nccl)
+    np.testing.assert_array_equal(got[1], np.zeros(2))
+
+    nccl = FakeNccl(timeout=0.3)
+    comm = nccl.NcclCommunicator(1, nccl.get_unique_id(), 0)
+    two = nccl.NcclCommunicator  # a rank that never joins: the join times out
+    with pytest.raises(TimeoutError, match="every rank to join"):
+        two(2, nccl.get_unique_id(), 0)
+    assert comm.size() == 1
+
+
+def test_schedules_fail_when_the_exchange_is_broken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check of the tests: swapping dest and source is caught (mismatch or wrong values)."""
+    original = NCCLComm.isendrecv
+
+    def swapped(self: NCCLComm, send: Any, dest: int, source: int, shape: Any, **kw: Any) -> Any:
+        return original(self, send, source, dest, shape, **kw)
+
+    monkeypatch.setattr(NCCLComm, "isendrecv", swapped)
+    with pytest.raises((AssertionError, FakeNcclError)):
+        test_schedules_match_one_process("sigmoid", "shift", 3, 2)
+    with pytest.raises((AssertionError, FakeNcclError)):
+        test_schedules_match_one_process("softmax", "ring", 4, None)
+
+
+# --- host arrays on the real runtime; the real GPU ---
+
+
+def test_real_runtime_rejects_host_arrays() -> None:
+    cupy = pytest.importorskip("cupy")
+    from portable_siglip.backends.nccl import CupyRuntime
+
+    runtime = CupyRuntime()
+    with pytest.raises(TypeError, match="NCCLComm needs device arrays"):
+        runtime.as_device_array(np.ones(2), None)
+    assert cupy is not None
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"got a torch\.Tensor in host memory"):
+        runtime.as_device_array(torch.ones(2), None)
+
+
+def _gpu() -> Any:
+    cupy = pytest.importorskip("cupy", reason="needs CuPy and a GPU")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no driver
+        count = 0
+    if count < 1:
+        pytest.skip("needs a GPU")
+    return cupy
+
+
+def _one_rank_gpu_comm() -> NCCLComm:
+    cupy = _gpu()
+    from cupy.cuda import nccl
+
+    cupy.cuda.Device(0).use()
+    return NCCLComm(nccl.NcclCommunicator(1, nccl.get_unique_id(), 0))
+
+
+def test_gpu_primitives() -> None:
+    """GPU: the primitives on real CuPy/NCCL with one rank; torch CUDA tensors round-trip."""
+    comm = _one_rank_gpu_comm()
+    import cupy
+
+    x = cupy.arange(6.0).reshape(2, 3)
+    cupy.testing.assert_array_equal(comm.sendrecv(x, 0, 0, (2, 3)), x)
+    cupy.testing.assert_array_equal(comm.allreduce(x), x)
+    cupy.testing.assert_array_equal(comm.allgather(x)[0], x)
+    cupy.testing.assert_array_equal(comm.bcast(x, 0), x)
+    assert comm.allgather_object({"a": 1}) == [{"a": 1}]
+    with pytest.raises(TypeError, match="NCCLComm needs device arrays"):
+        comm.allreduce(np.ones(2))
+    torch = pytest.importorskip("torch")
+    t = torch.arange(4.0, device="cuda").to(torch.bfloat16)
+    out = comm.sendrecv(t, 0, 0, (4,))
+    assert isinstance(out, torch.Tensor)
+    assert out.dtype == torch.bfloat16
+    assert out.is_cuda
+    assert torch.equal(out, t)
+
+
+@pytest.mark.parametrize(("loss", "strategy"), SCHEDULES, ids=SCHEDULE_IDS)
+def test_gpu_schedules(loss: str, strategy: str) -> None:
+    """GPU: every schedule with a one-rank NCCL communicator equals no communicator."""
+    comm = _one_rank_gpu_comm()
+    import cupy
+
+    img_np, txt_np = pairs(np.random.default_rng(1), 9, 4)
+    img, txt = cupy.asarray(img_np), cupy.asarray(txt_np)
+    want_loss, want = LOSS_AND_GRAD[loss](img, txt, SCALE, BIAS, block_size=4)
+    got_loss, got = LOSS_AND_GRAD[loss](
+        img, txt, SCALE, BIAS, block_size=4, comm=comm, strategy=strategy
+    )
+    assert_close(got_loss, to_numpy(want_loss), 1e-12, "loss")
+    for name in got._fields:
+        assert_close(getattr(got, name), to_numpy(getattr(want, name)), 1e-12, name)
