@@ -9,6 +9,6 @@ Each module imports only its own library, and only when it is itself imported, s
   ``TorchDistComm``, a communicator over ``torch.distributed``.
 - :mod:`portable_siglip.backends.jax`: ``sigmoid_loss``/``softmax_loss`` as
   ``jax.custom_vjp`` functions.
-
-The NCCL communicator is planned.
+- :mod:`portable_siglip.backends.nccl`: ``NCCLComm``, the NCCL communicator over CuPy
+  (tested against a fake of the binding; not yet verified on a GPU, see docs/gpu.md).
 """
