@@ -61,6 +61,7 @@ Examples
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Literal, TypeAlias
 
 import torch
@@ -68,6 +69,7 @@ import torch.distributed as dist
 from torch import nn
 
 import portable_siglip as ps
+from portable_siglip import _checks
 from portable_siglip._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
 from portable_siglip.comm import BaseComm, Communicator, Request, check_communicator
 
@@ -488,12 +490,13 @@ def _check_options(
 
 
 def _check_block_size(owner: str, block_size: object) -> int | None:
+    """Run the core's check of ``block_size`` at construction, the module named in front."""
     if block_size is None:
-        return None
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-        msg = f"{owner}: `block_size` must be a positive int or None, got {block_size!r}"
-        raise ValueError(msg)
-    return block_size
+        return None  # the core picks the default for each call's n
+    try:
+        return _checks._check_block_size(block_size, sys.maxsize)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{owner}: {error}") from None
 
 
 class _ContrastiveLoss(nn.Module):

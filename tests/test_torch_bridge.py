@@ -340,6 +340,7 @@ def test_open_clip_constructor_arguments_are_accepted() -> None:
         (lambda: bridge.SigLipLoss(dist_impl="ring"), ValueError, r"strategy must be one of"),
         (lambda: bridge.ClipLoss(strategy="bidir"), ValueError, r"strategy must be one of"),
         (lambda: bridge.SigLipLoss(block_size=0), ValueError, r"`block_size`.*got 0"),
+        (lambda: bridge.ClipLoss(block_size="8"), TypeError, r"ClipLoss: `block_size`.*str '8'"),
         (lambda: bridge.ClipLoss(ddp="yes"), TypeError, r"`ddp` must be True or False"),
         (lambda: bridge.SigLipLoss(world_size=2.0), TypeError, r"`world_size` must be an int"),
         (lambda: bridge.SigLipLoss(comm=object()), TypeError, r"communicator"),
