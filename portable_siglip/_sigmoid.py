@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import array_api_compat
 
+from . import _inplace
 from ._tiles import blocks, diagonal_mask
 from ._typing import Array, Namespace
 
@@ -74,6 +75,12 @@ def sigmoid_sums(
     SigmoidSums
         The unnormalised sums; the caller divides by n.
     """
+    if _inplace.enabled(xp, scaled_img, txt, bias):
+        return SigmoidSums(
+            *_inplace.sigmoid_sums(
+                xp, scaled_img, txt, bias, positives=positives, block_size=block_size, grad=grad
+            )
+        )
     m, k = scaled_img.shape[0], txt.shape[0]
     dtype = scaled_img.dtype
     device = array_api_compat.device(scaled_img)

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import array_api_compat
 
+from . import _inplace
 from ._tiles import blocks, diagonal_mask
 from ._typing import Array, Namespace
 
@@ -75,6 +76,10 @@ def softmax_lse(
     SoftmaxLse
         ``rows[i] = lse_j Z_ij - img_diag[i]`` and ``cols[j] = lse_i Z_ij - txt_diag[j]``.
     """
+    if _inplace.enabled(xp, scaled_img, txt):
+        return SoftmaxLse(
+            *_inplace.softmax_lse(xp, scaled_img, txt, img_diag, txt_diag, block_size=block_size)
+        )
     m, k = scaled_img.shape[0], txt.shape[0]
     col_blocks = list(blocks(k, block_size))
     col_lse: list[Array | None] = [None] * len(col_blocks)
@@ -132,6 +137,10 @@ def softmax_grad_sums(
     img_acc, txt_acc : array
         ``P @ txt`` of shape (m, d) and ``P.T @ scaled_img`` of shape (k, d).
     """
+    if _inplace.enabled(xp, scaled_img, txt):
+        return _inplace.softmax_grad_sums(
+            xp, scaled_img, txt, row_lse, col_lse, positives=positives, block_size=block_size
+        )
     m, k = scaled_img.shape[0], txt.shape[0]
     device = array_api_compat.device(scaled_img)
     col_blocks = list(blocks(k, block_size))

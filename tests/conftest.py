@@ -2,6 +2,11 @@
 
 Backends that are not installed, or that need a GPU this machine lacks, skip themselves.
 Select a subset with ``PORTABLE_SIGLIP_BACKENDS=numpy,torch``.
+
+NumPy and torch arrays take the in-place tile kernels of ``portable_siglip._inplace``;
+``numpy_readonly`` and ``torch_reference`` run the same arrays through the reference
+(array-API-only) tile loops, with ``PORTABLE_SIGLIP_FAST_PATHS=0`` set for the test, so both
+implementations pass every test. array_api_strict and jax always take the reference loops.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ class Backend(Enum):
     NUMPY_READONLY = "numpy_readonly"
     ARRAY_API_STRICT = "array_api_strict"
     TORCH = "torch"
+    TORCH_REFERENCE = "torch_reference"
     JAX = "jax"
     CUPY = "cupy"
     TORCH_GPU = "torch_gpu"
@@ -64,7 +70,7 @@ def _namespace(backend: Backend) -> Any:
         xs = pytest.importorskip("array_api_strict")
         xs.set_array_api_strict_flags(api_version="2024.12")
         return xs
-    if backend in (Backend.TORCH, Backend.TORCH_GPU):
+    if backend in (Backend.TORCH, Backend.TORCH_REFERENCE, Backend.TORCH_GPU):
         torch = pytest.importorskip("torch")
         if backend is Backend.TORCH_GPU:
             if not torch.cuda.is_available():
@@ -99,14 +105,20 @@ def _namespace(backend: Backend) -> Any:
     raise AssertionError(backend)  # pragma: no cover
 
 
+#: Backends whose tests run with the in-place kernels switched off.
+REFERENCE_LOOPS = (Backend.NUMPY_READONLY, Backend.TORCH_REFERENCE)
+
+
 @pytest.fixture(params=list(Backend), ids=[b.value for b in Backend])
-def xp(request: pytest.FixtureRequest) -> Iterator[Any]:
+def xp(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """Array namespace of each backend in turn."""
     backend: Backend = request.param
     selected = _selected()
     if selected is not None and backend.value not in selected:
         pytest.skip(f"{backend.value} not in PORTABLE_SIGLIP_BACKENDS")
     namespace = _namespace(backend)
+    if backend in REFERENCE_LOOPS:
+        monkeypatch.setenv("PORTABLE_SIGLIP_FAST_PATHS", "0")
     yield namespace
     if backend is Backend.TORCH_GPU:
         import torch
