@@ -1,22 +1,32 @@
 """``python -m portable_siglip bench``: time and memory of the blockwise losses on the CPU.
 
-For each backend (numpy, torch), loss (sigmoid, softmax) and batch size n, three things run
-on the same random inputs and are timed the same way (one warm-up, then the median of
-``--repeats`` runs of forward + gradient):
+The default run sweeps the batch size n (1024 to 65536), the feature dimension d (256, 768),
+both losses and every installed backend (numpy, torch, jax). For each (backend, d, n, loss)
+these run on the same random inputs, forward + gradient:
 
 ``ours``
     :func:`portable_siglip.sigmoid_loss_and_grad` / :func:`softmax_loss_and_grad`.
 ``roofline``
     The three GEMMs any forward + gradient must do, ``S = img @ txt.T``, ``S @ txt`` and
     ``S.T @ img``, on the same backend and dtype: the matmul roofline of this run
-    (DESIGN.md section 7).
+    (DESIGN.md section 7). Above :data:`ROOFLINE_PANEL_BYTES` of ``S`` the same products run
+    on row panels of ``S``, so the roofline exists at every n.
 ``dense autograd`` (torch only)
-    The loss written densely in torch and differentiated by autograd, as open_clip's
-    ``SigLipLoss`` / ``ClipLoss`` do.
+    The loss written densely in torch and differentiated by autograd.
+``open_clip`` (torch only, when open-clip-torch is installed)
+    open_clip's own ``SigLipLoss`` / ``ClipLoss``, forward + ``backward()``.
+
+Timing: one warm-up of every row of a case, then ``--repeats`` rounds in which each row runs
+once, in turn, so that a slow spell of the machine hits every row of the case alike; the
+median is reported. A case predicted (from the same row at the previous n, scaled as n^2) to
+take longer than :data:`LONG_CASE_S` runs once, without warm-up, in its memory probe.
+Rows predicted to need more memory than ``--memory-cap-gib`` (the dense n x n ones) are
+skipped with the prediction stated.
 
 Every row reports GFLOP/s counted as three GEMMs of ``2 n^2 d`` flops whatever the row did, so
 the rows compare, and the roofline fraction ``roofline time / row time``. Peak extra memory is
-measured per case in a fresh process by :mod:`portable_siglip._memprobe`.
+measured per case in a fresh process by :mod:`portable_siglip._memprobe`. ``--json`` keeps
+every row; ``--plots DIR`` draws time and memory against n (:mod:`portable_siglip._plots`).
 
 ``bench --distributed`` times the distributed strategies over MPI instead (one BLAS thread
 per rank, W ranks against one): see :mod:`portable_siglip._distbench`.
@@ -46,17 +56,35 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["add_arguments", "dense_loss", "main", "make_inputs", "make_run"]
 
-BACKENDS = ("numpy", "torch")
+BACKENDS = ("numpy", "torch", "jax")
 LOSSES = ("sigmoid", "softmax")
-IMPLS = ("ours", "roofline", "dense autograd")
+IMPLS = ("ours", "roofline", "dense autograd", "open_clip")
 DTYPES = ("float32", "float64")
 
 #: Batch sizes n of the default benchmark (``--sizes``).
-DEFAULT_SIZES = (2048, 8192)
+DEFAULT_SIZES = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+#: Feature dimensions d of the default benchmark (``--dims``).
+DEFAULT_DIMS = (256, 768)
+
+#: d of ``--distributed`` and ``--frameworks`` when ``--dim`` is not given.
+DEFAULT_DIM = 768
+
+#: A case predicted to take longer than this (seconds) runs once, in its memory probe.
+LONG_CASE_S = 10.0
+
+#: Rate (FLOP/s) assumed for a row never timed at a smaller n: below any measured CPU rate.
+PRIOR_FLOPS = 5e10
+
+#: Largest ``S = img @ txt.T`` (bytes) the roofline forms whole; above, it goes by row panels.
+ROOFLINE_PANEL_BYTES = 2 * 2**30
+
+#: Peak of the dense n x n rows, in n x n matrices (measured: 5.0 at float32, n = 8192).
+DENSE_N2_MATRICES = 5.5
 
 #: Logit scale t and bias b of the benchmark (SigLIP's initialisation, t' = log 10).
 SCALE = 10.0
@@ -137,18 +165,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backends",
         type=_comma_list("--backends", str, BACKENDS),
         default=list(BACKENDS),
-        help="comma-separated array libraries (default: numpy,torch); one that is not "
+        help="comma-separated array libraries (default: numpy,torch,jax); one that is not "
         "installed is skipped with a note",
     )
     parser.add_argument(
         "--sizes",
         type=_comma_list("--sizes", _positive_int, None),
         default=None,
-        help="comma-separated batch sizes n (default: 2048,8192; with --frameworks "
+        help="comma-separated batch sizes n (default: 1024,2048,...,65536; with --frameworks "
         "8192,16384,32768)",
     )
     parser.add_argument(
-        "--dim", type=_positive_int_arg, default=768, help="feature dimension d (768)"
+        "--dims",
+        type=_comma_list("--dims", _positive_int, None),
+        default=None,
+        help="comma-separated feature dimensions d of the sweep (default: 256,768, or --dim)",
+    )
+    parser.add_argument(
+        "--dim",
+        type=_positive_int_arg,
+        default=None,
+        help=f"one feature dimension d (default for --distributed and --frameworks: {DEFAULT_DIM})",
     )
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="feature dtype")
     parser.add_argument(
@@ -172,14 +209,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (0)")
     parser.add_argument("--json", metavar="FILE", default=None, help="write all results here")
     parser.add_argument(
+        "--plots",
+        metavar="DIR",
+        default=None,
+        help="draw bench-time.png and bench-memory.png (log-log, against n) into DIR; "
+        "needs matplotlib",
+    )
+    parser.add_argument(
         "--no-dense",
         action="store_true",
-        help="skip the dense torch-autograd baseline",
+        help="skip the dense torch-autograd and open_clip baselines",
     )
     parser.add_argument(
         "--no-memory",
         action="store_true",
         help="skip the peak-memory probes (one subprocess per case)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="split the time of our call into tile GEMMs and the rest, against the roofline "
+        "(numpy and torch; default n = 8192, d = 768; see portable_siglip._profile)",
     )
     group = parser.add_argument_group(
         "distributed",
@@ -219,8 +269,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--memory-cap-gib",
         type=_positive_float_arg,
         default=16.0,
-        help="with --frameworks: skip cases predicted to need more extra memory than this, "
-        "and run each case under an address-space limit of about this much (16)",
+        help="skip cases predicted to need more extra memory than this; with --frameworks, "
+        "also run each case under an address-space limit of about this much (16)",
     )
     frameworks.add_argument(
         "--chunk-size",
@@ -242,7 +292,7 @@ def make_inputs(backend: str, n: int, dim: int, dtype: str, seed: int) -> tuple[
 
     Parameters
     ----------
-    backend : {"numpy", "torch"}
+    backend : {"numpy", "torch", "jax"}
         Array library of the returned arrays.
     n, dim : int
         Shape ``(n, dim)`` of each.
@@ -269,7 +319,21 @@ def make_inputs(backend: str, n: int, dim: int, dtype: str, seed: int) -> tuple[
         import torch
 
         return torch.from_numpy(img), torch.from_numpy(txt)
+    if backend == "jax":
+        import jax
+
+        if dtype == "float64":
+            jax.config.update("jax_enable_x64", True)  # type: ignore[no-untyped-call]
+        return jax.device_put(img), jax.device_put(txt)
     return img, txt
+
+
+def _wait(*arrays: Any) -> None:
+    # jax dispatches asynchronously: a timing must wait for the results to exist.
+    for array in arrays:
+        ready = getattr(array, "block_until_ready", None)
+        if ready is not None:
+            ready()
 
 
 def _ours(loss: str, img: Any, txt: Any, block_size: int | None) -> Callable[[], None]:
@@ -278,18 +342,61 @@ def _ours(loss: str, img: Any, txt: Any, block_size: int | None) -> Callable[[],
     loss_and_grad = ps.sigmoid_loss_and_grad if loss == "sigmoid" else ps.softmax_loss_and_grad
 
     def run() -> None:
-        loss_and_grad(img, txt, SCALE, BIAS, block_size=block_size)
+        value, grads = loss_and_grad(img, txt, SCALE, BIAS, block_size=block_size)
+        _wait(value, *grads)
 
     return run
 
 
+def roofline_panel(n: int, itemsize: int) -> int:
+    """Rows per panel of the roofline's ``S = img @ txt.T``: n while S fits the panel limit.
+
+    Examples
+    --------
+    >>> roofline_panel(8192, 4)
+    8192
+    >>> roofline_panel(65536, 4)
+    8192
+    """
+    if n * n * itemsize <= ROOFLINE_PANEL_BYTES:
+        return n
+    return max(1024, ROOFLINE_PANEL_BYTES // (n * itemsize) // 1024 * 1024)
+
+
 def _roofline(img: Any, txt: Any) -> Callable[[], None]:
-    # The same three products as the loss and gradient, with nothing around them. Both
-    # numpy and torch hand transposed operands to the GEMM without copying them.
+    # The same three products as the loss and gradient, with nothing around them. numpy,
+    # torch and jax hand transposed operands to the GEMM without copying them.
+    n = img.shape[0]
+    panel = roofline_panel(n, img.dtype.itemsize)
+
     def run() -> None:
-        logits = img @ txt.T  # (n, d) @ (d, n) -> (n, n)
-        logits @ txt  # (n, n) @ (n, d) -> (n, d)
-        logits.T @ img  # (n, n) @ (n, d) -> (n, d)
+        for start in range(0, n, panel):
+            rows = img[start : start + panel, :]
+            logits = rows @ txt.T  # (p, d) @ (d, n) -> (p, n)
+            _wait(logits @ txt, logits.T @ rows)  # (p, n) @ (n, d), (n, p) @ (p, d)
+
+    return run
+
+
+def _open_clip(loss: str, img: Any, txt: Any) -> Callable[[], None]:
+    import torch
+
+    from ._fwbench import OPEN_CLIP, make_loss
+
+    module: Any = make_loss(loss, OPEN_CLIP, block_size=None, chunk_size=1)
+    img_leaf = img.detach().requires_grad_(True)
+    txt_leaf = txt.detach().requires_grad_(True)
+    scale = torch.tensor(SCALE, dtype=img.dtype, requires_grad=True)
+    bias = torch.tensor(BIAS, dtype=img.dtype, requires_grad=True)
+    leaves = (img_leaf, txt_leaf, scale, bias)
+
+    def run() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        if loss == "sigmoid":
+            module(img_leaf, txt_leaf, scale, bias).backward()
+        else:
+            module(img_leaf, txt_leaf, scale).backward()
 
     return run
 
@@ -355,12 +462,12 @@ def make_run(
 
     Parameters
     ----------
-    backend : {"numpy", "torch"}
+    backend : {"numpy", "torch", "jax"}
         Array library of ``img`` and ``txt``.
     loss : {"sigmoid", "softmax"}
         Which loss (not used by ``roofline``).
-    impl : {"ours", "roofline", "dense autograd"}
-        What to run; ``dense autograd`` needs torch.
+    impl : {"ours", "roofline", "dense autograd", "open_clip"}
+        What to run; ``dense autograd`` and ``open_clip`` need torch (and open-clip-torch).
     img, txt : array, shape (n, d)
         The inputs, from :func:`make_inputs`.
     block_size : int or None
@@ -377,26 +484,55 @@ def make_run(
         return _roofline(img, txt)
     if impl == "dense autograd" and backend == "torch":
         return _dense_autograd(loss, img, txt)
+    if impl == "open_clip" and backend == "torch":
+        return _open_clip(loss, img, txt)
     msg = f"no benchmark case {impl!r} for backend {backend!r}"
     raise ValueError(msg)
 
 
-def _impls(backend: str, dense: bool) -> list[str]:
+def _impls(backend: str, dense: bool, open_clip: bool) -> list[str]:
     impls = ["ours", "roofline"]
     if dense and backend == "torch":
         impls.append("dense autograd")
+        if open_clip:
+            impls.append("open_clip")
     return impls
 
 
-def _time(run: Callable[[], None], repeats: int) -> list[float]:
-    """One untimed warm-up, then ``repeats`` wall-clock timings of ``run``."""
+def _timed(run: Callable[[], None]) -> float:
+    gc.collect()  # not inside the timed region
+    start = time.perf_counter()
     run()
-    times = []
-    for _ in range(repeats):
-        gc.collect()  # not inside the timed region
-        start = time.perf_counter()
+    return time.perf_counter() - start
+
+
+def time_interleaved(runs: Sequence[Callable[[], None]], repeats: int) -> list[list[float]]:
+    """Warm every run up once, then time ``repeats`` rounds of all of them in turn.
+
+    Parameters
+    ----------
+    runs : sequence of callables
+        The rows of one case.
+    repeats : int
+        Rounds; each times every run once.
+
+    Returns
+    -------
+    list of list of float
+        Wall-clock seconds of each run, one list per run.
+
+    Examples
+    --------
+    >>> times = time_interleaved([lambda: None, lambda: None], 3)
+    >>> [len(t) for t in times]
+    [3, 3]
+    """
+    for run in runs:
         run()
-        times.append(time.perf_counter() - start)
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, record in zip(runs, times, strict=True):
+            record.append(_timed(run))
     return times
 
 
@@ -404,18 +540,18 @@ def _time(run: Callable[[], None], repeats: int) -> list[float]:
 
 
 def _probe(
-    args: argparse.Namespace, backend: str, loss: str, impl: str, n: int, timeout: float
+    args: argparse.Namespace, case: Case, impl: str, timeout: float
 ) -> tuple[dict[str, Any] | None, str | None]:
     """Run one case in ``python -m portable_siglip._memprobe``; return (result, error)."""
     command = [
         sys.executable,
         "-m",
         "portable_siglip._memprobe",
-        f"--backend={backend}",
-        f"--loss={loss}",
+        f"--backend={case.backend}",
+        f"--loss={case.loss}",
         f"--impl={impl}",
-        f"--n={n}",
-        f"--dim={args.dim}",
+        f"--n={case.n}",
+        f"--dim={case.d}",
         f"--dtype={args.dtype}",
         f"--seed={args.seed}",
     ]
@@ -459,6 +595,10 @@ def _versions(backends: Sequence[str]) -> dict[str, Any]:
 
         info["torch"] = torch.__version__
         info["torch_num_threads"] = torch.get_num_threads()
+    if "jax" in backends:
+        import jax
+
+        info["jax"] = jax.__version__
     return info
 
 
@@ -498,6 +638,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     header = (
         "backend",
         "loss",
+        "d",
         "n",
         "impl",
         "median s",
@@ -508,20 +649,20 @@ def _table(rows: list[dict[str, Any]]) -> str:
     )
     lines = [header]
     for row in rows:
-        lines.append(
-            (
-                row["backend"],
-                row["loss"],
-                str(row["n"]),
-                row["impl"],
+        if row["skipped"] is not None:
+            skipped = ("skipped: " + row["skipped"], "", "", "", "")
+        else:
+            skipped = (
                 _fmt(row["median_s"], ".3f"),
                 _fmt(row["gflops"], ".1f"),
                 _fmt(row["roofline_fraction"], ".2f"),
                 _fmt(row["peak_extra_mib"], ".1f"),
                 _fmt(row["tracemalloc_peak_mib"], ".1f"),
             )
+        lines.append(
+            (row["backend"], row["loss"], str(row["d"]), str(row["n"]), row["impl"], *skipped)
         )
-    return render_table(lines, left={0, 1, 3})
+    return render_table(lines, left={0, 1, 4})
 
 
 def print_notes(notes: Sequence[str], errors: Sequence[str]) -> None:
@@ -563,18 +704,23 @@ def render_table(lines: Sequence[Sequence[str]], left: set[int]) -> str:
 
 
 def _header(args: argparse.Namespace, machine: dict[str, Any], block: str) -> str:
-    threads = machine.get("torch_num_threads")
     versions = f"numpy {machine['numpy']}"
     if machine.get("numpy_blas"):
         versions += f" ({machine['numpy_blas']})"
     if "torch" in machine:
+        threads = machine.get("torch_num_threads")
         versions += f", torch {machine['torch']} (torch.get_num_threads() = {threads})"
+    if "jax" in machine:
+        versions += f", jax {machine['jax']}"
+    if "open_clip" in machine:
+        versions += f", open-clip-torch {machine['open_clip']}"
     load = ", ".join(f"{x:.2f}" for x in machine["load_average_before"])
+    dims = ", ".join(str(d) for d in args.dims)
     return "\n".join(
         [
             "portable-siglip bench: forward + gradient on the CPU, "
-            f"d = {args.dim}, {args.dtype}, t = {SCALE:g}, b = {BIAS:g}, "
-            f"block_size = {block}, median of {args.repeats} after 1 warm-up",
+            f"d in {{{dims}}}, {args.dtype}, t = {SCALE:g}, b = {BIAS:g}, "
+            f"block_size = {block}, median of {args.repeats} interleaved rounds after 1 warm-up",
             f"machine: {machine['cpu']}; {machine['cpu_count']} CPUs "
             f"({machine['cpus_usable']} usable); python {machine['python']}",
             f"versions: {versions}",
@@ -588,6 +734,12 @@ NOTES = (
     "(the blockwise softmax does a fourth GEMM, its first pass, uncounted), so the rows "
     "compare; roofline frac = roofline time / row time, the roofline being S = img @ txt.T, "
     "S @ txt and S.T @ img on the same backend and dtype, timed the same way in the same run.",
+    "softmax rows do four GEMMs (a log-sum-exp pass, then the gradient pass), so their "
+    "roofline frac is at most about 0.75; it is the structure, not overhead (docs/benchmarks.md).",
+    f"Cases predicted to take over {LONG_CASE_S:g} s run once, without warm-up, in their "
+    "memory probe, which times them too. Dense and open_clip rows predicted to need over "
+    "--memory-cap-gib are skipped; the roofline runs on row panels of S beyond "
+    f"{ROOFLINE_PANEL_BYTES / 2**30:g} GiB and its memory is not probed.",
     "peak MiB: each case runs once in a fresh process (python -m portable_siglip._memprobe) "
     "after a tiny warm-up; it is the high-water resident set size during that run minus the "
     "RSS just before it (inputs excluded; outputs and temporaries included), read from VmHWM "
@@ -595,7 +747,7 @@ NOTES = (
     "in the JSON, is not shown: a child started by (v)fork + exec inherits its parent's "
     "high-water mark there. tracemalloc MiB (numpy only): the exact peak of the bytes numpy "
     "allocated during the run above those held before it (numpy reports its allocations "
-    "to tracemalloc). The roofline probe is shared by both losses.",
+    "to tracemalloc).",
 )
 
 
@@ -616,13 +768,16 @@ def _check_args(args: argparse.Namespace) -> str | None:
             return f"`--{name}` must be among {', '.join(allowed)}; got {', '.join(unknown)}"
     if args.dtype not in DTYPES:
         return f"`--dtype` must be one of {', '.join(DTYPES)}; got {args.dtype!r}"
-    for name in ("dim", "repeats"):
-        if int(getattr(args, name)) <= 0:
-            return f"`--{name}` must be a positive integer; got {getattr(args, name)!r}"
-    if any(int(n) <= 0 for n in args.sizes):
-        return f"`--sizes` must be positive integers; got {args.sizes!r}"
+    if int(args.repeats) <= 0:
+        return f"`--repeats` must be a positive integer; got {args.repeats!r}"
+    for name in ("sizes", "dims"):
+        if any(int(v) <= 0 for v in getattr(args, name)):
+            return f"`--{name}` must be positive integers; got {getattr(args, name)!r}"
     if args.block_size is not None and int(args.block_size) <= 0:
         return f"`--block-size` must be a positive integer; got {args.block_size!r}"
+    cap = getattr(args, "memory_cap_gib", 16.0)
+    if not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
+        return f"`--memory-cap-gib` must be a positive number; got {cap!r}"
     return None
 
 
@@ -630,15 +785,88 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _new_row(
-    args: argparse.Namespace, backend: str, loss: str, n: int, impl: str
-) -> dict[str, Any]:
+class Progress:
+    """A progress line on stderr: cases done, elapsed time and an estimate of what is left.
+
+    The estimate weighs each case by its flop count ``n^2 d`` (times four thirds for the
+    softmax), which is what its time is proportional to.
+
+    Parameters
+    ----------
+    weights : sequence of float
+        Work of each case, in the order they will run.
+    stream : file-like, optional
+        Where to write (default: ``sys.stderr``). On a terminal the line is redrawn in
+        place; otherwise one line per case is written.
+    """
+
+    def __init__(self, weights: Sequence[float], stream: Any = None) -> None:
+        self._weights = list(weights)
+        self._total = sum(self._weights) or 1.0
+        self._done = 0.0
+        self._count = 0
+        self._started = time.perf_counter()
+        self._stream = sys.stderr if stream is None else stream
+        self._tty = bool(getattr(self._stream, "isatty", lambda: False)())
+
+    def start(self, label: str) -> None:
+        """Show that the next case, ``label``, is running."""
+        elapsed = time.perf_counter() - self._started
+        fraction = self._done / self._total
+        left = elapsed / fraction * (1.0 - fraction) if fraction > 0 else None
+        width = 24
+        bar = "#" * round(width * fraction) + "." * (width - round(width * fraction))
+        eta = "?" if left is None else _clock(left)
+        line = (
+            f"[{bar}] {self._count}/{len(self._weights)} cases, {_clock(elapsed)} elapsed, "
+            f"~{eta} left | {label}"
+        )
+        if self._tty:
+            self._stream.write("\r\033[K" + line)
+        else:
+            self._stream.write(line + "\n")
+        self._stream.flush()
+
+    def advance(self) -> None:
+        """Mark the current case done."""
+        self._done += self._weights[self._count]
+        self._count += 1
+
+    def close(self) -> None:
+        """End the line on a terminal."""
+        if self._tty:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    """Format seconds as ``h:mm:ss``.
+
+    Examples
+    --------
+    >>> _clock(3725.2)
+    '1:02:05'
+    """
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+class Case(NamedTuple):
+    """One (backend, d, n, loss) point of the sweep; its rows are the impls."""
+
+    backend: str
+    d: int
+    n: int
+    loss: str
+
+
+def _new_row(args: argparse.Namespace, case: Case, impl: str) -> dict[str, Any]:
     """Return the empty result row of one case; the JSON holds these rows as they are."""
     return {
-        "backend": backend,
-        "loss": loss,
-        "n": n,
-        "d": args.dim,
+        "backend": case.backend,
+        "loss": case.loss,
+        "n": case.n,
+        "d": case.d,
         "dtype": args.dtype,
         "impl": impl,
         "block_size": args.block_size if impl == "ours" else None,
@@ -649,58 +877,183 @@ def _new_row(
         "peak_extra_mib": None,
         "tracemalloc_peak_mib": None,
         "memory": None,
+        "timed_in": None,
+        "skipped": None,
         "error": None,
     }
 
 
-def _bench_backend(
-    args: argparse.Namespace, backend: str, rows: list[dict[str, Any]], errors: list[str]
-) -> None:
-    """Time (and probe) every case of one backend, appending a row per case."""
-    # The roofline does not depend on the loss: probe its memory once per n.
-    memory_cache: dict[tuple[int, str, str], tuple[dict[str, Any] | None, str | None]] = {}
-    for n in args.sizes:
-        img, txt = make_inputs(backend, n, args.dim, args.dtype, args.seed)
-        flops = 6.0 * n * n * args.dim
-        for loss in args.losses:
-            case_rows: list[dict[str, Any]] = []
-            for impl in _impls(backend, not args.no_dense):
-                _progress(f"  {backend} {loss} n={n} {impl} ...")
-                row = _new_row(args, backend, loss, n, impl)
-                case_rows.append(row)
-                try:
-                    times = _time(
-                        make_run(backend, loss, impl, img, txt, args.block_size), args.repeats
-                    )
-                except Exception as error:  # e.g. MemoryError: report it, go on
-                    row["error"] = f"{type(error).__name__}: {error}"
-                    errors.append(f"{backend} {loss} n={n} {impl}: {row['error']}")
-                    continue
-                median = statistics.median(times)
-                row.update(times_s=times, median_s=median, gflops=flops / median / 1e9)
-                if args.no_memory:
-                    continue
-                key = (n, impl, "" if impl == "roofline" else loss)
-                if key not in memory_cache:
-                    timeout = PROBE_TIMEOUT_BASE_S + 10.0 * median
-                    memory_cache[key] = _probe(args, backend, loss, impl, n, timeout)
-                memory, error_text = memory_cache[key]
-                if memory is None:
-                    row["error"] = error_text
-                    errors.append(f"{backend} {loss} n={n} {impl}: {error_text}")
-                    continue
-                row["memory"] = memory
-                row["peak_extra_mib"] = _mib(memory["peak_extra_bytes"])
-                row["tracemalloc_peak_mib"] = _mib(memory.get("tracemalloc_peak_bytes"))
-            roofline_s = next(
-                (row["median_s"] for row in case_rows if row["impl"] == "roofline"), None
+class _Sweep:
+    """The state of one sweep: rows, errors and the last time of every (backend, d, loss, impl)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rows: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+        self.last: dict[tuple[str, int, str, str], tuple[int, float, float | None]] = {}
+        self.itemsize = 4 if args.dtype == "float32" else 8
+        self.cap_bytes = float(getattr(args, "memory_cap_gib", 16.0)) * 2**30
+
+    def predicted_s(self, case: Case, impl: str) -> float:
+        previous = self.last.get((case.backend, case.d, case.loss, impl))
+        if previous is None or previous[1] <= 0:
+            return 6.0 * case.n * case.n * case.d / PRIOR_FLOPS
+        return previous[1] * (case.n / previous[0]) ** 2
+
+    def too_big(self, case: Case, impl: str) -> str | None:
+        if impl not in ("dense autograd", "open_clip"):
+            return None
+        from ._fwbench import predict_peak_bytes
+
+        previous = self.last.get((case.backend, case.d, case.loss, impl))
+        measured = None
+        if previous is not None and previous[2] is not None:
+            measured = (previous[0], int(previous[2]))
+        predicted = max(
+            DENSE_N2_MATRICES * case.n * case.n * self.itemsize,
+            predict_peak_bytes(case.loss, impl, case.n, case.d, self.itemsize, 1, measured),
+        )
+        if predicted > self.cap_bytes:
+            cap = self.cap_bytes / 2**30
+            return f"predicted {predicted / 2**30:.1f} GiB > {cap:g} GiB cap"
+        return None
+
+    def fail(self, case: Case, row: dict[str, Any], text: str) -> None:
+        row["error"] = text
+        self.errors.append(
+            f"{case.backend} {case.loss} d={case.d} n={case.n} {row['impl']}: {text}"
+        )
+
+    def record(self, case: Case, row: dict[str, Any], times: list[float], where: str) -> None:
+        median = statistics.median(times)
+        flops = 6.0 * case.n * case.n * case.d
+        row.update(times_s=times, median_s=median, gflops=flops / median / 1e9, timed_in=where)
+
+    def remember(self, case: Case, row: dict[str, Any]) -> None:
+        if row["median_s"] is not None:
+            peak = None if row["memory"] is None else row["memory"]["peak_extra_bytes"]
+            self.last[(case.backend, case.d, case.loss, row["impl"])] = (
+                case.n,
+                row["median_s"],
+                peak,
             )
-            for row in case_rows:
-                if roofline_s is not None and row["median_s"] is not None:
-                    row["roofline_fraction"] = roofline_s / row["median_s"]
-            rows.extend(case_rows)
-        del img, txt
-        gc.collect()
+
+
+def _run_case(sweep: _Sweep, case: Case, impls: list[str], inputs: tuple[Any, Any]) -> None:
+    """Time and probe every row of one case, appending them to ``sweep.rows``."""
+    args = sweep.args
+    rows = {impl: _new_row(args, case, impl) for impl in impls}
+    short: list[str] = []
+    long: list[str] = []
+    for impl in impls:
+        reason = None if args.no_dense else sweep.too_big(case, impl)
+        if reason is not None:
+            rows[impl]["skipped"] = reason
+        elif sweep.predicted_s(case, impl) > LONG_CASE_S:
+            long.append(impl)
+        else:
+            short.append(impl)
+    img, txt = inputs
+    if short:
+        try:
+            runs = [
+                make_run(case.backend, case.loss, impl, img, txt, args.block_size) for impl in short
+            ]
+            times = time_interleaved(runs, args.repeats)
+        except Exception as error:  # e.g. MemoryError: report it, go on
+            for impl in short:
+                sweep.fail(case, rows[impl], f"{type(error).__name__}: {error}")
+        else:
+            for impl, record in zip(short, times, strict=True):
+                sweep.record(case, rows[impl], record, "interleaved")
+    for impl in long:
+        # The roofline is not probed: run it here, once. The others run in their probe.
+        if impl == "roofline" or args.no_memory:
+            try:
+                elapsed = _timed(make_run(case.backend, case.loss, impl, img, txt, args.block_size))
+            except Exception as error:
+                sweep.fail(case, rows[impl], f"{type(error).__name__}: {error}")
+            else:
+                sweep.record(case, rows[impl], [elapsed], "once")
+    for impl in impls:
+        row = rows[impl]
+        if args.no_memory or impl == "roofline" or row["skipped"] or row["error"]:
+            continue
+        timeout = PROBE_TIMEOUT_BASE_S + 10.0 * sweep.predicted_s(case, impl)
+        memory, error_text = _probe(args, case, impl, timeout)
+        if memory is None:
+            sweep.fail(case, row, str(error_text))
+            continue
+        row["memory"] = memory
+        row["peak_extra_mib"] = _mib(memory["peak_extra_bytes"])
+        row["tracemalloc_peak_mib"] = _mib(memory.get("tracemalloc_peak_bytes"))
+        if impl in long:
+            sweep.record(case, row, [float(memory["run_s"])], "memory probe")
+    roofline_s = rows["roofline"]["median_s"] if "roofline" in rows else None
+    for impl in impls:
+        row = rows[impl]
+        if roofline_s is not None and row["median_s"] is not None:
+            row["roofline_fraction"] = roofline_s / row["median_s"]
+        sweep.remember(case, row)
+        sweep.rows.append(row)
+
+
+def _cases(args: argparse.Namespace, backends: Sequence[str]) -> list[Case]:
+    return [
+        Case(backend, d, n, loss)
+        for backend in backends
+        for d in args.dims
+        for n in args.sizes
+        for loss in args.losses
+    ]
+
+
+def _sweep(args: argparse.Namespace, backends: Sequence[str], open_clip: bool) -> _Sweep:
+    sweep = _Sweep(args)
+    cases = _cases(args, backends)
+    progress = Progress([c.n * c.n * c.d * (4 if c.loss == "softmax" else 3) for c in cases])
+    inputs: tuple[Any, Any] | None = None
+    key: tuple[str, int, int] | None = None
+    for case in cases:
+        if key != (case.backend, case.d, case.n):
+            inputs = None  # free the previous inputs before drawing the next
+            gc.collect()
+            inputs = make_inputs(case.backend, case.n, case.d, args.dtype, args.seed)
+            key = (case.backend, case.d, case.n)
+        assert inputs is not None
+        progress.start(f"{case.backend} {case.loss} d={case.d} n={case.n}")
+        _run_case(sweep, case, _impls(case.backend, not args.no_dense, open_clip), inputs)
+        progress.advance()
+    progress.close()
+    return sweep
+
+
+def _resolve_dims(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in the per-mode defaults of ``--sizes``, ``--dims`` and ``--dim``."""
+    values = vars(args)
+    sweep = not (values.get("distributed") or values.get("frameworks"))
+    dim = values.get("dim")
+    updates: dict[str, Any] = {}
+    if values.get("profile"):
+        updates["sizes"] = values.get("sizes") or [8192]
+        updates["dims"] = values.get("dims") or [dim or DEFAULT_DIM]
+    elif sweep:
+        if values.get("sizes") is None:
+            updates["sizes"] = list(DEFAULT_SIZES)
+        if values.get("dims") is None:
+            updates["dims"] = [dim] if dim is not None else list(DEFAULT_DIMS)
+    elif dim is None:
+        updates["dim"] = DEFAULT_DIM
+    return argparse.Namespace(**{**values, **updates})
+
+
+def _open_clip_version(backends: Sequence[str], dense: bool) -> str | None:
+    if "torch" not in backends or not dense:
+        return None
+    from ._fwbench import open_clip_info
+
+    info = open_clip_info()
+    return str(info["version"]) if info.get("installed") else None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -714,16 +1067,18 @@ def main(args: argparse.Namespace) -> int:
     Returns
     -------
     int
-        0 when every case ran, 1 when some case failed (the table and JSON say which),
-        2 for invalid options. With ``args.distributed``, what
-        :func:`portable_siglip._distbench.main` returns; with ``args.frameworks``, what
-        :func:`portable_siglip._fwbench.main` returns.
+        0 when every case ran (or was skipped for its predicted memory), 1 when some case
+        failed (the table and JSON say which), 2 for invalid options. With
+        ``args.distributed``, what :func:`portable_siglip._distbench.main` returns; with
+        ``args.frameworks``, what :func:`portable_siglip._fwbench.main` returns.
     """
-    if getattr(args, "distributed", False) and getattr(args, "frameworks", False):
+    modes = [m for m in ("distributed", "frameworks", "profile") if getattr(args, m, False)]
+    if len(modes) > 1:
         print(
-            "bench: error: `--distributed` and `--frameworks` exclude each other", file=sys.stderr
+            f"bench: error: `--{modes[0]}` and `--{modes[1]}` exclude each other", file=sys.stderr
         )
         return 2
+    args = _resolve_dims(args)
     if getattr(args, "distributed", False):
         from . import _distbench
 
@@ -732,12 +1087,14 @@ def main(args: argparse.Namespace) -> int:
         from . import _fwbench
 
         return _fwbench.main(args)
-    if getattr(args, "sizes", None) is None:
-        args = argparse.Namespace(**{**vars(args), "sizes": list(DEFAULT_SIZES)})
     problem = _check_args(args)
     if problem is not None:
         print(f"bench: error: {problem}", file=sys.stderr)
         return 2
+    if getattr(args, "profile", False):
+        from . import _profile
+
+        return _profile.main(args)
     if not _installed("numpy"):
         print("bench: error: the benchmark draws its inputs with numpy; install numpy")
         return 2
@@ -751,16 +1108,20 @@ def main(args: argparse.Namespace) -> int:
             print(note)
             notes.append(note)
     machine = _machine(backends)
+    open_clip = _open_clip_version(backends, not args.no_dense)
+    if open_clip is not None:
+        machine["open_clip"] = open_clip
+    elif "torch" in backends and not args.no_dense:
+        notes.append("note: open-clip-torch is not installed; its rows are left out")
+        print(notes[-1])
     from ._checks import DEFAULT_BLOCK_SIZE
 
     block = str(args.block_size) if args.block_size else f"default ({DEFAULT_BLOCK_SIZE})"
     print(_header(args, machine, block), flush=True)
 
-    rows: list[dict[str, Any]] = []
-    errors: list[str] = []
     started = time.perf_counter()
-    for backend in backends:
-        _bench_backend(args, backend, rows, errors)
+    sweep = _sweep(args, backends, open_clip is not None)
+    rows, errors = sweep.rows, sweep.errors
     machine["load_average_after"] = list(os.getloadavg())
     machine["wall_s"] = time.perf_counter() - started
 
@@ -769,28 +1130,39 @@ def main(args: argparse.Namespace) -> int:
     print()
     print_notes(NOTES, errors)
     print_load_after(machine)
+    report = {
+        "machine": machine,
+        "config": {
+            "backends": backends,
+            "losses": list(args.losses),
+            "sizes": list(args.sizes),
+            "dims": list(args.dims),
+            "dtype": args.dtype,
+            "block_size": args.block_size,
+            "default_block_size": DEFAULT_BLOCK_SIZE,
+            "repeats": args.repeats,
+            "seed": args.seed,
+            "scale": SCALE,
+            "bias": BIAS,
+            "dense": not args.no_dense,
+            "memory": not args.no_memory,
+            "memory_cap_gib": getattr(args, "memory_cap_gib", 16.0),
+            "long_case_s": LONG_CASE_S,
+        },
+        "rows": rows,
+        "notes": [*notes, *NOTES],
+        "errors": errors,
+    }
     if args.json is not None:
-        report = {
-            "machine": machine,
-            "config": {
-                "backends": backends,
-                "losses": list(args.losses),
-                "sizes": list(args.sizes),
-                "dim": args.dim,
-                "dtype": args.dtype,
-                "block_size": args.block_size,
-                "default_block_size": DEFAULT_BLOCK_SIZE,
-                "repeats": args.repeats,
-                "seed": args.seed,
-                "scale": SCALE,
-                "bias": BIAS,
-                "dense": not args.no_dense,
-                "memory": not args.no_memory,
-            },
-            "rows": rows,
-            "notes": [*notes, *NOTES],
-            "errors": errors,
-        }
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"results written to {args.json}")
+    if getattr(args, "plots", None) is not None:
+        try:
+            from ._plots import write_plots
+
+            for path in write_plots(report, args.plots):
+                print(f"plot written to {path}")
+        except (ModuleNotFoundError, ValueError) as error:
+            errors.append(f"plots: {error}")
+            print(f"error: plots: {error}", file=sys.stderr)
     return 1 if errors else 0

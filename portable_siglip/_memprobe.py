@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import time
 import tracemalloc
 from typing import Any
 
@@ -51,12 +52,13 @@ def measure(
 
     Parameters
     ----------
-    backend : {"numpy", "torch"}
+    backend : {"numpy", "torch", "jax"}
         Array library.
     loss : {"sigmoid", "softmax"}
         Which loss (ignored by the ``roofline`` case).
-    impl : {"ours", "roofline", "dense autograd"}
-        What runs: the blockwise loss and gradient, the three GEMMs, or the dense torch loss.
+    impl : {"ours", "roofline", "dense autograd", "open_clip"}
+        What runs: the blockwise loss and gradient, the three GEMMs, the dense torch loss or
+        open_clip's.
     n, dim : int
         Batch size and feature dimension.
     dtype : {"float32", "float64"}
@@ -69,7 +71,8 @@ def measure(
     Returns
     -------
     dict
-        ``peak_extra_bytes`` (the figure to report) and ``method`` (how it was obtained),
+        ``peak_extra_bytes`` (the figure to report), ``method`` (how it was obtained),
+        ``run_s`` (wall time of the measured run, tracemalloc included for NumPy),
         plus the raw readings: ``rss_before_bytes``, ``high_water_bytes``,
         ``ru_maxrss_extra_bytes``, ``ru_maxrss_inherited`` and, for NumPy,
         ``tracemalloc_peak_bytes``.
@@ -90,7 +93,9 @@ def measure(
         traced_before = tracemalloc.get_traced_memory()[0]
     rss_before = rss_bytes()
     reset = reset_high_water()
+    started = time.perf_counter()
     run()
+    run_s = time.perf_counter() - started
     high_water = high_water_bytes()
     ru_maxrss = ru_maxrss_bytes()
     traced_peak = None
@@ -122,6 +127,7 @@ def measure(
         "dim": dim,
         "dtype": dtype,
         "peak_extra_bytes": extra,
+        "run_s": run_s,
         "method": method,
         "rss_before_bytes": rss_before,
         "high_water_bytes": high_water,

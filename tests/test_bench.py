@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 from pathlib import Path
 
 import pytest
 
+from portable_siglip import _bench
 from portable_siglip._bench import add_arguments, main
 
 
@@ -28,27 +30,36 @@ def test_bench_writes_one_row_per_case(tmp_path: Path) -> None:
 
     report = json.loads(out.read_text())
     cases = [(r["backend"], r["loss"], r["n"], r["impl"]) for r in report["rows"]]
+    torch_rows = ("dense autograd", "open_clip") if report["machine"].get("open_clip") else ()
     expected = [
         (backend, loss, n, impl)
         for backend in ("numpy", "torch")
         for n in (64, 100)
         for loss in ("sigmoid", "softmax")
-        for impl in ("ours", "roofline", *(("dense autograd",) if backend == "torch" else ()))
+        for impl in ("ours", "roofline", *(torch_rows if backend == "torch" else ()))
     ]
     assert sorted(cases) == sorted(expected)
     assert len(set(cases)) == len(cases)
     for row in report["rows"]:
         assert row["error"] is None
+        assert row["skipped"] is None
+        assert row["d"] == 16
         assert len(row["times_s"]) == 1
+        assert row["timed_in"] == "interleaved"
         assert math.isfinite(row["median_s"])
         assert row["median_s"] > 0
         assert math.isfinite(row["gflops"])
         assert row["gflops"] > 0
         assert row["roofline_fraction"] > 0
+        if row["impl"] == "roofline":
+            assert row["peak_extra_mib"] is None  # not probed
+            continue
         assert row["peak_extra_mib"] >= 0
+        assert row["memory"]["run_s"] > 0
         traced = row["tracemalloc_peak_mib"]
         assert (traced is not None and traced >= 0) if row["backend"] == "numpy" else True
     assert report["machine"]["cpu_count"] >= 1
+    assert report["config"]["dims"] == [16]
 
 
 def test_bench_without_memory_or_dense(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -81,3 +92,140 @@ def test_bad_sizes_are_a_usage_error() -> None:
     with pytest.raises(SystemExit) as exit_info:
         parse(["--sizes", "64,zero"])
     assert exit_info.value.code == 2
+
+
+def test_sweep_defaults_and_per_mode_dimension() -> None:
+    args = _bench._resolve_dims(parse([]))
+    assert args.sizes == [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+    assert args.dims == [256, 768]
+    assert args.backends == ["numpy", "torch", "jax"]
+    assert _bench._resolve_dims(parse(["--dim", "64"])).dims == [64]
+    assert _bench._resolve_dims(parse(["--dims", "8,16", "--dim", "64"])).dims == [8, 16]
+    assert _bench._resolve_dims(parse(["--frameworks"])).dim == 768
+    assert _bench._resolve_dims(parse(["--distributed", "--dim", "32"])).dim == 32
+
+
+def test_long_cases_run_once_and_are_timed_in_their_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every case after the first n is "long": predicted from the smaller n, above 0 s. At the
+    # first n there is no smaller one, and an infinite prior rate predicts 0 s: short.
+    monkeypatch.setattr(_bench, "LONG_CASE_S", 0.0)
+    monkeypatch.setattr(_bench, "PRIOR_FLOPS", math.inf)
+    out = tmp_path / "bench.json"
+    options = ["--backends", "numpy", "--losses", "sigmoid", "--no-dense", "--repeats", "3"]
+    args = parse(["--sizes", "40,80", "--dims", "8,12", *options, "--json", str(out)])
+    assert main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["d"], r["n"], r["impl"]) for r in rows] == [
+        (d, n, impl) for d in (8, 12) for n in (40, 80) for impl in ("ours", "roofline")
+    ]
+    for row in rows:
+        if row["n"] == 40:
+            assert (row["timed_in"], len(row["times_s"])) == ("interleaved", 3)
+        elif row["impl"] == "roofline":
+            assert (row["timed_in"], len(row["times_s"])) == ("once", 1)
+        else:
+            assert (row["timed_in"], row["times_s"]) == ("memory probe", [row["memory"]["run_s"]])
+
+
+def test_dense_rows_over_the_memory_cap_are_skipped_with_the_prediction(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("torch")
+    out = tmp_path / "bench.json"
+    argv = ["--backends", "torch", "--sizes", "64", "--dim", "8", "--repeats", "1", "--no-memory"]
+    assert main(parse([*argv, "--memory-cap-gib", "1e-9", "--json", str(out)])) == 0
+    rows = json.loads(out.read_text())["rows"]
+    skipped = {r["impl"]: r["skipped"] for r in rows if r["skipped"]}
+    assert "dense autograd" in skipped
+    assert all("predicted" in reason and "GiB cap" in reason for reason in skipped.values())
+    assert all(r["median_s"] > 0 for r in rows if r["impl"] in ("ours", "roofline"))
+    assert "skipped: predicted" in capsys.readouterr().out
+
+
+def test_jax_backend_runs(tmp_path: Path) -> None:
+    pytest.importorskip("jax")
+    out = tmp_path / "bench.json"
+    argv = ["--backends", "jax", "--sizes", "48", "--dim", "8", "--repeats", "1", "--no-memory"]
+    assert main(parse([*argv, "--json", str(out)])) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["backend"], r["impl"]) for r in rows} == {("jax", "ours"), ("jax", "roofline")}
+    assert all(r["median_s"] > 0 for r in rows)
+
+
+def test_plots_are_written_next_to_the_json(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    argv = ["--backends", "numpy", "--sizes", "32,64", "--dim", "8", "--repeats", "1"]
+    assert main(parse([*argv, "--plots", str(tmp_path / "plots")])) == 0
+    for name in ("bench-time.png", "bench-memory.png"):
+        assert (tmp_path / "plots" / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_roofline_goes_by_panels_above_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    np = pytest.importorskip("numpy")
+    monkeypatch.setattr(_bench, "ROOFLINE_PANEL_BYTES", 3000 * 1024 * 8)
+    assert _bench.roofline_panel(3000, 8) == 1024  # 3 panels: 1024, 1024, 952 rows
+    calls: list[tuple[int, ...]] = []
+
+    class Spy(np.ndarray):  # type: ignore[misc]
+        def __matmul__(self, other: object) -> object:
+            calls.append(tuple(self.shape))
+            return np.ndarray.__matmul__(self, other)
+
+    img = np.ones((3000, 2)).view(Spy)
+    _bench._roofline(img, np.ones((3000, 2)))()
+    assert [c for c in calls if c[1] == 2] == [(1024, 2), (1024, 2), (952, 2)]
+
+
+def test_progress_reports_cases_elapsed_and_left() -> None:
+    stream = io.StringIO()
+    progress = _bench.Progress([1.0, 3.0], stream=stream)
+    progress.start("first")
+    progress.advance()
+    progress.start("second")
+    progress.advance()
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "0/2 cases" in lines[0]
+    assert "~? left" in lines[0]
+    assert lines[0].endswith("| first")
+    assert "1/2 cases" in lines[1]
+    assert "[######" in lines[1]
+    assert lines[1].endswith("| second")
+
+
+def test_profile_splits_our_time_into_tile_gemms_and_the_rest(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["--profile", "--backends", "numpy", "--sizes", "96", "--dim", "8", "--repeats", "1"]
+    assert main(parse([*argv, "--block-size", "40"])) == 0
+    out = capsys.readouterr().out
+    assert "tile GEMMs s" in out
+    assert "GEMM ceiling" in out
+    body = [line.split() for line in out.splitlines() if line.startswith("numpy ")]
+    assert [(row[1], row[3]) for row in body] == [("sigmoid", "96"), ("softmax", "96")]
+
+
+@pytest.mark.parametrize("gemms", [3, 4])
+def test_tile_gemms_do_the_loop_s_products(gemms: int) -> None:
+    np = pytest.importorskip("numpy")
+    from portable_siglip import _profile
+
+    calls: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    real = np.matmul
+
+    def spy(a: object, b: object, out: object = None) -> object:
+        calls.append((np.shape(a), np.shape(b)))
+        return real(a, b, out=out)
+
+    img = np.ones((7, 2))
+    run = _profile.tile_gemms(img, img, 3, gemms)
+    np.matmul = spy
+    try:
+        run()
+    finally:
+        np.matmul = real
+    tiles = 3 * 3  # blocks [0, 3), [3, 6), [6, 7) in each direction
+    assert len(calls) == gemms * tiles

@@ -221,7 +221,7 @@ def test_invalid_namespace_returns_2(capsys: pytest.CaptureFixture[str]) -> None
 def test_default_sizes() -> None:
     assert parse([]).sizes is None  # resolved per mode: 8192,16384,32768 here
     assert _fwbench.DEFAULT_SIZES == (8192, 16384, 32768)
-    assert _bench.DEFAULT_SIZES == (2048, 8192)
+    assert _bench.DEFAULT_SIZES == (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 
 def test_chunked_autograd_matches_the_dense_loss_and_gradients() -> None:
