@@ -6,6 +6,9 @@ these run on the same random inputs, forward + gradient:
 
 ``ours``
     :func:`portable_siglip.sigmoid_loss_and_grad` / :func:`softmax_loss_and_grad`.
+``reference loops`` (with ``--reference``)
+    ``ours`` with ``PORTABLE_SIGLIP_FAST_PATHS=0``: the array-API tile loops instead of the
+    in-place kernels of numpy and torch, to measure what the kernels gain.
 ``roofline``
     The three GEMMs any forward + gradient must do, ``S = img @ txt.T``, ``S @ txt`` and
     ``S.T @ img``, on the same backend and dtype: the matmul roofline of this run
@@ -62,7 +65,7 @@ __all__ = ["add_arguments", "dense_loss", "main", "make_inputs", "make_run"]
 
 BACKENDS = ("numpy", "torch", "jax")
 LOSSES = ("sigmoid", "softmax")
-IMPLS = ("ours", "roofline", "dense autograd", "open_clip")
+IMPLS = ("ours", "reference loops", "roofline", "dense autograd", "open_clip")
 DTYPES = ("float32", "float64")
 
 #: Batch sizes n of the default benchmark (``--sizes``).
@@ -226,6 +229,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip the peak-memory probes (one subprocess per case)",
     )
     parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="add a row of our loss on the array-API reference loops "
+        "(PORTABLE_SIGLIP_FAST_PATHS=0), beside the in-place kernels of numpy and torch",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="split the time of our call into tile GEMMs and the rest, against the roofline "
@@ -336,13 +345,25 @@ def _wait(*arrays: Any) -> None:
             ready()
 
 
-def _ours(loss: str, img: Any, txt: Any, block_size: int | None) -> Callable[[], None]:
+def _ours(
+    loss: str, img: Any, txt: Any, block_size: int | None, *, fast_paths: bool = True
+) -> Callable[[], None]:
     import portable_siglip as ps
+    from portable_siglip._inplace import ENV
 
     loss_and_grad = ps.sigmoid_loss_and_grad if loss == "sigmoid" else ps.softmax_loss_and_grad
 
     def run() -> None:
-        value, grads = loss_and_grad(img, txt, SCALE, BIAS, block_size=block_size)
+        saved = os.environ.get(ENV)
+        if not fast_paths:
+            os.environ[ENV] = "0"
+        try:
+            value, grads = loss_and_grad(img, txt, SCALE, BIAS, block_size=block_size)
+        finally:
+            if saved is None:
+                os.environ.pop(ENV, None)
+            else:
+                os.environ[ENV] = saved
         _wait(value, *grads)
 
     return run
@@ -466,7 +487,7 @@ def make_run(
         Array library of ``img`` and ``txt``.
     loss : {"sigmoid", "softmax"}
         Which loss (not used by ``roofline``).
-    impl : {"ours", "roofline", "dense autograd", "open_clip"}
+    impl : {"ours", "reference loops", "roofline", "dense autograd", "open_clip"}
         What to run; ``dense autograd`` and ``open_clip`` need torch (and open-clip-torch).
     img, txt : array, shape (n, d)
         The inputs, from :func:`make_inputs`.
@@ -480,6 +501,8 @@ def make_run(
     """
     if impl == "ours":
         return _ours(loss, img, txt, block_size)
+    if impl == "reference loops":
+        return _ours(loss, img, txt, block_size, fast_paths=False)
     if impl == "roofline":
         return _roofline(img, txt)
     if impl == "dense autograd" and backend == "torch":
@@ -490,8 +513,8 @@ def make_run(
     raise ValueError(msg)
 
 
-def _impls(backend: str, dense: bool, open_clip: bool) -> list[str]:
-    impls = ["ours", "roofline"]
+def _impls(backend: str, dense: bool, open_clip: bool, reference: bool = False) -> list[str]:
+    impls = ["ours", "reference loops", "roofline"] if reference else ["ours", "roofline"]
     if dense and backend == "torch":
         impls.append("dense autograd")
         if open_clip:
@@ -869,7 +892,7 @@ def _new_row(args: argparse.Namespace, case: Case, impl: str) -> dict[str, Any]:
         "d": case.d,
         "dtype": args.dtype,
         "impl": impl,
-        "block_size": args.block_size if impl == "ours" else None,
+        "block_size": args.block_size if impl in ("ours", "reference loops") else None,
         "times_s": [],
         "median_s": None,
         "gflops": None,
@@ -1022,7 +1045,9 @@ def _sweep(args: argparse.Namespace, backends: Sequence[str], open_clip: bool) -
             key = (case.backend, case.d, case.n)
         assert inputs is not None
         progress.start(f"{case.backend} {case.loss} d={case.d} n={case.n}")
-        _run_case(sweep, case, _impls(case.backend, not args.no_dense, open_clip), inputs)
+        reference = bool(getattr(args, "reference", False))
+        impls = _impls(case.backend, not args.no_dense, open_clip, reference)
+        _run_case(sweep, case, impls, inputs)
         progress.advance()
     progress.close()
     return sweep
@@ -1145,6 +1170,7 @@ def main(args: argparse.Namespace) -> int:
             "scale": SCALE,
             "bias": BIAS,
             "dense": not args.no_dense,
+            "reference": bool(getattr(args, "reference", False)),
             "memory": not args.no_memory,
             "memory_cap_gib": getattr(args, "memory_cap_gib", 16.0),
             "long_case_s": LONG_CASE_S,

@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -229,3 +230,28 @@ def test_tile_gemms_do_the_loop_s_products(gemms: int) -> None:
         np.matmul = real
     tiles = 3 * 3  # blocks [0, 3), [3, 6), [6, 7) in each direction
     assert len(calls) == gemms * tiles
+
+
+def test_reference_rows_run_the_array_api_loops_and_restore_the_switch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from portable_siglip import _inplace
+
+    seen: list[bool] = []
+    real = _inplace.enabled
+
+    def spy(xp: object, *arrays: object) -> bool:
+        seen.append(real(xp, *arrays))
+        return seen[-1]
+
+    monkeypatch.setattr(_inplace, "enabled", spy)
+    monkeypatch.delenv(_inplace.ENV, raising=False)
+    out = tmp_path / "bench.json"
+    argv = ["--backends", "numpy", "--losses", "sigmoid", "--sizes", "40", "--dim", "8"]
+    options = ["--repeats", "1", "--no-memory", "--reference", "--json", str(out)]
+    assert main(parse([*argv, *options])) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["ours", "reference loops", "roofline"]
+    # warm-up and one round: ours twice on the kernels, the reference twice on the loops
+    assert seen == [True, False, True, False]
+    assert _inplace.ENV not in os.environ
