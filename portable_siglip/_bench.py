@@ -793,9 +793,13 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"`--dtype` must be one of {', '.join(DTYPES)}; got {args.dtype!r}"
     if int(args.repeats) <= 0:
         return f"`--repeats` must be a positive integer; got {args.repeats!r}"
-    for name in ("sizes", "dims"):
-        if any(int(v) <= 0 for v in getattr(args, name)):
-            return f"`--{name}` must be positive integers; got {getattr(args, name)!r}"
+    for name in ("sizes", "dims"):  # dims is only resolved for the sweep
+        values = getattr(args, name, None)
+        if values is not None and any(int(v) <= 0 for v in values):
+            return f"`--{name}` must be positive integers; got {values!r}"
+    dim = getattr(args, "dim", None)
+    if dim is not None and int(dim) <= 0:
+        return f"`--dim` must be a positive integer; got {dim!r}"
     if args.block_size is not None and int(args.block_size) <= 0:
         return f"`--block-size` must be a positive integer; got {args.block_size!r}"
     cap = getattr(args, "memory_cap_gib", 16.0)
