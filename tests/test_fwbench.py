@@ -88,7 +88,9 @@ def test_sigmoid_rows_run_are_measured_and_skipped_by_prediction(
     assert dense["loss_value"] == pytest.approx(ours["loss_value"], rel=1e-4)
     chunked = [row for row in report["rows"] if "chunk" in row["impl"]]
     assert [row["chunk_size"] for row in chunked] == [256, 256]
-    if not info["chunk_size"]:
+    if not info["installed"]:
+        assert "no open_clip" in chunked[0]["notes"][0]
+    elif not info["chunk_size"]:
         assert "no chunk_size" in chunked[0]["notes"][0]
     assert report["errors"] == []
     assert "skipped: predicted" in printed
