@@ -61,6 +61,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any, Literal, TypeAlias
 
@@ -163,6 +164,18 @@ def _check_ddp(ddp: object) -> bool:
     return ddp
 
 
+def _without_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Switch autocast off on `device_type`; a no-op where autocast does not exist (meta).
+
+    The meta device has no autocast (``torch.autocast(device_type="meta")`` raises), and
+    nothing to switch off: on it the loss only infers shapes and dtypes.
+    """
+    available = getattr(torch.amp, "is_autocast_available", None)
+    if device_type == "meta" or (available is not None and not available(device_type)):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
 def _evaluate(
     loss: LossName,
     img: Any,
@@ -182,7 +195,7 @@ def _evaluate(
     device_type = img.device.type if isinstance(img, torch.Tensor) else "cpu"
     # The loss runs its own precision policy (half inputs accumulate in float32): an
     # enclosing autocast must not lower the precision of its GEMMs.
-    with torch.autocast(device_type=device_type, enabled=False):
+    with _without_autocast(device_type):
         if _needs_graph(img, txt, scale, bias):
             options = {"core": core, "ddp": ddp}
             out = _LossFunction.apply(loss, options, img, txt, scale, bias)  # type: ignore[no-untyped-call]
@@ -484,9 +497,25 @@ def _check_options(
             )
             raise ValueError(msg)
     if not isinstance(strategy, str) or strategy not in allowed:
-        msg = f"{owner}: the strategy must be one of {allowed}, got {strategy!r}"
+        msg = f"{owner}: `strategy` must be one of {allowed}, got {strategy!r}"
         raise ValueError(msg)
     return checked
+
+
+def _check_dist_impl(dist_impl: object) -> None:
+    """open_clip's name for the schedule: None (the default, "bidir") or a sigmoid strategy."""
+    if dist_impl is None:
+        return
+    if not isinstance(dist_impl, str):
+        msg = (
+            f"SigLipLoss: `dist_impl` must be None or one of {SIGMOID_STRATEGIES}, got "
+            f"{type(dist_impl).__name__} {dist_impl!r}"
+        )
+        raise TypeError(msg)
+    if dist_impl not in SIGMOID_STRATEGIES:
+        allowed = SIGMOID_STRATEGIES
+        msg = f"SigLipLoss: `dist_impl` must be None or one of {allowed}, got {dist_impl!r}"
+        raise ValueError(msg)
 
 
 def _check_block_size(owner: str, block_size: object) -> int | None:
@@ -621,6 +650,7 @@ class SigLipLoss(_ContrastiveLoss):
         block_size: int | None = None,
         ddp: bool = True,
     ) -> None:
+        _check_dist_impl(dist_impl)
         super().__init__(
             "SigLipLoss",
             comm,

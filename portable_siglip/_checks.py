@@ -3,8 +3,12 @@
 Everything a caller can get wrong is checked here, once, before any arithmetic or
 communication, and reported as a ``TypeError`` (wrong kind or dtype) or a
 ``ValueError`` (wrong shape or value) that names the parameter and what was received.
-Only shapes, dtypes, devices and Python numbers are inspected, never array values, so
-the checks also run unchanged under ``jax.jit``.
+Shapes, dtypes, devices and Python numbers are inspected, and the values of 0-d ``scale``
+and ``bias`` arrays where they have one (numpy, eager torch, eager jax, cupy, ...). Under
+``jax.jit`` or ``jax.grad`` those are tracers without a value, and a torch meta tensor has
+none either: there the value checks are skipped and everything else runs unchanged. The
+feature matrices' values are never inspected (a NaN in them gives a NaN loss, as in any
+array library; docs/conventions.md).
 """
 
 from __future__ import annotations
@@ -79,6 +83,14 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"[:200]
 
 
+def _library(value: Any) -> str:
+    """Name the array library of `value` as users say it (torch, jax, numpy, cupy, ...)."""
+    for library in ("torch", "jax", "cupy", "numpy"):
+        if getattr(array_api_compat, f"is_{library}_array")(value):
+            return library
+    return type(value).__module__.split(".")[0]
+
+
 def _namespace_name(xp: Namespace) -> str:
     return str(getattr(xp, "__name__", type(xp).__name__))
 
@@ -86,6 +98,38 @@ def _namespace_name(xp: Namespace) -> str:
 def _same_device(a: object, b: object) -> bool:
     # A jax tracer has no device (None) until the traced function is placed: it goes with any.
     return a is None or b is None or a == b
+
+
+#: Accepted bit widths of floating features: float16/bfloat16, float32, float64. Wider
+#: (numpy's longdouble) computes in float64; narrower (float8) is refused.
+_FLOAT_BITS = (16, 32, 64)
+
+
+def _float_bits(xp: Namespace, dtype: Any) -> int:
+    """Bit width of a real floating dtype (64 for big-endian float64, 80/128 for longdouble)."""
+    try:
+        return int(xp.finfo(dtype).bits)
+    except (TypeError, ValueError):  # a library without finfo for this dtype: judge by name
+        name = str(dtype)
+        return 16 if "16" in name else 64 if "64" in name else 32
+
+
+def _check_layout(name: str, value: Any) -> None:
+    """Refuse array objects whose extra semantics the loss would silently drop."""
+    module = type(value).__module__
+    if module.startswith("numpy.ma"):
+        msg = (
+            f"`{name}` must be a plain array, got a numpy masked array of shape "
+            f"{tuple(value.shape)}; the mask would be ignored: drop the masked rows or pass "
+            f"`{name}.filled(...)`"
+        )
+        raise TypeError(msg)
+    if array_api_compat.is_torch_array(value) and str(value.layout) != "torch.strided":
+        msg = (
+            f"`{name}` must be a dense (strided) torch tensor, got layout {value.layout} of "
+            f"shape {tuple(value.shape)}; call `{name}.to_dense()` first"
+        )
+        raise TypeError(msg)
 
 
 def _check_features(img: Any, txt: Any) -> Namespace:
@@ -97,6 +141,7 @@ def _check_features(img: Any, txt: Any) -> Namespace:
                 f"cupy, ...), got {_describe(value)}"
             )
             raise TypeError(msg)
+        _check_layout(name, value)
     xp_img = array_api_compat.array_namespace(img)
     xp_txt = array_api_compat.array_namespace(txt)
     if xp_img is not xp_txt:
@@ -111,7 +156,9 @@ def _check_features(img: Any, txt: Any) -> Namespace:
         if len(shape) != 2:
             msg = f"`{name}` must be 2-D with shape (n, d), got shape {shape}"
             raise ValueError(msg)
-        if not xp.isdtype(value.dtype, "real floating"):
+        if not xp.isdtype(value.dtype, "real floating") or (
+            _float_bits(xp, value.dtype) < min(_FLOAT_BITS)
+        ):
             msg = (
                 f"`{name}` must have a real floating dtype (float16, bfloat16, float32 "
                 f"or float64), got {value.dtype}"
@@ -141,6 +188,36 @@ def _check_features(img: Any, txt: Any) -> Namespace:
     return xp
 
 
+def _check_value(name: str, number: float, *, positive: bool, what: str) -> None:
+    """Check the value of `scale` or `bias`; `what` says what kind of object held it."""
+    # An array's value is shown to 8 digits: a float32 -2.3 reads -2.3, not -2.2999999523.
+    shown = f"{number:.8g}" if what else repr(number)
+    if not math.isfinite(number):
+        msg = f"`{name}` must be finite, got {shown}{what}"
+        raise ValueError(msg)
+    if positive and number <= 0.0:
+        msg = (
+            f"`{name}` must be the positive multiplier t = exp(t') applied to the "
+            f"logits, got {shown}{what}; if you hold the log-scale t' (open_clip's "
+            "`logit_scale` parameter), pass exp(t'), e.g. `logit_scale.exp()`"
+        )
+        raise ValueError(msg)
+
+
+def _concrete_value(value: Any) -> float | None:
+    """Read a 0-d array's value as a Python float; None where it has none.
+
+    jax tracers (under ``jit``/``grad``) and torch meta or fake tensors carry no value; their
+    checks are left to the caller. Reading a device array's value waits for it (one sync).
+    """
+    if array_api_compat.is_torch_array(value) and value.device.type == "meta":
+        return None
+    try:
+        return float(value)
+    except Exception:  # a tracer or another abstract value: nothing to check
+        return None
+
+
 def _check_scalar(
     name: str, value: Any, xp: Namespace, device: object, *, positive: bool
 ) -> float | Array:
@@ -150,15 +227,7 @@ def _check_scalar(
         raise TypeError(msg)
     if isinstance(value, numbers.Real):
         number = float(value)
-        if not math.isfinite(number):
-            msg = f"`{name}` must be finite, got {number!r}"
-            raise ValueError(msg)
-        if positive and number <= 0.0:
-            msg = (
-                f"`{name}` must be the positive multiplier t = exp(t') applied to the "
-                f"logits, got {number!r}; if you hold the log-scale t', pass exp(t')"
-            )
-            raise ValueError(msg)
+        _check_value(name, number, positive=positive, what="")
         return number
     if array_api_compat.is_array_api_obj(value):
         shape = tuple(value.shape)
@@ -179,6 +248,10 @@ def _check_scalar(
         if not _same_device(dev, device):
             msg = f"`{name}` must be on the same device as `img`, got {dev} and {device}"
             raise ValueError(msg)
+        concrete = _concrete_value(value)
+        if concrete is not None:
+            kind = f" (a 0-d {_library(value)} array)"
+            _check_value(name, concrete, positive=positive, what=kind)
         return value
     msg = f"`{name}` must be a Python float or a 0-d array, got {_describe(value)}"
     raise TypeError(msg)
@@ -190,7 +263,11 @@ def _check_block_size(block_size: Any, n: int) -> int:
     if isinstance(block_size, bool) or not hasattr(block_size, "__index__"):
         msg = f"`block_size` must be a positive int or None, got {_describe(block_size)}"
         raise TypeError(msg)
-    size = operator.index(block_size)
+    try:
+        size = operator.index(block_size)
+    except TypeError:  # an array with __index__ that is not a single integer
+        msg = f"`block_size` must be a positive int or None, got {_describe(block_size)}"
+        raise TypeError(msg) from None
     if size <= 0:
         msg = f"`block_size` must be a positive int or None, got {size}"
         raise ValueError(msg)
@@ -246,8 +323,11 @@ def prepare(
     _check_strategy(strategy, allowed, loss)
 
     input_dtype = img.dtype
-    # Half-precision inputs accumulate in float32; float32 and float64 in themselves.
-    compute_dtype = xp.float64 if input_dtype == xp.float64 else xp.float32
+    # Half-precision inputs accumulate in float32; float32 and float64 in themselves. Any
+    # 64-bit or wider float computes in native float64: big-endian float64 exactly, and
+    # numpy's longdouble with float64 accuracy (its results are cast back to longdouble).
+    bits = _float_bits(xp, input_dtype)
+    compute_dtype = xp.float64 if bits >= 64 else xp.float32
 
     def cast(value: Any) -> Any:
         if isinstance(value, float):

@@ -404,7 +404,11 @@ class ThreadGroup:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             msg = f"`size` must be a positive int, got {size!r}"
             raise ValueError(msg)
-        if not timeout > 0:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            kind = type(timeout).__name__
+            msg = f"`timeout` must be a positive number of seconds, got {kind} {timeout!r}"
+            raise TypeError(msg)
+        if not timeout > 0:  # also refuses NaN
             msg = f"`timeout` must be positive, got {timeout!r}"
             raise ValueError(msg)
         self.size = size
@@ -448,6 +452,12 @@ class ThreadGroup:
 
 def check_communicator(comm: object) -> Communicator:
     """Return ``comm`` if it offers the :class:`Communicator` operations, else raise TypeError."""
+    if isinstance(comm, type):
+        msg = (
+            f"`comm` must be a communicator instance, got the class {comm.__name__}; "
+            f"create one first, e.g. `comm={comm.__name__}(...)`"
+        )
+        raise TypeError(msg)
     missing = [
         name
         for name in (

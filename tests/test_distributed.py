@@ -7,6 +7,8 @@ rows. Shard sizes are uneven on purpose, and the block sizes do not divide them.
 
 from __future__ import annotations
 
+import math
+
 import time
 from itertools import accumulate
 from typing import Any
@@ -299,6 +301,21 @@ MISMATCHES = {
         lambda xp, r: dict(bias=xp.asarray(-1.0 * r, dtype=dtype_of(xp, "float64"))),
         ValueError,
         r"`bias` must be the same on every rank, got rank 0: -0.0, rank 1: -1.0",
+    ),
+    "NaN scale array on one rank": (
+        lambda xp, r: dict(scale=xp.asarray(math.nan if r == 1 else 10.0)),
+        ValueError,
+        r"^rank 1: `scale` must be finite, got nan \(a 0-d \w+ array\)$",
+    ),
+    "infinite bias array everywhere": (
+        lambda xp, r: dict(bias=xp.asarray(math.inf, dtype=dtype_of(xp, "float64"))),
+        ValueError,
+        r"`bias` must be finite, got inf \(a 0-d \w+ array\) \(on every rank\)",
+    ),
+    "log-scale array on every rank": (
+        lambda xp, r: dict(scale=xp.asarray(-2.3, dtype=dtype_of(xp, "float64"))),
+        ValueError,
+        r"`scale` must be the positive multiplier.*got -2.3 \(a 0-d \w+ array\).*exp\(t'\)",
     ),
     "invalid shard": (
         lambda xp, r: dict(img=features(xp, n=0), txt=features(xp, n=0)) if r == 1 else {},

@@ -183,3 +183,167 @@ def test_strategy_belongs_to_its_loss(xp: Any) -> None:
 def test_comm_must_be_a_communicator(xp: Any, function: Any) -> None:
     with pytest.raises(TypeError, match=r"`comm` must be None or a communicator.*object without"):
         function(features(xp), features(xp), 1.0, 0.0, comm=object())
+
+
+# --- values of 0-d `scale`/`bias` arrays, wherever the array has a value ---
+
+
+@pytest.mark.parametrize("name", ["scale", "bias"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_scalar_array_not_finite(xp: Any, function: Any, name: str, value: float) -> None:
+    array = xp.asarray(value, dtype=dtype_of(xp, "float64"))
+    kwargs = {"scale": 1.0, "bias": 0.0, name: array}
+    with pytest.raises(ValueError, match=rf"`{name}` must be finite, got {value!r} \(a 0-d"):
+        function(features(xp), features(xp), kwargs["scale"], kwargs["bias"])
+
+
+@pytest.mark.parametrize("value", [0.0, -2.3])
+def test_scale_array_not_positive(xp: Any, function: Any, value: float) -> None:
+    # -2.3: a log-scale (open_clip's `logit_scale` parameter) passed where t = exp(t') belongs.
+    scale = xp.asarray(value, dtype=dtype_of(xp, "float32"))
+    with pytest.raises(ValueError, match=r"`scale` must be the positive multiplier.*logit_scale"):
+        function(features(xp), features(xp), scale, 0.0)
+
+
+def test_scalar_array_values_unchecked_under_jit() -> None:
+    # Under jax.jit `scale` is a tracer without a value: the documented limit of the checks.
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    img = jnp.asarray(np.eye(3) + 0.5)
+    loss = jax.jit(ps.sigmoid_loss)(img, img, jnp.asarray(-1.0), jnp.asarray(0.0))
+    assert loss.shape == ()
+    with pytest.raises(ValueError, match=r"`scale` must be the positive multiplier"):
+        ps.sigmoid_loss(img, img, jnp.asarray(-1.0), jnp.asarray(0.0))  # eager: checked
+
+
+def test_torch_module_refuses_a_log_scale() -> None:
+    torch = pytest.importorskip("torch")
+    from portable_siglip.backends.torch import ClipLoss, SigLipLoss
+
+    img = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1).requires_grad_()
+    logit_scale = torch.tensor(-2.3, requires_grad=True)  # log t, not t
+    with pytest.raises(ValueError, match=r"`scale` must be the positive.*-2.3.*logit_scale.exp"):
+        SigLipLoss()(img, img, logit_scale, torch.tensor(-10.0))
+    with pytest.raises(ValueError, match=r"`scale` must be finite, got nan"):
+        ClipLoss()(img, img, torch.tensor(math.nan))
+
+
+# --- array objects whose meaning the loss would drop, and dtypes it cannot honour ---
+
+
+def test_masked_array_is_refused() -> None:
+    img = np.ma.masked_array(np.ones((4, 3)), mask=np.zeros((4, 3), dtype=bool))
+    for function in FUNCTIONS:
+        with pytest.raises(TypeError, match=r"`img` must be a plain array.*masked array"):
+            function(img, np.ones((4, 3)), 1.0, 0.0)
+        with pytest.raises(TypeError, match=r"`txt` must be a plain array.*masked array"):
+            function(np.ones((4, 3)), img, 1.0, 0.0)
+
+
+def test_torch_sparse_is_refused_before_the_handshake() -> None:
+    torch = pytest.importorskip("torch")
+    from portable_siglip.comm import ThreadGroup
+
+    sparse = torch.ones(4, 3, dtype=torch.float64).to_sparse()
+    dense = torch.ones(4, 3, dtype=torch.float64)
+    for function in FUNCTIONS:
+        with pytest.raises(TypeError, match=r"`img` must be a dense \(strided\).*sparse_coo"):
+            function(sparse, dense, 1.0, 0.0)
+
+    def rank_call(comm: Any) -> str:
+        try:
+            ps.sigmoid_loss(sparse if comm.rank == 1 else dense, dense, 1.0, 0.0, comm=comm)
+        except TypeError as error:
+            return str(error)
+        return "no error"
+
+    messages = ThreadGroup(2, timeout=30.0).run(rank_call)
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("rank 1: `img` must be a dense (strided) torch tensor")
+
+
+def test_torch_float8_is_refused() -> None:
+    torch = pytest.importorskip("torch")
+    img = torch.ones(4, 3).to(torch.float8_e4m3fn)
+    for function in FUNCTIONS:
+        with pytest.raises(TypeError, match=r"`img` must have a real floating dtype.*float8"):
+            function(img, img, 1.0, 0.0)
+
+
+def test_big_endian_float64_computes_in_float64() -> None:
+    rng = np.random.default_rng(0)
+    img, txt = rng.standard_normal((7, 5)), rng.standard_normal((7, 5))
+    for function in (ps.sigmoid_loss_and_grad, ps.softmax_loss_and_grad):
+        loss, grads = function(img, txt, 3.0, -1.0, block_size=3)
+        loss_be, grads_be = function(img.astype(">f8"), txt.astype(">f8"), 3.0, -1.0, block_size=3)
+        assert grads_be.img.dtype == np.dtype(">f8")
+        assert float(loss_be) == pytest.approx(float(loss), rel=1e-14)
+        np.testing.assert_allclose(np.asarray(grads_be.img, np.float64), grads.img, rtol=1e-13)
+        np.testing.assert_allclose(np.asarray(grads_be.txt, np.float64), grads.txt, rtol=1e-13)
+
+
+def test_longdouble_reaches_float64_accuracy() -> None:
+    # numpy's longdouble computes in float64 (documented); its results come back as longdouble.
+    rng = np.random.default_rng(1)
+    img, txt = rng.standard_normal((6, 4)), rng.standard_normal((6, 4))
+    for function in (ps.sigmoid_loss_and_grad, ps.softmax_loss_and_grad):
+        loss, grads = function(img, txt, 3.0, -1.0)
+        wide = function(img.astype(np.longdouble), txt.astype(np.longdouble), 3.0, -1.0)
+        assert wide[1].img.dtype == np.longdouble
+        assert float(wide[0]) == pytest.approx(float(loss), rel=1e-14)
+        np.testing.assert_allclose(np.asarray(wide[1].img, np.float64), grads.img, rtol=1e-13)
+
+
+# --- the remaining arguments: each message names its parameter ---
+
+
+@pytest.mark.parametrize("make", ["numpy pair", "torch float"])
+def test_block_size_array_that_is_not_one_int(function: Any, make: str) -> None:
+    if make == "numpy pair":
+        block_size: Any = np.array([2, 3])
+    else:
+        block_size = pytest.importorskip("torch").tensor(2.0)
+    with pytest.raises(TypeError, match=r"`block_size` must be a positive int or None, got"):
+        function(np.ones((4, 3)), np.ones((4, 3)), 1.0, 0.0, block_size=block_size)
+
+
+def test_comm_class_instead_of_instance(function: Any) -> None:
+    from portable_siglip.comm import SelfComm
+
+    with pytest.raises(TypeError, match=r"`comm` must be a communicator instance.*class SelfComm"):
+        function(np.ones((4, 3)), np.ones((4, 3)), 1.0, 0.0, comm=SelfComm)
+
+
+def test_thread_group_timeout_type() -> None:
+    from portable_siglip.comm import ThreadGroup
+
+    with pytest.raises(TypeError, match=r"`timeout` must be a positive number of seconds.*'5'"):
+        ThreadGroup(2, timeout="5")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`timeout` must be positive, got nan"):
+        ThreadGroup(2, timeout=math.nan)
+
+
+@pytest.mark.parametrize("value", ["", "ring", 3])
+def test_siglip_module_dist_impl(value: object) -> None:
+    pytest.importorskip("torch")
+    from portable_siglip.backends.torch import SigLipLoss
+
+    kind = TypeError if not isinstance(value, str) else ValueError
+    with pytest.raises(kind, match=r"SigLipLoss: `dist_impl` must be None or one of"):
+        SigLipLoss(dist_impl=value)  # type: ignore[arg-type]
+
+
+def test_torch_modules_infer_shapes_on_meta() -> None:
+    torch = pytest.importorskip("torch")
+    from portable_siglip.backends.torch import ClipLoss, SigLipLoss
+
+    for module in (SigLipLoss(), ClipLoss()):
+        img = torch.empty(5, 3, device="meta", requires_grad=True)
+        txt = torch.empty(5, 3, device="meta", requires_grad=True)
+        scale = torch.empty((), device="meta", requires_grad=True)
+        bias = torch.empty((), device="meta", requires_grad=True)
+        loss = module(img, txt, scale, bias)
+        assert (loss.shape, loss.device.type) == ((), "meta")
+        loss.backward()
+        assert img.grad is not None and img.grad.shape == (5, 3)
+        assert scale.grad is not None and scale.grad.device.type == "meta"
