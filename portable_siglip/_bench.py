@@ -12,7 +12,7 @@ these run on the same random inputs, forward + gradient:
 ``roofline``
     The three GEMMs any forward + gradient must do, ``S = img @ txt.T``, ``S @ txt`` and
     ``S.T @ img``, on the same backend and dtype: the matmul roofline of this run
-    (DESIGN.md section 7). Above :data:`ROOFLINE_PANEL_BYTES` of ``S`` the same products run
+    (docs/benchmarks.md). Above :data:`ROOFLINE_PANEL_BYTES` of ``S`` the same products run
     on row panels of ``S``, so the roofline exists at every n.
 ``dense autograd`` (torch only)
     The loss written densely in torch and differentiated by autograd.
@@ -207,9 +207,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats",
         type=_positive_int_arg,
         default=3,
-        help="timed runs per case after one warm-up; the median is reported (3)",
+        help="timed runs per case after one warm-up; the median is reported",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--json", metavar="FILE", default=None, help="write all results here")
     parser.add_argument(
         "--plots",
@@ -260,7 +260,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch",
         type=_positive_int_arg,
         default=8192,
-        help="global batch n of --distributed (8192); --sizes is for the default benchmark",
+        help="global batch n of --distributed; --sizes is for the default benchmark",
     )
     frameworks = parser.add_argument_group(
         "frameworks",
@@ -279,14 +279,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_float_arg,
         default=16.0,
         help="skip cases predicted to need more extra memory than this; with --frameworks, "
-        "also run each case under an address-space limit of about this much (16)",
+        "also run each case under an address-space limit of about this much",
     )
     frameworks.add_argument(
         "--chunk-size",
         type=_positive_int_arg,
         default=512,
         help="with --frameworks: rows per chunk of the chunked autograd loss and of open_clip's "
-        "SigLipLoss(chunk_size=...) where it has one (512)",
+        "SigLipLoss(chunk_size=...) where it has one",
     )
 
 

@@ -70,21 +70,59 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that shows every option's default, unless its text already says it.
+
+    ``ArgumentDefaultsHelpFormatter`` would also print "(default: None)" for options whose
+    default is computed later and repeat defaults the help text explains in words.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        # Identity, not equality: a default of 0 is shown, a default of False (a flag) is not.
+        unshown = any(action.default is value for value in (None, False, argparse.SUPPRESS))
+        if not action.option_strings or "(default" in text or unshown:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--loss", choices=("sigmoid", "softmax"), default="sigmoid")
-    parser.add_argument("--backend", choices=BACKENDS, default="numpy")
+    parser.add_argument(
+        "--loss",
+        choices=("sigmoid", "softmax"),
+        default="sigmoid",
+        help="which loss: SigLIP's sigmoid loss or CLIP's softmax (InfoNCE) loss",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="numpy",
+        help="array library the loss runs on (the features are drawn with numpy, then copied)",
+    )
     parser.add_argument("--batch", type=_positive_int, default=4096, help="global batch n")
     parser.add_argument("--dim", type=_positive_int, default=512, help="feature dimension d")
     parser.add_argument(
-        "--block-size", type=_positive_int, default=None, help="tile edge (default: library's)"
+        "--block-size",
+        type=_positive_int,
+        default=None,
+        help="tile edge of the blockwise evaluation (default: the library's, 1024)",
     )
     parser.add_argument(
         "--strategy",
         default=None,
-        help=f"distributed schedule: sigmoid {SIGMOID_STRATEGIES}, softmax {SOFTMAX_STRATEGIES}",
+        help=f"distributed schedule, used when sharded over ranks: sigmoid "
+        f"{', '.join(SIGMOID_STRATEGIES)}; softmax {', '.join(SOFTMAX_STRATEGIES)} "
+        "(default: bidir for sigmoid, ring for softmax)",
     )
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--seed", type=_nonnegative_int, default=0)
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="dtype of the features (half precision accumulates in float32)",
+    )
+    parser.add_argument(
+        "--seed", type=_nonnegative_int, default=0, help="seed of the random features"
+    )
     parser.add_argument("--scale", type=float, default=10.0, help="t, the logit multiplier")
     parser.add_argument(
         "--bias", type=float, default=-10.0, help="b, the logit bias (no effect on softmax)"
@@ -108,12 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="SigLIP sigmoid and CLIP softmax losses with analytic gradients.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = commands.add_parser("run", help="evaluate one loss and its gradients")
+    run_help = "evaluate one loss and its gradients on random features"
+    run = commands.add_parser(
+        "run",
+        help=run_help,
+        description=f"{run_help[0].upper()}{run_help[1:]}: one process, or sharded over the "
+        "ranks of `mpirun -n W`; --verify checks against a dense float64 evaluation.",
+        formatter_class=HelpFormatter,
+    )
     _add_run_arguments(run)
+    bench_help = (
+        "time forward + gradient against the roofline; --distributed: the MPI "
+        "strategies; --frameworks: torch modules against open_clip and autograd"
+    )
     bench = commands.add_parser(
         "bench",
-        help="time forward + gradient against the roofline; --distributed: the MPI "
-        "strategies; --frameworks: torch modules against open_clip and autograd",
+        help=bench_help,
+        description=f"Benchmark: {bench_help}. Results are ratios measured side by side in "
+        "one run (docs/benchmarks.md).",
+        formatter_class=HelpFormatter,
     )
     from . import _bench
 
@@ -233,6 +284,18 @@ def _run(args: argparse.Namespace, comm: Any = None) -> int:
         msg = f"`batch`: the global batch ({args.batch}) must have a row for each of {size} ranks"
         raise UsageError(msg)
     strategy = args.strategy or ("bidir" if args.loss == "sigmoid" else "ring")
+    allowed = SIGMOID_STRATEGIES if args.loss == "sigmoid" else SOFTMAX_STRATEGIES
+    if args.strategy is not None and args.strategy not in allowed:
+        msg = f"`strategy` for the {args.loss} loss must be one of {allowed}, got {args.strategy!r}"
+        raise UsageError(msg)
+    if args.strategy is not None and comm is None:
+        # Accepted (the loss still checks it belongs to --loss), but say it changes nothing.
+        print(
+            f"python -m portable_siglip run: warning: --strategy {args.strategy} has no effect "
+            "in one process; start the command with `mpirun -n W` to shard the batch over W "
+            "ranks",
+            file=sys.stderr,
+        )
     rows = shard(args.batch, size, rank)
     img_np, txt_np = random_pairs(np, args.batch, args.dim, args.seed, rows=rows)
     img = xp.asarray(img_np, dtype=dtype)

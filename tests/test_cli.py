@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import subprocess
 import sys
@@ -170,3 +171,36 @@ def test_run_sharded_verify_catches_one_wrong_rank(
     assert statuses == [1, 1, 1], out
     assert "loss identical on every rank: NO" in out
     assert "verify: FAILED (the ranks returned different losses)" in out
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])
+def test_help_describes_every_option_and_its_default(command: str) -> None:
+    parser = _cli.build_parser()
+    sub = next(
+        action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+    ).choices[command]
+    text = sub.format_help()
+    assert sub.description
+    assert sub.description.split(".")[0] in " ".join(text.split())
+    formatter = sub._get_formatter()
+    for action in sub._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{command} {action.option_strings[0]} has no help"
+        shown = formatter._get_help_string(action) or ""
+        if action.default is not None and action.default is not False:
+            assert "(default" in shown, f"{command} {action.option_strings[0]}: {shown!r}"
+
+
+def test_strategy_without_ranks_warns(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli.main(["run", *SMALL, "--strategy", "shift"]) == 0
+    err = capsys.readouterr().err
+    assert "--strategy shift has no effect in one process" in err
+    assert "mpirun -n W" in err
+
+
+def test_strategy_of_the_other_loss_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli.main(["run", *SMALL, "--strategy", "ring"]) == 2
+    err = capsys.readouterr().err
+    assert "`strategy` for the sigmoid loss must be one of" in err
+    assert "no effect" not in err

@@ -8,7 +8,6 @@ rows. Shard sizes are uneven on purpose, and the block sizes do not divide them.
 from __future__ import annotations
 
 import math
-
 import time
 from itertools import accumulate
 from typing import Any
