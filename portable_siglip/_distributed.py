@@ -4,8 +4,8 @@ Every rank holds a shard of the global batch: its images stay home, its text blo
 A *visit* computes everything one text block contributes on one rank (the tiles of the
 local images against that block) and returns the block's share of its *accumulators*
 (for the sigmoid loss, ``dL/dtxt`` before normalisation; for the softmax first pass, the
-column log-sum-exp). The accumulators travel with the block and come home merged over every
-rank. A schedule decides how blocks and accumulators move:
+column log-sum-exp as ``(M, s)`` pairs, see :mod:`._softmax`). The accumulators travel with
+the block and come home merged over every rank. A schedule decides how blocks and accumulators move:
 
 - ``bidir`` (sigmoid default): each block travels both ways round the ring,
   ``ceil((W-1)/2)`` hops to the right and ``floor((W-1)/2)`` to the left; at the end of each
@@ -29,6 +29,7 @@ from typing import Any
 import array_api_compat
 
 from ._checks import Problem, prepare
+from ._softmax import merge_lse_pairs
 from ._typing import Array, Namespace
 from .comm import Communicator, Request, check_communicator
 
@@ -184,7 +185,10 @@ def global_sums(ring: Ring, xp: Namespace, values: Sequence[Array]) -> list[Arra
 def _merge_fn(xp: Namespace, merge: str) -> Callable[[Array, Array], Array]:
     if merge == "sum":
         return lambda a, b: a + b
-    return xp.logaddexp  # type: ignore[no-any-return]
+    if merge == "lse":  # (k, 2) log-sum-exp pairs (M, s)
+        return lambda a, b: merge_lse_pairs(xp, a, b)
+    msg = f"unknown merge {merge!r}"
+    raise ValueError(msg)
 
 
 def circulate(
@@ -212,8 +216,9 @@ def circulate(
         leading dimension and trailing shape ``acc_tails[i]``.
     acc_tails : tuple of shapes
         Trailing shape of each accumulator (empty: nothing travels back).
-    merge : {"sum", "logaddexp"}
-        How contributions to an accumulator combine.
+    merge : {"sum", "lse"}
+        How contributions to an accumulator combine: added, or merged as (k, 2) log-sum-exp
+        pairs ``(M, s)`` by :func:`portable_siglip._softmax.merge_lse_pairs`.
 
     Returns
     -------
@@ -380,7 +385,7 @@ def _reduce(
 ) -> Array:
     if merge == "sum":
         return comm.allreduce(contribution)
-    parts = comm.allgather(contribution)  # log-domain: no allreduce for logaddexp
+    parts = comm.allgather(contribution)  # (M, s) pairs: no allreduce for their merge
     total = parts[0]
     for part in parts[1:]:
         total = combine(total, part)

@@ -13,8 +13,9 @@ same quantities with two reusable tile buffers, in place:
 
 * the sigmoid tile is 9 elementwise passes (``relu``, ``-|u|``, ``exp``, ``log1p``, two sums,
   ``u - softplus(u)``, ``exp``, one sum) and three GEMMs;
-* the softmax first pass keeps the reference's max-subtracted row and column sums; the
-  second pass writes ``softmax_rows + softmax_cols`` over the logits;
+* the softmax first pass keeps the reference's max-subtracted row and column ``(M, s)``
+  pairs; the second pass writes ``softmax_rows + softmax_cols``, each as
+  ``exp((Z - M) - s)``, over the logits;
 * gradient rows accumulate into preallocated outputs (``addmm_`` in torch, one product
   and one in-place add in NumPy).
 
@@ -152,14 +153,26 @@ def sigmoid_sums(
     return loss, img_acc, txt_acc, bias_sum if grad else None
 
 
+Pair = tuple[Array, Array]
+
+
+def _merge_lse(xp: Namespace, total: Pair | None, part: Pair) -> Pair:
+    # The formula of portable_siglip._softmax.merge_lse, on (b,) vectors (not tiles); it is
+    # repeated here because _softmax imports this module.
+    if total is None:
+        return part
+    top = xp.maximum(total[0], part[0])
+    return top, xp.logaddexp((total[0] - top) + total[1], (part[0] - top) + part[1])
+
+
+def _stack(xp: Namespace, pairs: list[Pair]) -> Array:
+    tops = xp.concat([pair[0] for pair in pairs], axis=0)
+    logs = xp.concat([pair[1] for pair in pairs], axis=0)
+    return xp.stack((tops, logs), axis=1)  # 2 x (k,) -> (k, 2)
+
+
 def softmax_lse(
-    xp: Namespace,
-    scaled_img: Array,
-    txt: Array,
-    img_diag: Array,
-    txt_diag: Array,
-    *,
-    block_size: int,
+    xp: Namespace, scaled_img: Array, txt: Array, *, block_size: int
 ) -> tuple[Array, Array]:
     """In-place twin of :func:`portable_siglip._softmax.softmax_lse`; returns (rows, cols)."""
     nat = _native(xp)
@@ -168,12 +181,11 @@ def softmax_lse(
     device = array_api_compat.device(scaled_img)
     tiles = _Tiles(xp, min(block_size, max(m, k)), 2, dtype, device)
     col_blocks = list(blocks(k, block_size))
-    col_lse: list[Array | None] = [None] * len(col_blocks)
-    row_lse: list[Array] = []
+    col_lse: list[Pair | None] = [None] * len(col_blocks)
+    row_lse: list[Pair] = []
     for row_start, row_stop in blocks(m, block_size):
         img_rows = scaled_img[row_start:row_stop, :]
-        row_ref = img_diag[row_start:row_stop]
-        row_total: Array | None = None
+        row_total: Pair | None = None
         for col, (col_start, col_stop) in enumerate(col_blocks):
             logits = tiles.view(0, row_stop - row_start, col_stop - col_start)
             work = tiles.view(1, row_stop - row_start, col_stop - col_start)
@@ -181,16 +193,15 @@ def softmax_lse(
             row_max = xp.max(logits, axis=1)  # (b, c) -> (b,)
             nat.subtract(logits, row_max[:, None], out=work)
             nat.exp(work, out=work)
-            part = (row_max - row_ref) + xp.log(xp.sum(work, axis=1))
-            row_total = part if row_total is None else xp.logaddexp(row_total, part)
+            row_total = _merge_lse(xp, row_total, (row_max, xp.log(xp.sum(work, axis=1))))
             col_max = xp.max(logits, axis=0)  # (b, c) -> (c,)
             logits -= col_max[None, :]
             nat.exp(logits, out=logits)
-            part = (col_max - txt_diag[col_start:col_stop]) + xp.log(xp.sum(logits, axis=0))
-            previous = col_lse[col]
-            col_lse[col] = part if previous is None else xp.logaddexp(previous, part)
+            part = (col_max, xp.log(xp.sum(logits, axis=0)))
+            col_lse[col] = _merge_lse(xp, col_lse[col], part)
+        assert row_total is not None
         row_lse.append(row_total)
-    return xp.concat(row_lse, axis=0), xp.concat(col_lse, axis=0)
+    return _stack(xp, row_lse), _stack(xp, [pair for pair in col_lse if pair is not None])
 
 
 def softmax_grad_sums(
@@ -213,17 +224,22 @@ def softmax_grad_sums(
     img_acc = xp.empty((m, d), dtype=dtype, device=device)
     txt_acc = xp.empty((k, d), dtype=dtype, device=device)
     step = xp.empty((size, d), dtype=dtype, device=device)
+    row_top, row_log = row_lse[:, 0], row_lse[:, 1]
+    col_top, col_log = col_lse[:, 0], col_lse[:, 1]
     for row, (row_start, row_stop) in enumerate(blocks(m, block_size)):
         img_rows = scaled_img[row_start:row_stop, :]
-        row_ref = row_lse[row_start:row_stop, None]
+        top, log = row_top[row_start:row_stop, None], row_log[row_start:row_stop, None]
         for col, (col_start, col_stop) in enumerate(blocks(k, block_size)):
             txt_cols = txt[col_start:col_stop, :]
             part = tiles.view(0, row_stop - row_start, col_stop - col_start)
             work = tiles.view(1, row_stop - row_start, col_stop - col_start)
             nat.matmul(img_rows, txt_cols.T, out=part)  # (b, d) @ (d, c) -> (b, c)
-            nat.subtract(part, row_ref, out=work)
+            # exp((Z - M) - s), in this order: M + s would round to ulp(M) (see _softmax).
+            nat.subtract(part, top, out=work)
+            work -= log
             nat.exp(work, out=work)  # softmax over the row
-            part -= col_lse[None, col_start:col_stop]
+            part -= col_top[None, col_start:col_stop]
+            part -= col_log[None, col_start:col_stop]
             nat.exp(part, out=part)  # softmax over the column
             part += work
             if positives and row_start == col_start:

@@ -7,7 +7,13 @@ from typing import NamedTuple
 from ._checks import Problem
 from ._distributed import Ring, circulate, global_sums, setup
 from ._sigmoid import sigmoid_sums
-from ._softmax import diagonal_logits, softmax_grad_sums, softmax_lse
+from ._softmax import (
+    diagonal_logits,
+    lse_excess,
+    merge_lse_pairs,
+    softmax_grad_sums,
+    softmax_lse,
+)
 from ._typing import Array
 
 __all__ = [
@@ -143,16 +149,16 @@ def _softmax(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
     diag = diagonal_logits(xp, scaled_img, problem.txt)
     zero = xp.zeros((), dtype=problem.compute_dtype, device=problem.device)
     if ring is None:
-        lse = softmax_lse(xp, scaled_img, problem.txt, diag, diag, block_size=problem.block_size)
-        total = xp.sum(lse.rows) + xp.sum(lse.cols)
+        lse = softmax_lse(xp, scaled_img, problem.txt, block_size=problem.block_size)
+        total = lse_excess(xp, lse.rows, diag) + lse_excess(xp, lse.cols, diag)
         if not grad:
             return total / (2.0 * problem.n), None
         img_acc, txt_acc = softmax_grad_sums(
             xp,
             scaled_img,
             problem.txt,
-            lse.rows + diag,
-            lse.cols + diag,
+            lse.rows,
+            lse.cols,
             positives=True,
             block_size=problem.block_size,
         )
@@ -164,18 +170,20 @@ def _softmax(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
     rank = ring.comm.rank
 
     def first(owner: int, block: tuple[Array, ...]) -> tuple[Array, ...]:
-        txt, txt_diag = block
-        part = softmax_lse(xp, scaled_img, txt, diag, txt_diag, block_size=problem.block_size)
-        state.rows = part.rows if state.rows is None else xp.logaddexp(state.rows, part.rows)
+        part = softmax_lse(xp, scaled_img, block[0], block_size=problem.block_size)
+        rows = state.rows
+        state.rows = part.rows if rows is None else merge_lse_pairs(xp, rows, part.rows)
         return (part.cols,)
 
-    (cols,) = circulate(ring, xp, (problem.txt, diag), first, acc_tails=((),), merge="logaddexp")
-    local = xp.sum(state.rows) + xp.sum(cols)
+    # The column (M, s) pairs travel as one (n_q, 2) accumulator; M is absolute, so the
+    # owner's diagonal logits need not travel with the block.
+    (cols,) = circulate(ring, xp, (problem.txt,), first, acc_tails=((2,),), merge="lse")
+    row_lse = state.rows
+    local = lse_excess(xp, row_lse, diag) + lse_excess(xp, cols, diag)
     norm = 2.0 * ring.total
     if not grad:
         (total,) = global_sums(ring, xp, [local])
         return total / norm, None
-    row_lse = state.rows + diag
 
     def second(owner: int, block: tuple[Array, ...]) -> tuple[Array, ...]:
         txt, col_lse = block
@@ -192,7 +200,7 @@ def _softmax(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
         return (txt_part,)
 
     (txt_acc,) = circulate(
-        ring, xp, (problem.txt, cols + diag), second, acc_tails=((problem.d,),), merge="sum"
+        ring, xp, (problem.txt, cols), second, acc_tails=((problem.d,),), merge="sum"
     )
     scale_sum = _scale_sum(problem, state.img_acc)
     total, scale_sum = global_sums(ring, xp, [local, scale_sum])
@@ -258,6 +266,14 @@ def sigmoid_loss(
     See Also
     --------
     sigmoid_loss_and_grad : the loss with its gradients, in the same pass.
+
+    Notes
+    -----
+    The features are not checked for NaN or inf, as the array libraries do not check them
+    either: one such entry in ``img`` or ``txt`` makes the loss NaN without an error (on
+    every rank, with ``comm``). To find the source, check ``xp.all(xp.isfinite(img))`` (and
+    ``txt``) before the call, or let the framework stop at the first NaN
+    (``torch.autograd.set_detect_anomaly(True)``, ``jax.config.update("jax_debug_nans", True)``).
 
     Examples
     --------
@@ -326,6 +342,16 @@ def sigmoid_loss_and_grad(
     ------
     TypeError, ValueError
         On invalid input; the message names the parameter and what was received.
+
+    Notes
+    -----
+    The features are not checked for NaN or inf, as the array libraries do not check them
+    either: one such entry in ``img`` or ``txt`` makes the loss NaN without an error, and
+    with it that row of ``grads.img``, every row of ``grads.txt``, ``grads.scale`` and
+    ``grads.bias`` (on every rank, with ``comm``).
+    To find the source, check ``xp.all(xp.isfinite(img))`` (and ``txt``) before the call, or
+    let the framework stop at the first NaN (``torch.autograd.set_detect_anomaly(True)``,
+    ``jax.config.update("jax_debug_nans", True)``).
 
     Examples
     --------
@@ -419,6 +445,14 @@ def softmax_loss(
     TypeError, ValueError
         On invalid input; the message names the parameter and what was received.
 
+    Notes
+    -----
+    The features are not checked for NaN or inf, as the array libraries do not check them
+    either: one such entry in ``img`` or ``txt`` makes the loss NaN without an error (on
+    every rank, with ``comm``). To find the source, check ``xp.all(xp.isfinite(img))`` (and
+    ``txt``) before the call, or let the framework stop at the first NaN
+    (``torch.autograd.set_detect_anomaly(True)``, ``jax.config.update("jax_debug_nans", True)``).
+
     Examples
     --------
     >>> import numpy as np
@@ -475,6 +509,15 @@ def softmax_loss_and_grad(
     ------
     TypeError, ValueError
         On invalid input; the message names the parameter and what was received.
+
+    Notes
+    -----
+    The features are not checked for NaN or inf, as the array libraries do not check them
+    either: one such entry in ``img`` or ``txt`` makes the loss NaN without an error, and
+    with it every row of ``grads.img`` and ``grads.txt`` (on every rank, with ``comm``).
+    To find the source, check ``xp.all(xp.isfinite(img))`` (and ``txt``) before the call, or
+    let the framework stop at the first NaN (``torch.autograd.set_detect_anomaly(True)``,
+    ``jax.config.update("jax_debug_nans", True)``).
 
     Examples
     --------

@@ -6,13 +6,22 @@ With ``Z = t * img @ txt.T`` (a bias cancels in both softmaxes, so it is never a
     dL/dZ = G = ( softmax_rows(Z) + softmax_cols(Z) - 2 I ) / (2n)
 
 (Radford et al., 2021; the tiled evaluation follows Inf-CL, Wang et al., 2024, Sec. 3).
-The first pass accumulates, for every row and every column, the log-sum-exp *relative to
-the diagonal logit* (``lse_j Z_ij - Z_ii``), online: each tile contributes a max-subtracted
-partial log-sum-exp, merged with ``logaddexp``. Keeping each partial relative to the diagonal
-logit avoids summing n log-sum-exps in the thousands and then subtracting a trace of the
-same size; accuracy stays bounded by the rounding of the logits themselves (about
-``eps * |Z|``), as in any float format. The second pass recomputes each tile and forms
-``G`` from the finished log-sum-exps, so no tile outlives its iteration.
+
+The first pass accumulates, for every row and every column, its log-sum-exp as a pair
+``(M, s)``: ``M`` the largest logit seen so far (an actual logit value, never rounded) and
+``s = log sum exp(Z - M)``, which lies in ``[0, log n]``. Each tile contributes its own
+max-subtracted pair; two pairs merge online as ``M = max(Ma, Mb)``,
+``s = logaddexp((Ma - M) + sa, (Mb - M) + sb)`` (one of the two shifts is exactly 0).
+The sum ``M + s`` is never formed: at large ``|Z|`` it rounds to ``ulp(|Z|)`` (0.03 at
+``|Z| = 5e5`` in float32, 32 at ``5e8``), an error that ``exp`` turns into a relative error
+of the same size in every softmax entry. The second pass recomputes each tile and uses
+``exp((Z_ij - M_i) - s_i)``, where ``Z_ij - M_i`` is a difference of two logits of the same
+GEMM, essentially exact as in a dense max-subtracted softmax; no tile outlives its iteration.
+
+The loss term of row ``i`` is ``(M_i - Z_ii) + s_i``, formed row by row, so the loss is a sum
+of O(1) quantities rather than n log-sum-exps minus a trace of the same size. The difference
+``M_i - Z_ii`` is clamped at 0: it is >= 0 by definition, and a negative value is only the
+rounding difference between ``Z_ii`` from ``vecdot`` and the same logit from the tile GEMM.
 """
 
 from __future__ import annotations
@@ -25,11 +34,24 @@ from . import _inplace
 from ._tiles import blocks, diagonal_mask
 from ._typing import Array, Namespace
 
-__all__ = ["SoftmaxLse", "diagonal_logits", "softmax_grad_sums", "softmax_lse"]
+__all__ = [
+    "SoftmaxLse",
+    "diagonal_logits",
+    "lse_excess",
+    "merge_lse",
+    "merge_lse_pairs",
+    "softmax_grad_sums",
+    "softmax_lse",
+]
 
 
 class SoftmaxLse(NamedTuple):
-    """Row and column log-sum-exp of ``Z``, each minus the diagonal logit of its row/column."""
+    """Row and column log-sum-exp of ``Z`` as ``(M, s)`` pairs: arrays of shape (m, 2), (k, 2).
+
+    Column 0 is ``M``, the largest logit of the row (column); column 1 is
+    ``s = log sum exp(Z - M)``, in ``[0, log k]`` (``[0, log m]``). The log-sum-exp is
+    ``M + s``; it is kept as a pair because that sum rounds to ``ulp(M)``.
+    """
 
     rows: Array
     cols: Array
@@ -40,21 +62,52 @@ def diagonal_logits(xp: Namespace, scaled_img: Array, txt: Array) -> Array:
     return xp.vecdot(scaled_img, txt)
 
 
-def _merge(xp: Namespace, total: Array | None, part: Array) -> Array:
-    # log(exp(total) + exp(part)) without leaving the log domain.
-    return part if total is None else xp.logaddexp(total, part)
+def merge_lse(
+    xp: Namespace, max_a: Array, log_a: Array, max_b: Array, log_b: Array
+) -> tuple[Array, Array]:
+    """Merge two partial log-sum-exps given as ``(M, s)`` pairs of vectors; return the pair.
+
+    ``M = max(Ma, Mb)`` and ``s = log(exp(Ma - M + sa) + exp(Mb - M + sb))``: one shift is
+    exactly 0, the other <= 0, so nothing overflows and ``M`` stays an actual logit.
+    """
+    top = xp.maximum(max_a, max_b)
+    return top, xp.logaddexp((max_a - top) + log_a, (max_b - top) + log_b)
 
 
-def softmax_lse(
-    xp: Namespace,
-    scaled_img: Array,
-    txt: Array,
-    img_diag: Array,
-    txt_diag: Array,
-    *,
-    block_size: int,
-) -> SoftmaxLse:
-    """First pass: relative row and column log-sum-exp of ``scaled_img @ txt.T``.
+def merge_lse_pairs(xp: Namespace, a: Array, b: Array) -> Array:
+    """:func:`merge_lse` of two (k, 2) pair arrays (column 0 ``M``, column 1 ``s``)."""
+    return xp.stack(merge_lse(xp, a[:, 0], a[:, 1], b[:, 0], b[:, 1]), axis=1)
+
+
+def lse_excess(xp: Namespace, lse: Array, diag: Array) -> Array:
+    """Return ``sum_i (lse_i - Z_ii)`` from (k, 2) pairs ``lse`` and the diagonal logits ``diag``.
+
+    Each term is ``max(M_i - Z_ii, 0) + s_i``, formed before the sum. ``M_i >= Z_ii`` holds
+    by definition (``M_i`` is a max over a set holding ``Z_ii``), but ``M_i`` comes from the
+    tile GEMM and ``Z_ii`` from ``vecdot``, and the two roundings of the same logit can differ
+    by an ulp; without the clamp a saturated loss (every ``s_i`` about 0) came out negative.
+    The clamp only removes that rounding difference, and ``s_i >= 0`` keeps every term >= 0.
+    """
+    zero = xp.zeros((), dtype=lse.dtype, device=array_api_compat.device(lse))
+    return xp.sum(xp.maximum(lse[:, 0] - diag, zero) + lse[:, 1])
+
+
+Pair = tuple[Array, Array]
+
+
+def _merge(xp: Namespace, total: Pair | None, part: Pair) -> Pair:
+    return part if total is None else merge_lse(xp, *total, *part)
+
+
+def _stack(xp: Namespace, pairs: list[Pair]) -> Array:
+    """Concatenate per-block ``(M, s)`` vector pairs into one (k, 2) array."""
+    tops = xp.concat([pair[0] for pair in pairs], axis=0)
+    logs = xp.concat([pair[1] for pair in pairs], axis=0)
+    return xp.stack((tops, logs), axis=1)  # 2 x (k,) -> (k, 2)
+
+
+def softmax_lse(xp: Namespace, scaled_img: Array, txt: Array, *, block_size: int) -> SoftmaxLse:
+    """First pass: row and column log-sum-exp of ``scaled_img @ txt.T``, as ``(M, s)`` pairs.
 
     Parameters
     ----------
@@ -64,43 +117,37 @@ def softmax_lse(
         Image rows multiplied by the scale ``t``.
     txt : array, shape (k, d)
         Text rows.
-    img_diag : array, shape (m,)
-        Reference logit of each row (its positive, ``Z_ii``), subtracted from the row lse.
-    txt_diag : array, shape (k,)
-        Reference logit of each column (``Z_jj``), subtracted from the column lse.
     block_size : int
         Tile edge.
 
     Returns
     -------
     SoftmaxLse
-        ``rows[i] = lse_j Z_ij - img_diag[i]`` and ``cols[j] = lse_i Z_ij - txt_diag[j]``.
+        ``rows`` of shape (m, 2) and ``cols`` of shape (k, 2): per row (column) the largest
+        logit ``M`` and ``s = log sum exp(Z - M)`` over the k columns (m rows).
     """
     if _inplace.enabled(xp, scaled_img, txt):
-        return SoftmaxLse(
-            *_inplace.softmax_lse(xp, scaled_img, txt, img_diag, txt_diag, block_size=block_size)
-        )
+        return SoftmaxLse(*_inplace.softmax_lse(xp, scaled_img, txt, block_size=block_size))
     m, k = scaled_img.shape[0], txt.shape[0]
     col_blocks = list(blocks(k, block_size))
-    col_lse: list[Array | None] = [None] * len(col_blocks)
-    row_lse: list[Array] = []
+    col_lse: list[Pair | None] = [None] * len(col_blocks)
+    row_lse: list[Pair] = []
     for row_start, row_stop in blocks(m, block_size):
         img_rows = scaled_img[row_start:row_stop, :]
-        row_ref = img_diag[row_start:row_stop]
-        row_total: Array | None = None
+        row_total: Pair | None = None
         for col, (col_start, col_stop) in enumerate(col_blocks):
             logits = xp.matmul(img_rows, txt[col_start:col_stop, :].T)  # (b, d) @ (d, c) -> (b, c)
-            # Max-subtracted partial lse of each row and column of the tile: exp never
+            # Max-subtracted partial (M, s) of each row and column of the tile: exp never
             # sees a positive argument, so nothing overflows for |Z| in the thousands.
             row_max = xp.max(logits, axis=1)  # (b, c) -> (b,)
             row_sum = xp.sum(xp.exp(logits - row_max[:, None]), axis=1)  # (b, c) -> (b,)
-            row_total = _merge(xp, row_total, (row_max - row_ref) + xp.log(row_sum))
+            row_total = _merge(xp, row_total, (row_max, xp.log(row_sum)))
             col_max = xp.max(logits, axis=0)  # (b, c) -> (c,)
             col_sum = xp.sum(xp.exp(logits - col_max[None, :]), axis=0)  # (b, c) -> (c,)
-            col_ref = txt_diag[col_start:col_stop]
-            col_lse[col] = _merge(xp, col_lse[col], (col_max - col_ref) + xp.log(col_sum))
+            col_lse[col] = _merge(xp, col_lse[col], (col_max, xp.log(col_sum)))
+        assert row_total is not None
         row_lse.append(row_total)
-    return SoftmaxLse(xp.concat(row_lse, axis=0), xp.concat(col_lse, axis=0))
+    return SoftmaxLse(_stack(xp, row_lse), _stack(xp, [p for p in col_lse if p is not None]))
 
 
 def softmax_grad_sums(
@@ -123,10 +170,11 @@ def softmax_grad_sums(
         Image rows multiplied by the scale ``t``.
     txt : array, shape (k, d)
         Text rows.
-    row_lse : array, shape (m,)
-        Finished (absolute) log-sum-exp of every row of ``Z`` over all columns.
-    col_lse : array, shape (k,)
-        Finished (absolute) log-sum-exp of every column of ``Z`` over all rows.
+    row_lse : array, shape (m, 2)
+        Finished ``(M, s)`` log-sum-exp pair of every row of ``Z`` over all columns
+        (``SoftmaxLse.rows``).
+    col_lse : array, shape (k, 2)
+        Finished ``(M, s)`` pair of every column of ``Z`` over all rows (``SoftmaxLse.cols``).
     positives : bool
         Whether row ``i`` and text ``i`` are a positive pair (subtract ``2 I``).
     block_size : int
@@ -146,15 +194,21 @@ def softmax_grad_sums(
     col_blocks = list(blocks(k, block_size))
     txt_acc: list[Array | None] = [None] * len(col_blocks)
     img_acc_blocks: list[Array] = []
+    row_top, row_log = row_lse[:, 0], row_lse[:, 1]
+    col_top, col_log = col_lse[:, 0], col_lse[:, 1]
     for row_start, row_stop in blocks(m, block_size):
         img_rows = scaled_img[row_start:row_stop, :]
-        row_ref = row_lse[row_start:row_stop, None]
+        top, log = row_top[row_start:row_stop, None], row_log[row_start:row_stop, None]
         img_acc: Array | None = None
         for col, (col_start, col_stop) in enumerate(col_blocks):
             txt_cols = txt[col_start:col_stop, :]
             logits = xp.matmul(img_rows, txt_cols.T)  # (b, d) @ (d, c) -> (b, c)
-            # softmax_rows + softmax_cols; both exponents are <= 0 up to rounding.
-            part = xp.exp(logits - row_ref) + xp.exp(logits - col_lse[None, col_start:col_stop])
+            # softmax_rows + softmax_cols as exp((Z - M) - s); both exponents are <= 0 up to
+            # rounding. Z - M first: a difference of two logits, exact where it matters.
+            cols = slice(col_start, col_stop)
+            part = xp.exp((logits - top) - log) + xp.exp(
+                (logits - col_top[None, cols]) - col_log[None, cols]
+            )
             if positives and row_start == col_start:
                 mask = diagonal_mask(xp, row_stop - row_start, device)
                 part = xp.where(mask, part - 2, part)

@@ -161,12 +161,13 @@ def expected_bytes(loss: str, strategy: str, world: int, n: int, d: int, item: i
             return block + world * block + scalars  # broadcast own, allreduce every block's
         return block + world * block + scalars  # gather: allgather own, allreduce all (N d)
     scalars = 2 * item  # loss and scale sums
+    pair = 2 * vector  # a column log-sum-exp as (M, s): two numbers per row
     if strategy == "ring":
-        first = (world - 1) * (block + vector + vector)  # text + diagonal out, column lse
-        second = (world - 1) * (block + vector + block)  # text + column lse out, dL/dtxt
+        first = (world - 1) * (block + pair)  # text out, column lse pairs
+        second = (world - 1) * (block + pair + block)  # text + column lse out, dL/dtxt
         return first + second + scalars
-    first = block + vector + world * vector  # allgather text, diag and all column partials
-    second = block + vector + world * block
+    first = block + world * pair  # allgather text and all column partials (N x 2)
+    second = block + pair + world * block
     return first + second + scalars
 
 
