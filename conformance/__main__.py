@@ -1,7 +1,8 @@
 """``python -m portable_siglip.conformance``: judge an implementation of a contrastive loss.
 
-Exit status: 0 when every check passed, 1 when at least one failed, 2 on a usage error
-(unknown option, implementation not found, backend not installed).
+Exit status: 0 when every check ran and passed, 1 when at least one failed (an exception,
+``SystemExit`` included, or a timeout is a failure), 2 on a usage error (unknown option,
+implementation not found or not constructible, backend not installed, report not writable).
 """
 
 from __future__ import annotations
@@ -9,16 +10,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import json
 import math
+import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from portable_siglip._interop import BACKENDS, DTYPES, UsageError
 
-from ._checks import CONVENTIONS, Report, check
+from ._checks import CONVENTIONS, Report, abandoned_calls, check, describe_exception
 
 __all__ = ["load_implementation", "main"]
 
@@ -32,7 +37,8 @@ def load_implementation(spec: str) -> Callable[..., Any]:
     Raises
     ------
     UsageError
-        If the module or attribute cannot be found.
+        If the module or attribute cannot be found, importing the module raises (or calls
+        ``sys.exit``), or a class cannot be constructed without arguments.
     """
     module_name, sep, attribute = spec.rpartition(":")
     if not sep or not module_name or not attribute:
@@ -53,8 +59,10 @@ def load_implementation(spec: str) -> Callable[..., Any]:
         sys.path.insert(0, str(path.resolve().parent))  # let it import its siblings
         try:
             loader_spec.loader.exec_module(module)
-        except Exception as error:
-            msg = f"`--impl`: loading {str(path)!r} raised {type(error).__name__}: {error}"
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # sys.exit at import is an error too
+            msg = f"`--impl`: loading {str(path)!r} raised {describe_exception(error)}"
             raise UsageError(msg) from error
     else:
         try:
@@ -62,8 +70,10 @@ def load_implementation(spec: str) -> Callable[..., Any]:
         except ImportError as error:
             msg = f"`--impl`: cannot import module {module_name!r}: {error}"
             raise UsageError(msg) from None
-        except Exception as error:
-            msg = f"`--impl`: importing {module_name!r} raised {type(error).__name__}: {error}"
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # sys.exit at import is an error too
+            msg = f"`--impl`: importing {module_name!r} raised {describe_exception(error)}"
             raise UsageError(msg) from error
     target: Any = module
     for part in attribute.split("."):
@@ -72,11 +82,43 @@ def load_implementation(spec: str) -> Callable[..., Any]:
             raise UsageError(msg)
         target = getattr(target, part)
     if isinstance(target, type):
-        target = target()
+        target = _instantiate(target, spec)
     if not callable(target):
         msg = f"`--impl`: {spec!r} is not callable"
         raise UsageError(msg)
     return target  # type: ignore[no-any-return]
+
+
+def _instantiate(cls: type, spec: str) -> Any:
+    """``cls()``, or a UsageError saying why a class named by `--impl` cannot be built."""
+    name = cls.__name__
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: just try
+        parameters = None
+    if parameters is not None:
+        required = [
+            p.name
+            for p in parameters
+            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        if required:
+            msg = (
+                f"`--impl`: {spec!r} is the class {name}, which the suite constructs without "
+                f"arguments, but {name}() needs {', '.join(required)}; point `--impl` at a "
+                f"function or an instance instead (e.g. a module-level `loss = {name}(...)`)"
+            )
+            raise UsageError(msg)
+    try:
+        return cls()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # a constructor that exits is an error too
+        msg = (
+            f"`--impl`: {spec!r} is the class {name}, which the suite constructs without "
+            f"arguments, but {name}() raised {describe_exception(error)}"
+        )
+        raise UsageError(msg) from error
 
 
 def _default_implementation(loss: str) -> Callable[..., Any]:
@@ -85,60 +127,39 @@ def _default_implementation(loss: str) -> Callable[..., Any]:
     return ps.sigmoid_loss_and_grad if loss == "sigmoid" else ps.softmax_loss_and_grad
 
 
-def _format_error(value: float) -> str:
-    return "non-finite" if not math.isfinite(value) else f"{value:.2e}"
-
-
 def print_report(report: Report, *, limit: int = 40) -> None:
     """Print the verdict, the failed checks (worst first) and the diagnosis."""
-    checks = len(report.results)
-    failed = sorted(report.failed, key=lambda r: -r.error / r.tolerance if r.tolerance else 0)
-    print(
-        f"conformance: {report.implementation}  loss={report.loss} backend={report.backend} "
-        f"dtype={report.dtype} convention={report.convention}"
-    )
-    for note in report.notes:
-        print(f"  note: {note}")
-    if not failed:
-        print(f"PASSED: {checks} checks; worst error {report.worst:.2g} x its tolerance")
-        return
-    print(f"FAILED: {len(failed)} of {checks} checks")
-    rows = [("check", "case", "quantity", "error", "tolerance", "what")]
-    for result in failed[:limit]:
-        rows.append(
-            (
-                result.check,
-                result.case,
-                "loss" if result.quantity == "loss" else f"grads.{result.quantity}",
-                _format_error(result.error),
-                f"{result.tolerance:.1e}",
-                result.message[:80],
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)]
-        print("  " + "  ".join(cells) + "  " + row[5])
-    if len(failed) > limit:
-        print(f"  ... and {len(failed) - limit} more (see --report)")
-    print("diagnosis:")
-    for line in report.diagnosis:
-        print(f"  {line}")
+    print(report.table(limit=limit))
 
 
-def _agreement(losses: Sequence[str]) -> int:
-    """Run portable_siglip on every installed backend and dtype; print the error matrix."""
+def _agreement(losses: Sequence[str], timeout: float | None = None) -> int:
+    """Run portable_siglip on every installed backend and dtype; print the error matrix.
+
+    The matrix goes to stdout; one progress line per loss and backend goes to stderr.
+    """
     status = 0
-    for loss in losses:
+    start = time.monotonic()
+    groups = len(losses) * len(BACKENDS)
+    for index, loss in enumerate(losses):
         print(f"agreement: portable_siglip {loss} loss, worst error / tolerance over all cases")
         header = f"  {'backend':18s}" + "".join(f"{dtype:>12s}" for dtype in DTYPES)
-        print(header)
-        for backend in BACKENDS:
+        print(header, flush=True)
+        for position, backend in enumerate(BACKENDS, start=index * len(BACKENDS) + 1):
+            print(
+                f"agreement: [{position}/{groups}] {loss} loss on {backend}, "
+                f"{len(DTYPES)} dtypes ({time.monotonic() - start:.0f} s so far)",
+                file=sys.stderr,
+                flush=True,
+            )
             cells = []
             for dtype in DTYPES:
                 try:
                     report = check(
-                        _default_implementation(loss), loss=loss, backend=backend, dtype=dtype
+                        _default_implementation(loss),
+                        loss=loss,
+                        backend=backend,
+                        dtype=dtype,
+                        timeout=timeout,
                     )
                 except UsageError:
                     cells.append("-")
@@ -146,37 +167,104 @@ def _agreement(losses: Sequence[str]) -> int:
                 mark = "ok" if report.passed else "FAIL"
                 cells.append(f"{report.worst:.2g} {mark}")
                 status = status or (0 if report.passed else 1)
-            print(f"  {backend:18s}" + "".join(f"{cell:>12s}" for cell in cells))
+            print(f"  {backend:18s}" + "".join(f"{cell:>12s}" for cell in cells), flush=True)
     print("  (- : backend not installed or without that dtype; ok: every check passed)")
     return status
+
+
+#: Default of ``--timeout``: far above what a correct implementation needs on any case
+#: (the largest has n = 33; a first jax call compiles for a few seconds).
+DEFAULT_TIMEOUT = 60.0
+
+
+def _seconds(text: str) -> float:
+    """``--timeout``: a number of seconds, 0 for none."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0 or math.isinf(value):
+        msg = f"expected a number of seconds >= 0 (0: no timeout), got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _check_writable(path: Path) -> None:
+    """Raise UsageError unless `path` can be written, leaving no file behind."""
+    if path.is_dir():
+        msg = f"`--report`: {str(path)!r} is a directory; give the path of a file"
+        raise UsageError(msg)
+    existed = path.exists()
+    try:
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        msg = f"`--report`: cannot write {str(path)!r}: {error.strerror or error}"
+        raise UsageError(msg) from None
+    if not existed:
+        path.unlink(missing_ok=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of ``python -m portable_siglip.conformance``."""
     parser = argparse.ArgumentParser(
         prog="python -m portable_siglip.conformance",
-        description="Check an implementation of the SigLIP or CLIP loss against high-precision "
-        "golden cases.",
+        description="Check an implementation of the SigLIP or CLIP loss and its gradients "
+        "against high-precision golden cases.",
+        epilog="Exit status: 0 when every check ran and passed; 1 when a check failed, the "
+        "implementation raised (sys.exit included) or timed out; 2 on a usage error. "
+        "See docs/conformance.md.",
     )
-    parser.add_argument("--loss", choices=("sigmoid", "softmax"))
+    parser.add_argument(
+        "--loss",
+        choices=("sigmoid", "softmax"),
+        help="the loss the implementation computes: sigmoid (SigLIP) or softmax (CLIP); "
+        "required unless --agreement, which otherwise runs both",
+    )
     parser.add_argument(
         "--impl",
         help="MODULE:ATTR or path/to/file.py:ATTR, a callable f(img, txt, scale, bias) "
-        "returning the loss or (loss, grads); default: portable_siglip itself",
+        "returning the loss or (loss, grads), or a class to construct without arguments; "
+        "default: portable_siglip itself",
     )
-    parser.add_argument("--backend", choices=BACKENDS, default="numpy")
-    parser.add_argument("--dtype", choices=DTYPES, default="float64")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="numpy",
+        help="array library of the inputs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float64",
+        help="dtype of the inputs; sets the tolerance (default: %(default)s)",
+    )
     parser.add_argument(
         "--convention",
         choices=tuple(CONVENTIONS),
         default="default",
-        help="declared normalisation: default (sum over pairs / n), mean (over n^2), sum",
+        help="declared normalisation: default (sum over pairs / n), mean (over n^2), sum "
+        "(default: %(default)s)",
     )
-    parser.add_argument("--report", type=Path, help="write the full report as JSON")
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="seconds each call of the implementation may take; a call that overruns fails "
+        "as 'timeout' and no further call is made; 0 for no limit (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="FILE",
+        help="also write the full report, every check, as JSON to FILE (default: none)",
+    )
     parser.add_argument(
         "--agreement",
         action="store_true",
-        help="run portable_siglip on every installed backend and dtype and print the matrix",
+        help="instead of checking --impl, run portable_siglip on every installed backend and "
+        "dtype and print the matrix of worst errors (takes minutes)",
     )
     return parser
 
@@ -185,11 +273,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the conformance command line and return its exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.loss is None and not args.agreement:
+        parser.error("--loss is required (unless --agreement)")
+    timeout = args.timeout or None
     try:
         if args.agreement:
-            return _agreement([args.loss] if args.loss else ["sigmoid", "softmax"])
-        if args.loss is None:
-            parser.error("--loss is required (unless --agreement)")
+            return _agreement([args.loss] if args.loss else ["sigmoid", "softmax"], timeout)
+        if args.report is not None:
+            _check_writable(args.report)
         function = (
             load_implementation(args.impl) if args.impl else _default_implementation(args.loss)
         )
@@ -199,16 +290,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             backend=args.backend,
             dtype=args.dtype,
             convention=args.convention,
+            timeout=timeout,
         )
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
+    except SystemExit as error:  # the implementation's, from outside a call: never a pass
+        print(f"{parser.prog}: error: {describe_exception(error)}", file=sys.stderr)
+        return 1
+    if args.impl:
+        report.implementation = args.impl  # as the user wrote it, not the module we made
     print_report(report)
     if args.report is not None:
-        args.report.write_text(json.dumps(report.to_dict(), indent=2))
+        try:
+            args.report.write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
+        except OSError as error:
+            print(f"{parser.prog}: error: `--report`: {error}", file=sys.stderr)
+            return 2
         print(f"report written to {args.report}")
     return 0 if report.passed else 1
 
 
+def _leftover_threads() -> bool:
+    """Whether a timed-out call, or a thread the implementation started, is still running."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    return bool(abandoned_calls()) or any(not t.daemon and t.is_alive() for t in others)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    status = main()
+    if _leftover_threads():
+        # A timed-out call cannot be stopped, and interpreter shutdown would wait for any
+        # non-daemon thread the implementation started: leave without waiting for them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    raise SystemExit(status)

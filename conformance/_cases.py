@@ -82,11 +82,18 @@ class Case:
         return int(self.img.shape[1])
 
 
+def _frozen(values: Any, np: Any) -> Any:
+    """Return a read-only float64 array: the cases are cached and shared."""
+    array = np.array(values, dtype=np.float64)
+    array.setflags(write=False)
+    return array
+
+
 def _golden(raw: dict[str, Any], np: Any) -> Golden:
     return Golden(
         loss=float(raw["loss"]),
-        img=np.asarray(raw["img"], dtype=np.float64),
-        txt=np.asarray(raw["txt"], dtype=np.float64),
+        img=_frozen(raw["img"], np),
+        txt=_frozen(raw["txt"], np),
         scale=float(raw["scale"]),
         bias=float(raw["bias"]),
         extra={key: float(value) for key, value in raw.get("extra", {}).items()},
@@ -100,7 +107,8 @@ def load_cases() -> tuple[Case, ...]:
     Returns
     -------
     tuple of Case
-        In the order of the file.
+        In the order of the file. The result is cached and shared, so its arrays are
+        read-only; :func:`check` hands each call of an implementation fresh copies.
 
     Examples
     --------
@@ -117,8 +125,8 @@ def load_cases() -> tuple[Case, ...]:
         cases.append(
             Case(
                 name=raw["name"],
-                img=np.asarray(raw["img"], dtype=np.float64),
-                txt=np.asarray(raw["txt"], dtype=np.float64),
+                img=_frozen(raw["img"], np),
+                txt=_frozen(raw["txt"], np),
                 scale=float(raw["scale"]),
                 bias=float(raw["bias"]),
                 tags=frozenset(raw["tags"]),

@@ -9,12 +9,19 @@ Every case yields one check per quantity (loss and each gradient) against the go
 two invariants follow (permuting the pairs permutes the gradients; the block size, when
 the callable takes one, changes nothing). When checks fail, :func:`diagnose` looks for
 the signature of known mistakes and names them with a stable code.
+
+The implementation is foreign code, and nothing it does may fool the verdict: every call
+gets fresh copies of the inputs (the cached cases are read-only), any exception it raises,
+``SystemExit`` included, is a failed check, and with a ``timeout`` each call runs in a
+daemon thread that is abandoned when it overruns (see :class:`Runner`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import math
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -32,6 +39,7 @@ __all__ = [
     "Report",
     "Runner",
     "UsageError",
+    "abandoned_calls",
     "check",
     "tolerance_for",
 ]
@@ -96,9 +104,29 @@ class CheckResult:
     message: str = ""
 
 
+def _quantity_label(result: CheckResult) -> str:
+    return "loss" if result.quantity == "loss" else f"grads.{result.quantity}"
+
+
+def _error_cell(result: CheckResult) -> str:
+    """Fill the error column of the table: the number, or why there is none."""
+    if math.isfinite(result.error):
+        return f"{result.error:.2e}"
+    if result.message.startswith(("timeout", "not run")):
+        return result.message.split(":")[0]
+    if result.message.startswith("shape"):
+        return "shape"
+    return "non-finite" if result.message == "non-finite values" else "raised"
+
+
 @dataclass
 class Report:
-    """Verdict on one implementation for one loss, backend and dtype."""
+    """Verdict on one implementation for one loss, backend and dtype.
+
+    ``print(report)`` gives a few lines: the verdict, the counts, the worst failure and the
+    diagnosis codes. :meth:`table` gives the full text the command line prints, with every
+    failed check; :meth:`to_dict` everything, JSON-ready.
+    """
 
     loss: str
     backend: str
@@ -135,6 +163,86 @@ class Report:
         """Largest error relative to its tolerance (below 1 when everything passed)."""
         ratios = [r.error / r.tolerance for r in self.results if r.tolerance > 0]
         return max(ratios, default=math.inf)
+
+    def _worst_failures(self) -> list[CheckResult]:
+        """Return the failed checks, worst (error / tolerance) first; ties keep their order."""
+        return sorted(self.failed, key=lambda r: -r.error / r.tolerance if r.tolerance else 0)
+
+    def _summary(self) -> list[str]:
+        where = (
+            f"{self.loss} loss, {self.backend} {self.dtype}, convention {self.convention}, "
+            f"implementation {self.implementation}"
+        )
+        if not self.results:
+            return [f"FAILED: no checks ran ({where})"]
+        if self.passed:
+            lines = [
+                f"PASSED: {len(self.results)} checks ({where}); worst error "
+                f"{self.worst:.2g} x its tolerance"
+            ]
+            if not self.gradients_checked:
+                lines.append("  gradients NOT checked: the loss value only")
+            return lines
+        worst = self._worst_failures()[0]
+        lines = [
+            f"FAILED: {len(self.failed)} of {len(self.results)} checks ({where})",
+            f"  worst: {worst.check} {worst.case} {_quantity_label(worst)}: {worst.message[:120]}",
+        ]
+        if self.findings:
+            lines.append(f"  diagnosis: {', '.join(code for code, _ in self.findings)}")
+        lines.append("  report.table() lists every failed check, report.diagnosis explains")
+        return lines
+
+    def __str__(self) -> str:
+        """Summarise in a few lines: verdict, counts, worst failure, diagnosis codes."""
+        return "\n".join(self._summary())
+
+    def __repr__(self) -> str:
+        """Summarise in one line: verdict, counts, worst failure, diagnosis codes."""
+        return "<Report " + "; ".join(line.strip() for line in self._summary()) + ">"
+
+    def table(self, limit: int | None = None) -> str:
+        """Return the full text report: header, notes, verdict, failed checks, diagnosis.
+
+        Parameters
+        ----------
+        limit : int, optional
+            Most failed checks to list, worst first (all by default).
+        """
+        failed = self._worst_failures()
+        lines = [
+            f"conformance: {self.implementation}  loss={self.loss} backend={self.backend} "
+            f"dtype={self.dtype} convention={self.convention}"
+        ]
+        lines += [f"  note: {note}" for note in self.notes]
+        if self.passed:
+            lines.append(
+                f"PASSED: {len(self.results)} checks; worst error {self.worst:.2g} x its tolerance"
+            )
+            return "\n".join(lines)
+        lines.append(f"FAILED: {len(failed)} of {len(self.results)} checks")
+        shown = failed if limit is None else failed[:limit]
+        rows = [("check", "case", "quantity", "error", "tolerance", "what")]
+        for result in shown:
+            rows.append(
+                (
+                    result.check,
+                    result.case,
+                    _quantity_label(result),
+                    _error_cell(result),
+                    f"{result.tolerance:.1e}",
+                    result.message[:80],
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        for row in rows:
+            cells = [cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)]
+            lines.append("  " + "  ".join(cells) + "  " + row[5])
+        if len(failed) > len(shown):
+            lines.append(f"  ... and {len(failed) - len(shown)} more (see --report)")
+        lines.append("diagnosis:")
+        lines += [f"  {line}" for line in self.diagnosis]
+        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form of the report."""
@@ -188,13 +296,53 @@ def _split(result: Any) -> tuple[Any, dict[str, Any] | None]:
     return result, None
 
 
-class Runner:
-    """Calls an implementation on golden cases in one backend and dtype."""
+#: Calls abandoned after a timeout (daemon threads that may still be running).
+_ABANDONED: list[threading.Thread] = []
 
-    def __init__(self, function: Callable[..., Any], backend: str, dtype: str) -> None:
+
+def abandoned_calls() -> list[threading.Thread]:
+    """Threads of timed-out calls that are still running (they cannot be killed).
+
+    A process that must not wait for them, such as the command line, ends with
+    ``os._exit`` when this is not empty.
+    """
+    return [thread for thread in _ABANDONED if thread.is_alive()]
+
+
+def describe_exception(error: BaseException) -> str:
+    """``"Type: message"`` for an exception escaping the implementation."""
+    if isinstance(error, SystemExit):
+        return f"SystemExit: {error.code!r} (the implementation called sys.exit)"
+    return f"{type(error).__name__}: {error}"
+
+
+class Runner:
+    """Calls an implementation on golden cases in one backend and dtype.
+
+    Every call gets fresh arrays, copied from the (read-only, shared) case, so an
+    implementation that writes into its inputs harms only itself. Whatever it raises,
+    ``SystemExit`` included, becomes a failed outcome; only ``KeyboardInterrupt`` (Ctrl-C)
+    propagates, and only from a call made on the caller's thread.
+
+    With a `timeout` (seconds), each call runs in a daemon thread (in a copy of the
+    caller's context variables) and the caller waits that long for it. A thread cannot be
+    killed: a call that overruns is abandoned, still running, and every later call of the
+    runner fails at once without calling the implementation. Without a timeout the calls run
+    on the caller's thread and nothing bounds them.
+    """
+
+    def __init__(
+        self,
+        function: Callable[..., Any],
+        backend: str,
+        dtype: str,
+        timeout: float | None = None,
+    ) -> None:
         self.function = function
         self.backend = backend
         self.dtype = dtype
+        self.timeout = timeout
+        self.timed_out = False
         self.xp, self.dtype_object = load_backend(backend, dtype)
         self.autodiff = backend in ("torch", "jax")
         self.gradients_seen = False
@@ -202,22 +350,50 @@ class Runner:
         self.jax_returns_grads: bool | None = None
 
     def _arrays(self, case_img: Any, case_txt: Any, scale: float, bias: float) -> list[Any]:
+        import numpy as np
+
         xp, dtype = self.xp, self.dtype_object
+        # Fresh copies: xp.asarray returns the cached array itself when the dtype matches.
+        img, txt = np.array(case_img, copy=True), np.array(case_txt, copy=True)
         if self.backend == "torch":
             import torch
 
             return [
                 torch.tensor(value, dtype=dtype, requires_grad=True)
-                for value in (case_img, case_txt, scale, bias)
+                for value in (img, txt, scale, bias)
             ]
-        return [xp.asarray(value, dtype=dtype) for value in (case_img, case_txt, scale, bias)]
+        return [xp.asarray(value, dtype=dtype) for value in (img, txt, scale, bias)]
 
     def run(self, img: Any, txt: Any, scale: float, bias: float, **kwargs: Any) -> Outcome:
-        """Evaluate the implementation once; exceptions become a failed outcome."""
-        try:
-            return self._run(img, txt, scale, bias, **kwargs)
-        except Exception as error:  # the implementation's failure is a check result
-            return Outcome({}, f"{type(error).__name__}: {error}")
+        """Evaluate the implementation once; what it raises becomes a failed outcome."""
+        if self.timed_out:
+            return Outcome({}, "not run: an earlier call timed out")
+        if self.timeout is None:
+            try:
+                return self._run(img, txt, scale, bias, **kwargs)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as error:  # SystemExit is a failed check too
+                return describe_failure(error)
+        box: list[Outcome] = []
+
+        def call() -> None:
+            try:
+                box.append(self._run(img, txt, scale, bias, **kwargs))
+            except BaseException as error:  # no Ctrl-C reaches this thread
+                box.append(describe_failure(error))
+
+        context = contextvars.copy_context()
+        thread = threading.Thread(
+            target=context.run, args=(call,), name="conformance-call", daemon=True
+        )
+        thread.start()
+        thread.join(self.timeout)
+        if thread.is_alive():
+            _ABANDONED[:] = [*abandoned_calls(), thread]
+            self.timed_out = True
+            return Outcome({}, f"timeout: no result within {self.timeout:g} s")
+        return box[0] if box else Outcome({}, "the call ended without a result")
 
     def _run(self, img: Any, txt: Any, scale: float, bias: float, **kwargs: Any) -> Outcome:
         args = self._arrays(img, txt, scale, bias)
@@ -267,6 +443,11 @@ class Runner:
         for name, value in (grads or {}).items():
             values[name] = to_numpy(value)
         return Outcome(values)
+
+
+def describe_failure(error: BaseException) -> Outcome:
+    """Return the failed outcome of a call that raised `error`."""
+    return Outcome({}, describe_exception(error))
 
 
 def _zeros(shape: Any) -> Any:
@@ -424,6 +605,7 @@ def check(
     dtype: str = "float64",
     convention: str = "default",
     cases: Iterable[Case] | None = None,
+    timeout: float | None = None,
 ) -> Report:
     """Check an implementation of a contrastive loss against the golden cases.
 
@@ -445,6 +627,12 @@ def check(
         rescaled accordingly.
     cases : iterable of Case, optional
         Subset of the golden cases (all by default).
+    timeout : float, optional
+        Seconds each call of `function` may take (each case, and each call of the
+        invariants). By default nothing bounds them. With a timeout each call runs in a
+        daemon thread; one that overruns fails as ``"timeout"``, is abandoned (a thread
+        cannot be killed, so it may go on running in this process) and no later call is
+        made: the remaining checks fail as ``"not run"``.
 
     Returns
     -------
@@ -455,7 +643,7 @@ def check(
     Raises
     ------
     ValueError
-        On an unknown `loss` or `convention`.
+        On an unknown `loss` or `convention`, or a `timeout` that is not positive.
     portable_siglip._interop.UsageError
         If the backend is not installed or lacks the dtype.
 
@@ -475,8 +663,11 @@ def check(
     if dtype not in TOLERANCE:
         msg = f"`dtype` must be one of {tuple(TOLERANCE)}, got {dtype!r}"
         raise ValueError(msg)
+    if timeout is not None and not timeout > 0:
+        msg = f"`timeout` must be a positive number of seconds or None, got {timeout!r}"
+        raise ValueError(msg)
     selected = tuple(load_cases() if cases is None else cases)
-    runner = Runner(function, backend, dtype)
+    runner = Runner(function, backend, dtype, timeout)
     report = Report(loss, backend, dtype, convention, _describe(function))
     outcomes: dict[str, Outcome] = {}
     for case in selected:
@@ -488,9 +679,16 @@ def check(
         report.results += _compare("golden", case, outcome, expected, tolerance_for(dtype, case))
     report.results += _invariants(runner, selected, outcomes, dtype)
     report.gradients_checked = runner.gradients_seen
+    if runner.timed_out:
+        late = next(r for r in report.results if r.message.startswith("timeout"))
+        report.notes.append(
+            f"timeout: the call for the {late.check} check of {late.case} gave no result "
+            f"within {timeout} s; it was abandoned (it may still be running) and no later "
+            "call was made"
+        )
     if runner.autodiff_used:
         report.notes.append(f"gradients taken by {backend} autodiff of the returned loss")
-    if not runner.gradients_seen:
+    if not runner.gradients_seen and any(o.error is None for o in outcomes.values()):
         report.notes.append(
             f"gradients NOT checked: the implementation returned a loss only and {backend} "
             "has no autodiff; return (loss, grads) to have them checked"

@@ -12,7 +12,7 @@ How the numbers are made:
    ``2**-14`` flushed to zero. Every input is then exact, and normal, in float64, float32,
    float16 and bfloat16. ``scale`` and ``bias`` are chosen exact likewise.
 2. Every output is computed with mpmath at :data:`DIGITS` significant digits from the exact
-   input values, following DESIGN section 2, never by the code under test. Each entry of
+   input values, following docs/math.md, never by the code under test. Each entry of
    ``G = dL/dZ`` is evaluated to full relative precision (``sigmoid(Z_ii) - 1`` as
    ``-sigmoid(-Z_ii)``, ``softmax_ii - 1`` as minus the sum of the off-diagonal
    probabilities), so no digits are lost to cancellation even when ``|Z|`` is in the
