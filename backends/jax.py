@@ -25,8 +25,17 @@ time grows with ``(n / block_size)^2``: prefer one large ``block_size`` (or the 
 inside ``jax.jit``, ``jax.vmap`` or any other transformation that hands the loss tracers
 instead of arrays: the ranks exchange concrete arrays. Such a call raises a
 ``TypeError``; call the loss eagerly and ``jit`` the parts of the model that produce
-``img`` and ``txt``. Derivatives are first order, reverse mode: ``jax.jvp``,
-``jax.jacfwd`` and ``jax.hessian`` are refused by ``custom_vjp``.
+``img`` and ``txt``.
+
+Forward mode applied to the loss itself (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) is
+refused by ``custom_vjp`` with JAX's ``TypeError`` ("can't apply forward-mode autodiff (jvp)
+to a custom_vjp function"). Second derivatives work and are exact: under ``jax.hessian``
+(forward over reverse), ``jax.jvp`` of ``jax.grad`` or ``jax.grad`` of ``jax.grad``, JAX
+differentiates the forward rule of the ``custom_vjp`` (the core's blockwise gradient code,
+in ``jnp`` operations), and the backward rule is linear in the gradients it stored. The
+result is the derivative of the analytic gradients, equal to dense float64 autodiff up to
+round-off; reverse over reverse keeps every tile's intermediates (n x n in all). With
+``comm`` they raise the ``TypeError`` above, since the forward rule then sees tracers.
 
 Examples
 --------

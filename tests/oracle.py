@@ -1,6 +1,6 @@
 """Independent dense oracle for both losses, in NumPy long double.
 
-Written from the formulas of DESIGN section 2, without looking at the library's code paths:
+Written from the formulas of docs/math.md, without looking at the library's code paths:
 the whole n x n matrix is formed, sigmoid is taken through tanh, and log-softmax through a
 row max. Long double (80-bit on x86) leaves the float64 code under test a margin.
 """

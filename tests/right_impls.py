@@ -1,6 +1,6 @@
 """Correct, independent implementations that the conformance suite must accept.
 
-Written from the formulas of DESIGN section 2 (dense n x n logits), without importing
+Written from the formulas of docs/math.md (dense n x n logits), without importing
 portable_siglip, so that a bug shared with the library cannot hide here:
 
 - ``torch_sigmoid``, ``torch_softmax``: loss only, gradients by torch autograd;

@@ -118,7 +118,7 @@ def test_max_abs_logit(case: Case) -> None:
 
 
 def test_coverage_of_the_edge_cases() -> None:
-    """The cases the conformance contract names (DESIGN section 6) are all present."""
+    """The cases the conformance contract names (docs/conformance.md) are all present."""
     assert any(case.n == 1 for case in CASES)
     assert any(case.d == 1 for case in CASES)
     assert any(not case.img.any() and not case.txt.any() for case in CASES), "zero rows"

@@ -384,3 +384,57 @@ def test_vmap_over_a_batch_of_problems() -> None:
         want, want_grads = GOLDEN["sigmoid"](i, txt, t, b)
         close(values[k], want, f"value {k}")
         close(grads[k], want_grads[0], f"grad {k}")
+
+
+# --- 10. higher order: forward mode refused, second derivatives exact ---
+
+FORWARD_MODE = "can't apply forward-mode autodiff"
+
+
+def test_forward_mode_of_the_loss_is_refused(loss_name: str) -> None:
+    # custom_vjp defines no JVP: forward mode applied to the loss itself raises.
+    img, txt, t, b = inputs(seed=14)
+    loss = partial(BRIDGE[loss_name], txt=txt, scale=t, bias=b, block_size=BLOCK)
+    with pytest.raises(TypeError, match=FORWARD_MODE):
+        jax.jvp(loss, (img,), (jnp.ones_like(img),))
+    with pytest.raises(TypeError, match=FORWARD_MODE):
+        jax.jacfwd(loss)(img)
+    with pytest.raises(TypeError, match=FORWARD_MODE):
+        jax.linearize(loss, img)[1](jnp.ones_like(img))  # recent JAX raises at the call
+
+
+def hessian_blocks(hessian: Any) -> list[Any]:
+    """The 16 blocks d2L / d(arg_i) d(arg_j) of a Hessian over ALL, flattened."""
+    return [block for row in hessian for block in row]
+
+
+@pytest.mark.slow
+def test_second_derivatives_match_dense_autodiff(loss_name: str) -> None:
+    # jax.hessian is jacfwd(jacrev): the outer forward mode differentiates the custom_vjp's
+    # forward rule, i.e. the core's blockwise gradient code, written in jnp operations, and the
+    # backward rule (cotangent * stored gradients) is linear in it. So the second derivatives
+    # are those of the analytic gradients, exact to round-off, for every argument.
+    img, txt, t, b = inputs(seed=15)
+    bridge = partial(BRIDGE[loss_name], block_size=BLOCK)
+    dense = DENSE[loss_name]
+    got = jax.jit(jax.hessian(bridge, argnums=ALL))(img, txt, t, b)
+    want = jax.jit(jax.hessian(dense, argnums=ALL))(img, txt, t, b)
+    for k, (g, w) in enumerate(zip(hessian_blocks(got), hessian_blocks(want), strict=True)):
+        assert g.shape == w.shape, k
+        close(g, w, f"hessian block {divmod(k, 4)}")
+    # Hessian-vector products: forward over reverse, and reverse over reverse.
+    v = jnp.asarray(np.random.default_rng(16).standard_normal(img.shape))
+    want_hvp = jnp.tensordot(want[0][0], v, axes=2)
+    grad_img = jax.grad(bridge)
+    fwd_rev = jax.jit(lambda i: jax.jvp(lambda j: grad_img(j, txt, t, b), (i,), (v,))[1])(img)
+    close(fwd_rev, want_hvp, "jvp of grad")
+    rev_rev = jax.jit(jax.grad(lambda i: jnp.vdot(grad_img(i, txt, t, b), v)))(img)
+    close(rev_rev, want_hvp, "grad of grad")
+
+
+def test_second_derivatives_with_comm_are_refused(loss_name: str) -> None:
+    # The forward rule then sees tracers of the outer transformation: comm needs arrays.
+    img, txt, t, b = inputs(seed=17)
+    bridge = partial(BRIDGE[loss_name], block_size=BLOCK, comm=SelfComm())
+    with pytest.raises(TypeError, match=r"`comm` cannot be used under jax\.jit"):
+        jax.hessian(bridge)(img, txt, t, b)

@@ -8,7 +8,7 @@ the loss, backend and dtype it is judged with and the diagnosis code that the su
 give.
 
 Every function has the signature ``f(img, txt, scale, bias)`` of the conformance contract
-(DESIGN section 6). Framework imports happen inside the functions, so that this module
+(docs/conformance.md). Framework imports happen inside the functions, so that this module
 imports without torch or jax (the tests skip what they cannot run), and so that
 ``python -m portable_siglip.conformance --impl tests/wrong_impls.py:NAME`` can load it by
 path.
@@ -175,7 +175,7 @@ def sum_of_directions_softmax(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
 def naive_softplus_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
     """Sigmoid loss with softplus written as ``log(1 + exp(x))``.
 
-    DESIGN section 2 and anchors pitfall 8: ``exp`` overflows float32 for a logit above
+    docs/math.md section 4 and anchors pitfall 8: ``exp`` overflows float32 for a logit above
     ~88.7, which trained SigLIP models (t ~ 118) reach; the loss becomes inf and the
     gradient NaN, while ordinary inputs give the right numbers. Torch, float32, autodiff.
     """
