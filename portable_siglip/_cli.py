@@ -6,7 +6,7 @@ against a dense float64 evaluation and exits with status 1 if they disagree. Lau
 ``mpirun -n W``, ``run`` shards the global batch over the W ranks (rank r holds rows
 ``[r n / W, (r + 1) n / W)`` of the same seed-determined batch as one process would) and
 reports each rank's time and bytes sent. ``bench`` times the blockwise path against the
-same run's matmul roofline (see ``_bench``).
+same run's matmul roofline (see :mod:`portable_siglip.bench`).
 
 Exit status: 0 success, 1 verification failed, 2 invalid arguments or missing library.
 Under MPI every rank exits with the same status; an unexpected error on any rank aborts
@@ -166,9 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         "one run (docs/benchmarks.md).",
         formatter_class=HelpFormatter,
     )
-    from . import _bench
+    from .bench import cli as bench_cli
 
-    _bench.add_arguments(bench)
+    bench_cli.add_arguments(bench)
     return parser
 
 
@@ -462,9 +462,9 @@ def main(argv: Sequence[str] | None = None, *, comm: Any = None) -> int:
             if comm is None:
                 comm = _communicator(args.comm)
             return _run(args, comm)
-        from . import _bench
+        from .bench import cli as bench_cli
 
-        return _bench.main(args)
+        return bench_cli.main(args)
     except (UsageError, TypeError, ValueError) as error:
         # Invalid input is found on every rank alike (the losses agree before exchanging),
         # so every rank exits with status 2 and rank 0 says why.

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import doctest
 import io
 import json
 import math
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from portable_siglip import _bench
-from portable_siglip._bench import add_arguments, main
+from portable_siglip.bench import cli, common, sweep
+from portable_siglip.bench.cli import add_arguments, main
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -98,14 +100,14 @@ def test_bad_sizes_are_a_usage_error() -> None:
 
 
 def test_sweep_defaults_and_per_mode_dimension() -> None:
-    args = _bench._resolve_dims(parse([]))
+    args = cli._resolve_dims(parse([]))
     assert args.sizes == [1024, 2048, 4096, 8192, 16384, 32768, 65536]
     assert args.dims == [256, 768]
     assert args.backends == ["numpy", "torch", "jax"]
-    assert _bench._resolve_dims(parse(["--dim", "64"])).dims == [64]
-    assert _bench._resolve_dims(parse(["--dims", "8,16", "--dim", "64"])).dims == [8, 16]
-    assert _bench._resolve_dims(parse(["--frameworks"])).dim == 768
-    assert _bench._resolve_dims(parse(["--distributed", "--dim", "32"])).dim == 32
+    assert cli._resolve_dims(parse(["--dim", "64"])).dims == [64]
+    assert cli._resolve_dims(parse(["--dims", "8,16", "--dim", "64"])).dims == [8, 16]
+    assert cli._resolve_dims(parse(["--frameworks"])).dim == 768
+    assert cli._resolve_dims(parse(["--distributed", "--dim", "32"])).dim == 32
 
 
 def test_long_cases_run_once_and_are_timed_in_their_probe(
@@ -113,8 +115,8 @@ def test_long_cases_run_once_and_are_timed_in_their_probe(
 ) -> None:
     # Every case after the first n is "long": predicted from the smaller n, above 0 s. At the
     # first n there is no smaller one, and an infinite prior rate predicts 0 s: short.
-    monkeypatch.setattr(_bench, "LONG_CASE_S", 0.0)
-    monkeypatch.setattr(_bench, "PRIOR_FLOPS", math.inf)
+    monkeypatch.setattr(sweep, "LONG_CASE_S", 0.0)
+    monkeypatch.setattr(sweep, "PRIOR_FLOPS", math.inf)
     out = tmp_path / "bench.json"
     options = ["--backends", "numpy", "--losses", "sigmoid", "--no-dense", "--repeats", "3"]
     args = parse(["--sizes", "40,80", "--dims", "8,12", *options, "--json", str(out)])
@@ -167,8 +169,8 @@ def test_plots_are_written_next_to_the_json(tmp_path: Path) -> None:
 
 def test_roofline_goes_by_panels_above_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     np = pytest.importorskip("numpy")
-    monkeypatch.setattr(_bench, "ROOFLINE_PANEL_BYTES", 3000 * 1024 * 8)
-    assert _bench.roofline_panel(3000, 8) == 1024  # 3 panels: 1024, 1024, 952 rows
+    monkeypatch.setattr(sweep, "ROOFLINE_PANEL_BYTES", 3000 * 1024 * 8)
+    assert sweep.roofline_panel(3000, 8) == 1024  # 3 panels: 1024, 1024, 952 rows
     calls: list[tuple[int, ...]] = []
 
     class Spy(np.ndarray):  # type: ignore[misc]
@@ -177,13 +179,13 @@ def test_roofline_goes_by_panels_above_the_limit(monkeypatch: pytest.MonkeyPatch
             return np.ndarray.__matmul__(self, other)
 
     img = np.ones((3000, 2)).view(Spy)
-    _bench._roofline(img, np.ones((3000, 2)))()
+    sweep._roofline(img, np.ones((3000, 2)))()
     assert [c for c in calls if c[1] == 2] == [(1024, 2), (1024, 2), (952, 2)]
 
 
 def test_progress_reports_cases_elapsed_and_left() -> None:
     stream = io.StringIO()
-    progress = _bench.Progress([1.0, 3.0], stream=stream)
+    progress = common.Progress([1.0, 3.0], stream=stream)
     progress.start("first")
     progress.advance()
     progress.start("second")
@@ -214,7 +216,7 @@ def test_profile_splits_our_time_into_tile_gemms_and_the_rest(
 @pytest.mark.parametrize("gemms", [3, 4])
 def test_tile_gemms_do_the_loop_s_products(gemms: int) -> None:
     np = pytest.importorskip("numpy")
-    from portable_siglip import _profile
+    from portable_siglip.bench import profile
 
     calls: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
     real = np.matmul
@@ -224,7 +226,7 @@ def test_tile_gemms_do_the_loop_s_products(gemms: int) -> None:
         return real(a, b, out=out)
 
     img = np.ones((7, 2))
-    run = _profile.tile_gemms(img, img, 3, gemms)
+    run = profile.tile_gemms(img, img, 3, gemms)
     np.matmul = spy
     try:
         run()
@@ -257,3 +259,10 @@ def test_reference_rows_run_the_array_api_loops_and_restore_the_switch(
     # warm-up and one round: ours twice on the kernels, the reference twice on the loops
     assert seen == [True, False, True, False]
     assert _inplace.ENV not in os.environ
+
+
+@pytest.mark.parametrize("module", [common, sweep], ids=lambda m: m.__name__)
+def test_docstring_examples_run(module: ModuleType) -> None:
+    result = doctest.testmod(module, verbose=False)
+    assert result.attempted > 0
+    assert result.failed == 0

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from portable_siglip import _bench, _distbench
-from portable_siglip._bench import add_arguments, main
+from portable_siglip.bench import distributed
+from portable_siglip.bench.cli import add_arguments, main
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -31,7 +31,7 @@ def require_mpi() -> None:
     missing = []
     if importlib.util.find_spec("mpi4py") is None:
         missing.append("mpi4py")
-    if _distbench.find_mpirun() is None:
+    if distributed.find_mpirun() is None:
         missing.append("mpirun")
     if not missing:
         return
@@ -101,27 +101,27 @@ def test_distributed_bench_one_and_two_ranks(
 
 def test_shards_are_rows_of_one_batch() -> None:
     n, dim = 600, 5  # three chunks, the last one partial
-    img, txt = _distbench.make_shard(0, n, dim, "float32", seed=3)
+    img, txt = distributed.make_shard(0, n, dim, "float32", seed=3)
     assert img.dtype == np.float32
     assert img.shape == txt.shape == (n, dim)
     np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1.0, rtol=1e-6)
     for ranks in (1, 2, 3, 7):
-        bounds = [_distbench.shard_bounds(n, ranks, rank) for rank in range(ranks)]
+        bounds = [distributed.shard_bounds(n, ranks, rank) for rank in range(ranks)]
         assert bounds[0][0] == 0
         assert bounds[-1][1] == n
-        parts = [_distbench.make_shard(a, b, dim, "float32", seed=3) for a, b in bounds]
+        parts = [distributed.make_shard(a, b, dim, "float32", seed=3) for a, b in bounds]
         np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), img)
         np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), txt)
-    other, _ = _distbench.make_shard(0, n, dim, "float32", seed=4)
+    other, _ = distributed.make_shard(0, n, dim, "float32", seed=4)
     assert not np.array_equal(other, img)
 
 
 def test_missing_mpirun_exits_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(_distbench, "find_mpirun", lambda: None)
-    monkeypatch.setattr(_bench, "_installed", lambda name: True)
+    monkeypatch.setattr(distributed, "find_mpirun", lambda: None)
+    monkeypatch.setattr(distributed, "installed", lambda name: True)
     assert main(parse(["--distributed", "--batch", "8", "--dim", "4"])) == 2
     err = capsys.readouterr().err
     assert "mpirun" in err
@@ -131,7 +131,7 @@ def test_missing_mpirun_exits_2(
 def test_missing_mpi4py_exits_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(_bench, "_installed", lambda name: name != "mpi4py")
+    monkeypatch.setattr(distributed, "installed", lambda name: name != "mpi4py")
     assert main(parse(["--distributed", "--batch", "8", "--dim", "4"])) == 2
     err = capsys.readouterr().err
     assert "mpi4py" in err
@@ -160,12 +160,12 @@ def test_mpirun_beside_the_interpreter_comes_first(
     launcher.write_text("#!/bin/sh\n")
     launcher.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
-    assert _distbench.find_mpirun() == str(launcher)
+    assert distributed.find_mpirun() == str(launcher)
 
 
 def test_worker_command_launches_the_module_under_mpi4py(tmp_path: Path) -> None:
     args = parse(["--distributed", "--batch", "16", "--dim", "4", "--block-size", "8"])
-    command = _distbench.worker_command("mpirun", 2, args, tmp_path / "out.json")
+    command = distributed.worker_command("mpirun", 2, args, tmp_path / "out.json")
     assert command[:8] == [
         "mpirun",
         "-n",
@@ -174,7 +174,7 @@ def test_worker_command_launches_the_module_under_mpi4py(tmp_path: Path) -> None
         "-m",
         "mpi4py",
         "-m",
-        "portable_siglip._distbench",
+        "portable_siglip.bench.distributed",
     ]
     assert "--n=16" in command
     assert "--block-size=8" in command

@@ -13,13 +13,15 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from portable_siglip import _bench, _cli, _fwbench  # noqa: E402
+from portable_siglip import _cli  # noqa: E402
+from portable_siglip.bench import baselines, cli, frameworks, sweep  # noqa: E402
 
 GIB = 2**30
 
@@ -30,7 +32,7 @@ def bench(argv: list[str]) -> int:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    _bench.add_arguments(parser)
+    cli.add_arguments(parser)
     return parser.parse_args(["--frameworks", *argv])
 
 
@@ -47,8 +49,8 @@ def test_sigmoid_rows_run_are_measured_and_skipped_by_prediction(
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
 
-    info = _fwbench.open_clip_info()
-    impls = _fwbench.impls_for("sigmoid", info, dense=True)
+    info = baselines.open_clip_info()
+    impls = frameworks.impls_for("sigmoid", info, dense=True)
     assert impls[0] == "ours"
     assert impls[-1] == "dense autograd"
     assert ("chunked autograd" if not info["chunk_size"] else "open_clip chunked") in impls
@@ -102,8 +104,8 @@ def test_sigmoid_rows_run_are_measured_and_skipped_by_prediction(
 def test_softmax_cases_run() -> None:
     # In this process (no address-space limit): the worker's measurement, without a worker.
     values = {}
-    for impl in _fwbench.impls_for("softmax", _fwbench.open_clip_info(), dense=True):
-        result = _fwbench.run_case(
+    for impl in frameworks.impls_for("softmax", baselines.open_clip_info(), dense=True):
+        result = frameworks.run_case(
             loss="softmax",
             impl=impl,
             n=256,
@@ -140,8 +142,8 @@ def test_a_skipped_size_skips_the_larger_ones() -> None:
     args = parse(["--sizes", "1024,2048", "--dim", "16", "--memory-cap-gib", "1"])
     previous: dict[str, tuple[int, int, float | None]] = {"dense autograd": (1024, GIB, 1.0)}
     errors: list[str] = []
-    row = _fwbench._new_row(args, "sigmoid", "dense autograd", 2048)
-    _fwbench._run_one(args, row, previous, errors)  # 1 GiB at n = 1024: 4 GiB at 2048
+    row = frameworks._new_row(args, "sigmoid", "dense autograd", 2048)
+    frameworks._run_one(args, row, previous, errors)  # 1 GiB at n = 1024: 4 GiB at 2048
     assert row["status"] == "skipped"
     assert row["predicted_peak_gib"] == pytest.approx(4.0)
     assert row["notes"] == ["skipped: predicted 4 GiB > cap 1 GiB"]
@@ -150,10 +152,10 @@ def test_a_skipped_size_skips_the_larger_ones() -> None:
 
 
 def test_out_of_memory_under_the_limit_is_reported() -> None:
-    if _fwbench._vm_size_bytes() is None:
+    if frameworks._vm_size_bytes() is None:
         pytest.skip("needs /proc/self/status (Linux) to limit the address space")
     # The limit is the worker's size + 0 + 512 MiB of slack; the logits alone are 1 GiB.
-    command = [sys.executable, "-m", "portable_siglip._fwbench", "--loss=sigmoid"]
+    command = [sys.executable, "-m", "portable_siglip.bench.frameworks", "--loss=sigmoid"]
     command += ["--impl=dense autograd", "--n=16384", "--dim=8", "--repeats=1", "--cap-bytes=0"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
@@ -173,7 +175,7 @@ def test_out_of_memory_makes_the_run_fail(
         result.update(status="out of memory", error="MemoryError: x", loss_value=None)
         return result, None, 0.1
 
-    monkeypatch.setattr(_fwbench, "_run_worker", out_of_memory)
+    monkeypatch.setattr(frameworks, "_run_worker", out_of_memory)
     assert bench(["--losses", "softmax", "--sizes", "64", "--dim", "4", "--no-dense"]) == 1
     printed = capsys.readouterr().out
     assert "out of memory under RLIMIT_AS (cap 16 GiB)" in printed
@@ -216,14 +218,14 @@ def test_conflicting_options_exit_2(
 def test_invalid_namespace_returns_2(capsys: pytest.CaptureFixture[str]) -> None:
     args = parse(["--sizes", "64"])
     args.memory_cap_gib = -1.0
-    assert _bench.main(args) == 2
+    assert cli.main(args) == 2
     assert "--memory-cap-gib" in capsys.readouterr().err
 
 
 def test_default_sizes() -> None:
     assert parse([]).sizes is None  # resolved per mode: 8192,16384,32768 here
-    assert _fwbench.DEFAULT_SIZES == (8192, 16384, 32768)
-    assert _bench.DEFAULT_SIZES == (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+    assert frameworks.DEFAULT_SIZES == (8192, 16384, 32768)
+    assert sweep.DEFAULT_SIZES == (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 
 def test_chunked_autograd_matches_the_dense_loss_and_gradients() -> None:
@@ -240,16 +242,17 @@ def test_chunked_autograd_matches_the_dense_loss_and_gradients() -> None:
         scale = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
         bias = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True)
         if chunked:
-            loss = _fwbench.chunked_sigmoid_loss(*leaves, scale, bias, chunk_size=8)
+            loss = baselines.chunked_sigmoid_loss(*leaves, scale, bias, chunk_size=8)
         else:
-            loss = _bench.dense_loss("sigmoid", *leaves, scale, bias)
+            loss = baselines.dense_loss("sigmoid", *leaves, scale, bias)
         loss.backward()
         results.append([loss, *(t.grad for t in (*leaves, scale, bias))])
     for chunked_value, dense_value in zip(*results, strict=True):
         torch.testing.assert_close(chunked_value, dense_value, rtol=1e-12, atol=1e-14)
 
 
-def test_docstring_examples_run() -> None:
-    result = doctest.testmod(_fwbench, verbose=False)
+@pytest.mark.parametrize("module", [frameworks, baselines], ids=lambda m: m.__name__)
+def test_docstring_examples_run(module: ModuleType) -> None:
+    result = doctest.testmod(module, verbose=False)
     assert result.attempted > 0
     assert result.failed == 0

@@ -1,4 +1,4 @@
-"""Plots of a benchmark report (``portable_siglip._plots``)."""
+"""Plots of a benchmark report (``portable_siglip.bench.plots``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from portable_siglip import _plots
+from portable_siglip.bench import plots
 
 needs_matplotlib = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed"
@@ -65,7 +65,7 @@ def check_pngs(paths: list[Path], directory: Path) -> None:
 @needs_matplotlib
 def test_write_plots_writes_two_pngs(tmp_path: Path) -> None:
     directory = tmp_path / "new" / "dir"  # created on demand
-    paths = _plots.write_plots(synthetic_report(), directory)
+    paths = plots.write_plots(synthetic_report(), directory)
     check_pngs(paths, directory)
     assert sorted(p.name for p in directory.iterdir()) == sorted(NAMES)
 
@@ -82,7 +82,7 @@ def test_figure_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", spy)
-    _plots.write_plots(synthetic_report(), tmp_path)
+    plots.write_plots(synthetic_report(), tmp_path)
     time_fig, memory_fig = figures
     for fig in figures:
         assert "float32" in fig.get_suptitle()
@@ -123,9 +123,9 @@ def test_no_plottable_rows(tmp_path: Path) -> None:
     for row in report["rows"]:
         row.update(median_s=None, peak_extra_mib=None, skipped="not run")
     with pytest.raises(ValueError, match="no plottable rows"):
-        _plots.write_plots(report, tmp_path)
+        plots.write_plots(report, tmp_path)
     with pytest.raises(ValueError, match="no plottable rows"):
-        _plots.write_plots({"rows": []}, tmp_path)
+        plots.write_plots({"rows": []}, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -134,7 +134,7 @@ def test_memory_not_measured_still_writes_both(tmp_path: Path) -> None:
     report = synthetic_report()
     for row in report["rows"]:
         row["peak_extra_mib"] = None
-    check_pngs(_plots.write_plots(report, tmp_path), tmp_path)
+    check_pngs(plots.write_plots(report, tmp_path), tmp_path)
 
 
 def test_missing_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -143,14 +143,14 @@ def test_missing_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ModuleNotFoundError, match="pip install matplotlib") as info:
-        _plots.write_plots(synthetic_report(), tmp_path)
+        plots.write_plots(synthetic_report(), tmp_path)
     assert "portable-siglip[bench]" in str(info.value)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_import_does_not_import_matplotlib() -> None:
     code = (
-        "import sys, portable_siglip, portable_siglip._plots; "
+        "import sys, portable_siglip, portable_siglip.bench.plots; "
         "assert 'matplotlib' not in sys.modules, sorted(sys.modules)"
     )
     result = subprocess.run(
@@ -164,7 +164,7 @@ def test_main_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     report = tmp_path / "report.json"
     report.write_text(json.dumps(synthetic_report()))
     directory = tmp_path / "plots"
-    assert _plots.main([str(report), str(directory)]) == 0
+    assert plots.main([str(report), str(directory)]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed == [str(directory / name) for name in NAMES]
     check_pngs([directory / name for name in NAMES], directory)

@@ -27,7 +27,7 @@ from functools import cache
 from types import ModuleType
 from typing import Any
 
-from portable_siglip._fwbench import load_open_clip_loss
+from portable_siglip.bench.baselines import load_open_clip_loss
 
 __all__ = [
     "CHUNK_SIZE",
@@ -66,7 +66,7 @@ def load_loss_module() -> ModuleType:
     """Execute ``open_clip/loss.py`` of the installed distribution as a module of its own.
 
     ``open_clip/__init__.py`` is never run; the loader is the benchmark's
-    (:func:`portable_siglip._fwbench.load_open_clip_loss`).
+    (:func:`portable_siglip.bench.baselines.load_open_clip_loss`).
 
     Raises
     ------

@@ -43,8 +43,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _bench
-from ._checks import DEFAULT_BLOCK_SIZE, SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
+from .._checks import DEFAULT_BLOCK_SIZE, SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
+from .common import (
+    BACKENDS,
+    BIAS,
+    DTYPES,
+    LOSSES,
+    MIB,
+    SCALE,
+    TEXT_NOISE,
+    fmt,
+    installed,
+    log_progress,
+    machine_info,
+    print_load_after,
+    print_notes,
+    render_table,
+    source_env,
+    write_report,
+)
 
 __all__ = ["find_mpirun", "main", "make_shard", "worker_command"]
 
@@ -90,7 +107,7 @@ def make_shard(start: int, stop: int, dim: int, dtype: str, seed: int) -> tuple[
 
     Rows come in chunks of :data:`CHUNK_ROWS`; chunk ``k`` is drawn from
     ``numpy.random.default_rng([seed, k])``, images first, then the text noise, as in
-    :func:`portable_siglip._bench.make_inputs`: L2-normalised image rows, and text rows
+    :func:`portable_siglip.bench.common.make_inputs`: L2-normalised image rows, and text rows
     ``img + TEXT_NOISE * noise`` normalised. Any row range of the same batch therefore
     holds the same values, whoever draws it.
 
@@ -121,7 +138,7 @@ def make_shard(start: int, stop: int, dim: int, dtype: str, seed: int) -> tuple[
         chunk_img = rng.standard_normal((CHUNK_ROWS, dim), dtype=kind)
         chunk_img /= np.linalg.norm(chunk_img, axis=1, keepdims=True)
         chunk_txt = rng.standard_normal((CHUNK_ROWS, dim), dtype=kind)
-        chunk_txt *= _bench.TEXT_NOISE
+        chunk_txt *= TEXT_NOISE
         chunk_txt += chunk_img
         chunk_txt /= np.linalg.norm(chunk_txt, axis=1, keepdims=True)
         first, last = max(low, start), min(low + CHUNK_ROWS, stop)
@@ -140,14 +157,14 @@ def shard_bounds(n: int, ranks: int, rank: int) -> tuple[int, int]:
 
 def _worker_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mpi4py -m portable_siglip._distbench",
+        prog="python -m mpi4py -m portable_siglip.bench.distributed",
         description="Worker of `python -m portable_siglip bench --distributed`; one MPI job.",
     )
     parser.add_argument("--ranks", type=int, required=True, help="expected MPI world size")
     parser.add_argument("--n", type=int, required=True, help="global batch")
     parser.add_argument("--dim", type=int, required=True)
-    parser.add_argument("--dtype", choices=_bench.DTYPES, default="float32")
-    parser.add_argument("--losses", default=",".join(_bench.LOSSES))
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--losses", default=",".join(LOSSES))
     parser.add_argument("--block-size", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -176,13 +193,13 @@ def _run_case(
     import portable_siglip as ps
 
     loss_and_grad = ps.sigmoid_loss_and_grad if loss == "sigmoid" else ps.softmax_loss_and_grad
-    bias = _bench.BIAS if loss == "sigmoid" else None
+    bias = BIAS if loss == "sigmoid" else None
     options: dict[str, Any] = {"block_size": args.block_size}
     if comm is not None:
         options.update(comm=comm, strategy=strategy)
 
     before = comm.bytes_sent if comm is not None else 0
-    value, grads = loss_and_grad(img, txt, _bench.SCALE, bias, **options)
+    value, grads = loss_and_grad(img, txt, SCALE, bias, **options)
     sent = (comm.bytes_sent - before) if comm is not None else 0
     # Global gradient norm: every rank holds the gradient rows of its own shard.
     local_sq = float(np.sum(np.square(grads.img, dtype=np.float64)))
@@ -196,7 +213,7 @@ def _run_case(
         gc.collect()  # not inside the timed region
         world.Barrier()
         start = time.perf_counter()
-        loss_and_grad(img, txt, _bench.SCALE, bias, **options)
+        loss_and_grad(img, txt, SCALE, bias, **options)
         times.append(time.perf_counter() - start)
     times_by_rank = world.gather(times, root=0)
     sent_by_rank = world.gather(sent, root=0)
@@ -222,7 +239,7 @@ def _run_case(
 def worker(argv: Sequence[str] | None = None) -> int:
     """Run one MPI job of the benchmark; rank 0 writes the JSON file ``--out``.
 
-    Launch as ``mpirun -n W python -m mpi4py -m portable_siglip._distbench ...``; see
+    Launch as ``mpirun -n W python -m mpi4py -m portable_siglip.bench.distributed ...``; see
     :func:`worker_command`.
 
     Parameters
@@ -323,7 +340,7 @@ def worker_command(mpirun: str, ranks: int, args: argparse.Namespace, out: Path)
     Returns
     -------
     list of str
-        ``mpirun -n W python -m mpi4py -m portable_siglip._distbench ...``: with
+        ``mpirun -n W python -m mpi4py -m portable_siglip.bench.distributed ...``: with
         ``-m mpi4py`` an exception on any rank aborts the job instead of hanging it.
     """
     command = [
@@ -334,7 +351,7 @@ def worker_command(mpirun: str, ranks: int, args: argparse.Namespace, out: Path)
         "-m",
         "mpi4py",
         "-m",
-        "portable_siglip._distbench",
+        "portable_siglip.bench.distributed",
         f"--ranks={ranks}",
         f"--n={args.batch}",
         f"--dim={args.dim}",
@@ -350,13 +367,10 @@ def worker_command(mpirun: str, ranks: int, args: argparse.Namespace, out: Path)
 
 
 def _worker_env() -> dict[str, str]:
-    env = dict(os.environ)
+    env = source_env()
     env.update(THREAD_ENV)
     for name, value in MPI_ENV.items():
         env.setdefault(name, value)
-    # Importable from a source checkout too, not only from an installed package.
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
 
 
@@ -415,11 +429,11 @@ def _launch(
 
 
 def _check_args(args: argparse.Namespace) -> str | None:
-    unknown = [loss for loss in args.losses if loss not in _bench.LOSSES]
+    unknown = [loss for loss in args.losses if loss not in LOSSES]
     if unknown:
-        return f"`--losses` must be among {', '.join(_bench.LOSSES)}; got {', '.join(unknown)}"
-    if args.dtype not in _bench.DTYPES:
-        return f"`--dtype` must be one of {', '.join(_bench.DTYPES)}; got {args.dtype!r}"
+        return f"`--losses` must be among {', '.join(LOSSES)}; got {', '.join(unknown)}"
+    if args.dtype not in DTYPES:
+        return f"`--dtype` must be one of {', '.join(DTYPES)}; got {args.dtype!r}"
     for name in ("dim", "repeats", "batch"):
         if int(getattr(args, name)) <= 0:
             return f"`--{name}` must be a positive integer; got {getattr(args, name)!r}"
@@ -497,14 +511,14 @@ def _table(rows: list[dict[str, Any]]) -> str:
                 row["loss"],
                 row["strategy"] or "none (comm=None)",
                 str(row["ranks"]),
-                _bench._fmt(row["median_s"], ".3f"),
-                _bench._fmt(row["speedup"], ".2f"),
-                _bench._fmt(row["bytes_sent_max"] / _bench.MIB, ".2f"),
-                _bench._fmt(row["bytes_sent_blocks"], ".2f"),
-                _bench._fmt(row["loss_value"], ".7g"),
+                fmt(row["median_s"], ".3f"),
+                fmt(row["speedup"], ".2f"),
+                fmt(row["bytes_sent_max"] / MIB, ".2f"),
+                fmt(row["bytes_sent_blocks"], ".2f"),
+                fmt(row["loss_value"], ".7g"),
             )
         )
-    return _bench.render_table(lines, left={0, 1})
+    return render_table(lines, left={0, 1})
 
 
 NOTES = (
@@ -533,8 +547,8 @@ def _header(args: argparse.Namespace, machine: dict[str, Any], mpirun: str) -> s
     return "\n".join(
         [
             "portable-siglip bench --distributed: forward + gradient over MPI, numpy, "
-            f"n = {args.batch} (global), d = {args.dim}, {args.dtype}, t = {_bench.SCALE:g}, "
-            f"b = {_bench.BIAS:g}, block_size = {block}, median of {args.repeats} after "
+            f"n = {args.batch} (global), d = {args.dim}, {args.dtype}, t = {SCALE:g}, "
+            f"b = {BIAS:g}, block_size = {block}, median of {args.repeats} after "
             f"1 warm-up; W = 1 and {ranks}, one BLAS thread per rank",
             f"machine: {machine['cpu']}; {machine['cpu_count']} CPUs "
             f"({machine['cpus_usable']} usable); python {machine['python']}",
@@ -550,7 +564,7 @@ def main(args: argparse.Namespace) -> int:
     Parameters
     ----------
     args : argparse.Namespace
-        Options from a parser prepared by :func:`portable_siglip._bench.add_arguments`.
+        Options from a parser prepared by :func:`portable_siglip.bench.cli.add_arguments`.
 
     Returns
     -------
@@ -563,7 +577,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"bench: error: {problem}", file=sys.stderr)
         return 2
     for name in ("numpy", "mpi4py"):
-        if not _bench._installed(name):
+        if not installed(name):
             print(f"bench --distributed: error: needs {name}; {INSTALL_HINT}", file=sys.stderr)
             return 2
     mpirun = find_mpirun()
@@ -575,10 +589,10 @@ def main(args: argparse.Namespace) -> int:
         )
         return 2
     notes = []
-    if list(args.backends) != list(_bench.BACKENDS):
+    if list(args.backends) != list(BACKENDS):
         notes.append("note: --distributed runs on numpy only; --backends is ignored")
         print(notes[-1])
-    machine = _bench._machine(["numpy"])
+    machine = machine_info(["numpy"])
     machine["mpirun"] = mpirun
     print(_header(args, machine, mpirun), flush=True)
 
@@ -587,7 +601,7 @@ def main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="portable-siglip-distbench-") as folder:
         for ranks in (1, *args.ranks):
-            _bench._progress(f"  launching mpirun -n {ranks} ...")
+            log_progress(f"  launching mpirun -n {ranks} ...")
             report, error = _launch(mpirun, ranks, args, Path(folder))
             reports[ranks] = report
             if error is not None:
@@ -604,38 +618,35 @@ def main(args: argparse.Namespace) -> int:
     print()
     print(_table(rows))
     print()
-    _bench.print_notes(NOTES, errors)
+    print_notes(NOTES, errors)
     library = next((job.get("mpi_library") for job in jobs.values()), None)
     if library:
         print(f"MPI: {library.split(',')[0]}; mpi4py {next(iter(jobs.values()))['mpi4py']}")
-    load = ", ".join(f"{x:.2f}" for x in machine["load_average_after"])
-    print(f"load average after: {load}; total {machine['wall_s']:.0f} s")
-    if args.json is not None:
-        report_out = {
-            "machine": machine,
-            "config": {
-                "distributed": True,
-                "backend": "numpy",
-                "losses": list(args.losses),
-                "ranks": [1, *args.ranks],
-                "n": args.batch,
-                "dim": args.dim,
-                "dtype": args.dtype,
-                "block_size": args.block_size,
-                "default_block_size": DEFAULT_BLOCK_SIZE,
-                "repeats": args.repeats,
-                "seed": args.seed,
-                "scale": _bench.SCALE,
-                "bias": _bench.BIAS,
-                "thread_env": THREAD_ENV,
-            },
-            "jobs": jobs,
-            "rows": rows,
-            "notes": [*notes, *NOTES],
-            "errors": errors,
-        }
-        Path(args.json).write_text(json.dumps(report_out, indent=2) + "\n")
-        print(f"results written to {args.json}")
+    print_load_after(machine)
+    report_out = {
+        "machine": machine,
+        "config": {
+            "distributed": True,
+            "backend": "numpy",
+            "losses": list(args.losses),
+            "ranks": [1, *args.ranks],
+            "n": args.batch,
+            "dim": args.dim,
+            "dtype": args.dtype,
+            "block_size": args.block_size,
+            "default_block_size": DEFAULT_BLOCK_SIZE,
+            "repeats": args.repeats,
+            "seed": args.seed,
+            "scale": SCALE,
+            "bias": BIAS,
+            "thread_env": THREAD_ENV,
+        },
+        "jobs": jobs,
+        "rows": rows,
+        "notes": [*notes, *NOTES],
+        "errors": errors,
+    }
+    write_report(args.json, report_out)
     return 1 if errors else 0
 
 

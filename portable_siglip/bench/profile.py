@@ -1,7 +1,7 @@
 """``python -m portable_siglip bench --profile``: where the time of one blockwise call goes.
 
 For each backend (numpy, torch), loss and batch size, four things run on the same inputs,
-interleaved as in the main benchmark (:func:`portable_siglip._bench.time_interleaved`):
+interleaved as in the main benchmark (:func:`portable_siglip.bench.common.time_interleaved`):
 
 ``roofline``
     The three dense GEMMs of the loss and its gradient (the benchmark's roofline).
@@ -28,7 +28,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _bench
+from .common import (
+    check_args,
+    installed,
+    log_progress,
+    machine_info,
+    make_inputs,
+    print_notes,
+    render_table,
+    time_interleaved,
+)
+from .sweep import make_run
 
 __all__ = ["main", "tile_gemms"]
 
@@ -93,13 +103,17 @@ def main(args: argparse.Namespace) -> int:
     Returns
     -------
     int
-        0.
+        0; 2 for invalid options.
     """
-    from ._checks import DEFAULT_BLOCK_SIZE
+    from .._checks import DEFAULT_BLOCK_SIZE
 
-    backends = [b for b in args.backends if b in ("numpy", "torch") and _bench._installed(b)]
+    problem = check_args(args)
+    if problem is not None:
+        print(f"bench: error: {problem}", file=sys.stderr)
+        return 2
+    backends = [b for b in args.backends if b in ("numpy", "torch") and installed(b)]
     block = args.block_size or DEFAULT_BLOCK_SIZE
-    machine = _bench._machine(backends)
+    machine = machine_info(backends)
     print(
         f"portable-siglip bench --profile: {args.dtype}, block_size = {block}, median of "
         f"{args.repeats} interleaved rounds; {machine['cpu']}, {machine['cpu_count']} CPUs; "
@@ -124,16 +138,16 @@ def main(args: argparse.Namespace) -> int:
     for backend in backends:
         for d in args.dims:
             for n in args.sizes:
-                img, txt = _bench.make_inputs(backend, n, d, args.dtype, args.seed)
+                img, txt = make_inputs(backend, n, d, args.dtype, args.seed)
                 for loss in args.losses:
-                    _bench._progress(f"  {backend} {loss} d={d} n={n} ...")
+                    log_progress(f"  {backend} {loss} d={d} n={n} ...")
                     runs = [
-                        _bench.make_run(backend, loss, "roofline", img, txt, None),
+                        make_run(backend, loss, "roofline", img, txt, None),
                         tile_gemms(img, txt, block, GEMMS_PER_TILE[loss]),
-                        _bench.make_run(backend, loss, "ours", img, txt, args.block_size),
+                        make_run(backend, loss, "ours", img, txt, args.block_size),
                     ]
                     roof, gemm, ours = (
-                        statistics.median(t) for t in _bench.time_interleaved(runs, args.repeats)
+                        statistics.median(t) for t in time_interleaved(runs, args.repeats)
                     )
                     lines.append(
                         (
@@ -151,9 +165,9 @@ def main(args: argparse.Namespace) -> int:
                         )
                     )
     print()
-    print(_bench.render_table(lines, left={0, 1}))
+    print(render_table(lines, left={0, 1}))
     print()
-    _bench.print_notes(
+    print_notes(
         (
             "GEMM ceiling = roofline / tile GEMMs: the best roofline frac the loop's GEMMs "
             "allow. GEMM share = tile GEMMs / ours. other = ours - tile GEMMs: elementwise "

@@ -1,7 +1,7 @@
 """Peak extra memory of one benchmark case, measured in a process of its own.
 
-Run as ``python -m portable_siglip._memprobe --backend numpy --loss sigmoid --impl ours
---n 2048 --dim 768 --dtype float32``; prints one JSON line and exits 0. The benchmark
+Run as ``python -m portable_siglip.bench.memprobe --backend numpy --loss sigmoid --impl ours
+--n 2048 --dim 768 --dtype float32``; prints one JSON line and exits 0. The sweep
 (``python -m portable_siglip bench``) starts one such process per case, so that each
 high-water mark belongs to that case alone.
 
@@ -28,13 +28,11 @@ import time
 import tracemalloc
 from typing import Any
 
-from ._bench import BACKENDS, DTYPES, IMPLS, LOSSES, make_inputs, make_run
-from ._memory import high_water_bytes, reset_high_water, rss_bytes, ru_maxrss_bytes
+from .._memory import high_water_bytes, reset_high_water, rss_bytes, ru_maxrss_bytes
+from .common import BACKENDS, DTYPES, LOSSES, WARMUP_N, make_inputs
+from .sweep import IMPLS, make_run
 
 __all__ = ["main", "measure"]
-
-#: Batch size of the warm-up call that triggers lazy library initialisation.
-WARMUP_N = 64
 
 
 def measure(
@@ -151,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         Exit status, 0 on success.
     """
     parser = argparse.ArgumentParser(
-        prog="python -m portable_siglip._memprobe",
+        prog="python -m portable_siglip.bench.memprobe",
         description="Peak extra memory of one benchmark case (one JSON line on stdout).",
     )
     parser.add_argument("--backend", choices=BACKENDS, required=True)

@@ -2,7 +2,7 @@
 
 Every case is forward + ``loss.backward()`` in torch on the CPU, with leaf tensors ``img``
 and ``txt`` (``requires_grad``, L2-normalised random rows from
-:func:`portable_siglip._bench.make_inputs`) and 0-d parameters ``logit_scale`` (the
+:func:`portable_siglip.bench.common.make_inputs`) and 0-d parameters ``logit_scale`` (the
 multiplier t itself) and ``logit_bias`` (sigmoid only; CLIP has no bias). The rows:
 
 ``ours``
@@ -20,25 +20,26 @@ multiplier t itself) and ``logit_bias`` (sigmoid only; CLIP has no bias). The ro
     rows with autograd. It bounds the logits the forward holds at once, but autograd keeps
     every block's intermediates for backward, so the backward peak still grows as n^2.
 ``dense autograd``
-    :func:`portable_siglip._bench.dense_loss`, the loss written densely in torch (unless
-    ``--no-dense``).
+    :func:`portable_siglip.bench.baselines.dense_loss`, the loss written densely in torch
+    (unless ``--no-dense``).
 
-Only ``open_clip/loss.py`` is loaded, straight from the installed distribution (the
-package's ``__init__`` needs torchvision and more); it needs only torch.
+The losses other than ours are in :mod:`portable_siglip.bench.baselines`; only
+``open_clip/loss.py`` is loaded, straight from the installed distribution (the package's
+``__init__`` needs torchvision and more); it needs only torch.
 
-Each case runs in a fresh process (``python -m portable_siglip._fwbench``, the worker) with
-its address space limited (``RLIMIT_AS``) to its size after the set-up plus the memory cap
-plus :data:`RLIMIT_SLACK_BYTES`: a case that needs more fails with an out-of-memory error,
-reported as such, instead of exhausting the machine. The worker warms the case up on a
-tiny batch, creates the inputs, then runs the case once measuring the peak extra memory
-as :mod:`portable_siglip._memprobe` does (the resident-set high-water mark ``VmHWM``,
-reset through ``/proc/self/clear_refs`` just before, minus the RSS just before: inputs
-excluded, saved tensors, gradients and temporaries included), separately for the forward
-and for the backward; that run is also the warm-up of ``--repeats`` timed runs whose
+Each case runs in a fresh process (``python -m portable_siglip.bench.frameworks``, the
+worker) with its address space limited (``RLIMIT_AS``) to its size after the set-up plus the
+memory cap plus :data:`RLIMIT_SLACK_BYTES`: a case that needs more fails with an
+out-of-memory error, reported as such, instead of exhausting the machine. The worker warms
+the case up on a tiny batch, creates the inputs, then runs the case once measuring the peak
+extra memory as :mod:`portable_siglip.bench.memprobe` does (the resident-set high-water mark
+``VmHWM``, reset through ``/proc/self/clear_refs`` just before, minus the RSS just before:
+inputs excluded, saved tensors, gradients and temporaries included), separately for the
+forward and for the backward; that run is also the warm-up of ``--repeats`` timed runs whose
 median is reported. Sizes run in increasing order; before each case its peak is predicted
-from the same case's peak at the largest smaller n (scaled as n^2, as n for ``ours``) or,
-at the first size, from a lower-bound formula, and a case predicted above
-``--memory-cap-gib`` is skipped (and not timed, which would need the same memory).
+from the same case's peak at the largest smaller n (scaled as n^2, as n for ``ours``) or, at
+the first size, from a lower-bound formula, and a case predicted above ``--memory-cap-gib``
+is skipped (and not timed, which would need the same memory).
 
 torch is imported inside functions only.
 """
@@ -48,46 +49,57 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
-import importlib.metadata
-import importlib.util
-import inspect
 import itertools
 import json
 import math
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
-from functools import cache
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from . import _bench, _memory
-from ._checks import DEFAULT_BLOCK_SIZE
-from ._memprobe import WARMUP_N
+from .. import _memory
+from .._checks import DEFAULT_BLOCK_SIZE
+from .baselines import (
+    DENSE,
+    OPEN_CLIP,
+    OURS,
+    chunked_sigmoid_loss,
+    dense_loss,
+    open_clip_info,
+    open_clip_loss,
+    predict_peak_bytes,
+)
+from .common import (
+    BIAS,
+    DTYPES,
+    GIB,
+    LOSSES,
+    PROBE_TIMEOUT_BASE_S,
+    SCALE,
+    WARMUP_N,
+    check_args,
+    fmt,
+    installed,
+    log_progress,
+    machine_info,
+    make_inputs,
+    mib,
+    print_load_after,
+    print_notes,
+    render_table,
+    run_json_line,
+    torch_leaves,
+    write_report,
+)
 
-__all__ = [
-    "IMPLS",
-    "chunked_sigmoid_loss",
-    "impls_for",
-    "load_open_clip_loss",
-    "main",
-    "make_loss",
-    "open_clip_info",
-    "predict_peak_bytes",
-    "run_case",
-]
+__all__ = ["IMPLS", "impls_for", "main", "make_loss", "run_case", "worker_main"]
 
-OURS = "ours"
-OPEN_CLIP = "open_clip"
 OPEN_CLIP_CHUNKED = "open_clip chunked"
 CHUNKED = "chunked autograd"
-DENSE = "dense autograd"
 IMPLS = (OURS, OPEN_CLIP, OPEN_CLIP_CHUNKED, CHUNKED, DENSE)
 
 #: Batch sizes n of ``bench --frameworks`` when ``--sizes`` is not given.
@@ -102,86 +114,6 @@ FIRST_TIMEOUT_S = 3600.0
 
 #: Relative difference of a loss value from ours beyond which the row is an error.
 VALUE_RTOL = 1e-3
-
-#: Lower bounds of the peak extra memory, in units of ``n^2 * itemsize`` for the framework
-#: losses (the dense and chunked losses keep several n x n tensors for backward; 4 to 6 were
-#: measured at n = 4096, d = 768) ...
-N2_TENSORS = 3.0
-#: ... and, for ``ours``, of ``n d itemsize`` (saved gradients and the leaves' gradients,
-#: two each)
-#: plus ``block^2 itemsize`` (one tile of logits).
-OURS_ND_TENSORS = 4.0
-OURS_TILES = 1.0
-
-DISTRIBUTION = "open-clip-torch"
-MODULE_NAME = "_portable_siglip_open_clip_loss"  # not "open_clip.loss": never the package
-
-MIB = 2**20
-GIB = 2**30
-
-
-# --------------------------------------------------------------------------- open_clip
-
-
-@cache
-def load_open_clip_loss() -> ModuleType:
-    """Execute ``open_clip/loss.py`` of the installed open-clip-torch as a module of its own.
-
-    The package's ``__init__`` (which needs torchvision) is never run.
-
-    Returns
-    -------
-    module
-        The executed ``loss.py``, with ``SigLipLoss`` and ``ClipLoss``.
-
-    Raises
-    ------
-    ImportError
-        If open-clip-torch is not installed or has no ``open_clip/loss.py``.
-    """
-    try:
-        distribution = importlib.metadata.distribution(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        msg = f"{DISTRIBUTION} is not installed"
-        raise ImportError(msg, name=DISTRIBUTION) from None
-    path = Path(str(distribution.locate_file("open_clip/loss.py")))
-    if not path.is_file():
-        msg = f"{DISTRIBUTION} {distribution.version} has no open_clip/loss.py (looked at {path})"
-        raise ImportError(msg, name=DISTRIBUTION, path=str(path))
-    spec = importlib.util.spec_from_file_location(MODULE_NAME, path)
-    if spec is None or spec.loader is None:
-        msg = f"cannot load {path} as a module"
-        raise ImportError(msg, name=DISTRIBUTION, path=str(path))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[MODULE_NAME] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[MODULE_NAME]
-        raise
-    return module
-
-
-def open_clip_info() -> dict[str, Any]:
-    """Say what the installed open-clip-torch offers.
-
-    Returns
-    -------
-    dict
-        ``installed`` (bool: its ``loss.py`` loads), ``version`` (str or None),
-        ``chunk_size`` (bool: its ``SigLipLoss`` takes ``chunk_size``) and ``problem``
-        (why it is not usable, or None).
-    """
-    try:
-        version: str | None = importlib.metadata.version(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        version = None
-    try:
-        module = load_open_clip_loss()
-    except Exception as error:  # not installed, or its loss.py fails to load
-        return {"installed": False, "version": version, "chunk_size": False, "problem": str(error)}
-    chunked = "chunk_size" in inspect.signature(module.SigLipLoss).parameters
-    return {"installed": True, "version": version, "chunk_size": chunked, "problem": None}
 
 
 # --------------------------------------------------------------------------- the cases
@@ -222,55 +154,6 @@ def impls_for(loss: str, open_clip: dict[str, Any], dense: bool) -> list[str]:
     return impls
 
 
-def chunked_sigmoid_loss(img: Any, txt: Any, scale: Any, bias: Any, chunk_size: int) -> Any:
-    """Sum the sigmoid loss over blocks of ``chunk_size`` image rows, for autograd.
-
-    What open_clip's ``SigLipLoss(chunk_size=...)`` does: each block's logits are
-    ``(chunk_size, n)``, but autograd keeps every block's intermediates until backward.
-
-    Parameters
-    ----------
-    img, txt : torch.Tensor, shape (n, d)
-        Image and text features.
-    scale : torch.Tensor, 0-d
-        The logit multiplier t.
-    bias : torch.Tensor, 0-d, or None
-        The logit bias b (None: 0).
-    chunk_size : int
-        Image rows per block.
-
-    Returns
-    -------
-    torch.Tensor, 0-d
-        The loss, ``-sum log sigmoid(z_ij (t x_i . y_j + b)) / n``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from portable_siglip._bench import dense_loss
-    >>> img = torch.nn.functional.normalize(torch.randn(7, 3, dtype=torch.float64), dim=1)
-    >>> txt = torch.nn.functional.normalize(torch.randn(7, 3, dtype=torch.float64), dim=1)
-    >>> t, b = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64)
-    >>> chunked = chunked_sigmoid_loss(img, txt, t, b, chunk_size=3)
-    >>> bool(torch.isclose(chunked, dense_loss("sigmoid", img, txt, t, b)))
-    True
-    """
-    import torch
-    from torch.nn import functional
-
-    n = img.shape[0]
-    total = img.new_zeros(())
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        logits = scale * img[start:stop] @ txt.T  # (c, d) @ (d, n) -> (c, n)
-        if bias is not None:
-            logits = logits + bias
-        labels = -torch.ones_like(logits)
-        labels.diagonal(offset=start).fill_(1.0)  # pairs (i, start + i)
-        total = total - functional.logsigmoid(labels * logits).sum()
-    return total / n
-
-
 def make_loss(
     loss: str, impl: str, *, block_size: int | None, chunk_size: int
 ) -> Callable[[Any, Any, Any, Any], Any]:
@@ -303,15 +186,10 @@ def make_loss(
         bridge = importlib.import_module("portable_siglip.backends.torch")
         module = bridge.SigLipLoss if loss == "sigmoid" else bridge.ClipLoss
         return module(block_size=block_size)  # type: ignore[no-any-return]
-    if impl in (OPEN_CLIP, OPEN_CLIP_CHUNKED):
-        open_clip = load_open_clip_loss()
-        if loss == "softmax":
-            if impl == OPEN_CLIP:
-                return open_clip.ClipLoss()  # type: ignore[no-any-return]
-        elif impl == OPEN_CLIP:
-            return open_clip.SigLipLoss()  # type: ignore[no-any-return]
-        else:
-            return open_clip.SigLipLoss(chunk_size=chunk_size)  # type: ignore[no-any-return]
+    if impl == OPEN_CLIP:
+        return open_clip_loss(loss)
+    if impl == OPEN_CLIP_CHUNKED and loss == "sigmoid":
+        return open_clip_loss(loss, chunk_size)
     if impl == CHUNKED and loss == "sigmoid":
 
         def chunked(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
@@ -321,20 +199,11 @@ def make_loss(
     if impl == DENSE:
 
         def dense(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
-            return _bench.dense_loss(loss, img, txt, scale, bias)
+            return dense_loss(loss, img, txt, scale, bias)
 
         return dense
     msg = f"no framework benchmark case {impl!r} for the {loss} loss"
     raise ValueError(msg)
-
-
-def _leaves(n: int, dim: int, dtype: str, seed: int) -> tuple[Any, Any, Any, Any]:
-    import torch
-
-    img, txt = _bench.make_inputs("torch", n, dim, dtype, seed)
-    scale = torch.tensor(_bench.SCALE, dtype=img.dtype, requires_grad=True)
-    bias = torch.tensor(_bench.BIAS, dtype=img.dtype, requires_grad=True)
-    return img.requires_grad_(True), txt.requires_grad_(True), scale, bias
 
 
 def _vm_size_bytes() -> int | None:
@@ -387,7 +256,7 @@ def run_case(
 ) -> dict[str, Any]:
     """Measure one case in this process: peak extra memory of one run, then the timed runs.
 
-    Meant for a fresh process (the worker, ``python -m portable_siglip._fwbench``): with
+    Meant for a fresh process (the worker, ``python -m portable_siglip.bench.frameworks``): with
     ``cap_bytes`` it limits this process's address space for the rest of its life.
 
     Parameters
@@ -431,10 +300,10 @@ def run_case(
             leaf.grad = None
         return fn(img, txt, scale, bias if uses_bias else None)
 
-    warm = _leaves(min(n, WARMUP_N), dim, dtype, seed + 1)
+    warm = torch_leaves(*make_inputs("torch", min(n, WARMUP_N), dim, dtype, seed + 1))
     forward(warm).backward()
     del warm
-    leaves = _leaves(n, dim, dtype, seed)
+    leaves = torch_leaves(*make_inputs("torch", n, dim, dtype, seed))
     gc.collect()
     result: dict[str, Any] = {
         "status": "ok",
@@ -494,64 +363,6 @@ def run_case(
     return result
 
 
-def predict_peak_bytes(
-    loss: str,
-    impl: str,
-    n: int,
-    dim: int,
-    itemsize: int,
-    block_size: int,
-    previous: tuple[int, int] | None,
-) -> float:
-    """Predict the peak extra memory of one case, to skip it when above the cap.
-
-    The larger of a lower-bound formula and, when a smaller n of the same case was
-    measured, that peak scaled to n: as ``n^2`` for the framework losses, as ``n`` for
-    ``ours`` (whose memory is O(n d + block^2)).
-
-    Parameters
-    ----------
-    loss : {"sigmoid", "softmax"}
-        Which loss.
-    impl : str
-        A member of :data:`IMPLS`.
-    n, dim : int
-        Batch size and feature dimension.
-    itemsize : int
-        Bytes per element.
-    block_size : int
-        Tile edge of ``ours``.
-    previous : (int, int) or None
-        ``(n0, peak0)``: the measured peak extra bytes at the largest smaller size n0.
-
-    Returns
-    -------
-    float
-        Predicted bytes.
-
-    Examples
-    --------
-    >>> MiB = 2**20
-    >>> predict_peak_bytes("sigmoid", "dense autograd", 2048, 8, 4, 1024, (1024, 20 * MiB)) / MiB
-    80.0
-    >>> predict_peak_bytes("sigmoid", "ours", 2048, 8, 4, 1024, (1024, 20 * MiB)) / MiB
-    40.0
-    >>> predict_peak_bytes("sigmoid", "dense autograd", 2048, 8, 4, 1024, None) / MiB  # 3 n^2
-    48.0
-    """
-    if impl == OURS:
-        tile = min(block_size, n)
-        formula = (OURS_ND_TENSORS * n * dim + OURS_TILES * tile * tile) * itemsize
-        power = 1
-    else:
-        formula = N2_TENSORS * n * n * itemsize
-        power = 2
-    if previous is None:
-        return float(formula)
-    n0, peak0 = previous
-    return float(max(formula, peak0 * (n / n0) ** power))
-
-
 # --------------------------------------------------------------------------- orchestrator
 
 
@@ -559,7 +370,7 @@ def _worker_command(args: argparse.Namespace, loss: str, impl: str, n: int) -> l
     command = [
         sys.executable,
         "-m",
-        "portable_siglip._fwbench",
+        "portable_siglip.bench.frameworks",
         f"--loss={loss}",
         f"--impl={impl}",
         f"--n={n}",
@@ -579,35 +390,13 @@ def _run_worker(
     args: argparse.Namespace, loss: str, impl: str, n: int, timeout: float
 ) -> tuple[dict[str, Any] | None, str | None, float]:
     """Run one case in a worker process; return (result, error, wall seconds)."""
-    env = dict(os.environ)
-    # Importable from a source checkout too, not only from an installed package.
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     start = time.perf_counter()
-    try:
-        done = subprocess.run(
-            _worker_command(args, loss, impl, n),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {timeout:.0f} s", time.perf_counter() - start
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        return None, f"worker failed with status {done.returncode}: {tail[0]}", wall
-    try:
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        return None, f"worker printed no JSON: {done.stdout[-200:]!r}", wall
-    return dict(result), None, wall
+    result, error = run_json_line(_worker_command(args, loss, impl, n), timeout, "worker")
+    return result, error, time.perf_counter() - start
 
 
 def _check(args: argparse.Namespace) -> str | None:
-    problem = _bench._check_args(args)
+    problem = check_args(args)
     if problem is not None:
         return problem
     if args.no_memory:
@@ -686,8 +475,8 @@ def _run_one(
         return
     timeout = FIRST_TIMEOUT_S
     if before is not None and before[2] is not None:
-        timeout = _bench.PROBE_TIMEOUT_BASE_S + 10.0 * before[2] * (n / before[0]) ** 2
-    _bench._progress(f"  {loss} n={n} {impl} ...")
+        timeout = PROBE_TIMEOUT_BASE_S + 10.0 * before[2] * (n / before[0]) ** 2
+    log_progress(f"  {loss} n={n} {impl} ...")
     row["load_average_before"] = list(os.getloadavg())
     result, error, wall = _run_worker(args, loss, impl, n, timeout)
     row["worker_wall_s"] = wall
@@ -700,11 +489,10 @@ def _run_one(
     row["worker"] = result
     row["loss_value"] = result["loss_value"]
     if result["peak_extra_bytes"] is not None:
-        row["peak_extra_mib"] = result["peak_extra_bytes"] / MIB
+        row["peak_extra_mib"] = mib(result["peak_extra_bytes"])
         previous[impl] = (n, int(result["peak_extra_bytes"]), wall)
     for key in ("forward", "backward"):
-        value = result[f"{key}_peak_extra_bytes"]
-        row[f"{key}_peak_mib"] = None if value is None else value / MIB
+        row[f"{key}_peak_mib"] = mib(result[f"{key}_peak_extra_bytes"])
     if result["status"] != "ok":
         # It needed more than the cap: larger n are predicted from that, and skipped.
         previous[impl] = (n, int(cap * GIB), None)
@@ -740,7 +528,6 @@ def _compare_with_ours(rows: Sequence[dict[str, Any]], errors: list[str]) -> Non
 
 
 def _table(rows: Sequence[dict[str, Any]]) -> str:
-    fmt = _bench._fmt
     lines = [
         (
             "loss",
@@ -768,7 +555,7 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
                 "; ".join(row["notes"]),
             )
         )
-    return _bench.render_table(lines, left={0, 1, 8})
+    return render_table(lines, left={0, 1, 8})
 
 
 def _growth(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -815,7 +602,7 @@ def _header(args: argparse.Namespace, machine: dict[str, Any], open_clip: dict[s
     return "\n".join(
         [
             "portable-siglip bench --frameworks: forward + loss.backward() in torch on the CPU, "
-            f"d = {args.dim}, {args.dtype}, t = {_bench.SCALE:g}, b = {_bench.BIAS:g} "
+            f"d = {args.dim}, {args.dtype}, t = {SCALE:g}, b = {BIAS:g} "
             f"(sigmoid), block_size = {block}, chunk = {args.chunk_size} rows, "
             f"median of {args.repeats} after 1 warm-up, memory cap {args.memory_cap_gib:g} GiB",
             f"machine: {machine['cpu']}; {machine['cpu_count']} CPUs "
@@ -830,7 +617,7 @@ def _header(args: argparse.Namespace, machine: dict[str, Any], open_clip: dict[s
 NOTES = (
     "Each case: forward + loss.backward() with leaf img, txt (requires_grad) and 0-d "
     "logit_scale, logit_bias parameters, in a fresh process (python -m "
-    "portable_siglip._fwbench) limited by RLIMIT_AS to its size after set-up + the cap + "
+    "portable_siglip.bench.frameworks) limited by RLIMIT_AS to its size after set-up + the cap + "
     "512 MiB. peak MiB: high-water resident set (VmHWM, reset through /proc/self/clear_refs) "
     "during the first full-size run minus the RSS just before it: inputs excluded; saved "
     "tensors, gradients and temporaries included. bwd peak MiB: the same, during "
@@ -849,7 +636,7 @@ def main(args: argparse.Namespace) -> int:
     Parameters
     ----------
     args : argparse.Namespace
-        Options from a parser prepared by :func:`portable_siglip._bench.add_arguments`.
+        Options from a parser prepared by :func:`portable_siglip.bench.cli.add_arguments`.
 
     Returns
     -------
@@ -865,7 +652,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"bench: error: {problem}", file=sys.stderr)
         return 2
     for name in ("numpy", "torch"):
-        if not _bench._installed(name):
+        if not installed(name):
             print(f"bench --frameworks: error: needs {name}; pip install {name}", file=sys.stderr)
             return 2
     open_clip = open_clip_info()
@@ -889,7 +676,7 @@ def main(args: argparse.Namespace) -> int:
             "logits the forward holds at once but keeps every block's intermediates for "
             "backward."
         )
-    machine = _bench._machine(["torch"])
+    machine = machine_info(["torch"])
     machine["open_clip"] = open_clip
     print(_header(args, machine, open_clip), flush=True)
     for note in notes:
@@ -923,34 +710,32 @@ def main(args: argparse.Namespace) -> int:
         print("growth of the peak extra memory with n (n^k: the power of n it grew as):")
         for line in growth:
             print(f"  {line}")
-    _bench.print_notes(NOTES, errors)
-    _bench.print_load_after(machine)
-    if args.json is not None:
-        report = {
-            "machine": machine,
-            "config": {
-                "losses": list(args.losses),
-                "sizes": sorted(args.sizes),
-                "dim": args.dim,
-                "dtype": args.dtype,
-                "block_size": args.block_size,
-                "default_block_size": DEFAULT_BLOCK_SIZE,
-                "chunk_size": args.chunk_size,
-                "repeats": args.repeats,
-                "seed": args.seed,
-                "scale": _bench.SCALE,
-                "bias": _bench.BIAS,
-                "dense": not args.no_dense,
-                "memory_cap_gib": args.memory_cap_gib,
-                "rlimit_slack_bytes": RLIMIT_SLACK_BYTES,
-            },
-            "rows": rows,
-            "growth": growth,
-            "notes": [*notes, *NOTES],
-            "errors": errors,
-        }
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"results written to {args.json}")
+    print_notes(NOTES, errors)
+    print_load_after(machine)
+    report = {
+        "machine": machine,
+        "config": {
+            "losses": list(args.losses),
+            "sizes": sorted(args.sizes),
+            "dim": args.dim,
+            "dtype": args.dtype,
+            "block_size": args.block_size,
+            "default_block_size": DEFAULT_BLOCK_SIZE,
+            "chunk_size": args.chunk_size,
+            "repeats": args.repeats,
+            "seed": args.seed,
+            "scale": SCALE,
+            "bias": BIAS,
+            "dense": not args.no_dense,
+            "memory_cap_gib": args.memory_cap_gib,
+            "rlimit_slack_bytes": RLIMIT_SLACK_BYTES,
+        },
+        "rows": rows,
+        "growth": growth,
+        "notes": [*notes, *NOTES],
+        "errors": errors,
+    }
+    write_report(args.json, report)
     return 1 if errors else 0
 
 
@@ -971,14 +756,14 @@ def worker_main(argv: list[str] | None = None) -> int:
         Exit status, 0 when the case ran or ran out of memory (the JSON says which).
     """
     parser = argparse.ArgumentParser(
-        prog="python -m portable_siglip._fwbench",
+        prog="python -m portable_siglip.bench.frameworks",
         description="One case of `bench --frameworks` (one JSON line on stdout).",
     )
-    parser.add_argument("--loss", choices=_bench.LOSSES, required=True)
+    parser.add_argument("--loss", choices=LOSSES, required=True)
     parser.add_argument("--impl", choices=IMPLS, required=True)
     parser.add_argument("--n", type=int, required=True)
     parser.add_argument("--dim", type=int, required=True)
-    parser.add_argument("--dtype", choices=_bench.DTYPES, default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--block-size", type=int, default=None)
     parser.add_argument("--chunk-size", type=int, default=512)

@@ -1,7 +1,7 @@
 """Plots of a benchmark report: time and peak extra memory against the batch size n.
 
-``python -m portable_siglip bench --sweep --json REPORT.json`` writes the report; run
-``python -m portable_siglip._plots REPORT.json DIR`` to (re)draw ``DIR/bench-time.png`` and
+``python -m portable_siglip bench --json REPORT.json`` writes the report; run
+``python -m portable_siglip.bench.plots REPORT.json DIR`` to (re)draw ``DIR/bench-time.png`` and
 ``DIR/bench-memory.png`` from it. Each figure has one subplot per (d, loss), one line per
 (backend, impl): the colour names the backend, the line style and marker the implementation.
 
@@ -186,7 +186,7 @@ def write_plots(report: dict[str, Any], directory: str | os.PathLike[str]) -> li
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Redraw the plots of a saved report: ``python -m portable_siglip._plots REPORT DIR``.
+    """Redraw the plots of a saved report: ``python -m portable_siglip.bench.plots REPORT DIR``.
 
     Parameters
     ----------
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         0; the written paths are printed, one a line.
     """
     parser = argparse.ArgumentParser(
-        prog="python -m portable_siglip._plots",
+        prog="python -m portable_siglip.bench.plots",
         description="Draw bench-time.png and bench-memory.png from a saved benchmark report.",
     )
     parser.add_argument("report", type=Path, help="JSON report of `bench --json`")

@@ -1,0 +1,224 @@
+"""The ``bench`` command: its options, and the dispatch to the benchmark they ask for.
+
+``python -m portable_siglip bench`` runs the sweep (:mod:`portable_siglip.bench.sweep`);
+``--frameworks``, ``--distributed`` and ``--profile``, which exclude each other, run
+:mod:`~portable_siglip.bench.frameworks`, :mod:`~portable_siglip.bench.distributed` and
+:mod:`~portable_siglip.bench.profile` instead. Each is imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .common import (
+    BACKENDS,
+    DEFAULT_DIM,
+    DTYPES,
+    LOSSES,
+    comma_list,
+    positive_float_arg,
+    positive_int,
+    positive_int_arg,
+)
+
+__all__ = ["add_arguments", "main"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``python -m portable_siglip bench`` to ``parser``.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The ``bench`` subparser (or any parser).
+    """
+    parser.add_argument(
+        "--backends",
+        type=comma_list("--backends", str, BACKENDS),
+        default=list(BACKENDS),
+        help="comma-separated array libraries (default: numpy,torch,jax); one that is not "
+        "installed is skipped with a note",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=comma_list("--sizes", positive_int, None),
+        default=None,
+        help="comma-separated batch sizes n (default: 1024,2048,...,65536; with --frameworks "
+        "8192,16384,32768)",
+    )
+    parser.add_argument(
+        "--dims",
+        type=comma_list("--dims", positive_int, None),
+        default=None,
+        help="comma-separated feature dimensions d of the sweep (default: 256,768, or --dim)",
+    )
+    parser.add_argument(
+        "--dim",
+        type=positive_int_arg,
+        default=None,
+        help=f"one feature dimension d (default for --distributed and --frameworks: {DEFAULT_DIM})",
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="feature dtype")
+    parser.add_argument(
+        "--losses",
+        type=comma_list("--losses", str, LOSSES),
+        default=list(LOSSES),
+        help="comma-separated losses (default: sigmoid,softmax)",
+    )
+    parser.add_argument(
+        "--block-size",
+        type=positive_int_arg,
+        default=None,
+        help="tile edge of the blockwise losses (default: the library's)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int_arg,
+        default=3,
+        help="timed runs per case after one warm-up; the median is reported",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--json", metavar="FILE", default=None, help="write all results here")
+    parser.add_argument(
+        "--plots",
+        metavar="DIR",
+        default=None,
+        help="draw bench-time.png and bench-memory.png (log-log, against n) into DIR; "
+        "needs matplotlib",
+    )
+    parser.add_argument(
+        "--no-dense",
+        action="store_true",
+        help="skip the dense torch-autograd and open_clip baselines",
+    )
+    parser.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the peak-memory probes (one subprocess per case)",
+    )
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="add a row of our loss on the array-API reference loops "
+        "(PORTABLE_SIGLIP_FAST_PATHS=0), beside the in-place kernels of numpy and torch",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="split the time of our call into tile GEMMs and the rest, against the roofline "
+        "(numpy and torch; default n = 8192, d = 768; see portable_siglip.bench.profile)",
+    )
+    group = parser.add_argument_group(
+        "distributed",
+        "`--distributed` times every strategy over MPI instead (numpy only; needs mpi4py and "
+        "mpirun): W = 1 and W = --ranks processes, one BLAS thread each, on one global batch",
+    )
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="benchmark the distributed strategies over MPI "
+        "(see portable_siglip.bench.distributed)",
+    )
+    group.add_argument(
+        "--ranks",
+        type=comma_list("--ranks", positive_int, None),
+        default=[2],
+        help="comma-separated numbers of MPI ranks W >= 2 compared with W = 1 (default: 2)",
+    )
+    group.add_argument(
+        "--batch",
+        type=positive_int_arg,
+        default=8192,
+        help="global batch n of --distributed; --sizes is for the default benchmark",
+    )
+    frameworks = parser.add_argument_group(
+        "frameworks",
+        "`--frameworks` compares forward + loss.backward() of portable_siglip.backends.torch's "
+        "SigLipLoss / ClipLoss with open_clip's (when open-clip-torch is installed), a "
+        "row-chunked autograd loss and the dense autograd loss (torch only): time, and peak "
+        "extra memory in a fresh process per case under an address-space limit",
+    )
+    frameworks.add_argument(
+        "--frameworks",
+        action="store_true",
+        help="benchmark against the framework losses (see portable_siglip.bench.frameworks)",
+    )
+    frameworks.add_argument(
+        "--memory-cap-gib",
+        type=positive_float_arg,
+        default=16.0,
+        help="skip cases predicted to need more extra memory than this; with --frameworks, "
+        "also run each case under an address-space limit of about this much",
+    )
+    frameworks.add_argument(
+        "--chunk-size",
+        type=positive_int_arg,
+        default=512,
+        help="with --frameworks: rows per chunk of the chunked autograd loss and of open_clip's "
+        "SigLipLoss(chunk_size=...) where it has one",
+    )
+
+
+def _resolve_dims(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in the per-mode defaults of ``--sizes``, ``--dims`` and ``--dim``."""
+    from .sweep import DEFAULT_DIMS, DEFAULT_SIZES
+
+    values = vars(args)
+    sweep = not (values.get("distributed") or values.get("frameworks"))
+    dim = values.get("dim")
+    updates: dict[str, Any] = {}
+    if values.get("profile"):
+        updates["sizes"] = values.get("sizes") or [8192]
+        updates["dims"] = values.get("dims") or [dim or DEFAULT_DIM]
+    elif sweep:
+        if values.get("sizes") is None:
+            updates["sizes"] = list(DEFAULT_SIZES)
+        if values.get("dims") is None:
+            updates["dims"] = [dim] if dim is not None else list(DEFAULT_DIMS)
+    elif dim is None:
+        updates["dim"] = DEFAULT_DIM
+    return argparse.Namespace(**{**values, **updates})
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args``: the sweep, or the mode it names.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Options from a parser prepared by :func:`add_arguments`.
+
+    Returns
+    -------
+    int
+        2 when modes that exclude each other are both given; otherwise what the benchmark's
+        ``main`` returns: :func:`portable_siglip.bench.distributed.main` with
+        ``args.distributed``, :func:`portable_siglip.bench.frameworks.main` with
+        ``args.frameworks``, :func:`portable_siglip.bench.profile.main` with
+        ``args.profile``, else :func:`portable_siglip.bench.sweep.main` (0 when every case
+        ran, 1 when some case failed, 2 for invalid options).
+    """
+    modes = [m for m in ("distributed", "frameworks", "profile") if getattr(args, m, False)]
+    if len(modes) > 1:
+        print(
+            f"bench: error: `--{modes[0]}` and `--{modes[1]}` exclude each other", file=sys.stderr
+        )
+        return 2
+    args = _resolve_dims(args)
+    if getattr(args, "distributed", False):
+        from . import distributed
+
+        return distributed.main(args)
+    if getattr(args, "frameworks", False):
+        from . import frameworks
+
+        return frameworks.main(args)
+    if getattr(args, "profile", False):
+        from . import profile
+
+        return profile.main(args)
+    from . import sweep
+
+    return sweep.main(args)

@@ -1,0 +1,613 @@
+"""``python -m portable_siglip bench``: time and memory of the blockwise losses on the CPU.
+
+The default run sweeps the batch size n (1024 to 65536), the feature dimension d (256, 768),
+both losses and every installed backend (numpy, torch, jax). For each (backend, d, n, loss)
+these run on the same random inputs, forward + gradient:
+
+``ours``
+    :func:`portable_siglip.sigmoid_loss_and_grad` / :func:`softmax_loss_and_grad`.
+``reference loops`` (with ``--reference``)
+    ``ours`` with ``PORTABLE_SIGLIP_FAST_PATHS=0``: the array-API tile loops instead of the
+    in-place kernels of numpy and torch, to measure what the kernels gain.
+``roofline``
+    The three GEMMs any forward + gradient must do, ``S = img @ txt.T``, ``S @ txt`` and
+    ``S.T @ img``, on the same backend and dtype: the matmul roofline of this run
+    (docs/benchmarks.md). Above :data:`ROOFLINE_PANEL_BYTES` of ``S`` the same products run
+    on row panels of ``S``, so the roofline exists at every n.
+``dense autograd`` (torch only)
+    The loss written densely in torch and differentiated by autograd.
+``open_clip`` (torch only, when open-clip-torch is installed)
+    open_clip's own ``SigLipLoss`` / ``ClipLoss``, forward + ``backward()``.
+
+Timing: one warm-up of every row of a case, then ``--repeats`` rounds in which each row runs
+once, in turn, so that a slow spell of the machine hits every row of the case alike; the
+median is reported. A case predicted (from the same row at the previous n, scaled as n^2) to
+take longer than :data:`LONG_CASE_S` runs once, without warm-up, in its memory probe.
+Rows predicted to need more memory than ``--memory-cap-gib`` (the dense n x n ones) are
+skipped with the prediction stated.
+
+Every row reports GFLOP/s counted as three GEMMs of ``2 n^2 d`` flops whatever the row did, so
+the rows compare, and the roofline fraction ``roofline time / row time``. Peak extra memory is
+measured per case in a fresh process by :mod:`portable_siglip.bench.memprobe`. ``--json``
+keeps every row; ``--plots DIR`` draws time and memory against n
+(:mod:`portable_siglip.bench.plots`).
+
+The other modes of ``bench`` (``--distributed``, ``--frameworks``, ``--profile``) are the
+other modules of :mod:`portable_siglip.bench`; :mod:`portable_siglip.bench.cli` chooses.
+
+NumPy and torch are imported inside functions only: ``import portable_siglip`` stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from .baselines import DENSE, OPEN_CLIP, OURS, dense_loss, open_clip_loss, predict_peak_bytes
+from .common import (
+    BIAS,
+    PROBE_TIMEOUT_BASE_S,
+    SCALE,
+    Progress,
+    check_args,
+    fmt,
+    installed,
+    machine_info,
+    make_inputs,
+    mib,
+    print_load_after,
+    print_notes,
+    render_table,
+    run_json_line,
+    time_interleaved,
+    timed,
+    torch_leaves,
+    wait_ready,
+    write_report,
+)
+
+__all__ = ["IMPLS", "main", "make_run", "roofline_panel"]
+
+IMPLS = (OURS, "reference loops", "roofline", DENSE, OPEN_CLIP)
+
+#: Batch sizes n of the default benchmark (``--sizes``).
+DEFAULT_SIZES = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+#: Feature dimensions d of the default benchmark (``--dims``).
+DEFAULT_DIMS = (256, 768)
+
+#: A case predicted to take longer than this (seconds) runs once, in its memory probe.
+LONG_CASE_S = 10.0
+
+#: Rate (FLOP/s) assumed for a row never timed at a smaller n: below any measured CPU rate.
+PRIOR_FLOPS = 5e10
+
+#: Largest ``S = img @ txt.T`` (bytes) the roofline forms whole; above, it goes by row panels.
+ROOFLINE_PANEL_BYTES = 2 * 2**30
+
+#: Peak of the dense n x n rows, in n x n matrices (measured: 5.0 at float32, n = 8192).
+DENSE_N2_MATRICES = 5.5
+
+
+# --------------------------------------------------------------------------- the rows
+
+
+def _ours(
+    loss: str, img: Any, txt: Any, block_size: int | None, *, fast_paths: bool = True
+) -> Callable[[], None]:
+    import portable_siglip as ps
+    from portable_siglip._inplace import ENV
+
+    loss_and_grad = ps.sigmoid_loss_and_grad if loss == "sigmoid" else ps.softmax_loss_and_grad
+
+    def run() -> None:
+        saved = os.environ.get(ENV)
+        if not fast_paths:
+            os.environ[ENV] = "0"
+        try:
+            value, grads = loss_and_grad(img, txt, SCALE, BIAS, block_size=block_size)
+        finally:
+            if saved is None:
+                os.environ.pop(ENV, None)
+            else:
+                os.environ[ENV] = saved
+        wait_ready(value, *grads)
+
+    return run
+
+
+def roofline_panel(n: int, itemsize: int) -> int:
+    """Rows per panel of the roofline's ``S = img @ txt.T``: n while S fits the panel limit.
+
+    Examples
+    --------
+    >>> roofline_panel(8192, 4)
+    8192
+    >>> roofline_panel(65536, 4)
+    8192
+    """
+    if n * n * itemsize <= ROOFLINE_PANEL_BYTES:
+        return n
+    return max(1024, ROOFLINE_PANEL_BYTES // (n * itemsize) // 1024 * 1024)
+
+
+def _roofline(img: Any, txt: Any) -> Callable[[], None]:
+    # The same three products as the loss and gradient, with nothing around them. numpy,
+    # torch and jax hand transposed operands to the GEMM without copying them.
+    n = img.shape[0]
+    panel = roofline_panel(n, img.dtype.itemsize)
+
+    def run() -> None:
+        for start in range(0, n, panel):
+            rows = img[start : start + panel, :]
+            logits = rows @ txt.T  # (p, d) @ (d, n) -> (p, n)
+            wait_ready(logits @ txt, logits.T @ rows)  # (p, n) @ (n, d), (n, p) @ (p, d)
+
+    return run
+
+
+def _open_clip(loss: str, img: Any, txt: Any) -> Callable[[], None]:
+    module = open_clip_loss(loss)
+    leaves = torch_leaves(img, txt)
+    img_leaf, txt_leaf, scale, bias = leaves
+
+    def run() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        if loss == "sigmoid":
+            module(img_leaf, txt_leaf, scale, bias).backward()
+        else:
+            module(img_leaf, txt_leaf, scale).backward()
+
+    return run
+
+
+def _dense_autograd(loss: str, img: Any, txt: Any) -> Callable[[], None]:
+    # The leaves share storage with the inputs, which stay free of autograd.
+    leaves = torch_leaves(img, txt)
+    img_leaf, txt_leaf, scale, bias = leaves
+
+    def run() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        dense_loss(loss, img_leaf, txt_leaf, scale, bias).backward()
+
+    return run
+
+
+def make_run(
+    backend: str, loss: str, impl: str, img: Any, txt: Any, block_size: int | None
+) -> Callable[[], None]:
+    """Return a function that runs one case once (forward + gradient) and keeps nothing.
+
+    Parameters
+    ----------
+    backend : {"numpy", "torch", "jax"}
+        Array library of ``img`` and ``txt``.
+    loss : {"sigmoid", "softmax"}
+        Which loss (not used by ``roofline``).
+    impl : {"ours", "reference loops", "roofline", "dense autograd", "open_clip"}
+        What to run; ``dense autograd`` and ``open_clip`` need torch (and open-clip-torch).
+    img, txt : array, shape (n, d)
+        The inputs, from :func:`portable_siglip.bench.common.make_inputs`.
+    block_size : int or None
+        Tile edge of ``ours`` (None: the library default).
+
+    Returns
+    -------
+    callable
+        No arguments, returns None.
+    """
+    if impl == "ours":
+        return _ours(loss, img, txt, block_size)
+    if impl == "reference loops":
+        return _ours(loss, img, txt, block_size, fast_paths=False)
+    if impl == "roofline":
+        return _roofline(img, txt)
+    if impl == "dense autograd" and backend == "torch":
+        return _dense_autograd(loss, img, txt)
+    if impl == "open_clip" and backend == "torch":
+        return _open_clip(loss, img, txt)
+    msg = f"no benchmark case {impl!r} for backend {backend!r}"
+    raise ValueError(msg)
+
+
+def _impls(backend: str, dense: bool, open_clip: bool, reference: bool = False) -> list[str]:
+    impls = ["ours", "reference loops", "roofline"] if reference else ["ours", "roofline"]
+    if dense and backend == "torch":
+        impls.append("dense autograd")
+        if open_clip:
+            impls.append("open_clip")
+    return impls
+
+
+# --------------------------------------------------------------------------- memory probes
+
+
+def _probe(
+    args: argparse.Namespace, case: Case, impl: str, timeout: float
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Run one case in ``python -m portable_siglip.bench.memprobe``; return (result, error)."""
+    command = [
+        sys.executable,
+        "-m",
+        "portable_siglip.bench.memprobe",
+        f"--backend={case.backend}",
+        f"--loss={case.loss}",
+        f"--impl={impl}",
+        f"--n={case.n}",
+        f"--dim={case.d}",
+        f"--dtype={args.dtype}",
+        f"--seed={args.seed}",
+    ]
+    if args.block_size is not None:
+        command.append(f"--block-size={args.block_size}")
+    return run_json_line(command, timeout, "memory probe")
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    header = (
+        "backend",
+        "loss",
+        "d",
+        "n",
+        "impl",
+        "median s",
+        "GFLOP/s",
+        "roofline frac",
+        "peak MiB",
+        "tracemalloc MiB",
+    )
+    lines = [header]
+    for row in rows:
+        if row["skipped"] is not None:
+            skipped = ("skipped: " + row["skipped"], "", "", "", "")
+        else:
+            skipped = (
+                fmt(row["median_s"], ".3f"),
+                fmt(row["gflops"], ".1f"),
+                fmt(row["roofline_fraction"], ".2f"),
+                fmt(row["peak_extra_mib"], ".1f"),
+                fmt(row["tracemalloc_peak_mib"], ".1f"),
+            )
+        lines.append(
+            (row["backend"], row["loss"], str(row["d"]), str(row["n"]), row["impl"], *skipped)
+        )
+    return render_table(lines, left={0, 1, 4})
+
+
+def _header(args: argparse.Namespace, machine: dict[str, Any], block: str) -> str:
+    versions = f"numpy {machine['numpy']}"
+    if machine.get("numpy_blas"):
+        versions += f" ({machine['numpy_blas']})"
+    if "torch" in machine:
+        threads = machine.get("torch_num_threads")
+        versions += f", torch {machine['torch']} (torch.get_num_threads() = {threads})"
+    if "jax" in machine:
+        versions += f", jax {machine['jax']}"
+    if "open_clip" in machine:
+        versions += f", open-clip-torch {machine['open_clip']}"
+    load = ", ".join(f"{x:.2f}" for x in machine["load_average_before"])
+    dims = ", ".join(str(d) for d in args.dims)
+    return "\n".join(
+        [
+            "portable-siglip bench: forward + gradient on the CPU, "
+            f"d in {{{dims}}}, {args.dtype}, t = {SCALE:g}, b = {BIAS:g}, "
+            f"block_size = {block}, median of {args.repeats} interleaved rounds after 1 warm-up",
+            f"machine: {machine['cpu']}; {machine['cpu_count']} CPUs "
+            f"({machine['cpus_usable']} usable); python {machine['python']}",
+            f"versions: {versions}",
+            f"load average (1, 5, 15 min) before: {load}",
+        ]
+    )
+
+
+NOTES = (
+    "GFLOP/s counts 6 n^2 d flops (three GEMMs of 2 n^2 d) for every row, whatever it did "
+    "(the blockwise softmax does a fourth GEMM, its first pass, uncounted), so the rows "
+    "compare; roofline frac = roofline time / row time, the roofline being S = img @ txt.T, "
+    "S @ txt and S.T @ img on the same backend and dtype, timed the same way in the same run.",
+    "softmax rows do four GEMMs (a log-sum-exp pass, then the gradient pass), so their "
+    "roofline frac is at most about 0.75; it is the structure, not overhead (docs/benchmarks.md).",
+    f"Cases predicted to take over {LONG_CASE_S:g} s run once, without warm-up, in their "
+    "memory probe, which times them too. Dense and open_clip rows predicted to need over "
+    "--memory-cap-gib are skipped; the roofline runs on row panels of S beyond "
+    f"{ROOFLINE_PANEL_BYTES / 2**30:g} GiB and its memory is not probed.",
+    "peak MiB: each case runs once in a fresh process (python -m portable_siglip.bench.memprobe) "
+    "after a tiny warm-up; it is the high-water resident set size during that run minus the "
+    "RSS just before it (inputs excluded; outputs and temporaries included), read from VmHWM "
+    "in /proc/self/status after resetting it through /proc/self/clear_refs. ru_maxrss, also "
+    "in the JSON, is not shown: a child started by (v)fork + exec inherits its parent's "
+    "high-water mark there. tracemalloc MiB (numpy only): the exact peak of the bytes numpy "
+    "allocated during the run above those held before it (numpy reports its allocations "
+    "to tracemalloc).",
+)
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+class Case(NamedTuple):
+    """One (backend, d, n, loss) point of the sweep; its rows are the impls."""
+
+    backend: str
+    d: int
+    n: int
+    loss: str
+
+
+def _new_row(args: argparse.Namespace, case: Case, impl: str) -> dict[str, Any]:
+    """Return the empty result row of one case; the JSON holds these rows as they are."""
+    return {
+        "backend": case.backend,
+        "loss": case.loss,
+        "n": case.n,
+        "d": case.d,
+        "dtype": args.dtype,
+        "impl": impl,
+        "block_size": args.block_size if impl in ("ours", "reference loops") else None,
+        "times_s": [],
+        "median_s": None,
+        "gflops": None,
+        "roofline_fraction": None,
+        "peak_extra_mib": None,
+        "tracemalloc_peak_mib": None,
+        "memory": None,
+        "timed_in": None,
+        "skipped": None,
+        "error": None,
+    }
+
+
+class _Sweep:
+    """The state of one sweep: rows, errors and the last time of every (backend, d, loss, impl)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rows: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+        self.last: dict[tuple[str, int, str, str], tuple[int, float, float | None]] = {}
+        self.itemsize = 4 if args.dtype == "float32" else 8
+        self.cap_bytes = float(getattr(args, "memory_cap_gib", 16.0)) * 2**30
+
+    def predicted_s(self, case: Case, impl: str) -> float:
+        previous = self.last.get((case.backend, case.d, case.loss, impl))
+        if previous is None or previous[1] <= 0:
+            return 6.0 * case.n * case.n * case.d / PRIOR_FLOPS
+        return previous[1] * (case.n / previous[0]) ** 2
+
+    def too_big(self, case: Case, impl: str) -> str | None:
+        if impl not in ("dense autograd", "open_clip"):
+            return None
+        previous = self.last.get((case.backend, case.d, case.loss, impl))
+        measured = None
+        if previous is not None and previous[2] is not None:
+            measured = (previous[0], int(previous[2]))
+        predicted = max(
+            DENSE_N2_MATRICES * case.n * case.n * self.itemsize,
+            predict_peak_bytes(case.loss, impl, case.n, case.d, self.itemsize, 1, measured),
+        )
+        if predicted > self.cap_bytes:
+            cap = self.cap_bytes / 2**30
+            return f"predicted {predicted / 2**30:.1f} GiB > {cap:g} GiB cap"
+        return None
+
+    def fail(self, case: Case, row: dict[str, Any], text: str) -> None:
+        row["error"] = text
+        self.errors.append(
+            f"{case.backend} {case.loss} d={case.d} n={case.n} {row['impl']}: {text}"
+        )
+
+    def record(self, case: Case, row: dict[str, Any], times: list[float], where: str) -> None:
+        median = statistics.median(times)
+        flops = 6.0 * case.n * case.n * case.d
+        row.update(times_s=times, median_s=median, gflops=flops / median / 1e9, timed_in=where)
+
+    def remember(self, case: Case, row: dict[str, Any]) -> None:
+        if row["median_s"] is not None:
+            peak = None if row["memory"] is None else row["memory"]["peak_extra_bytes"]
+            self.last[(case.backend, case.d, case.loss, row["impl"])] = (
+                case.n,
+                row["median_s"],
+                peak,
+            )
+
+
+def _run_case(sweep: _Sweep, case: Case, impls: list[str], inputs: tuple[Any, Any]) -> None:
+    """Time and probe every row of one case, appending them to ``sweep.rows``."""
+    args = sweep.args
+    rows = {impl: _new_row(args, case, impl) for impl in impls}
+    short: list[str] = []
+    long: list[str] = []
+    for impl in impls:
+        reason = None if args.no_dense else sweep.too_big(case, impl)
+        if reason is not None:
+            rows[impl]["skipped"] = reason
+        elif sweep.predicted_s(case, impl) > LONG_CASE_S:
+            long.append(impl)
+        else:
+            short.append(impl)
+    img, txt = inputs
+    if short:
+        try:
+            runs = [
+                make_run(case.backend, case.loss, impl, img, txt, args.block_size) for impl in short
+            ]
+            times = time_interleaved(runs, args.repeats)
+        except Exception as error:  # e.g. MemoryError: report it, go on
+            for impl in short:
+                sweep.fail(case, rows[impl], f"{type(error).__name__}: {error}")
+        else:
+            for impl, record in zip(short, times, strict=True):
+                sweep.record(case, rows[impl], record, "interleaved")
+    for impl in long:
+        # The roofline is not probed: run it here, once. The others run in their probe.
+        if impl == "roofline" or args.no_memory:
+            try:
+                elapsed = timed(make_run(case.backend, case.loss, impl, img, txt, args.block_size))
+            except Exception as error:
+                sweep.fail(case, rows[impl], f"{type(error).__name__}: {error}")
+            else:
+                sweep.record(case, rows[impl], [elapsed], "once")
+    for impl in impls:
+        row = rows[impl]
+        if args.no_memory or impl == "roofline" or row["skipped"] or row["error"]:
+            continue
+        timeout = PROBE_TIMEOUT_BASE_S + 10.0 * sweep.predicted_s(case, impl)
+        memory, error_text = _probe(args, case, impl, timeout)
+        if memory is None:
+            sweep.fail(case, row, str(error_text))
+            continue
+        row["memory"] = memory
+        row["peak_extra_mib"] = mib(memory["peak_extra_bytes"])
+        row["tracemalloc_peak_mib"] = mib(memory.get("tracemalloc_peak_bytes"))
+        if impl in long:
+            sweep.record(case, row, [float(memory["run_s"])], "memory probe")
+    roofline_s = rows["roofline"]["median_s"] if "roofline" in rows else None
+    for impl in impls:
+        row = rows[impl]
+        if roofline_s is not None and row["median_s"] is not None:
+            row["roofline_fraction"] = roofline_s / row["median_s"]
+        sweep.remember(case, row)
+        sweep.rows.append(row)
+
+
+def _cases(args: argparse.Namespace, backends: Sequence[str]) -> list[Case]:
+    return [
+        Case(backend, d, n, loss)
+        for backend in backends
+        for d in args.dims
+        for n in args.sizes
+        for loss in args.losses
+    ]
+
+
+def _sweep(args: argparse.Namespace, backends: Sequence[str], open_clip: bool) -> _Sweep:
+    sweep = _Sweep(args)
+    cases = _cases(args, backends)
+    progress = Progress([c.n * c.n * c.d * (4 if c.loss == "softmax" else 3) for c in cases])
+    inputs: tuple[Any, Any] | None = None
+    key: tuple[str, int, int] | None = None
+    for case in cases:
+        if key != (case.backend, case.d, case.n):
+            inputs = None  # free the previous inputs before drawing the next
+            gc.collect()
+            inputs = make_inputs(case.backend, case.n, case.d, args.dtype, args.seed)
+            key = (case.backend, case.d, case.n)
+        assert inputs is not None
+        progress.start(f"{case.backend} {case.loss} d={case.d} n={case.n}")
+        reference = bool(getattr(args, "reference", False))
+        impls = _impls(case.backend, not args.no_dense, open_clip, reference)
+        _run_case(sweep, case, impls, inputs)
+        progress.advance()
+    progress.close()
+    return sweep
+
+
+def _open_clip_version(backends: Sequence[str], dense: bool) -> str | None:
+    if "torch" not in backends or not dense:
+        return None
+    from .baselines import open_clip_info
+
+    info = open_clip_info()
+    return str(info["version"]) if info.get("installed") else None
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the sweep described by ``args``, print the table and optionally write JSON.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Options from a parser prepared by :func:`portable_siglip.bench.cli.add_arguments`,
+        with ``sizes`` and ``dims`` filled in (``portable_siglip.bench.cli.main`` does).
+
+    Returns
+    -------
+    int
+        0 when every case ran (or was skipped for its predicted memory), 1 when some case
+        failed (the table and JSON say which), 2 for invalid options.
+    """
+    problem = check_args(args)
+    if problem is not None:
+        print(f"bench: error: {problem}", file=sys.stderr)
+        return 2
+    if not installed("numpy"):
+        print("bench: error: the benchmark draws its inputs with numpy; install numpy")
+        return 2
+    notes: list[str] = []
+    backends = []
+    for backend in args.backends:
+        if installed(backend):
+            backends.append(backend)
+        else:
+            note = f"note: backend {backend!r} is not installed; skipped"
+            print(note)
+            notes.append(note)
+    machine = machine_info(backends)
+    open_clip = _open_clip_version(backends, not args.no_dense)
+    if open_clip is not None:
+        machine["open_clip"] = open_clip
+    elif "torch" in backends and not args.no_dense:
+        notes.append("note: open-clip-torch is not installed; its rows are left out")
+        print(notes[-1])
+    from .._checks import DEFAULT_BLOCK_SIZE
+
+    block = str(args.block_size) if args.block_size else f"default ({DEFAULT_BLOCK_SIZE})"
+    print(_header(args, machine, block), flush=True)
+
+    started = time.perf_counter()
+    sweep = _sweep(args, backends, open_clip is not None)
+    rows, errors = sweep.rows, sweep.errors
+    machine["load_average_after"] = list(os.getloadavg())
+    machine["wall_s"] = time.perf_counter() - started
+
+    print()
+    print(_table(rows))
+    print()
+    print_notes(NOTES, errors)
+    print_load_after(machine)
+    report = {
+        "machine": machine,
+        "config": {
+            "backends": backends,
+            "losses": list(args.losses),
+            "sizes": list(args.sizes),
+            "dims": list(args.dims),
+            "dtype": args.dtype,
+            "block_size": args.block_size,
+            "default_block_size": DEFAULT_BLOCK_SIZE,
+            "repeats": args.repeats,
+            "seed": args.seed,
+            "scale": SCALE,
+            "bias": BIAS,
+            "dense": not args.no_dense,
+            "reference": bool(getattr(args, "reference", False)),
+            "memory": not args.no_memory,
+            "memory_cap_gib": getattr(args, "memory_cap_gib", 16.0),
+            "long_case_s": LONG_CASE_S,
+        },
+        "rows": rows,
+        "notes": [*notes, *NOTES],
+        "errors": errors,
+    }
+    write_report(args.json, report)
+    if getattr(args, "plots", None) is not None:
+        try:
+            from .plots import write_plots
+
+            for path in write_plots(report, args.plots):
+                print(f"plot written to {path}")
+        except (ModuleNotFoundError, ValueError) as error:
+            errors.append(f"plots: {error}")
+            print(f"error: plots: {error}", file=sys.stderr)
+    return 1 if errors else 0
