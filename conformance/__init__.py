@@ -23,7 +23,8 @@ Examples
 """
 
 from ._cases import Case, Golden, load_cases
-from ._checks import CONVENTIONS, TOLERANCE, CheckResult, Report, check
+from ._checks import check
+from ._report import CONVENTIONS, TOLERANCE, CheckResult, Report
 
 __all__ = [
     "CONVENTIONS",

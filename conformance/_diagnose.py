@@ -15,7 +15,7 @@ from typing import Any
 from portable_siglip._reference import dense_logit_gradient
 
 from ._cases import Case
-from ._checks import CONVENTIONS, Outcome, Report, relative_error, tolerance_for
+from ._report import CONVENTIONS, Outcome, Report, relative_error, tolerance_for
 
 __all__ = ["diagnose"]
 

@@ -1,0 +1,294 @@
+"""What a conformance run produces: check results, the report, tolerances and errors.
+
+Shared by the runner (:mod:`._checks`), which fills a :class:`Report`, and the diagnosis
+(:mod:`._diagnose`), which reads one; neither imports the other's machinery through here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ._cases import Case
+
+__all__ = [
+    "CONVENTIONS",
+    "FLOOR",
+    "LOGIT_SCALE_FREE",
+    "QUANTITIES",
+    "TOLERANCE",
+    "CheckResult",
+    "Outcome",
+    "Report",
+    "natural_scale",
+    "relative_error",
+    "tolerance_for",
+]
+
+QUANTITIES = ("loss", "img", "txt", "scale", "bias")
+
+#: Normwise relative tolerance per dtype of the inputs:
+#: ``max|actual - golden| / max(max|golden|, floor) <= TOLERANCE[dtype] * logit_factor``.
+#: float64 leaves ~10^6 ulps for summation order. float32 allows 1e-3: a float32 softmax
+#: scale gradient is a sum of n^2 terms that cancel (sum(G) = 0), and G = P - I loses eps
+#: to cancellation where P_ii is near 1, so correct float32 code reaches a few 1e-4. The
+#: mistakes the suite looks for are O(1) relative errors, far above every tolerance.
+#: float16 and bfloat16 cover gradients rounded to the half dtype (2^-11, 2^-8) by code
+#: that accumulates in float32, with room for code that keeps half-precision logits.
+TOLERANCE = {"float64": 1e-9, "float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
+
+#: A quantity is compared absolutely below this fraction of its natural scale (see
+#: :func:`natural_scale`): saturated cases have gradients of 1e-4 that any float32 code
+#: only gets right to ~eps in absolute terms.
+FLOOR = 1e-3
+
+#: Logits are rounded to the dtype before anything else, costing ``eps * |Z|`` absolute:
+#: the tolerance grows with the largest logit of the case beyond this size.
+LOGIT_SCALE_FREE = 100.0
+
+#: Declared normalisations and the factor that maps this library's loss onto them.
+CONVENTIONS: dict[str, Callable[[int], float]] = {
+    "default": lambda n: 1.0,  # sum over pairs / n (sigmoid); mean over rows (softmax)
+    "mean": lambda n: 1.0 / n,  # mean over the n^2 pairs
+    "sum": lambda n: float(n),  # sum over pairs, not normalised
+}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Outcome of one check.
+
+    Attributes
+    ----------
+    check : str
+        ``"golden"``, ``"permutation"`` or ``"blocks"``.
+    case : str
+        Name of the golden case.
+    quantity : str
+        ``"loss"``, ``"img"``, ``"txt"``, ``"scale"`` or ``"bias"`` (a gradient but the loss).
+    error : float
+        Normwise relative error (``inf`` for non-finite output or an exception).
+    tolerance : float
+        The bound it had to meet.
+    passed : bool
+        Whether it met it.
+    message : str
+        What went wrong, when something did.
+    """
+
+    check: str
+    case: str
+    quantity: str
+    error: float
+    tolerance: float
+    passed: bool
+    message: str = ""
+
+
+def _quantity_label(result: CheckResult) -> str:
+    return "loss" if result.quantity == "loss" else f"grads.{result.quantity}"
+
+
+def _error_cell(result: CheckResult) -> str:
+    """Fill the error column of the table: the number, or why there is none."""
+    if math.isfinite(result.error):
+        return f"{result.error:.2e}"
+    if result.message.startswith(("timeout", "not run")):
+        return result.message.split(":")[0]
+    if result.message.startswith("shape"):
+        return "shape"
+    return "non-finite" if result.message == "non-finite values" else "raised"
+
+
+@dataclass
+class Report:
+    """Verdict on one implementation for one loss, backend and dtype.
+
+    ``print(report)`` gives a few lines: the verdict, the counts, the worst failure and the
+    diagnosis codes. :meth:`table` gives the full text the command line prints, with every
+    failed check; :meth:`to_dict` everything, JSON-ready.
+    """
+
+    loss: str
+    backend: str
+    dtype: str
+    convention: str
+    implementation: str
+    results: list[CheckResult] = field(default_factory=list)
+    gradients_checked: bool = False
+    notes: list[str] = field(default_factory=list)
+    findings: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """Whether every check passed."""
+        return bool(self.results) and all(result.passed for result in self.results)
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        """The checks that failed."""
+        return [result for result in self.results if not result.passed]
+
+    @property
+    def codes(self) -> set[str]:
+        """Codes of the diagnosed mistakes (see docs/conformance.md)."""
+        return {code for code, _ in self.findings}
+
+    @property
+    def diagnosis(self) -> list[str]:
+        """Human-readable diagnosis, one line per finding."""
+        return [f"[{code}] {text}" for code, text in self.findings]
+
+    @property
+    def worst(self) -> float:
+        """Largest error relative to its tolerance (below 1 when everything passed)."""
+        ratios = [r.error / r.tolerance for r in self.results if r.tolerance > 0]
+        return max(ratios, default=math.inf)
+
+    def _worst_failures(self) -> list[CheckResult]:
+        """Return the failed checks, worst (error / tolerance) first; ties keep their order."""
+        return sorted(self.failed, key=lambda r: -r.error / r.tolerance if r.tolerance else 0)
+
+    def _summary(self) -> list[str]:
+        where = (
+            f"{self.loss} loss, {self.backend} {self.dtype}, convention {self.convention}, "
+            f"implementation {self.implementation}"
+        )
+        if not self.results:
+            return [f"FAILED: no checks ran ({where})"]
+        if self.passed:
+            lines = [
+                f"PASSED: {len(self.results)} checks ({where}); worst error "
+                f"{self.worst:.2g} x its tolerance"
+            ]
+            if not self.gradients_checked:
+                lines.append("  gradients NOT checked: the loss value only")
+            return lines
+        worst = self._worst_failures()[0]
+        lines = [
+            f"FAILED: {len(self.failed)} of {len(self.results)} checks ({where})",
+            f"  worst: {worst.check} {worst.case} {_quantity_label(worst)}: {worst.message[:120]}",
+        ]
+        if self.findings:
+            lines.append(f"  diagnosis: {', '.join(code for code, _ in self.findings)}")
+        lines.append("  report.table() lists every failed check, report.diagnosis explains")
+        return lines
+
+    def __str__(self) -> str:
+        """Summarise in a few lines: verdict, counts, worst failure, diagnosis codes."""
+        return "\n".join(self._summary())
+
+    def __repr__(self) -> str:
+        """Summarise in one line: verdict, counts, worst failure, diagnosis codes."""
+        return "<Report " + "; ".join(line.strip() for line in self._summary()) + ">"
+
+    def table(self, limit: int | None = None) -> str:
+        """Return the full text report: header, notes, verdict, failed checks, diagnosis.
+
+        Parameters
+        ----------
+        limit : int, optional
+            Most failed checks to list, worst first (all by default).
+        """
+        failed = self._worst_failures()
+        lines = [
+            f"conformance: {self.implementation}  loss={self.loss} backend={self.backend} "
+            f"dtype={self.dtype} convention={self.convention}"
+        ]
+        lines += [f"  note: {note}" for note in self.notes]
+        if self.passed:
+            lines.append(
+                f"PASSED: {len(self.results)} checks; worst error {self.worst:.2g} x its tolerance"
+            )
+            return "\n".join(lines)
+        lines.append(f"FAILED: {len(failed)} of {len(self.results)} checks")
+        shown = failed if limit is None else failed[:limit]
+        rows = [("check", "case", "quantity", "error", "tolerance", "what")]
+        for result in shown:
+            rows.append(
+                (
+                    result.check,
+                    result.case,
+                    _quantity_label(result),
+                    _error_cell(result),
+                    f"{result.tolerance:.1e}",
+                    result.message[:80],
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        for row in rows:
+            cells = [cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)]
+            lines.append("  " + "  ".join(cells) + "  " + row[5])
+        if len(failed) > len(shown):
+            lines.append(f"  ... and {len(failed) - len(shown)} more (see --report)")
+        lines.append("diagnosis:")
+        lines += [f"  {line}" for line in self.diagnosis]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form of the report."""
+        return {
+            "passed": self.passed,
+            "loss": self.loss,
+            "backend": self.backend,
+            "dtype": self.dtype,
+            "convention": self.convention,
+            "implementation": self.implementation,
+            "gradients_checked": self.gradients_checked,
+            "notes": list(self.notes),
+            "diagnosis": [{"code": c, "message": m} for c, m in self.findings],
+            "results": [
+                {**asdict(r), "error": r.error if math.isfinite(r.error) else None}
+                for r in self.results
+            ],
+        }
+
+
+@dataclass
+class Outcome:
+    """What an implementation returned on one case, as float64 NumPy values."""
+
+    values: dict[str, Any]  # quantity -> numpy value; gradients missing if not available
+    error: str | None = None
+
+
+def natural_scale(case: Case, quantity: str) -> float:
+    """Size a quantity of `case` has when nothing cancels, for the absolute floor.
+
+    The loss and the bias gradient are O(1); ``dL/dimg = t G txt`` with rows of ``G``
+    summing to O(1) is O(t max|txt|), and likewise for txt; ``dL/dt = sum G * S`` is
+    O(max|S|), S = img @ txt.T.
+    """
+    import numpy as np
+
+    img_max = float(np.max(np.abs(case.img), initial=0.0))
+    txt_max = float(np.max(np.abs(case.txt), initial=0.0))
+    sizes = {
+        "loss": 1.0,
+        "bias": 1.0,
+        "img": case.scale * txt_max,
+        "txt": case.scale * img_max,
+        "scale": float(np.max(np.abs(case.img @ case.txt.T), initial=0.0)),
+    }
+    return max(sizes[quantity], 1e-300)
+
+
+def tolerance_for(dtype: str, case: Case) -> float:
+    """Tolerance of every check on `case` for inputs of `dtype`."""
+    return TOLERANCE[dtype] * max(1.0, case.max_abs_logit / LOGIT_SCALE_FREE)
+
+
+def relative_error(actual: Any, expected: Any, floor: float = FLOOR) -> float:
+    """Normwise relative error, absolute below `floor`; ``inf`` if not finite."""
+    import numpy as np
+
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape:
+        return math.inf
+    if not np.all(np.isfinite(actual)):
+        return math.inf
+    scale = max(float(np.max(np.abs(expected), initial=0.0)), floor)
+    return float(np.max(np.abs(actual - expected), initial=0.0)) / scale
