@@ -270,7 +270,7 @@ def sigmoid_loss(
     Notes
     -----
     The features are not checked for NaN or inf, as the array libraries do not check them
-    either: one such entry in ``img`` or ``txt`` makes the loss NaN without an error (on
+    either: one such entry in ``img`` or ``txt`` makes the loss NaN (or inf) without an error (on
     every rank, with ``comm``). To find the source, check ``xp.all(xp.isfinite(img))`` (and
     ``txt``) before the call, or let the framework stop at the first NaN
     (``torch.autograd.set_detect_anomaly(True)``, ``jax.config.update("jax_debug_nans", True)``).
@@ -346,7 +346,7 @@ def sigmoid_loss_and_grad(
     Notes
     -----
     The features are not checked for NaN or inf, as the array libraries do not check them
-    either: one such entry in ``img`` or ``txt`` makes the loss NaN without an error, and
+    either: one such entry in ``img`` or ``txt`` makes the loss NaN (or inf) without an error, and
     with it that row of ``grads.img``, every row of ``grads.txt``, ``grads.scale`` and
     ``grads.bias`` (on every rank, with ``comm``).
     To find the source, check ``xp.all(xp.isfinite(img))`` (and ``txt``) before the call, or
@@ -448,7 +448,7 @@ def softmax_loss(
     Notes
     -----
     The features are not checked for NaN or inf, as the array libraries do not check them
-    either: one such entry in ``img`` or ``txt`` makes the loss NaN without an error (on
+    either: one such entry in ``img`` or ``txt`` makes the loss NaN (or inf) without an error (on
     every rank, with ``comm``). To find the source, check ``xp.all(xp.isfinite(img))`` (and
     ``txt``) before the call, or let the framework stop at the first NaN
     (``torch.autograd.set_detect_anomaly(True)``, ``jax.config.update("jax_debug_nans", True)``).
@@ -513,7 +513,7 @@ def softmax_loss_and_grad(
     Notes
     -----
     The features are not checked for NaN or inf, as the array libraries do not check them
-    either: one such entry in ``img`` or ``txt`` makes the loss NaN without an error, and
+    either: one such entry in ``img`` or ``txt`` makes the loss NaN (or inf) without an error, and
     with it every row of ``grads.img`` and ``grads.txt`` (on every rank, with ``comm``).
     To find the source, check ``xp.all(xp.isfinite(img))`` (and ``txt``) before the call, or
     let the framework stop at the first NaN (``torch.autograd.set_detect_anomaly(True)``,

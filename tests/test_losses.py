@@ -251,3 +251,27 @@ def test_inputs_are_not_modified(xp: Any, loss_name: str) -> None:
     np.testing.assert_array_equal(to_numpy(txt), txt_np)
     assert float(to_numpy(scale)) == 3.0
     assert float(to_numpy(bias)) == -1.0
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("loss_name", ["sigmoid", "softmax"])
+def test_non_finite_features_give_nan_as_documented(xp: Any, loss_name: str, bad: float) -> None:
+    # Not an error (the features' values are never inspected), and not silently finite: the
+    # documented pattern (docs/conventions.md) of which gradients turn NaN.
+    rng = np.random.default_rng(5)
+    img_np = unit_rows(rng, 7, 3)
+    img_np[2, 1] = bad
+    img, _ = on_backend(xp, img_np, "float64")
+    txt, _ = on_backend(xp, unit_rows(rng, 7, 3), "float64")
+    loss, grads = LOSS_AND_GRAD[loss_name](img, txt, 3.0, -1.0, block_size=3)
+    assert not np.isfinite(to_numpy(loss))  # NaN, or inf for an inf feature
+    rows = ~np.isfinite(to_numpy(grads.img)).all(axis=1)
+    if loss_name == "sigmoid":
+        # Only the bad row of grads.img; every row of grads.txt; both scalars.
+        assert rows.tolist() == [i == 2 for i in range(7)]
+        assert not np.isfinite(to_numpy(grads.scale))
+        assert not np.isfinite(to_numpy(grads.bias))
+    else:
+        assert rows.all()
+    assert (~np.isfinite(to_numpy(grads.txt)).all(axis=1)).all()
