@@ -23,7 +23,16 @@ import array_api_compat
 
 from ._typing import Array, Namespace
 
-__all__ = ["SIGMOID_STRATEGIES", "SOFTMAX_STRATEGIES", "Problem", "prepare"]
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_GPU_BLOCK_SIZE",
+    "SIGMOID_STRATEGIES",
+    "SOFTMAX_STRATEGIES",
+    "Problem",
+    "default_block_size",
+    "on_accelerator",
+    "prepare",
+]
 
 SIGMOID_STRATEGIES = ("bidir", "shift", "reduce", "gather")
 SOFTMAX_STRATEGIES = ("ring", "gather")
@@ -33,6 +42,54 @@ SOFTMAX_STRATEGIES = ("ring", "gather")
 #: with two tile buffers of 8 MiB (float32) or 16 MiB (float64) that stay in a 32 MiB L3.
 #: docs/benchmarks.md, "Block size", has the measurements.
 DEFAULT_BLOCK_SIZE = 1024
+
+#: Tile edge used when ``block_size=None`` and the features are on a GPU (cupy, torch CUDA,
+#: jax on a GPU). A GPU runs each elementwise step of a tile as its own kernel: at 1024 a
+#: tile's GEMMs take tens of microseconds on a current GPU, about as long as the dozen
+#: launches around them, so the device idles between kernels; at 4096 the GEMMs are 16
+#: times longer and the launches a small fraction. Two float32 tile buffers take 128 MiB.
+#: Not yet measured on a GPU: ``python -m portable_siglip doctor`` probes the block sizes
+#: on every device it finds and reports the best, and docs/gpu.md records the result.
+DEFAULT_GPU_BLOCK_SIZE = 4096
+
+
+def on_accelerator(array: Any) -> bool:
+    """Say whether `array` lives on a GPU (or another accelerator) rather than the host.
+
+    Decided from the array's type and device alone, without importing any library: cupy
+    arrays always; torch tensors on a device other than ``cpu`` and ``meta``; jax arrays
+    whose device's platform is not ``cpu``. A jax tracer (under ``jit``) has no device and
+    counts as the host.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> on_accelerator(np.ones(2))
+    False
+    """
+    if array_api_compat.is_cupy_array(array):
+        return True
+    if array_api_compat.is_torch_array(array):
+        return str(array.device.type) not in ("cpu", "meta")
+    if array_api_compat.is_jax_array(array):
+        try:
+            device = array_api_compat.device(array)
+        except Exception:  # a tracer without a committed device
+            return False
+        return str(getattr(device, "platform", "cpu")) not in ("cpu",)
+    return False
+
+
+def default_block_size(array: Any) -> int:
+    """Return the tile edge used for ``block_size=None`` on the device of `array`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> default_block_size(np.ones((2, 2)))
+    1024
+    """
+    return DEFAULT_GPU_BLOCK_SIZE if on_accelerator(array) else DEFAULT_BLOCK_SIZE
 
 
 @dataclass(frozen=True)
@@ -257,9 +314,9 @@ def _check_scalar(
     raise TypeError(msg)
 
 
-def _check_block_size(block_size: Any, n: int) -> int:
+def _check_block_size(block_size: Any, n: int, default: int = DEFAULT_BLOCK_SIZE) -> int:
     if block_size is None:
-        return min(n, DEFAULT_BLOCK_SIZE)
+        return min(n, default)
     if isinstance(block_size, bool) or not hasattr(block_size, "__index__"):
         msg = f"`block_size` must be a positive int or None, got {_describe(block_size)}"
         raise TypeError(msg)
@@ -318,7 +375,7 @@ def prepare(
     n, d = (int(s) for s in img.shape)
     scale_checked = _check_scalar("scale", scale, xp, device, positive=True)
     bias_checked = _check_scalar("bias", 0.0 if bias is None else bias, xp, device, positive=False)
-    size = _check_block_size(block_size, n)
+    size = _check_block_size(block_size, n, default_block_size(img))
     allowed = SIGMOID_STRATEGIES if loss == "sigmoid" else SOFTMAX_STRATEGIES
     _check_strategy(strategy, allowed, loss)
 

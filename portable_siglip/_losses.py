@@ -238,7 +238,8 @@ def sigmoid_loss(
     bias : float, 0-d array or None
         The logit bias ``b``; None means 0.
     block_size : int, optional
-        Edge of the square tiles of the n x n logit matrix; None picks a default (1024).
+        Edge of the square tiles of the n x n logit matrix; None picks a default for the
+        device of the inputs: 1024 on the host, 4096 on a GPU (docs/blockwise.md).
         Extra memory is O(n d + block_size^2).
     comm : Communicator, optional
         None (default) evaluates on this process. With a communicator of W ranks
@@ -427,7 +428,8 @@ def softmax_loss(
     bias : float, 0-d array or None, optional
         Accepted and validated; it cancels out of the loss.
     block_size : int, optional
-        Edge of the square tiles; None picks a default (1024).
+        Edge of the square tiles; None picks a default for the device of the inputs
+        (1024 on the host, 4096 on a GPU).
     comm : Communicator, optional
         As for :func:`sigmoid_loss`: with W ranks, the loss of the global batch.
     strategy : {"ring", "gather"}

@@ -349,3 +349,41 @@ def test_torch_modules_infer_shapes_on_meta() -> None:
         assert img.grad.shape == (5, 3)
         assert scale.grad is not None
         assert scale.grad.device.type == "meta"
+
+
+# --- the default block size follows the device of the features ---
+
+
+def test_default_block_size_follows_the_device(xp: Any) -> None:
+    from portable_siglip import _checks
+
+    img = features(xp, n=5000, d=2)
+    problem = _checks.prepare(img, img, 1.0, 0.0, block_size=None, strategy="bidir", loss="sigmoid")
+    expected = (
+        _checks.DEFAULT_GPU_BLOCK_SIZE
+        if _checks.on_accelerator(img)
+        else _checks.DEFAULT_BLOCK_SIZE
+    )
+    assert problem.block_size == expected
+    small = _checks.prepare(
+        features(xp, n=7),
+        features(xp, n=7),
+        1.0,
+        0.0,
+        block_size=None,
+        strategy="bidir",
+        loss="sigmoid",
+    )
+    assert small.block_size == 7  # never more than n
+
+
+def test_accelerator_arrays_are_told_apart() -> None:
+    torch = pytest.importorskip("torch")
+    from portable_siglip._checks import DEFAULT_BLOCK_SIZE, default_block_size, on_accelerator
+
+    assert not on_accelerator(np.ones(3))
+    assert not on_accelerator(torch.ones(3))
+    assert not on_accelerator(torch.empty(3, device="meta"))
+    assert default_block_size(torch.ones(3)) == DEFAULT_BLOCK_SIZE
+    if torch.cuda.is_available():
+        assert on_accelerator(torch.ones(3, device="cuda"))
