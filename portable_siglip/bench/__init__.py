@@ -16,6 +16,9 @@ bring in the others.
     worker is the MPI job (``python -m mpi4py -m portable_siglip.bench.distributed``).
 :mod:`~portable_siglip.bench.profile`
     ``bench --profile``: the time of one call split into tile GEMMs and the rest.
+:mod:`~portable_siglip.bench.gpu`
+    ``bench --device cuda``: forward + gradient on a GPU, ours (torch, cupy) against the
+    run's GEMM roofline, siglip-kernel, open_clip and the dense autograd loss.
 :mod:`~portable_siglip.bench.memprobe`
     The peak extra memory of one sweep case, in a process of its own
     (``python -m portable_siglip.bench.memprobe``).

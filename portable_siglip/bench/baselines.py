@@ -91,9 +91,9 @@ def dense_loss(loss: str, img: Any, txt: Any, scale: Any, bias: Any) -> Any:
         logits = logits + bias
     if loss == "sigmoid":
         # Built on every call, as open_clip's SigLipLoss does.
-        labels = 2 * torch.eye(n, dtype=logits.dtype) - 1
+        labels = 2 * torch.eye(n, dtype=logits.dtype, device=logits.device) - 1
         return -functional.logsigmoid(labels * logits).sum() / n
-    target = torch.arange(n)
+    target = torch.arange(n, device=logits.device)
     return (
         functional.cross_entropy(logits, target) + functional.cross_entropy(logits.T, target)
     ) / 2

@@ -3,7 +3,9 @@
 ``python -m portable_siglip bench`` runs the sweep (:mod:`portable_siglip.bench.sweep`);
 ``--frameworks``, ``--distributed`` and ``--profile``, which exclude each other, run
 :mod:`~portable_siglip.bench.frameworks`, :mod:`~portable_siglip.bench.distributed` and
-:mod:`~portable_siglip.bench.profile` instead. Each is imported only when it runs.
+:mod:`~portable_siglip.bench.profile` instead. ``--device cuda`` (or ``cuda:N``) runs
+:mod:`~portable_siglip.bench.gpu`, after checking that the GPU is there. Each is imported
+only when it runs.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import argparse
 import sys
 from typing import Any
 
+from .._devices import Device, parse_device, resolve_device
+from .._interop import UsageError
 from .common import (
     BACKENDS,
     DEFAULT_DIM,
     DTYPES,
+    GPU_DTYPES,
     LOSSES,
     comma_list,
     positive_float_arg,
@@ -60,7 +65,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"one feature dimension d (default for --distributed and --frameworks: {DEFAULT_DIM})",
     )
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="feature dtype")
+    parser.add_argument(
+        "--dtype",
+        type=comma_list("--dtype", str, GPU_DTYPES),
+        default=None,
+        help="feature dtype: float32 (default) or float64; with --device cuda a "
+        "comma-separated list among float32, float64 and bfloat16 (default: "
+        "float32,bfloat16). bfloat16 is for the GPU benchmark only",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        metavar="{cpu,cuda,cuda:N}",
+        help="where the benchmark runs (default: cpu, the CPU benchmarks). cuda or cuda:N "
+        "runs the GPU benchmark instead (see portable_siglip.bench.gpu): torch CUDA and "
+        "cupy against the same run's GEMM roofline, siglip-kernel, open_clip and dense "
+        "autograd; default n = 16384,65536,262144, d = 1152, --dtype float32,bfloat16. "
+        "Without a GPU it is a usage error",
+    )
     parser.add_argument(
         "--losses",
         type=comma_list("--losses", str, LOSSES),
@@ -161,15 +183,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _is_gpu(args: argparse.Namespace) -> bool:
+    return str(getattr(args, "device", None) or "cpu").startswith("cuda")
+
+
 def _resolve_dims(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill in the per-mode defaults of ``--sizes``, ``--dims`` and ``--dim``."""
+    """Fill in the per-mode defaults of ``--sizes``, ``--dims``, ``--dim`` and ``--dtype``.
+
+    With ``--device cuda`` (``args.device`` already resolved), ``--dtype`` becomes a list;
+    otherwise one dtype of :data:`~portable_siglip.bench.common.DTYPES`.
+
+    Raises
+    ------
+    UsageError
+        For a list of dtypes, or bfloat16, on the CPU.
+    """
     from .sweep import DEFAULT_DIMS, DEFAULT_SIZES
 
     values = vars(args)
     sweep = not (values.get("distributed") or values.get("frameworks"))
     dim = values.get("dim")
-    updates: dict[str, Any] = {}
-    if values.get("profile"):
+    updates: dict[str, Any] = {"dtype": _resolve_dtype(values.get("dtype"), _is_gpu(args))}
+    if _is_gpu(args):
+        from .gpu import DEFAULT_DIM as GPU_DIM
+        from .gpu import DEFAULT_SIZES as GPU_SIZES
+
+        updates["sizes"] = values.get("sizes") or list(GPU_SIZES)
+        updates["dims"] = values.get("dims") or [dim or GPU_DIM]
+    elif values.get("profile"):
         updates["sizes"] = values.get("sizes") or [8192]
         updates["dims"] = values.get("dims") or [dim or DEFAULT_DIM]
     elif sweep:
@@ -180,6 +221,57 @@ def _resolve_dims(args: argparse.Namespace) -> argparse.Namespace:
     elif dim is None:
         updates["dim"] = DEFAULT_DIM
     return argparse.Namespace(**{**values, **updates})
+
+
+def _resolve_dtype(value: Any, gpu: bool) -> Any:
+    """``--dtype``: a list for the GPU benchmark (default float32, bfloat16), else one dtype."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if gpu:
+        from .gpu import DEFAULT_DTYPES
+
+        return list(value) if value else list(DEFAULT_DTYPES)
+    if not value:
+        return "float32"
+    if "bfloat16" in value:
+        msg = (
+            "`--dtype bfloat16` is for the GPU benchmark only (--device cuda); the CPU "
+            f"benchmarks take one of {', '.join(DTYPES)}"
+        )
+        raise UsageError(msg)
+    if len(value) > 1:
+        msg = (
+            f"`--dtype` takes one dtype on the CPU ({' or '.join(DTYPES)}), got "
+            f"{','.join(value)}; a list is for --device cuda"
+        )
+        raise UsageError(msg)
+    return value[0]
+
+
+def _resolve_device(args: argparse.Namespace, modes: list[str]) -> Device:
+    """Parse ``--device`` and check that it exists, before any work.
+
+    Raises
+    ------
+    UsageError
+        For a string that is not ``cpu``, ``cuda`` or ``cuda:N``, a GPU that is not there,
+        or ``--device cuda`` with a CPU-only mode.
+    """
+    text = str(getattr(args, "device", None) or "cpu")
+    try:
+        device = parse_device(text)
+    except ValueError as error:
+        raise UsageError(f"`--device`: {error}") from None
+    if not device.is_cuda:
+        return device
+    excluded = [*modes, *(m for m in ("reference", "plots") if getattr(args, m, None))]
+    if excluded:
+        msg = (
+            f"`--device {text}` runs the GPU benchmark, which has no "
+            f"`--{excluded[0]}`; leave one of them out"
+        )
+        raise UsageError(msg)
+    return resolve_device("torch", device)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -193,8 +285,10 @@ def main(args: argparse.Namespace) -> int:
     Returns
     -------
     int
-        2 when modes that exclude each other are both given; otherwise what the benchmark's
-        ``main`` returns: :func:`portable_siglip.bench.distributed.main` with
+        2 when modes that exclude each other are both given, or ``--device`` names no usable
+        device (no GPU, ``cuda:N`` out of range, a string that is no device); otherwise what
+        the benchmark's ``main`` returns: :func:`portable_siglip.bench.gpu.main` with
+        ``--device cuda``, :func:`portable_siglip.bench.distributed.main` with
         ``args.distributed``, :func:`portable_siglip.bench.frameworks.main` with
         ``args.frameworks``, :func:`portable_siglip.bench.profile.main` with
         ``args.profile``, else :func:`portable_siglip.bench.sweep.main` (0 when every case
@@ -206,7 +300,16 @@ def main(args: argparse.Namespace) -> int:
             f"bench: error: `--{modes[0]}` and `--{modes[1]}` exclude each other", file=sys.stderr
         )
         return 2
-    args = _resolve_dims(args)
+    try:
+        device = _resolve_device(args, modes)
+        args = _resolve_dims(argparse.Namespace(**{**vars(args), "device": str(device)}))
+    except UsageError as error:
+        print(f"bench: error: {error}", file=sys.stderr)
+        return 2
+    if device.is_cuda:
+        from . import gpu
+
+        return gpu.main(args)
     if getattr(args, "distributed", False):
         from . import distributed
 

@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_DIM",
     "DTYPES",
     "GIB",
+    "GPU_DTYPES",
     "LOSSES",
     "MIB",
     "PROBE_TIMEOUT_BASE_S",
@@ -59,6 +60,8 @@ __all__ = [
 BACKENDS = ("numpy", "torch", "jax")
 LOSSES = ("sigmoid", "softmax")
 DTYPES = ("float32", "float64")
+#: Dtypes of the GPU benchmark (``bench --device cuda``): bfloat16 is for it only.
+GPU_DTYPES = (*DTYPES, "bfloat16")
 
 #: d of ``--distributed`` and ``--frameworks`` when ``--dim`` is not given.
 DEFAULT_DIM = 768
@@ -221,7 +224,7 @@ def torch_leaves(img: Any, txt: Any) -> tuple[Any, Any, Any, Any]:
     ``img`` and ``txt`` are detached and made to require gradients; ``detach()`` shares
     storage, so the tensors passed in stay free of autograd (other cases may use them).
     ``scale`` and ``bias`` are new 0-d parameters, :data:`SCALE` and :data:`BIAS` in the
-    features' dtype.
+    features' dtype, on their device.
 
     Parameters
     ----------
@@ -235,8 +238,8 @@ def torch_leaves(img: Any, txt: Any) -> tuple[Any, Any, Any, Any]:
     """
     import torch
 
-    scale = torch.tensor(SCALE, dtype=img.dtype, requires_grad=True)
-    bias = torch.tensor(BIAS, dtype=img.dtype, requires_grad=True)
+    scale = torch.tensor(SCALE, dtype=img.dtype, device=img.device, requires_grad=True)
+    bias = torch.tensor(BIAS, dtype=img.dtype, device=img.device, requires_grad=True)
     return img.detach().requires_grad_(True), txt.detach().requires_grad_(True), scale, bias
 
 
