@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from portable_siglip._interop import UsageError, load_backend, to_numpy
+from portable_siglip._interop import UsageError, computing_in, load_backend, to_numpy
 
 from ._cases import Case, load_cases
 from ._diagnose import diagnose
@@ -128,11 +128,15 @@ class Runner:
         self.dtype = dtype
         self.timeout = timeout
         self.timed_out = False
-        self.xp, self.dtype_object = load_backend(backend, dtype)
+        # scoped: jax's x64 is set around each call (see _run), never for the whole process.
+        self.xp, self.dtype_object = load_backend(backend, dtype, scoped=True)
         self.autodiff = backend in ("torch", "jax")
         self.gradients_seen = False
         self.autodiff_used = False
         self.jax_returns_grads: bool | None = None
+        # jax: the jitted implementation (and its value_and_grad) per keyword arguments; jit
+        # compiles once per shape. None once a jitted call failed: eager from then on.
+        self.jax_jitted: dict[tuple[str, tuple[Any, ...]], Any] | None = {}
 
     def _arrays(self, case_img: Any, case_txt: Any, scale: float, bias: float) -> list[Any]:
         import numpy as np
@@ -181,9 +185,12 @@ class Runner:
         return box[0] if box else Outcome({}, "the call ended without a result")
 
     def _run(self, img: Any, txt: Any, scale: float, bias: float, **kwargs: Any) -> Outcome:
-        args = self._arrays(img, txt, scale, bias)
         if self.backend == "jax":
-            return self._run_jax(args, kwargs)
+            # x64 on for float64 only, off otherwise, in this thread alone: around making the
+            # arrays, the call and autodiff, so f computes in the dtype it does in production.
+            with computing_in("jax", self.dtype):
+                return self._run_jax(self._arrays(img, txt, scale, bias), kwargs)
+        args = self._arrays(img, txt, scale, bias)
         loss, grads = _split(self.function(*args, **kwargs))
         values: dict[str, Any] = {"loss": to_numpy(loss)}
         if grads is None and self.backend == "torch" and getattr(loss, "requires_grad", False):
@@ -211,23 +218,73 @@ class Runner:
             return self.function(*inputs, **kwargs)
 
         grads: dict[str, Any] | None = None
+        if self.jax_returns_grads is None and self.jax_jitted is not None:
+            # First call: tracing tells a bare loss from (loss, grads) without compiling f
+            # alone, which a bare loss would never use again.
+            try:
+                traced = _split(jax.eval_shape(function, *args))
+            except Exception:  # not traceable, or it fails: the call below finds out
+                traced = None
+            if traced is not None:
+                self.jax_returns_grads = traced[1] is not None
         if self.jax_returns_grads is not False:
             # First call, or an implementation known to return (loss, grads).
-            loss, grads = _split(function(*args))
+            loss, grads = _split(self._call_jax("call", function, args, kwargs))
             self.jax_returns_grads = grads is not None
         if not self.jax_returns_grads:
             # A bare loss: one value_and_grad call gives both (no separate forward call).
-            # Not jitted: jit would unroll a blockwise loop into one graph per shape and
-            # compile far longer than eager dispatch takes to run it.
             self.autodiff_used = True
             both = jax.value_and_grad(function, argnums=(0, 1, 2, 3))
-            loss, auto = both(*args)
+            loss, auto = self._call_jax("value_and_grad", both, args, kwargs)
             grads = dict(zip(("img", "txt", "scale", "bias"), auto, strict=True))
         self.gradients_seen = True
         values: dict[str, Any] = {"loss": to_numpy(loss)}
         for name, value in (grads or {}).items():
             values[name] = to_numpy(value)
         return Outcome(values)
+
+    def _call_jax(
+        self, kind: str, function: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]
+    ) -> Any:
+        """Call `function` (f with `kwargs`, or its value_and_grad) under jit where it fits.
+
+        Eagerly, jax compiles every operation for every new shape: jitted, each case's shape
+        compiles once, and the permutation check reuses it. The jitted function is kept per
+        `kind` and keyword arguments (the one runner is one implementation and dtype; jax
+        keys its cache on the x64 setting too). A jitted call that raises (f branches on
+        values, returns something that is not an array, or fails) is made again eagerly,
+        which gives the verdict, and every later call is eager.
+        """
+        import jax
+
+        if self.jax_jitted is None or not _jit_fits(args[0].shape[0], kwargs):
+            return function(*args)
+        key = (kind, tuple(sorted(kwargs.items())))
+        jitted = self.jax_jitted.get(key)
+        if jitted is None:
+            jitted = self.jax_jitted[key] = jax.jit(function)
+        try:
+            return jitted(*args)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # not traceable, or it fails: eager says which
+            self.jax_jitted = None
+            return function(*args)
+
+
+def _jit_fits(n: int, kwargs: dict[str, Any]) -> bool:
+    """Whether a jax call with `kwargs` on n rows is worth jitting.
+
+    A Python loop over tiles unrolls under jit into one graph of every tile, which compiles
+    far longer than eager dispatch takes to run it: calls that split the n rows into more
+    than two blocks (the small block sizes of the blocks check) stay eager.
+    """
+    if not kwargs:
+        return True
+    block = kwargs.get("block_size")
+    if set(kwargs) != {"block_size"} or not isinstance(block, int) or block < 1:
+        return False
+    return -(-n // block) <= 2
 
 
 def describe_failure(error: BaseException) -> Outcome:

@@ -7,9 +7,18 @@ work on whatever arrays they are given. NumPy and the named library are imported
 from __future__ import annotations
 
 import importlib
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-__all__ = ["BACKENDS", "DTYPES", "UsageError", "load_backend", "to_host", "to_numpy"]
+__all__ = [
+    "BACKENDS",
+    "DTYPES",
+    "UsageError",
+    "computing_in",
+    "load_backend",
+    "to_host",
+    "to_numpy",
+]
 
 BACKENDS = ("numpy", "torch", "jax", "cupy", "array_api_strict")
 DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -19,7 +28,7 @@ class UsageError(ValueError):
     """A problem with what the user asked for (unknown or missing library, missing dtype)."""
 
 
-def load_backend(name: str, dtype: str) -> tuple[Any, Any]:
+def load_backend(name: str, dtype: str, *, scoped: bool = False) -> tuple[Any, Any]:
     """Import backend `name` and return ``(namespace, dtype object)``.
 
     Parameters
@@ -28,11 +37,16 @@ def load_backend(name: str, dtype: str) -> tuple[Any, Any]:
         The array library.
     dtype : {"float64", "float32", "float16", "bfloat16"}
         Name of the floating dtype wanted.
+    scoped : bool, default False
+        jax only. By default x64 is switched on for the whole process (``jax_enable_x64``),
+        whatever `dtype` is, so that float64 arrays can be made anywhere. With
+        ``scoped=True`` jax's configuration is left as it is: make and use the arrays
+        inside :func:`computing_in`, which switches x64 on for float64 only, in one thread.
 
     Returns
     -------
     namespace, dtype
-        The array-API namespace (jax: ``jax.numpy`` with x64 enabled) and the dtype object.
+        The array-API namespace (jax: ``jax.numpy``) and the dtype object.
 
     Raises
     ------
@@ -50,7 +64,8 @@ def load_backend(name: str, dtype: str) -> tuple[Any, Any]:
         msg = f"`backend`: {name!r} is not installed (pip install {name.replace('_', '-')})"
         raise UsageError(msg) from None
     if name == "jax":
-        module.config.update("jax_enable_x64", True)
+        if not scoped:
+            module.config.update("jax_enable_x64", True)
         xp = importlib.import_module("jax.numpy")
     elif name == "array_api_strict":
         xp = module
@@ -61,6 +76,27 @@ def load_backend(name: str, dtype: str) -> tuple[Any, Any]:
         msg = f"`dtype`: backend {name!r} has no dtype {dtype!r}"
         raise UsageError(msg)
     return xp, dtype_object
+
+
+def computing_in(name: str, dtype: str) -> AbstractContextManager[Any]:
+    """Return the context in which backend `name` computes in `dtype`, in this thread only.
+
+    For jax it is ``jax.enable_x64(dtype == "float64")``: x64 is on for float64 and off for
+    every other dtype, whatever the process-wide ``jax_enable_x64`` says, so ``jnp.eye(n)``
+    and type promotion give float32 in a float32 computation, as they do in production. The
+    setting is jax's per-thread context: other threads, and this one after the block, see
+    jax's configuration unchanged. For the other backends it does nothing.
+
+    Examples
+    --------
+    >>> with computing_in("numpy", "float32"):
+    ...     pass
+    """
+    if name != "jax":
+        return nullcontext()
+    import jax
+
+    return jax.enable_x64(dtype == "float64")  # type: ignore[no-any-return]
 
 
 def to_host(x: Any) -> Any:
