@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from portable_siglip._reference import dense_logit_gradient
 
 from ._cases import Case
-from ._report import CONVENTIONS, Outcome, Report, relative_error, tolerance_for
+from ._report import (
+    CONVENTIONS,
+    FLOOR,
+    QUANTITIES,
+    Outcome,
+    Report,
+    natural_scale,
+    relative_error,
+    tolerance_for,
+)
 
 __all__ = ["diagnose"]
 
@@ -23,7 +33,17 @@ __all__ = ["diagnose"]
 NORMALISATION = {"mean-over-pairs", "unnormalised-sum", "sum-of-directions"}
 
 #: Block sizes a dropped or mishandled tail block is looked for with.
-BLOCKS = (2, 4, 8, 16, 32, 64)
+BLOCKS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+#: Limits at which clamped logits are looked for (``Z.clamp(-c, c)`` or ``max=c``).
+CLAMPS = (5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0, 88.0, 100.0)
+
+
+def _clip(values: Any, low: float, high: float) -> Any:
+    import numpy as np
+
+    return np.clip(values, low, high)
+
 
 Finding = tuple[str, str]
 
@@ -34,14 +54,37 @@ def _dense_loss(loss: str, case: Case, *, scale: float, bias: float, signs: str 
 
     n = case.n
     with np.errstate(over="ignore", invalid="ignore"):
-        logits = scale * (case.img @ case.txt.T) + bias  # (n, d) @ (d, n) -> (n, n)
+        logits = scale * _sims(case) + bias  # (n, n)
         if signs == "all-negative":  # every pair, the positives too, labelled -1
             return float(np.logaddexp(0.0, logits).sum() / n)
         if signs == "flipped":  # +1 off the diagonal, -1 on it
             eye = np.eye(n)
             return float(np.logaddexp(0.0, (2.0 * eye - 1.0) * logits).sum() / n)
-        value, _, _ = dense_logit_gradient(loss, case.img, case.txt, scale, bias)
-        return value
+        return _logit_loss(loss, logits)
+
+
+#: ``img @ txt.T`` per case during one diagnosis (the large cases make it costly).
+_SIMS: dict[tuple[int, bool], tuple[Case, Any]] = {}
+
+
+def _sims(case: Case, *, normalise: bool = False) -> Any:
+    """``img @ txt.T`` of `case` in float64 (rows L2-normalised first if asked), cached."""
+    import numpy as np
+
+    key = (id(case), normalise)
+    if key not in _SIMS or _SIMS[key][0] is not case:
+        img, txt = case.img, case.txt
+        if normalise:  # as torch's F.normalize: norms below 1e-12 count as 1e-12
+            img = img / np.maximum(np.linalg.norm(img, axis=1, keepdims=True), 1e-12)
+            txt = txt / np.maximum(np.linalg.norm(txt, axis=1, keepdims=True), 1e-12)
+        _SIMS[key] = (case, img @ txt.T)  # (n, d) @ (d, n) -> (n, n)
+    return _SIMS[key][1]
+
+
+def _stored(case: Case, loss: str, quantity: str, value: Any) -> Any:
+    """Return the part of a predicted (n, d) gradient that the golden holds (large cases)."""
+    stored = getattr(case.goldens[loss], "stored", None)
+    return value if stored is None else stored(quantity, value, case.n)
 
 
 def _exp(x: float) -> float:
@@ -52,7 +95,72 @@ def _exp(x: float) -> float:
         return math.inf
 
 
-def _loss_hypotheses(loss: str) -> list[tuple[str, str, Callable[[Case, float], float]]]:
+def _logit_loss(loss: str, logits: Any, smoothing: float = 0.0) -> float:
+    """Return the loss (default convention) of `logits`, densely in float64.
+
+    `smoothing` is a softmax label smoothing: each direction's cross-entropy becomes
+    ``(1 - eps) CE + eps * mean_j(-log p_j)``, as torch's ``label_smoothing`` computes it.
+    """
+    import numpy as np
+
+    n = logits.shape[0]
+    eye = np.eye(n)
+    if loss == "sigmoid":
+        return float(np.logaddexp(0.0, (1.0 - 2.0 * eye) * logits).sum() / n)
+    total = 0.0
+    for z in (logits, logits.T):  # rows: image to text; columns: text to image
+        top = z.max(axis=1, keepdims=True)
+        log_probs = z - (top + np.log(np.exp(z - top).sum(axis=1, keepdims=True)))
+        cross_entropy = -np.mean(np.diagonal(log_probs))
+        uniform = -np.mean(log_probs)  # mean over rows and classes of -log p
+        total += (1.0 - smoothing) * cross_entropy + smoothing * uniform
+    return total / 2.0
+
+
+def _logits(case: Case, *, normalise: bool = False) -> Any:
+    """``t * img @ txt.T + b`` of `case` in float64, from L2-normalised rows if asked."""
+    return case.scale * _sims(case, normalise=normalise) + case.bias  # (n, n)
+
+
+#: What each convention computes, and its power of n relative to the default.
+_CONVENTION_TEXT = {
+    "default": "the sum over pairs divided by n",
+    "mean": "the mean over the n^2 pairs",
+    "sum": "the sum over pairs, not divided by n",
+}
+_CONVENTION_POWER = {"default": 0, "mean": -1, "sum": 1}
+
+
+def _normalisation_text(convention: str, power: int) -> str:
+    """Explain a loss n^power times the goldens of the declared `convention`.
+
+    The advice follows from the measured normalisation (the declared one's power of n plus
+    `power`): it names the convention the implementation does compute, if any, so that
+    following it makes the run pass; it never points back to the declared one.
+    """
+    size = "small" if power < 0 else "large"
+    text = f"the loss is n times too {size} for convention {convention} "
+    text += f"({_CONVENTION_TEXT[convention]})"
+    if convention == "default" and power < 0:
+        text += (
+            ": it averages over the n^2 pairs instead of summing them and dividing by n "
+            "(cf. big_vision #115)"
+        )
+    elif convention == "default":
+        text += ": the sum over pairs is not divided by n"
+    measured = _CONVENTION_POWER[convention] + power
+    match = [name for name, p in _CONVENTION_POWER.items() if p == measured]
+    if match:
+        text += (
+            f"; it is {_CONVENTION_TEXT[match[0]]}: if that is what you mean, pass "
+            f"--convention {match[0]}"
+        )
+    return text
+
+
+def _loss_hypotheses(
+    loss: str, convention: str = "default"
+) -> list[tuple[str, str, Callable[[Case, float], float]]]:
     """``(code, explanation, predicted loss)`` for mistakes visible in the loss value."""
 
     def golden(case: Case, f: float) -> float:
@@ -61,15 +169,12 @@ def _loss_hypotheses(loss: str) -> list[tuple[str, str, Callable[[Case, float], 
     hypotheses = [
         (
             "mean-over-pairs",
-            "the loss is n times too small: it averages over the n^2 pairs instead of "
-            "summing them and dividing by n (cf. big_vision #115); if that is your "
-            "declared convention, pass --convention mean",
+            _normalisation_text(convention, -1),
             lambda case, f: golden(case, f) / case.n,
         ),
         (
             "unnormalised-sum",
-            "the loss is n times too large: the sum over pairs is not divided by n; if "
-            "that is your declared convention, pass --convention sum",
+            _normalisation_text(convention, +1),
             lambda case, f: golden(case, f) * case.n,
         ),
         (
@@ -78,7 +183,49 @@ def _loss_hypotheses(loss: str) -> list[tuple[str, str, Callable[[Case, float], 
             "(already exp(t')), do not exponentiate it again",
             lambda case, f: f * _dense_loss(loss, case, scale=_exp(case.scale), bias=case.bias),
         ),
+        (
+            "scale-as-temperature",
+            "the loss matches Z = S / t + b: `scale` is a multiplier, not a temperature; "
+            "compute Z = scale * img @ txt.T + bias (CLIP's t = exp(logit_scale) ~ 100 "
+            "multiplies the similarities)",
+            lambda case, f: (
+                f * _dense_loss(loss, case, scale=1.0 / case.scale, bias=case.bias)
+                if case.scale != 0
+                else math.inf
+            ),
+        ),
+        (
+            "renormalised-inputs",
+            "the loss matches img and txt L2-normalised inside the loss: normalise the "
+            "features in the model if you want that, the loss must use img and txt as given",
+            lambda case, f: f * _logit_loss(loss, _logits(case, normalise=True)),
+        ),
     ]
+    for limit in CLAMPS:
+        hypotheses += [
+            (
+                "clamped-logits",
+                f"the loss matches the logits clamped to [-{limit:g}, {limit:g}]: clamping "
+                "Z changes the loss and zeroes the gradient of every clamped pair; use a "
+                "stable softplus / log-sum-exp instead (logaddexp, max-subtraction)",
+                lambda case, f, c=limit: (
+                    f * _logit_loss(loss, _clip(_logits(case), -c, c))  # type: ignore[misc]
+                    if case.max_abs_logit > c
+                    else golden(case, f)
+                ),
+            ),
+            (
+                "clamped-logits",
+                f"the loss matches the logits clamped above at {limit:g} (Z.clamp(max=...)): "
+                "clamping Z changes the loss and zeroes the gradient of every clamped pair; "
+                "use a stable softplus / log-sum-exp instead (logaddexp, max-subtraction)",
+                lambda case, f, c=limit: (
+                    f * _logit_loss(loss, _clip(_logits(case), -math.inf, c))  # type: ignore[misc]
+                    if case.max_abs_logit > c
+                    else golden(case, f)
+                ),
+            ),
+        ]
     if loss == "sigmoid":
         hypotheses += [
             (
@@ -175,7 +322,12 @@ def _matches(
 
 
 def _diagnose_loss(
-    report: Report, loss: str, cases: Sequence[Case], outcomes: dict[str, Outcome], factor: Any
+    report: Report,
+    loss: str,
+    cases: Sequence[Case],
+    outcomes: dict[str, Outcome],
+    factor: Any,
+    convention: str = "default",
 ) -> list[Finding]:
     failed = _failed_cases(report, ["loss"])
     relevant = [
@@ -192,7 +344,7 @@ def _diagnose_loss(
     def tolerance(case: Case) -> float:
         return tolerance_for(report.dtype, case)
 
-    for code, text, predict in _loss_hypotheses(loss):
+    for code, text, predict in _loss_hypotheses(loss, convention):
         if code in {c for c, _ in findings}:
             continue
         if _matches(
@@ -204,7 +356,56 @@ def _diagnose_loss(
             lambda case: case.goldens[loss].loss * factor(case),
         ):
             findings.append((code, text))
+    if loss == "softmax" and not findings:
+        findings += _diagnose_label_smoothing(relevant, outcomes, factor, tolerance)
     return findings
+
+
+def _diagnose_label_smoothing(
+    cases: Sequence[Case],
+    outcomes: dict[str, Outcome],
+    factor: Any,
+    tolerance: Callable[[Case], float],
+) -> list[Finding]:
+    """Label smoothing: the loss is ``(1 - eps) CE + eps U``, with one eps on every case.
+
+    eps is solved for on each failed case from the loss alone (U is the mean of -log p over
+    every row and class); a smoothing must give one eps in (0, 1) everywhere, and the loss
+    it predicts must then match.
+    """
+    import numpy as np
+
+    estimates = []
+    for case in cases:
+        logits = _logits(case)
+        plain = _logit_loss("softmax", logits) * factor(case)
+        uniform = _logit_loss("softmax", logits, smoothing=1.0) * factor(case)
+        got = float(np.asarray(outcomes[case.name].values["loss"], dtype=np.float64).sum())
+        if abs(uniform - plain) <= 10 * tolerance(case) * max(abs(plain), 1.0):
+            continue  # smoothing would change nothing visible here
+        estimates.append((got - plain) / (uniform - plain))
+    if not estimates:
+        return []
+    eps = float(np.median(estimates))
+    if not 0.0 < eps < 1.0 or max(abs(e - eps) for e in estimates) > 1e-3 * eps:
+        return []
+    if not _matches(
+        cases,
+        outcomes,
+        lambda case: _logit_loss("softmax", _logits(case), smoothing=eps) * factor(case),
+        lambda outcome: outcome.values.get("loss"),
+        tolerance,
+        lambda case: case.goldens["softmax"].loss * factor(case),
+    ):
+        return []
+    return [
+        (
+            "label-smoothing",
+            f"the loss matches cross-entropy with label smoothing {eps:.3g}: the contract "
+            "has one-hot targets; drop label_smoothing (or smooth outside the loss, and "
+            "check the loss without it)",
+        )
+    ]
 
 
 #: Largest x with finite exp(x) per dtype; a naive exp of a larger logit overflows.
@@ -238,17 +439,25 @@ def _diagnose_non_finite(
 
 
 def _diagnose_tail_block(report: Report, cases: Sequence[Case]) -> list[Finding]:
+    """Find a dropped or mishandled last block: failures exactly on the cases with a tail.
+
+    For some block size, every case with n > block and n not a multiple of it fails (at
+    least two such sizes: one failing n is a coincidence, not evidence), every failure is
+    such a case or one smaller than a block (a chunk of ``block`` rows that is not clamped
+    to the batch gets those wrong too), and some n > block that is a multiple passes.
+    """
     failing = {r.case for r in report.results if r.check == "golden" and not r.passed}
     passing = [c for c in cases if c.name not in failing]
     broken = [c for c in cases if c.name in failing]
     if not broken or not passing:
         return []
     for block in BLOCKS:
-        # A chunk clamped to the batch (min(block, n)) gets every n < block right.
+        tails = {c.n for c in broken if c.n > block}
         if (
             all(c.n % block != 0 for c in broken)
-            and any(c.n > block for c in broken)
+            and len(tails) >= 2
             and all(c.n % block == 0 or c.n < block for c in passing)
+            and any(c.n > block and c.n % block == 0 for c in passing)
         ):
             sizes = ", ".join(str(n) for n in sorted({c.n for c in broken}))
             return [
@@ -301,8 +510,10 @@ def _diagnose_gradients(
         def predict(case: Case) -> Any:
             _, dlogits, _ = dense_logit_gradient(loss, case.img, case.txt, case.scale, case.bias)
             if name == "img":  # t G^T txt instead of t G txt
-                return case.scale * dlogits.T @ case.txt * factor(case)
-            return case.scale * dlogits @ case.img * factor(case)
+                value = case.scale * dlogits.T @ case.txt * factor(case)
+            else:
+                value = case.scale * dlogits @ case.img * factor(case)
+            return _stored(case, loss, name, value)
 
         return predict
 
@@ -340,11 +551,16 @@ def _diagnose_gradients(
             ratios.append(ratio)
         if ratios:
             sizes = [case.n for case in failed]
-            candidates = (
+            candidates: list[tuple[str, list[float]]] = [
                 (f"times {ratios[0]:.6g}", ratios),
                 ("divided by n", [r * n for r, n in zip(ratios, sizes, strict=True)]),
                 ("times n", [r / n for r, n in zip(ratios, sizes, strict=True)]),
-            )
+            ]
+            if all(abs(r - 1.0) <= 0.05 for r in ratios):
+                # A factor of 1 is no normalisation mistake: see _diagnose_precision.
+                candidates = []
+            elif len(set(sizes)) < 2:
+                candidates = candidates[:1]  # one n cannot tell "times n" from a constant
             for label, factors in candidates:
                 if max(factors) - min(factors) <= 1e-3 * max(abs(v) for v in factors):
                     findings.append(
@@ -356,6 +572,239 @@ def _diagnose_gradients(
                     )
                     break
     return findings
+
+
+#: Messages of the runner's own backward pass on a loss that is not a scalar.
+NOT_SCALAR = ("only for scalar outputs", "only supported for scalar", "scalar output")
+
+
+def _diagnose_per_row(
+    loss: str, cases: Sequence[Case], outcomes: dict[str, Outcome], factor: Any
+) -> list[Finding]:
+    """Find a vector of per-row (or per-pair) losses returned where a scalar is due."""
+    import numpy as np
+
+    shapes = set()
+    means = sums = True
+    for case in cases:
+        outcome = outcomes[case.name]
+        if outcome.error is not None:
+            if any(text in outcome.error for text in NOT_SCALAR):
+                shapes.add("non-scalar")
+                means = sums = False
+                continue
+            return []
+        value = outcome.values.get("loss")
+        if value is None or np.ndim(value) == 0:
+            return []
+        shapes.add(str(np.shape(value)).replace(str(case.n), "n"))
+        vector = np.asarray(value, dtype=np.float64)
+        want = case.goldens[loss].loss * factor(case)
+        means &= relative_error(vector.mean(), want) < 1e-3
+        sums &= relative_error(vector.sum(), want) < 1e-3
+    if not shapes:
+        return []
+    hint = ""
+    if means:
+        hint = " (their mean is the loss)"
+    elif sums:
+        hint = " (their sum is the loss)"
+    measured = sorted(shapes - {"non-scalar"})
+    shown = f"shape {', '.join(measured)}" if measured else "autodiff of it failed"
+    if "non-scalar" in shapes and measured:
+        shown += ", and autodiff of it failed"
+    return [
+        (
+            "per-row-loss",
+            f"the loss is not a scalar ({shown}): one value per row or pair{hint}, as "
+            "with reduction='none' or a missing .sum()/.mean(); return the scalar loss",
+        )
+    ]
+
+
+def _own_frames(text: str) -> str:
+    """Drop the frames of the suite's runner from a traceback: the implementation's remain."""
+    runner = str(Path(__file__).with_name("_checks.py"))
+    lines, skipping = [], False
+    for line in text.splitlines():
+        if line.startswith("  File "):
+            skipping = f'"{runner}"' in line
+        elif not line.startswith("    "):
+            skipping = False
+        if not skipping:
+            lines.append(line)
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+#: Errors that are the runner's, not an exception raised by the implementation.
+NOT_RAISED = ("timeout", "not run", "the call ended")
+
+
+def _diagnose_raised(
+    report: Report, cases: Sequence[Case], outcomes: dict[str, Outcome]
+) -> list[Finding]:
+    """One finding per distinct exception, with the cases it was raised on.
+
+    Fills ``report.exceptions`` (message, traceback once, cases) for the table and JSON.
+    """
+    groups: dict[str, list[Case]] = {}
+    for case in cases:
+        error = outcomes[case.name].error
+        if error is None or error.startswith(NOT_RAISED):
+            continue
+        if any(text in error for text in NOT_SCALAR):
+            continue  # the runner's backward of a per-row loss: see _diagnose_per_row
+        groups.setdefault(error, []).append(case)
+    findings: list[Finding] = []
+    for message, raised in sorted(groups.items(), key=lambda item: -len(item[1])):
+        first = outcomes[raised[0].name]
+        report.exceptions.append(
+            {
+                "message": message,
+                "traceback": _own_frames(first.traceback or ""),
+                "cases": [case.name for case in raised],
+            }
+        )
+        if len(raised) == len(cases):
+            where = f"every case ({len(cases)})"
+        else:
+            names = ", ".join(case.name for case in raised[:6])
+            more = f" and {len(raised) - 6} more" if len(raised) > 6 else ""
+            where = f"{len(raised)} of {len(cases)} cases ({names}{more})"
+        findings.append(
+            (
+                "raises",
+                f"the implementation raised {message[:300]} on {where}; the traceback is "
+                "printed once below the diagnosis (and in --report)",
+            )
+        )
+    return findings
+
+
+#: Pairs whose softplus argument exceeds this are linear in torch's ``F.softplus``.
+SOFTPLUS_THRESHOLD = 20.0
+
+
+def _diagnose_softplus_threshold(
+    report: Report, cases: Sequence[Case], outcomes: dict[str, Outcome], factor: Any
+) -> list[Finding]:
+    """Sigmoid loss with softplus(x) = x above x = 20 (torch's ``F.softplus`` default).
+
+    The loss and gradients are predicted exactly, densely in float64; every quantity of
+    every failed case must match that prediction to a tenth of the tolerance.
+    """
+    import numpy as np
+
+    failed = _failed_cases(report, QUANTITIES)
+    failed_cases = [c for c in cases if c.name in failed]
+    if not failed_cases:
+        return []
+    for case in failed_cases:
+        outcome = outcomes[case.name]
+        if outcome.error is not None:
+            return []
+        n, eye = case.n, np.eye(case.n)
+        sims = _sims(case)
+        signs = 1.0 - 2.0 * eye  # -l_ij
+        x = signs * (case.scale * sims + case.bias)
+        linear = x > SOFTPLUS_THRESHOLD
+        with np.errstate(over="ignore"):
+            value = np.where(linear, x, np.logaddexp(0.0, x)).sum() / n
+            slope = np.where(linear, 1.0, np.exp(-np.logaddexp(0.0, -x)))  # sigmoid(x)
+        dlogits = signs * slope / n  # (n, n)
+        f = factor(case)
+        predicted = {
+            "loss": value * f,
+            "img": _stored(case, "sigmoid", "img", case.scale * dlogits @ case.txt * f),
+            "txt": _stored(case, "sigmoid", "txt", case.scale * dlogits.T @ case.img * f),
+            "scale": float((dlogits * sims).sum()) * f,
+            "bias": float(dlogits.sum()) * f,
+        }
+        tolerance = tolerance_for(report.dtype, case)
+        for name, want in predicted.items():
+            if name not in outcome.values:
+                continue
+            floor = FLOOR * natural_scale(case, name)
+            if relative_error(outcome.values[name], want, floor) > 0.1 * tolerance:
+                return []
+    return [
+        (
+            "softplus-threshold",
+            "the results match a softplus that is linear above 20 (softplus(x) = x for "
+            "x > 20), which is what torch's F.softplus does with its default threshold=20: "
+            "it costs up to exp(-20) ~ 2e-9 per pair, invisible in float32 but beyond "
+            "float64's 1e-9 tolerance; use -F.logsigmoid(-x) or logaddexp(0, x)",
+        )
+    ]
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))]
+
+
+def _diagnose_precision(report: Report, cases: Sequence[Case]) -> list[Finding]:
+    """Errors that are rounding, not a formula: name the precision they point at.
+
+    The typical error of the run (the 75th percentile over every golden check, passed ones
+    included, so that a mistake confined to a few cases does not look like rounding)
+    estimates the unit roundoff the implementation works in: ~1e-7 is float32 (in a
+    float64 run), ~2^-11 = 5e-4 is a 10-bit mantissa (TF32 matmul inputs, or float16)
+    in a float32 run, and ~2^-9 = 2e-3 or more is bfloat16 logits or accumulation, whose
+    error grows with n as sums of n^2 terms are rounded.
+    """
+    golden = [r for r in report.results if r.check == "golden"]
+    failed = [r for r in golden if not r.passed]
+    if not failed or any(not math.isfinite(r.error) for r in golden):
+        return []
+    typical = _percentile([r.error for r in golden], 0.75)
+    median = _percentile([r.error for r in golden], 0.5)
+    worst = max(r.error for r in failed)
+    by_case: dict[str, float] = {}
+    for r in failed:
+        by_case[r.case] = max(by_case.get(r.case, 0.0), r.error)
+    sizes = {c.name: c.n for c in cases}
+    ordered = sorted(by_case, key=lambda name: (sizes.get(name, 0), by_case[name]))
+    small, large = ordered[0], ordered[-1]
+    pattern = f"typical relative error {typical:.1e} (worst {worst:.1e})"
+    if sizes.get(large, 0) > sizes.get(small, 0):
+        pattern += (
+            f"; failing cases from {by_case[small]:.1e} at n={sizes[small]} to "
+            f"{by_case[large]:.1e} at n={sizes[large]}"
+        )
+    if report.dtype == "float64" and 1e-11 <= typical < 3e-5 and worst < 1e-2:
+        return [
+            (
+                "float32-compute",
+                f"{pattern}: float32 rounding (eps 1.2e-7) in a float64 run; the float64 "
+                "inputs are computed in float32 somewhere (a .float() cast, a float32 "
+                "buffer or default dtype, jax without jax_enable_x64): keep float64 "
+                "throughout",
+            )
+        ]
+    if report.dtype == "float32" and 3e-5 <= typical < 1e-3 and worst < 0.1:
+        return [
+            (
+                "tf32-matmul",
+                f"{pattern}: the rounding of a 10-bit mantissa (2^-11 = 4.9e-4) in a "
+                "float32 run, as TF32 matmuls give (torch.backends.cuda.matmul.allow_tf32, "
+                "set_float32_matmul_precision('high'), jax's default matmul precision on "
+                "GPU/TPU) or float16 intermediates; use full float32 matmul precision "
+                "('highest')",
+            )
+        ]
+    plausible = worst < 0.5 if report.dtype == "float64" else median < 0.05
+    if report.dtype in ("float32", "float64") and typical >= 1e-3 and plausible:
+        return [
+            (
+                "half-precision",
+                f"{pattern}: half-precision rounding (bfloat16 2^-9 = 2e-3, float16 2^-11) "
+                f"in a {report.dtype} run: the logits, the softplus / log-sum-exp or their "
+                "sums are computed in bfloat16 or float16 (autocast, a .half() cast); "
+                "compute the logits and accumulate the loss in float32 or better",
+            )
+        ]
+    return []
 
 
 def diagnose(
@@ -387,13 +836,28 @@ def diagnose(
     """
     if report.passed:
         return []
+    try:
+        return _diagnose(report, loss, cases, outcomes, convention)
+    finally:
+        _SIMS.clear()
+
+
+def _diagnose(
+    report: Report,
+    loss: str,
+    cases: Sequence[Case],
+    outcomes: dict[str, Outcome],
+    convention: str,
+) -> list[Finding]:
     scale = CONVENTIONS[convention]
 
     def factor(case: Case) -> float:
         return scale(case.n)
 
-    findings = _diagnose_non_finite(cases, outcomes, report.dtype)
-    findings += _diagnose_loss(report, loss, cases, outcomes, factor)
+    findings = _diagnose_raised(report, cases, outcomes)
+    findings += _diagnose_per_row(loss, cases, outcomes, factor)
+    findings += _diagnose_non_finite(cases, outcomes, report.dtype)
+    findings += _diagnose_loss(report, loss, cases, outcomes, factor, convention)
     gradient_findings = _diagnose_gradients(report, loss, cases, outcomes, factor)
     if {code for code, _ in findings} & NORMALISATION:
         # The gradient follows the loss's own (wrong) normalisation: already explained.
@@ -404,6 +868,10 @@ def diagnose(
         findings = [f for f in findings if f[0] != "non-finite-stress"]
     if not findings or {code for code, _ in findings} <= {"zero-scale-grad", "zero-bias-grad"}:
         findings += _diagnose_tail_block(report, cases)
+    if not findings and loss == "sigmoid":
+        findings += _diagnose_softplus_threshold(report, cases, outcomes, factor)
+    if not findings:
+        findings += _diagnose_precision(report, cases)
     if not findings:
         findings.append(
             (

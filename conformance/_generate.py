@@ -20,6 +20,12 @@ How the numbers are made:
 3. The outputs are rounded to the nearest float64 and written as JSON numbers (Python's
    shortest round-trip repr, so reading them back gives the same float64).
 
+The ``"large"`` cases (n from 127 to 2049, :func:`large_specs`) are too big for mpmath: their
+outputs come from :func:`reference`, an independent float64 evaluation with exact logits and
+exact or compensated sums, which refuses to produce a value whose error bound exceeds
+:data:`LARGE_RTOL` (1e-13). They are written without their inputs (a seed and a SHA-256
+checksum instead) and with the gradients of the rows ``LargeSpec.rows`` only.
+
 This module needs NumPy and mpmath (``pip install mpmath``); it imports nothing of the
 library's loss code.
 """
@@ -41,7 +47,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ._cases import GOLDENS_PATH
+from ._cases import GOLDENS_PATH, inputs_sha256, normalise, pairs, to_grid
 
 __all__ = [
     "DIGITS",
@@ -49,21 +55,18 @@ __all__ = [
     "case_inputs",
     "generate",
     "goldens",
+    "large_specs",
     "main",
     "make_case",
+    "make_large_case",
     "max_abs_logit",
+    "reference",
     "to_grid",
     "write",
 ]
 
 #: Working precision of mpmath, in significant decimal digits.
 DIGITS = 50
-
-#: Smallest magnitude kept by :func:`to_grid` (float16's smallest normal number).
-TINY = 2.0**-14
-
-#: Significant bits kept by :func:`to_grid` (bfloat16's precision).
-BITS = 8
 
 Matrix = list[list[Any]]  # rows of mpmath.mpf
 
@@ -114,38 +117,8 @@ def _mpmath() -> Any:
 # --------------------------------------------------------------------------- inputs
 
 
-def to_grid(x: Any) -> NDArray[np.float64]:
-    """Round to the bfloat16 grid, flushing magnitudes below ``2**-14`` to zero.
-
-    Parameters
-    ----------
-    x : array_like
-        Finite values.
-
-    Returns
-    -------
-    numpy.ndarray, float64
-        ``x`` rounded to :data:`BITS` significant bits (to nearest, ties to even), with
-        every ``|value| < 2**-14`` replaced by zero: exact and normal in float16 and
-        bfloat16 (for magnitudes below 65504).
-
-    Examples
-    --------
-    >>> to_grid([1 / 3, 1e-5, -2.0]).tolist()
-    [0.333984375, 0.0, -2.0]
-    """
-    values = np.asarray(x, dtype=np.float64)
-    mantissa, exponent = np.frexp(values)
-    rounded = np.ldexp(np.round(mantissa * 2**BITS) / 2**BITS, exponent)
-    rounded[np.abs(rounded) < TINY] = 0.0
-    out: NDArray[np.float64] = rounded + 0.0  # no negative zeros
-    return out
-
-
 def _normalise(x: NDArray[np.float64]) -> NDArray[np.float64]:
-    # math.fsum and math.sqrt are correctly rounded: the same bits on every machine.
-    norms = np.array([math.sqrt(math.fsum(float(v) ** 2 for v in row)) for row in x])
-    out: NDArray[np.float64] = x / norms[:, None]
+    out: NDArray[np.float64] = normalise(x)
     return out
 
 
@@ -156,11 +129,9 @@ def _unit_rows(rng: np.random.Generator, n: int, d: int) -> NDArray[np.float64]:
 def _pairs(
     seed: int, n: int, d: int, noise: float = 0.5
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Draw unit image rows and correlated text rows ``normalise(img + noise * N(0, 1/d))``."""
-    rng = np.random.default_rng(seed)
-    img = _unit_rows(rng, n, d)
-    txt = _normalise(img + noise * rng.standard_normal((n, d)) / math.sqrt(d))
-    return to_grid(img), to_grid(txt)
+    """Draw unit image rows and correlated text rows (:func:`._cases.pairs`)."""
+    img, txt = pairs(seed, n, d, noise)
+    return img, txt
 
 
 def _case(
@@ -458,13 +429,346 @@ def make_case(inputs: CaseInputs) -> dict[str, Any]:
     }
 
 
-def generate(cases: Sequence[CaseInputs] | None = None) -> dict[str, Any]:
+# --------------------------------------------------------------------------- large cases
+
+#: Rows of the logit matrix per tile of the large-case reference.
+TILE = 256
+
+#: Multiples that a kernel tiles at; each large case's stored gradient rows include the
+#: rows on either side of every such multiple below n.
+TILE_SIZES = (16, 32, 64, 128, 1024)
+
+#: Bound on the relative error of every value a large case stores (see docs/conformance.md,
+#: "The large cases"): the generator refuses to write a case whose a-priori bound exceeds it.
+LARGE_RTOL = 1e-13
+
+#: Unit roundoff of float64.
+_U = 2.0**-53
+
+
+@dataclass(frozen=True)
+class LargeSpec:
+    """A large case: its inputs come from ``pairs(seed, n, d)`` and are not stored."""
+
+    name: str
+    seed: int
+    n: int
+    d: int
+    scale: float
+    bias: float
+    noise: float = 0.5
+
+    def inputs(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """Image and text inputs, on the bfloat16 grid."""
+        return _pairs(self.seed, self.n, self.d, self.noise)
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        """Gradient rows stored.
+
+        The first and last two, and either side of the first and of the last multiple
+        below n of each tile size (the start of the second tile and of the tail tile).
+        """
+        marks = {0, 1, self.n - 2, self.n - 1}
+        for size in TILE_SIZES:
+            last = (self.n - 1) // size * size
+            if last >= size:
+                marks |= {size - 1, size, last - 1, last}
+        return tuple(sorted(i for i in marks if 0 <= i < self.n))
+
+
+def _large(seed: int, n: int, d: int, scale: float, bias: float, noise: float = 0.5) -> LargeSpec:
+    t = float(to_grid([scale])[0])
+    b = float(to_grid([bias])[0])
+    return LargeSpec(f"large-n{n}-d{d}-t{t:g}-b{b:g}", seed, n, d, t, b, noise)
+
+
+def large_specs() -> tuple[LargeSpec, ...]:
+    """Return the large cases: n one below and one above multiples of 16, 32, 64, 128 and 1024.
+
+    127 and 129 sit either side of 128 (and of multiples of 16, 32 and 64), 1023 and 1025
+    either side of 1024, 2049 above 2048. ``d`` runs from 1 to 1152. Scale and bias: the
+    SigLIP init (10, -10), CLIP's 1/0.07 on the bfloat16 grid (14.3125) with and without a
+    bias, and a trained SigLIP's (118, -13). At t = 118 the pairs are drawn noisier
+    (cosine ~0.24 instead of ~0.9), as in a hard batch: otherwise every softmax
+    probability off the diagonal is below exp(-50) and the case tests nothing.
+    """
+    return (
+        _large(400, 127, 1152, 10.0, -10.0),
+        _large(401, 129, 1, 1 / 0.07, 0.0),
+        _large(402, 1023, 768, 10.0, -10.0),
+        _large(403, 1025, 64, 1 / 0.07, -10.0),
+        _large(404, 2049, 256, 118.0, -13.0, noise=4.0),
+    )
+
+
+def _exact_similarities(img: NDArray[np.float64], txt: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``img @ txt.T`` exactly, in row tiles.
+
+    Every input is a multiple of 2**-21 (8 significant bits, magnitude at least 2**-14),
+    so every product is a multiple of 2**-42; with rows of norm at most 2, every partial
+    sum of a dot product, in any order, is below 4 = 2**2 in magnitude, so it needs at
+    most 44 bits and float64 holds it exactly: the BLAS summation order does not matter.
+    """
+    for x in (img, txt):
+        if not np.array_equal(x * 2.0**21, np.round(x * 2.0**21)):
+            raise ValueError("inputs are not multiples of 2**-21")
+        if np.max(np.sqrt(np.einsum("ij,ij->i", x, x)), initial=0.0) > 2:
+            raise ValueError("input rows must have a norm of at most 2")
+    n = img.shape[0]
+    S = np.empty((n, txt.shape[0]))
+    for start in range(0, n, TILE):
+        S[start : start + TILE] = img[start : start + TILE] @ txt.T
+    return S
+
+
+def _fsum(x: NDArray[np.float64]) -> float:
+    """Correctly rounded sum of every entry (exact partials, one rounding)."""
+    return math.fsum(np.ravel(x).tolist())
+
+
+def _split(x: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Veltkamp split: ``x = hi + lo`` exactly, each with at most 26 significant bits."""
+    c = (2.0**27 + 1.0) * x
+    hi = c - (c - x)
+    return hi, x - hi
+
+
+def _rows_times(
+    W: NDArray[np.float64], X: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """``W @ X`` with compensated (Neumaier) sums of exact products, and ``|W| @ |X|``.
+
+    ``X`` has 8 significant bits, the halves of each ``W`` entry 26: every product
+    ``hi * x`` and ``lo * x`` is exact, so the only rounding is that of the sum, which
+    Neumaier's summation keeps below 2u|sum| + O(n u^2) sum|terms|.
+    """
+    hi, lo = _split(W)
+    total = np.zeros((W.shape[0], X.shape[1]))
+    carry = np.zeros_like(total)
+    for j in range(W.shape[1]):
+        for part in (hi, lo):
+            term = part[:, j : j + 1] * X[j]
+            new = total + term
+            big = np.abs(total) >= np.abs(term)
+            carry += np.where(big, (total - new) + term, (term - new) + total)
+            total = new
+    return total + carry, np.abs(W) @ np.abs(X)
+
+
+def _condition(value: float, magnitude: float) -> float:
+    return magnitude / abs(value) if value else math.inf
+
+
+def _large_gradients(
+    G: NDArray[np.float64],
+    error: NDArray[np.float64],
+    S: NDArray[np.float64],
+    img: NDArray[np.float64],
+    txt: NDArray[np.float64],
+    t: float,
+    rows: Sequence[int],
+    floors: dict[str, float],
+) -> dict[str, Any]:
+    """Return the stored rows of ``t G txt`` and ``t G^T img``, ``sum G * S`` and ``sum G``.
+
+    ``G`` holds ``n dL/dZ`` and `error` a bound on the absolute error of each of its
+    entries; every result is divided by n at the end. Raises when the error bound of a
+    value, relative to the value or to the suite's absolute floor (`floors`), exceeds
+    :data:`LARGE_RTOL`.
+    """
+    n = G.shape[0]
+    index = list(rows)
+    d_img, size_img = _rows_times(G[index], txt)
+    d_txt, size_txt = _rows_times(np.ascontiguousarray(G[:, index].T), img)
+    products = G * S
+    out = {
+        "img": (t * d_img / n).tolist(),
+        "txt": (t * d_txt / n).tolist(),
+        "scale": _fsum(products) / n,
+        "bias": _fsum(G) / n,
+    }
+    # Error bounds: the entries' own errors, then u for G * S, 2u for the compensated
+    # sums and 2u for the final t * and / n.
+    bounds = {
+        "img": t * float(np.max(error[index] @ np.abs(txt) + 4 * _U * size_img)) / n,
+        "txt": t * float(np.max(error[:, index].T @ np.abs(img) + 4 * _U * size_txt)) / n,
+        "scale": (_fsum(error * np.abs(S)) + 3 * _U * _fsum(np.abs(products))) / n,
+        "bias": (_fsum(error) + 2 * _U * _fsum(np.abs(G))) / n,
+    }
+    sizes = {
+        "img": float(np.max(np.abs(out["img"]))),
+        "txt": float(np.max(np.abs(out["txt"]))),
+        "scale": abs(out["scale"]),
+        "bias": abs(out["bias"]),
+    }
+    for name, bound in bounds.items():
+        if bound > LARGE_RTOL * max(sizes[name], floors[name]):
+            raise ArithmeticError(
+                f"the error bound {bound:.2e} of dL/d{name} exceeds {LARGE_RTOL:.0e} "
+                f"of its size {max(sizes[name], floors[name]):.2e}"
+            )
+    out["bounds"] = {name: bound / max(sizes[name], floors[name]) for name, bound in bounds.items()}
+    return out
+
+
+def _large_sigmoid(
+    Z: NDArray[np.float64],
+) -> tuple[float, NDArray[np.float64], NDArray[np.float64]]:
+    """Sigmoid loss, ``n G`` and a bound on the absolute error of each ``n G`` entry."""
+    n = Z.shape[0]
+    diagonal = np.eye(n, dtype=bool)
+    with np.errstate(over="ignore"):
+        # softplus(-l Z): softplus(-Z_ii) on the diagonal, softplus(Z_ij) off it; positive
+        # terms, each within a few ulps, summed with a single rounding per row.
+        terms = np.logaddexp(0.0, np.where(diagonal, -Z, Z))
+        loss = math.fsum(_fsum(row) for row in terms) / n
+        # sigmoid(Z_ij) off the diagonal, sigmoid(Z_ii) - 1 = -sigmoid(-Z_ii) on it:
+        # exp (1 ulp), 1 + (u), 1 / (u): 4u relative.
+        G = np.where(diagonal, -1.0 / (1.0 + np.exp(Z)), 1.0 / (1.0 + np.exp(-Z)))
+    return loss, G, 4 * _U * np.abs(G)
+
+
+def _large_cross_entropy(
+    Z: NDArray[np.float64],
+) -> tuple[float, NDArray[np.float64], NDArray[np.float64]]:
+    """Row-wise ``mean_i (lse_j Z_ij - Z_ii)``, ``softmax_rows(Z) - I`` and its error bound.
+
+    Off the diagonal ``exp(D - e)``, ``D = Z_ij - Z_ii`` and ``e = log1p(sum exp(D))``,
+    is off by at most ``(|D| + |D - e| + 8) u`` relative (two roundings of the argument, e
+    to a few ulps, exp to one); the diagonal, minus the sum of its row, by the sum of
+    those errors plus 2u.
+    """
+    n = Z.shape[0]
+    excess = np.empty(n)
+    P = np.empty_like(Z)
+    error = np.empty_like(Z)
+    for start in range(0, n, TILE):
+        block = Z[start : start + TILE]
+        index = np.arange(start, min(start + TILE, n))
+        # Z_ij - Z_ii: rounded at most once (u |D|), which the error bound accounts for.
+        D = block - block[np.arange(len(index)), index][:, None]
+        E = np.exp(D)
+        E[np.arange(len(index)), index] = 0.0
+        for r, i in enumerate(index):
+            excess[i] = math.log1p(_fsum(E[r]))
+            row = np.exp(D[r] - excess[i])
+            row[i] = 0.0
+            row[i] = -_fsum(row)  # softmax_ii - 1, without cancellation
+            P[i] = row
+            bound = (np.abs(D[r]) + np.abs(D[r] - excess[i]) + 8) * _U * np.abs(row)
+            bound[i] = 0.0
+            bound[i] = _fsum(bound) + 2 * _U * abs(row[i])
+            error[i] = bound
+    return _fsum(excess) / n, P, error
+
+
+def large_goldens(spec: LargeSpec) -> dict[str, Any]:
+    """Both losses and the stored gradients of a large case (:func:`reference`)."""
+    img, txt = spec.inputs()
+    return reference(img, txt, spec.scale, spec.bias, spec.rows)
+
+
+def reference(
+    img: NDArray[np.float64],
+    txt: NDArray[np.float64],
+    scale: float,
+    bias: float,
+    rows: Sequence[int],
+) -> dict[str, Any]:
+    """Both losses and the gradient rows `rows` in float64, to within :data:`LARGE_RTOL`.
+
+    The reference is written from the formulas (docs/math.md), independently of the
+    library's kernels. ``S = img @ txt.T`` and ``Z = t S + b`` are exact
+    (:func:`_exact_similarities`; t S and t S + b are multiples of 2**-46 below 2**7). Each
+    entry of ``G = dL/dZ`` is evaluated to a few ulps with the same care as the mpmath
+    path (``-sigmoid(-Z_ii)``, ``log1p`` of the off-diagonal sum, ``softmax_ii - 1`` as
+    minus the off-diagonal sum); every sum over n or n^2 terms is exact-then-rounded
+    (``math.fsum``) or compensated with exact products (:func:`_rows_times`).
+
+    Returns
+    -------
+    dict
+        ``{"sigmoid": golden, "softmax": golden}`` as :func:`goldens` returns them, with
+        ``img`` and ``txt`` holding the rows `rows` only.
+    """
+    t, b = float(scale), float(bias)
+    S = _exact_similarities(img, txt)
+    Z = t * S + b
+    if not np.array_equal(Z * 2.0**46, np.round(Z * 2.0**46)) or np.max(np.abs(Z)) >= 2**7:
+        raise ArithmeticError("Z = t S + b is not exact in float64 for this scale and bias")
+    floors = {
+        "img": 1e-3 * t * float(np.max(np.abs(txt))),
+        "txt": 1e-3 * t * float(np.max(np.abs(img))),
+        "scale": 1e-3 * float(np.max(np.abs(S))),
+        "bias": 1e-3,
+    }
+    result: dict[str, Any] = {}
+    loss, G, error = _large_sigmoid(Z)
+    result["sigmoid"] = {
+        "loss": loss,
+        **_large_gradients(G, error, S, img, txt, t, rows, floors),
+        "extra": {},
+    }
+    image_to_text, R, error_rows = _large_cross_entropy(Z)
+    text_to_image, C, error_cols = _large_cross_entropy(np.ascontiguousarray(Z.T))
+    G = (R + C.T) / 2
+    error = (error_rows + error_cols.T) / 2 + _U * np.abs(G)
+    floors["bias"] = 1.0  # the softmax bias gradient is zero: only rounding is left
+    grads = _large_gradients(G, error, S, img, txt, t, rows, floors)
+    if abs(grads["bias"]) > 1e-13:
+        raise ArithmeticError(f"softmax bias gradient {grads['bias']} is not zero")
+    result["softmax"] = {
+        "loss": (image_to_text + text_to_image) / 2,
+        **grads,
+        "bias": 0.0,
+        "extra": {"image_to_text": image_to_text, "text_to_image": text_to_image},
+    }
+    for golden in result.values():
+        golden.pop("bounds")
+        for key in ("loss", "scale", "bias"):
+            golden[key] = _float(golden[key])
+        golden["img"] = [[_float(v) for v in row] for row in golden["img"]]
+        golden["txt"] = [[_float(v) for v in row] for row in golden["txt"]]
+        golden["extra"] = {key: _float(v) for key, v in golden["extra"].items()}
+    return result
+
+
+def make_large_case(spec: LargeSpec) -> dict[str, Any]:
+    """Compute the JSON-ready record of a large case: no inputs, a seed and their checksum.
+
+    Keys ``name``, ``seed``, ``n``, ``d``, ``noise``, ``inputs_sha256``, ``scale``, ``bias``,
+    ``tags`` (``["large"]``), ``max_abs_logit``, ``rows`` and ``goldens``.
+    """
+    img, txt = spec.inputs()
+    S = _exact_similarities(img, txt)
+    return {
+        "name": spec.name,
+        "seed": spec.seed,
+        "n": spec.n,
+        "d": spec.d,
+        "noise": spec.noise,
+        "inputs_sha256": inputs_sha256(img, txt),
+        "scale": spec.scale,
+        "bias": spec.bias,
+        "tags": ["large"],
+        "max_abs_logit": _float(np.max(np.abs(spec.scale * S + spec.bias))),  # exact
+        "rows": list(spec.rows),
+        "goldens": large_goldens(spec),
+    }
+
+
+def generate(
+    cases: Sequence[CaseInputs] | None = None, large: Sequence[LargeSpec] | None = None
+) -> dict[str, Any]:
     """Compute the whole data document: provenance and every case.
 
     Parameters
     ----------
     cases : sequence of CaseInputs, optional
         Defaults to :func:`case_inputs`.
+    large : sequence of LargeSpec, optional
+        Defaults to :func:`large_specs`; they follow the other cases.
 
     Returns
     -------
@@ -473,14 +777,15 @@ def generate(cases: Sequence[CaseInputs] | None = None) -> dict[str, Any]:
     """
     mp = _mpmath()
     cases = case_inputs() if cases is None else tuple(cases)
-    names = [case.name for case in cases]
+    large = large_specs() if large is None else tuple(large)
+    names = [case.name for case in cases] + [spec.name for spec in large]
     if len(set(names)) != len(names):
         raise ValueError("case names must be unique")
     return {
         "generator": "python -m portable_siglip.conformance._generate",
         "digits": DIGITS,
         "mpmath_version": mp.__version__,
-        "cases": [make_case(case) for case in cases],
+        "cases": [make_case(case) for case in cases] + [make_large_case(s) for s in large],
     }
 
 
@@ -530,9 +835,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     size = write(document, args.out)
     elapsed = time.perf_counter() - start
     for case in document["cases"]:
-        n, d = len(case["img"]), len(case["img"][0])
+        n, d = (case["n"], case["d"]) if "seed" in case else (len(case["img"]), len(case["img"][0]))
         print(
-            f"{case['name']:<28} n={n:<3} d={d:<3} t={case['scale']:<7g} b={case['bias']:<7g} "
+            f"{case['name']:<32} n={n:<4} d={d:<4} t={case['scale']:<7g} b={case['bias']:<7g} "
             f"max|Z|={case['max_abs_logit']:.6g}"
         )
     print(f"wrote {len(document['cases'])} cases to {args.out} ({size} bytes) in {elapsed:.2f} s")

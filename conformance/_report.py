@@ -102,6 +102,26 @@ def _error_cell(result: CheckResult) -> str:
     return "non-finite" if result.message == "non-finite values" else "raised"
 
 
+def _group_failures(failed: list[CheckResult]) -> list[list[CheckResult]]:
+    """Group failed checks that fail for one and the same reason, in order of first sight.
+
+    A failure whose message carries no number (an exception, a timeout, a check not run,
+    non-finite values) and repeats is one group, printed once; every "off by" failure, and
+    every shape message, stays a row of its own.
+    """
+    groups: dict[str, list[CheckResult]] = {}
+    order: list[list[CheckResult]] = []
+    for result in failed:
+        if math.isfinite(result.error) or not result.message or result.message.startswith("shape"):
+            order.append([result])
+            continue
+        if result.message not in groups:
+            groups[result.message] = []
+            order.append(groups[result.message])
+        groups[result.message].append(result)
+    return order
+
+
 @dataclass
 class Report:
     """Verdict on one implementation for one loss, backend and dtype.
@@ -120,6 +140,9 @@ class Report:
     gradients_checked: bool = False
     notes: list[str] = field(default_factory=list)
     findings: list[tuple[str, str]] = field(default_factory=list)
+    #: Exceptions the implementation raised: ``{"message", "traceback", "cases"}`` each,
+    #: one per distinct message, the traceback of its first occurrence.
+    exceptions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -204,27 +227,51 @@ class Report:
             )
             return "\n".join(lines)
         lines.append(f"FAILED: {len(failed)} of {len(self.results)} checks")
-        shown = failed if limit is None else failed[:limit]
+        groups = _group_failures(failed)
+        shown = groups if limit is None else groups[:limit]
         rows = [("check", "case", "quantity", "error", "tolerance", "what")]
-        for result in shown:
+        for group in shown:
+            first = group[0]
+            if len(group) == 1:
+                rows.append(
+                    (
+                        first.check,
+                        first.case,
+                        _quantity_label(first),
+                        _error_cell(first),
+                        f"{first.tolerance:.1e}",
+                        first.message[:80],
+                    )
+                )
+                continue
+            cases = list(dict.fromkeys(r.case for r in group))
+            quantities = list(dict.fromkeys(_quantity_label(r) for r in group))
             rows.append(
                 (
-                    result.check,
-                    result.case,
-                    _quantity_label(result),
-                    _error_cell(result),
-                    f"{result.tolerance:.1e}",
-                    result.message[:80],
+                    ",".join(dict.fromkeys(r.check for r in group)),
+                    f"{len(cases)} cases",
+                    "all" if len(quantities) == len(QUANTITIES) else ",".join(quantities),
+                    _error_cell(first),
+                    "",
+                    f"{first.message[:160]} ({len(group)} checks, on: {', '.join(cases)})",
                 )
             )
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
         for row in rows:
             cells = [cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)]
             lines.append("  " + "  ".join(cells) + "  " + row[5])
-        if len(failed) > len(shown):
-            lines.append(f"  ... and {len(failed) - len(shown)} more (see --report)")
+        hidden = sum(len(group) for group in groups[len(shown) :])
+        if hidden:
+            lines.append(f"  ... and {hidden} more (see --report)")
         lines.append("diagnosis:")
         lines += [f"  {line}" for line in self.diagnosis]
+        for exception in self.exceptions:
+            if exception.get("traceback"):
+                lines.append(
+                    f"traceback of {exception['message'][:120]} (first raised on "
+                    f"{exception['cases'][0]}):"
+                )
+                lines += [f"  {line}" for line in exception["traceback"].rstrip().splitlines()]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -239,6 +286,7 @@ class Report:
             "gradients_checked": self.gradients_checked,
             "notes": list(self.notes),
             "diagnosis": [{"code": c, "message": m} for c, m in self.findings],
+            "exceptions": [dict(exception) for exception in self.exceptions],
             "results": [
                 {**asdict(r), "error": r.error if math.isfinite(r.error) else None}
                 for r in self.results
@@ -252,6 +300,7 @@ class Outcome:
 
     values: dict[str, Any]  # quantity -> numpy value; gradients missing if not available
     error: str | None = None
+    traceback: str | None = None  # of the exception behind `error`, when one was raised
 
 
 def natural_scale(case: Case, quantity: str) -> float:

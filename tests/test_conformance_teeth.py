@@ -8,6 +8,7 @@ must accept. Both are also run through ``python -m portable_siglip.conformance``
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import right_impls
 import wrong_impls
-from portable_siglip.conformance import check
+from portable_siglip.conformance import check, load_cases
 
 TESTS = Path(__file__).resolve().parent
 WRONG_FILE = TESTS / "wrong_impls.py"
@@ -38,6 +39,16 @@ MEANINGFUL: dict[str, tuple[str, ...]] = {
     "transposed-gradient": ("transpos", "swap"),
     "gradient-sign": ("sign",),
     "gradient-factor": ("factor",),
+    "scale-as-temperature": ("temperature",),
+    "clamped-logits": ("clamp",),
+    "label-smoothing": ("smoothing",),
+    "renormalised-inputs": ("normalis",),
+    "per-row-loss": ("scalar",),
+    "softplus-threshold": ("softplus",),
+    "float32-compute": ("float32",),
+    "half-precision": ("bfloat16", "half"),
+    "tf32-matmul": ("tf32",),
+    "raises": ("raised",),
 }
 
 
@@ -76,6 +87,9 @@ def test_wrong_implementation_fails_with_its_diagnosis(name: str) -> None:
     assert wrong.code in report.codes, explanation
     text = "\n".join(report.diagnosis).lower()
     assert any(word in text for word in MEANINGFUL[wrong.code]), explanation
+    assert "unknown" not in report.codes, explanation
+    # A factor of 1 is a precision problem, never a normalisation one.
+    assert not re.search(r"goldens times 1(\.0*)?\b", text), explanation
 
 
 @pytest.mark.parametrize("name", _params(right_impls.RIGHT))
@@ -108,6 +122,97 @@ def test_mean_convention_accepts_the_mean_over_pairs() -> None:
     assert report.passed, _explain(report)
     report = check(right_impls.torch_sigmoid, loss="sigmoid", backend="torch", convention="mean")
     assert not report.passed, _explain(report)
+
+
+def test_convention_advice_round_trips() -> None:
+    """The advice names the convention the loss does compute, and following it passes."""
+    pytest.importorskip("torch")
+    pairs = (
+        # (implementation, declared convention, the convention it computes)
+        (right_impls.torch_sigmoid, "mean", "default"),
+        (right_impls.torch_sigmoid, "sum", "default"),
+        (wrong_impls.mean_over_pairs_sigmoid, "default", "mean"),
+        (wrong_impls.mean_over_pairs_sigmoid, "sum", None),  # n^2 off: nothing fits
+    )
+    cases = [c for c in load_cases() if "large" not in c.tags]
+    for func, declared, computed in pairs:
+        report = check(func, loss="sigmoid", backend="torch", convention=declared, cases=cases)
+        assert not report.passed, _explain(report)
+        text = "\n".join(report.diagnosis)
+        advised = set(re.findall(r"--convention (\w+)", text))
+        assert declared not in advised, _explain(report)
+        if computed is None:
+            assert not advised, _explain(report)
+            continue
+        assert advised == {computed}, _explain(report)
+        again = check(func, loss="sigmoid", backend="torch", convention=computed, cases=cases)
+        assert again.passed, _explain(again)
+
+
+def test_tail_block_needs_more_than_one_failing_size() -> None:
+    """Failing on n = 33 alone while n = 32 passes is a coincidence, not a tail block."""
+
+    def wrong_at_33(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+        loss, grads = right_impls.numpy_sigmoid_and_grad(img, txt, scale, bias)
+        return (loss * 1.01, grads) if img.shape[0] == 33 else (loss, grads)
+
+    cases = [c for c in load_cases() if "large" not in c.tags]
+    assert {32, 33} <= {c.n for c in cases}
+    report = check(wrong_at_33, loss="sigmoid", cases=cases)
+    assert not report.passed
+    assert "tail-block" not in report.codes, _explain(report)
+
+
+def test_an_implementation_that_always_raises_is_reported_once() -> None:
+    """One line for the exception, its traceback once, the cases named: no row per check."""
+    wrong = wrong_impls.WRONG["raises_on_every_case_sigmoid"]
+    report = check(wrong.func, loss=wrong.loss, backend=wrong.backend, dtype=wrong.dtype)
+    message = "AttributeError: loss needs `projection` set before the first call"
+    assert [code for code, _ in report.findings] == ["raises"], _explain(report)
+    assert message in report.diagnosis[0]
+    assert "every case" in report.diagnosis[0]
+    table = report.table()
+    rows = [line for line in table.splitlines() if line.startswith("  golden")]
+    assert len(rows) == 1, table
+    assert message in rows[0]
+    assert all(case.name in rows[0] for case in load_cases()), table
+    assert table.count("Traceback (most recent call last)") == 1, table
+    assert "raises_on_every_case_sigmoid" in table  # the frame that raised
+    assert len(table.splitlines()) < 40, table
+    data = report.to_dict()
+    (exception,) = data["exceptions"]
+    assert exception["message"] == message
+    assert "raises_on_every_case_sigmoid" in exception["traceback"]
+    assert exception["cases"] == [case.name for case in load_cases()]
+    json.dumps(data)
+
+
+def test_an_exception_on_some_cases_names_them() -> None:
+    """Raising on the stress cases only: those cases, not every case, and the traceback."""
+
+    def fails_on_large_logits(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+        if float(scale) >= 300:
+            msg = "scale out of range"
+            raise ValueError(msg)
+        return right_impls.numpy_sigmoid_and_grad(img, txt, scale, bias)
+
+    report = check(fails_on_large_logits, loss="sigmoid")
+    raised = [c.name for c in load_cases() if c.scale >= 300]
+    assert "raises" in report.codes, _explain(report)
+    text = "\n".join(report.diagnosis)
+    assert f"{len(raised)} of {len(load_cases())} cases" in text, text
+    assert all(name in text for name in raised), text
+    assert report.exceptions[0]["cases"] == raised
+
+
+def test_no_gradient_factor_of_one() -> None:
+    """Precision errors (gradients right up to rounding) never read as a normalisation."""
+    for name in ("softplus_threshold_sigmoid", "tf32_matmul_sigmoid"):
+        wrong = wrong_impls.WRONG[name]
+        _require(wrong.backend)
+        report = check(wrong.func, loss=wrong.loss, backend=wrong.backend, dtype=wrong.dtype)
+        assert "gradient-factor" not in report.codes, _explain(report)
+        assert wrong.code in report.codes, _explain(report)
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Each function imitates one mistake that real code has made (normalisation confusion, a
 flipped sign, one softmax direction, exp overflow, a dropped tail chunk, a detached
-parameter; docs/conformance.md lists the diagnosis codes) and is wrong in that one way
+parameter, a temperature for a scale, clamping, smoothing, a per-row loss, too little
+precision, an exception; docs/conformance.md lists the diagnosis codes) and is wrong in that one way
 only, so that the conformance suite can be asked to name it. ``WRONG`` maps each name to
 the loss, backend and dtype it is judged with and the diagnosis code that the suite must
 give.
@@ -391,6 +392,221 @@ def gradient_factor_softmax(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
     return _as_input(loss, img), grads
 
 
+# ---------------------------------------------------------------------------------------
+# Scale, clamping, smoothing and normalisation inside the loss
+# ---------------------------------------------------------------------------------------
+
+
+def scale_as_temperature_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss that divides the similarities by the scale: ``Z = S / t + b``.
+
+    InfoNCE code is often written with a temperature tau (``logits = sims / tau``, tau ~
+    0.07); passing CLIP's multiplier t = exp(logit_scale) ~ 100 as that tau flattens every
+    logit instead of sharpening it. Torch, autodiff.
+    """
+    import torch
+    from torch.nn.functional import logsigmoid
+
+    logits = img @ txt.T / scale + bias  # (n, d) @ (d, n) -> (n, n)
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, dtype=logits.dtype) - 1
+    return -logsigmoid(labels * logits).sum() / n
+
+
+def clamped_logits_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss with ``logits.clamp(-50, 50)``, a guard against overflow.
+
+    Clamping the logits is a common "fix" for an inf loss; it changes the loss of every
+    pair beyond the clamp and zeroes its gradient (trained SigLIP logits reach ~100).
+    Torch, autodiff.
+    """
+    import torch
+    from torch.nn.functional import logsigmoid
+
+    logits = (scale * img @ txt.T + bias).clamp(-50, 50)  # (n, d) @ (d, n) -> (n, n)
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, dtype=logits.dtype) - 1
+    return -logsigmoid(labels * logits).sum() / n
+
+
+def label_smoothing_softmax(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Softmax loss with ``cross_entropy(..., label_smoothing=0.1)`` in both directions.
+
+    A training recipe's smoothing carried into the contrastive loss: a regulariser, not
+    the CLIP loss, whose targets are one-hot. Torch, autodiff.
+    """
+    import torch
+    from torch.nn.functional import cross_entropy
+
+    logits = scale * img @ txt.T + bias  # (n, d) @ (d, n) -> (n, n)
+    targets = torch.arange(logits.shape[0])
+    image_to_text = cross_entropy(logits, targets, label_smoothing=0.1)
+    text_to_image = cross_entropy(logits.T, targets, label_smoothing=0.1)
+    return (image_to_text + text_to_image) / 2
+
+
+def renormalised_inputs_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss that L2-normalises img and txt itself (``F.normalize``) first.
+
+    The model already normalises its embeddings (or deliberately does not); normalising
+    again inside the loss changes the loss of every input that is not unit-norm and the
+    gradient of every input. Torch, autodiff.
+    """
+    import torch
+    from torch.nn.functional import logsigmoid, normalize
+
+    img, txt = normalize(img, dim=-1), normalize(txt, dim=-1)
+    logits = scale * img @ txt.T + bias  # (n, d) @ (d, n) -> (n, n)
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, dtype=logits.dtype) - 1
+    return -logsigmoid(labels * logits).sum() / n
+
+
+def per_row_loss_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss returned per image row: the sum over the row, never reduced over rows.
+
+    ``reduction="none"`` (or a ``.sum(dim=1)`` where ``.sum() / n`` belongs) hands back a
+    vector of shape (n,). NumPy, loss only.
+    """
+    img64, txt64 = np.asarray(img, np.float64), np.asarray(txt, np.float64)
+    logits = float(scale) * img64 @ txt64.T + float(bias)  # (n, d) @ (d, n) -> (n, n)
+    labels = 2 * np.eye(logits.shape[0]) - 1
+    return np.logaddexp(0.0, -labels * logits).sum(axis=1)  # (n,), not a scalar
+
+
+def per_row_loss_torch_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """The same per-row vector in torch: autodiff of a non-scalar cannot even start.
+
+    ``loss.backward()`` on a vector raises "grad can be implicitly created only for scalar
+    outputs", which the suite must name as a per-row loss, not as a crash. Torch.
+    """
+    import torch
+    from torch.nn.functional import logsigmoid
+
+    logits = scale * img @ txt.T + bias  # (n, d) @ (d, n) -> (n, n)
+    labels = 2 * torch.eye(logits.shape[0], dtype=logits.dtype) - 1
+    return -logsigmoid(labels * logits).sum(dim=1)  # (n,), not a scalar
+
+
+# ---------------------------------------------------------------------------------------
+# Precision
+# ---------------------------------------------------------------------------------------
+
+
+def softplus_threshold_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss with torch's ``F.softplus``, linear above its default ``threshold=20``.
+
+    ``F.softplus(x)`` returns x itself where x > 20, an error of log1p(exp(-x)) < 2.1e-9
+    per pair (and a sigmoid of exactly 1 in the backward): invisible in float32, beyond
+    float64's 1e-9 tolerance on a case with b = 20. Torch, float64, autodiff.
+    """
+    import torch
+    from torch.nn.functional import softplus
+
+    logits = scale * img @ txt.T + bias  # (n, d) @ (d, n) -> (n, n)
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, dtype=logits.dtype) - 1
+    return softplus(-labels * logits).sum() / n
+
+
+def float32_compute_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss computed in float32 on float64 inputs, the loss cast back to float64.
+
+    A ``.float()`` (or a float32 buffer, or JAX without ``jax_enable_x64``) inside a loss
+    that is called with float64 tensors: errors of ~1e-7 relative. Torch, autodiff.
+    """
+    import torch
+    from torch.nn.functional import logsigmoid
+
+    img32, txt32, scale32, bias32 = (x.float() for x in (img, txt, scale, bias))
+    logits = scale32 * img32 @ txt32.T + bias32  # (n, d) @ (d, n) -> (n, n)
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, dtype=logits.dtype) - 1
+    return (-logsigmoid(labels * logits).sum() / n).double()
+
+
+def half_precision_softmax(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Softmax loss whose logits and cross-entropies are bfloat16 in a float32 run.
+
+    What ``torch.autocast(dtype=torch.bfloat16)`` does to a matmul followed by
+    ``cross_entropy``: the logits keep 8 significant bits and the log-sum-exp runs on
+    them. Torch, float32, autodiff.
+    """
+    import torch
+    from torch.nn.functional import cross_entropy
+
+    logits = (scale * img @ txt.T + bias).bfloat16()  # (n, d) @ (d, n) -> (n, n)
+    targets = torch.arange(logits.shape[0])
+    image_to_text = cross_entropy(logits, targets)
+    text_to_image = cross_entropy(logits.T, targets)
+    return ((image_to_text + text_to_image) / 2).float()
+
+
+def half_precision_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss whose logits, log-sigmoid and sum are bfloat16 in a float32 run.
+
+    Autocast's bfloat16 matmul with the loss left in the matmul's dtype: every term and
+    the sum of the n^2 terms are rounded to 8 significant bits. Torch, float32, autodiff.
+    """
+    import torch
+    from torch.nn.functional import logsigmoid
+
+    logits = (scale * img @ txt.T + bias).bfloat16()  # (n, d) @ (d, n) -> (n, n)
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, dtype=logits.dtype) - 1
+    return (-logsigmoid(labels * logits).sum() / n).float()
+
+
+def _tf32(values: np.ndarray) -> np.ndarray:
+    """Round float32 values to TF32: 10 explicit mantissa bits, to nearest."""
+    bits = np.array(values, dtype=np.float32).view(np.uint32)
+    bits = (bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)
+    return bits.view(np.float32)
+
+
+def tf32_matmul_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid (loss, grads) in float32 whose matmuls round their inputs to TF32.
+
+    Simulates an Ampere-or-later GPU with ``torch.backends.cuda.matmul.allow_tf32`` (or
+    JAX's default matmul precision): each matmul rounds its operands to 10 mantissa bits.
+    ``scale * img @ txt.T`` multiplies ``scale * img`` first, so the scaled features and,
+    in the backward, G lose bits. NumPy, float32.
+    """
+    img32, txt32 = np.asarray(img, np.float32), np.asarray(txt, np.float32)
+    t, b = np.float32(scale), np.float32(bias)
+    logits = _tf32(t * img32) @ _tf32(txt32).T + b  # (n, d) @ (d, n) -> (n, n)
+    n = logits.shape[0]
+    eye = np.eye(n, dtype=np.float32)
+    loss = np.logaddexp(np.float32(0), (1 - 2 * eye) * logits).sum() / n
+    sigmoid = 0.5 * (1 + np.tanh(0.5 * logits))  # overflow-free sigmoid
+    dlogits = ((sigmoid - eye) / n).astype(np.float32)
+    sims = _tf32(img32) @ _tf32(txt32).T  # (n, d) @ (d, n) -> (n, n)
+    grads = Grads(
+        img=t * (_tf32(dlogits) @ _tf32(txt32)),  # (n, n) @ (n, d) -> (n, d)
+        txt=t * (_tf32(dlogits).T @ _tf32(img32)),  # (n, n) @ (n, d) -> (n, d)
+        scale=(dlogits * sims).sum(),
+        bias=dlogits.sum(),
+    )
+    return np.float32(loss), grads
+
+
+# ---------------------------------------------------------------------------------------
+# Raising
+# ---------------------------------------------------------------------------------------
+
+
+def raises_on_every_case_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """An implementation that raises on every call: a signature mismatch with the contract.
+
+    Written for ``f(img, txt, logit_scale, logit_bias=None)`` with a projection it expects
+    to find on a module; called as the contract says, it fails before computing anything.
+    The report must say so once, with the traceback, not once per check. NumPy.
+    """
+    del img, txt, scale, bias
+    msg = "loss needs `projection` set before the first call"
+    raise AttributeError(msg)
+
+
 WRONG: dict[str, Wrong] = {
     "mean_over_pairs_sigmoid": Wrong(
         mean_over_pairs_sigmoid, "sigmoid", "torch", "float64", "mean-over-pairs"
@@ -440,5 +656,39 @@ WRONG: dict[str, Wrong] = {
     ),
     "gradient_factor_softmax": Wrong(
         gradient_factor_softmax, "softmax", "numpy", "float64", "gradient-factor"
+    ),
+    "scale_as_temperature_sigmoid": Wrong(
+        scale_as_temperature_sigmoid, "sigmoid", "torch", "float64", "scale-as-temperature"
+    ),
+    "clamped_logits_sigmoid": Wrong(
+        clamped_logits_sigmoid, "sigmoid", "torch", "float64", "clamped-logits"
+    ),
+    "label_smoothing_softmax": Wrong(
+        label_smoothing_softmax, "softmax", "torch", "float64", "label-smoothing"
+    ),
+    "renormalised_inputs_sigmoid": Wrong(
+        renormalised_inputs_sigmoid, "sigmoid", "torch", "float64", "renormalised-inputs"
+    ),
+    "per_row_loss_sigmoid": Wrong(
+        per_row_loss_sigmoid, "sigmoid", "numpy", "float64", "per-row-loss"
+    ),
+    "per_row_loss_torch_sigmoid": Wrong(
+        per_row_loss_torch_sigmoid, "sigmoid", "torch", "float64", "per-row-loss"
+    ),
+    "softplus_threshold_sigmoid": Wrong(
+        softplus_threshold_sigmoid, "sigmoid", "torch", "float64", "softplus-threshold"
+    ),
+    "float32_compute_sigmoid": Wrong(
+        float32_compute_sigmoid, "sigmoid", "torch", "float64", "float32-compute"
+    ),
+    "half_precision_softmax": Wrong(
+        half_precision_softmax, "softmax", "torch", "float32", "half-precision"
+    ),
+    "half_precision_sigmoid": Wrong(
+        half_precision_sigmoid, "sigmoid", "torch", "float32", "half-precision"
+    ),
+    "tf32_matmul_sigmoid": Wrong(tf32_matmul_sigmoid, "sigmoid", "numpy", "float32", "tf32-matmul"),
+    "raises_on_every_case_sigmoid": Wrong(
+        raises_on_every_case_sigmoid, "sigmoid", "numpy", "float64", "raises"
     ),
 }
