@@ -469,13 +469,12 @@ def _agree(backend: str, device: Any) -> tuple[str, dict[str, Any]]:
                 tolerance = tolerance_for(dtype, case)
                 where = array_api_compat.device(img)
                 got = {"loss": value, **grads._asdict()}
-                for quantity, want in asdict(golden).items():
-                    if quantity == "extra":
-                        continue
+                for quantity in ("loss", "img", "txt", "scale", "bias"):
+                    want = getattr(golden, quantity)
+                    # A large case stores some gradient rows only: compare those.
+                    mine = golden.stored(quantity, to_numpy(got[quantity]), case.n)
                     checks += 1
-                    error = relative_error(
-                        to_numpy(got[quantity]), want, FLOOR * natural_scale(case, quantity)
-                    )
+                    error = relative_error(mine, want, FLOOR * natural_scale(case, quantity))
                     worst[dtype] = max(worst[dtype], error / tolerance)
                     label = "loss" if quantity == "loss" else f"grads.{quantity}"
                     if not error <= tolerance:
