@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from portable_siglip._interop import BACKENDS, DTYPES, UsageError
+from portable_siglip._interop import BACKENDS, DTYPES, UsageError, check_writable
 
 from ._checks import CONVENTIONS, Report, abandoned_calls, check, describe_exception
 from ._distributed import DIST_CONVENTIONS, import_attribute, judge, judge_mpi
@@ -148,22 +148,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _check_writable(path: Path) -> None:
-    """Raise UsageError unless `path` can be written, leaving no file behind."""
-    if path.is_dir():
-        msg = f"`--report`: {str(path)!r} is a directory; give the path of a file"
-        raise UsageError(msg)
-    existed = path.exists()
-    try:
-        with path.open("a", encoding="utf-8"):
-            pass
-    except OSError as error:
-        msg = f"`--report`: cannot write {str(path)!r}: {error.strerror or error}"
-        raise UsageError(msg) from None
-    if not existed:
-        path.unlink(missing_ok=True)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of ``python -m portable_siglip.conformance``."""
     parser = argparse.ArgumentParser(
@@ -263,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.agreement:
             return _agreement([args.loss] if args.loss else ["sigmoid", "softmax"], timeout)
         if args.report is not None:
-            _check_writable(args.report)
+            check_writable(args.report)
         if args.comm == "mpi":
             return _mpi(parser, args, timeout)
         if args.world_size is not None:
@@ -288,17 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as error:  # the implementation's, from outside a call: never a pass
         print(f"{parser.prog}: error: {describe_exception(error)}", file=sys.stderr)
         return 1
-    if args.impl:
-        report.implementation = args.impl  # as the user wrote it, not the module we made
-    print_report(report)
-    if args.report is not None:
-        try:
-            args.report.write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
-        except OSError as error:
-            print(f"{parser.prog}: error: `--report`: {error}", file=sys.stderr)
-            return 2
-        print(f"report written to {args.report}")
-    return 0 if report.passed else 1
+    return _print_and_write(parser, args, report)
 
 
 def _distributed(
@@ -323,13 +297,15 @@ def _distributed(
         convention=args.convention,
         timeout=timeout,
     )
-    return _print_distributed(parser, args, report)
+    return _print_and_write(parser, args, report)
 
 
-def _print_distributed(
+def _print_and_write(
     parser: argparse.ArgumentParser, args: argparse.Namespace, report: Report
 ) -> int:
-    report.implementation = args.impl
+    """Print `report`, write it to ``--report`` if asked; return the exit status."""
+    if args.impl:
+        report.implementation = args.impl  # as the user wrote it, not the module we made
     print_report(report)
     if args.report is not None:
         try:
@@ -377,7 +353,7 @@ def _mpi(parser: argparse.ArgumentParser, args: argparse.Namespace, timeout: flo
         if comm.Get_rank() == 0:
             print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
-    status = _print_distributed(parser, args, report) if report is not None else 0
+    status = _print_and_write(parser, args, report) if report is not None else 0
     return int(comm.bcast(status, root=0))
 
 

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._interop import UsageError
+from ._interop import UsageError, check_writable
 
 __all__ = ["add_arguments", "exercise", "main", "run_worker"]
 
@@ -1055,22 +1055,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _check_writable(path: Path) -> None:
-    """Raise UsageError unless `path` can be written, leaving no file behind."""
-    if path.is_dir():
-        msg = f"`--report`: {str(path)!r} is a directory; give the path of a file"
-        raise UsageError(msg)
-    existed = path.exists()
-    try:
-        with path.open("a", encoding="utf-8"):
-            pass
-    except OSError as error:
-        msg = f"`--report`: cannot write {str(path)!r}: {error.strerror or error}"
-        raise UsageError(msg) from None
-    if not existed:
-        path.unlink(missing_ok=True)
-
-
 def _run_section(title: str, checks: Sequence[tuple[str, Check]]) -> Section:
     section = Section(title)
     print(f"\n{title}", flush=True)
@@ -1103,7 +1087,7 @@ def main(args: argparse.Namespace) -> int:
     """
     report_path = Path(args.report) if args.report else None
     if report_path is not None:
-        _check_writable(report_path)
+        check_writable(report_path)
     if not _installed("numpy"):
         msg = "the doctor needs NumPy: pip install 'portable-siglip[numpy]'"
         raise UsageError(msg)

@@ -14,6 +14,7 @@ __all__ = [
     "BACKENDS",
     "DTYPES",
     "UsageError",
+    "check_writable",
     "computing_in",
     "load_backend",
     "to_host",
@@ -147,3 +148,31 @@ def to_numpy(x: Any) -> Any:
         if x.dtype == jnp.bfloat16:
             x = x.astype(jnp.float32)
     return np.asarray(to_host(x), dtype=np.float64)
+
+
+def check_writable(path: Any, option: str = "--report") -> None:
+    """Raise :class:`UsageError` unless `path` can be written, leaving no file behind.
+
+    For an output option such as ``--report``, checked before any work so that a typo in
+    the path costs nothing.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> check_writable(pathlib.Path(tempfile.mkdtemp()) / "report.json")
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        msg = f"`{option}`: {str(path)!r} is a directory; give the path of a file"
+        raise UsageError(msg)
+    existed = path.exists()
+    try:
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        msg = f"`{option}`: cannot write {str(path)!r}: {error.strerror or error}"
+        raise UsageError(msg) from None
+    if not existed:
+        path.unlink(missing_ok=True)
