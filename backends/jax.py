@@ -106,6 +106,8 @@ def _bridge(
     block_size: object,
     comm: object,
     strategy: object,
+    img_ids: object = None,
+    txt_ids: object = None,
 ) -> jax.Array:
     """Evaluate one loss through a ``custom_vjp`` built for this call's static arguments."""
     # Looked up at call time, so the core functions are the ones of the package now.
@@ -114,10 +116,21 @@ def _bridge(
         _core, f"{loss}_loss_and_grad"
     )
     options: dict[str, Any] = {"block_size": block_size, "comm": comm, "strategy": strategy}
-    if not (_is_array(img) and _is_array(txt)):
-        # Nothing to differentiate: the core raises its TypeError (after the handshake).
-        direct: jax.Array = loss_only(img, txt, scale, bias, **options)
+    labelled = not (img_ids is None and txt_ids is None)
+    if not (_is_array(img) and _is_array(txt)) or (
+        labelled and not (_is_array(img_ids) and _is_array(txt_ids))
+    ):
+        # Nothing to differentiate, or invalid ids: the core raises its TypeError.
+        direct: jax.Array = loss_only(
+            img, txt, scale, bias, img_ids=img_ids, txt_ids=txt_ids, **options
+        )
         return direct
+    # The ids are arguments of the custom_vjp function (not closed over: under jit they
+    # are tracers), with no cotangent (they are integers).
+    ids: tuple[jax.Array, ...] = (jnp.asarray(img_ids), jnp.asarray(txt_ids)) if labelled else ()
+
+    def labels(given: tuple[jax.Array, ...]) -> dict[str, Any]:
+        return {"img_ids": given[0], "txt_ids": given[1]} if given else {}
 
     dynamic = (_is_array(scale), _is_array(bias))
     extras: Extras = tuple(
@@ -133,16 +146,18 @@ def _bridge(
             next(given) if dynamic[1] else bias,
         )
 
-    def evaluate(img: jax.Array, txt: jax.Array, values: Extras) -> jax.Array:
+    def evaluate(
+        img: jax.Array, txt: jax.Array, values: Extras, given: tuple[jax.Array, ...]
+    ) -> jax.Array:
         t, b = scalars(values)
-        out: jax.Array = loss_only(img, txt, t, b, **options)
+        out: jax.Array = loss_only(img, txt, t, b, **options, **labels(given))
         return out
 
     def evaluate_with_grads(
-        img: jax.Array, txt: jax.Array, values: Extras
+        img: jax.Array, txt: jax.Array, values: Extras, given: tuple[jax.Array, ...]
     ) -> tuple[jax.Array, Residuals]:
         t, b = scalars(values)
-        out, grads = loss_and_grad(img, txt, t, b, **options)
+        out, grads = loss_and_grad(img, txt, t, b, **options, **labels(given))
         kept = tuple(
             grad
             for grad, is_dynamic in zip((grads.scale, grads.bias), dynamic, strict=True)
@@ -150,25 +165,30 @@ def _bridge(
         )
         return out, (grads.img, grads.txt, kept)
 
-    def primal(img: jax.Array, txt: jax.Array, values: Extras) -> jax.Array:
-        _refuse_traced_comm(comm, img, txt, *values)
-        return evaluate(img, txt, values)
+    def primal(
+        img: jax.Array, txt: jax.Array, values: Extras, given: tuple[jax.Array, ...]
+    ) -> jax.Array:
+        _refuse_traced_comm(comm, img, txt, *values, *given)
+        return evaluate(img, txt, values, given)
 
-    def forward(img: jax.Array, txt: jax.Array, values: Extras) -> tuple[jax.Array, Residuals]:
-        _refuse_traced_comm(comm, img, txt, *values)
-        return evaluate_with_grads(img, txt, values)
+    def forward(
+        img: jax.Array, txt: jax.Array, values: Extras, given: tuple[jax.Array, ...]
+    ) -> tuple[jax.Array, Residuals]:
+        _refuse_traced_comm(comm, img, txt, *values, *given)
+        return evaluate_with_grads(img, txt, values, given)
 
-    def backward(residuals: Residuals, cotangent: jax.Array) -> tuple[jax.Array, jax.Array, Extras]:
+    def backward(residuals: Residuals, cotangent: jax.Array) -> tuple[Any, ...]:
         d_img, d_txt, kept = residuals
         return (
             _times(cotangent, d_img),
             _times(cotangent, d_txt),
             tuple(_times(cotangent, grad) for grad in kept),
+            tuple(None for _ in ids),  # integer ids: no cotangent
         )
 
     function = jax.custom_vjp(primal)
     function.defvjp(forward, backward)
-    result: jax.Array = function(jnp.asarray(img), jnp.asarray(txt), extras)
+    result: jax.Array = function(jnp.asarray(img), jnp.asarray(txt), extras, ids)
     return result
 
 
@@ -181,6 +201,8 @@ def sigmoid_loss(
     block_size: int | None = None,
     comm: object = None,
     strategy: str = "bidir",
+    img_ids: Array | None = None,
+    txt_ids: Array | None = None,
 ) -> jax.Array:
     """SigLIP sigmoid loss, differentiable by JAX through its analytic gradients.
 
@@ -207,6 +229,11 @@ def sigmoid_loss(
         and ``bias``). Not under ``jax.jit`` or other tracing.
     strategy : {"bidir", "shift", "reduce", "gather"}
         Distributed schedule, ignored without ``comm``.
+    img_ids, txt_ids : jax.Array or numpy.ndarray, optional
+        Integer ids of the image rows (m,) and text rows (k,), as in
+        :func:`portable_siglip.sigmoid_loss`: pairs with equal ids are positives and m may
+        differ from k. Not differentiated. Under ``jax.jit`` their values cannot be
+        checked: a row whose id has no match gives a NaN loss.
 
     Returns
     -------
@@ -234,7 +261,16 @@ def sigmoid_loss(
     0.006693
     """
     return _bridge(
-        "sigmoid", img, txt, scale, bias, block_size=block_size, comm=comm, strategy=strategy
+        "sigmoid",
+        img,
+        txt,
+        scale,
+        bias,
+        block_size=block_size,
+        comm=comm,
+        strategy=strategy,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
     )
 
 
@@ -247,6 +283,8 @@ def softmax_loss(
     block_size: int | None = None,
     comm: object = None,
     strategy: str = "ring",
+    img_ids: Array | None = None,
+    txt_ids: Array | None = None,
 ) -> jax.Array:
     """CLIP softmax loss, differentiable by JAX through its analytic gradients.
 
@@ -269,6 +307,8 @@ def softmax_loss(
         As for :func:`sigmoid_loss`; not under ``jax.jit`` or other tracing.
     strategy : {"ring", "gather"}
         Distributed schedule, ignored without ``comm``.
+    img_ids, txt_ids : jax.Array or numpy.ndarray, optional
+        Integer ids of the rows, as in :func:`sigmoid_loss`.
 
     Returns
     -------
@@ -294,5 +334,14 @@ def softmax_loss(
     -0.268941
     """
     return _bridge(
-        "softmax", img, txt, scale, bias, block_size=block_size, comm=comm, strategy=strategy
+        "softmax",
+        img,
+        txt,
+        scale,
+        bias,
+        block_size=block_size,
+        comm=comm,
+        strategy=strategy,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
     )

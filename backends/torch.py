@@ -187,11 +187,19 @@ def _evaluate(
     comm: Communicator | None,
     strategy: str,
     ddp: bool,
+    img_ids: Any = None,
+    txt_ids: Any = None,
 ) -> torch.Tensor:
     ddp = _check_ddp(ddp)
     scale = _as_scalar(scale)
     bias = _as_scalar(bias)
-    core = {"block_size": block_size, "comm": comm, "strategy": strategy}
+    core = {
+        "block_size": block_size,
+        "comm": comm,
+        "strategy": strategy,
+        "img_ids": img_ids,
+        "txt_ids": txt_ids,
+    }
     device_type = img.device.type if isinstance(img, torch.Tensor) else "cpu"
     # The loss runs its own precision policy (half inputs accumulate in float32): an
     # enclosing autocast must not lower the precision of its GEMMs.
@@ -216,6 +224,8 @@ def sigmoid_loss(
     comm: Communicator | None = None,
     strategy: str = "bidir",
     ddp: bool = False,
+    img_ids: torch.Tensor | None = None,
+    txt_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SigLIP sigmoid loss that torch autograd differentiates, with flat memory in backward.
 
@@ -242,6 +252,10 @@ def sigmoid_loss(
         False: exact gradients of the global loss. True: the shard's gradients are
         multiplied by the number of ranks, so that DDP's gradient averaging yields the
         exact gradients (see the module docstring).
+    img_ids, txt_ids : torch.Tensor, optional
+        Integer ids of the image rows (m,) and text rows (k,), as in
+        :func:`portable_siglip.sigmoid_loss`: pairs with equal ids are positives, and
+        ``img`` and ``txt`` may then have different row counts.
 
     Returns
     -------
@@ -275,6 +289,8 @@ def sigmoid_loss(
         comm=comm,
         strategy=strategy,
         ddp=ddp,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
     )
 
 
@@ -288,6 +304,8 @@ def softmax_loss(
     comm: Communicator | None = None,
     strategy: str = "ring",
     ddp: bool = False,
+    img_ids: torch.Tensor | None = None,
+    txt_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CLIP softmax loss that torch autograd differentiates, with flat memory in backward.
 
@@ -310,6 +328,8 @@ def softmax_loss(
         Distributed schedule (ignored without ``comm``).
     ddp : bool
         Gradient convention with ``comm``, as in :func:`sigmoid_loss`.
+    img_ids, txt_ids : torch.Tensor, optional
+        Integer ids of the rows, as in :func:`sigmoid_loss`.
 
     Returns
     -------
@@ -343,6 +363,8 @@ def softmax_loss(
         comm=comm,
         strategy=strategy,
         ddp=ddp,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
     )
 
 
@@ -566,6 +588,9 @@ class _ContrastiveLoss(nn.Module):
         logit_scale: Scalar,
         logit_bias: Scalar | None = None,
         output_dict: bool = False,
+        *,
+        img_ids: torch.Tensor | None = None,
+        txt_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Return the loss of the (global) batch.
 
@@ -580,6 +605,11 @@ class _ContrastiveLoss(nn.Module):
             gradient there is zero.)
         output_dict : bool
             Return ``{"contrastive_loss": loss}`` instead of the loss.
+        img_ids, txt_ids : torch.Tensor, optional
+            Integer ids of this rank's image rows (m,) and text rows (k,): pair (i, j) is
+            positive iff the ids are equal, and m may differ from k (several captions per
+            image, duplicates; docs/multi-positive.md). Ids are global labels: equal ids on
+            two ranks make a positive pair.
 
         Returns
         -------
@@ -596,6 +626,8 @@ class _ContrastiveLoss(nn.Module):
             comm=self.comm,
             strategy=self.strategy,
             ddp=self.ddp,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
         )
         return {"contrastive_loss": loss} if output_dict else loss
 

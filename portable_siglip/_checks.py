@@ -29,7 +29,9 @@ __all__ = [
     "SIGMOID_STRATEGIES",
     "SOFTMAX_STRATEGIES",
     "Problem",
+    "check_positives",
     "default_block_size",
+    "host_ids",
     "on_accelerator",
     "prepare",
 ]
@@ -105,7 +107,12 @@ class Problem:
     scale, bias : float or array
         Python floats stay Python floats; 0-d arrays are cast to ``compute_dtype``.
     n, d : int
-        Rows and feature dimension.
+        Rows of ``img`` (m) and feature dimension.
+    k : int
+        Rows of ``txt``: equal to ``n`` without ids, any count with them.
+    img_ids, txt_ids : array or None
+        The integer ids of the rows of ``img`` and ``txt`` (pair (i, j) is positive iff
+        ``img_ids[i] == txt_ids[j]``), or None for the diagonal labels.
     device : object
         Device of the inputs (``None`` for jax under ``jit``).
     input_dtype, compute_dtype : dtype
@@ -130,6 +137,14 @@ class Problem:
     scale_dtype: Any
     bias_dtype: Any
     block_size: int
+    k: int = 0
+    img_ids: Array | None = None
+    txt_ids: Array | None = None
+
+    @property
+    def labelled(self) -> bool:
+        """Whether positives come from ids rather than the diagonal."""
+        return self.img_ids is not None
 
 
 def _describe(value: Any) -> str:
@@ -189,8 +204,12 @@ def _check_layout(name: str, value: Any) -> None:
         raise TypeError(msg)
 
 
-def _check_features(img: Any, txt: Any) -> Namespace:
-    """Check the two feature matrices and return their common namespace."""
+def _check_features(img: Any, txt: Any, *, paired: bool = True) -> Namespace:
+    """Check the two feature matrices and return their common namespace.
+
+    ``paired``: the rows are pairs (no ids), so the shapes must be equal; with ids only the
+    feature dimension must agree.
+    """
     for name, value in (("img", img), ("txt", txt)):
         if not array_api_compat.is_array_api_obj(value):
             msg = (
@@ -221,19 +240,31 @@ def _check_features(img: Any, txt: Any) -> Namespace:
                 f"or float64), got {value.dtype}"
             )
             raise TypeError(msg)
-    if tuple(img.shape) != tuple(txt.shape):
+    if paired and tuple(img.shape) != tuple(txt.shape):
         msg = (
             "`img` and `txt` must have the same shape (n, d), row i of each being a pair; "
-            f"got {tuple(img.shape)} and {tuple(txt.shape)}"
+            f"got {tuple(img.shape)} and {tuple(txt.shape)} (pass `img_ids` and `txt_ids` "
+            "for batches with several captions per image)"
         )
         raise ValueError(msg)
-    n, d = img.shape
-    if n == 0:
-        msg = f"`img` and `txt` must hold at least one pair, got shape {(n, d)} (n = 0)"
+    if not paired and img.shape[1] != txt.shape[1]:
+        msg = (
+            "`img` and `txt` must have the same feature dimension d, got shapes "
+            f"{tuple(img.shape)} and {tuple(txt.shape)}"
+        )
         raise ValueError(msg)
-    if d == 0:
-        msg = f"`img` and `txt` must have at least one feature, got shape {(n, d)} (d = 0)"
-        raise ValueError(msg)
+    for name, value in (("img", img), ("txt", txt)):
+        rows, d = value.shape
+        if rows == 0:
+            msg = (
+                f"`img` and `txt` must hold at least one pair, got shape {(rows, d)} (n = 0)"
+                if paired
+                else f"`{name}` must hold at least one row, got shape {(rows, d)}"
+            )
+            raise ValueError(msg)
+        if d == 0:
+            msg = f"`img` and `txt` must have at least one feature, got shape {(rows, d)} (d = 0)"
+            raise ValueError(msg)
     if img.dtype != txt.dtype:
         msg = f"`img` and `txt` must have the same dtype, got {img.dtype} and {txt.dtype}"
         raise TypeError(msg)
@@ -314,6 +345,91 @@ def _check_scalar(
     raise TypeError(msg)
 
 
+def _check_ids(
+    img_ids: Any, txt_ids: Any, xp: Namespace, device: object, m: int, k: int
+) -> tuple[Array, Array] | None:
+    """Check the optional integer ids of the rows: both or neither, shapes (m,) and (k,)."""
+    if img_ids is None and txt_ids is None:
+        return None
+    for name, value, other in (("img_ids", img_ids, "txt_ids"), ("txt_ids", txt_ids, "img_ids")):
+        if value is None:
+            msg = (
+                f"`{name}` must be given together with `{other}` (pair (i, j) is positive iff "
+                f"img_ids[i] == txt_ids[j]), got None"
+            )
+            raise TypeError(msg)
+    for name, value, rows, of in (
+        ("img_ids", img_ids, m, "img"),
+        ("txt_ids", txt_ids, k, "txt"),
+    ):
+        if not array_api_compat.is_array_api_obj(value):
+            msg = (
+                f"`{name}` must be an integer array of the library of `img`, got {_describe(value)}"
+            )
+            raise TypeError(msg)
+        xp_value = array_api_compat.array_namespace(value)
+        if xp_value is not xp:
+            msg = (
+                f"`{name}` must come from the same array library as `img`, got "
+                f"{_namespace_name(xp_value)} and {_namespace_name(xp)}"
+            )
+            raise TypeError(msg)
+        if not xp.isdtype(value.dtype, "integral"):
+            msg = f"`{name}` must have an integer dtype, got {value.dtype}"
+            raise TypeError(msg)
+        if tuple(value.shape) != (rows,):
+            msg = (
+                f"`{name}` must have shape ({rows},), one id per row of `{of}`, got shape "
+                f"{tuple(value.shape)}"
+            )
+            raise ValueError(msg)
+        dev = array_api_compat.device(value)
+        if not _same_device(dev, device):
+            msg = f"`{name}` must be on the same device as `img`, got {dev} and {device}"
+            raise ValueError(msg)
+    return img_ids, txt_ids
+
+
+def host_ids(ids: Any) -> list[int] | None:
+    """Read an integer id array's values as Python ints; None where they have none.
+
+    jax tracers (under ``jit``) and torch meta tensors carry no values: the checks that need
+    them are skipped, as for ``scale`` and ``bias``. Reading device arrays waits for them.
+    """
+    if array_api_compat.is_torch_array(ids) and ids.device.type == "meta":
+        return None
+    try:
+        if hasattr(ids, "tolist"):
+            return [int(v) for v in ids.tolist()]
+        return [int(ids[i]) for i in range(ids.shape[0])]
+    except Exception:  # a tracer or another abstract value
+        return None
+
+
+def check_positives(
+    img_ids: list[int], txt_ids: list[int], *, where: str = "", rows: list[str] | None = None
+) -> None:
+    """Raise ``ValueError`` unless every image id has a text and every text id an image.
+
+    ``img_ids``/``txt_ids`` are the ids of the whole (global) batch; ``rows`` optionally
+    names where each text (image) row lives, for the message.
+    """
+    texts, images = set(txt_ids), set(img_ids)
+    for name, ids, others, row, other in (
+        ("img_ids", img_ids, texts, "image", "text"),
+        ("txt_ids", txt_ids, images, "text", "image"),
+    ):
+        lonely = [i for i, value in enumerate(ids) if value not in others]
+        if lonely:
+            first = lonely[0]
+            msg = (
+                f"`{name}`: {row} row {first}{where} (id {ids[first]}) has no {other} row with "
+                f"the same id, so it has no positive pair; {len(lonely)} of {len(ids)} {row} "
+                f"rows have none (every id must appear in both `img_ids` and `txt_ids`)"
+            )
+            raise ValueError(msg)
+
+
 def _check_block_size(block_size: Any, n: int, default: int = DEFAULT_BLOCK_SIZE) -> int:
     if block_size is None:
         return min(n, default)
@@ -350,15 +466,21 @@ def prepare(
     block_size: object,
     strategy: object,
     loss: str,
+    img_ids: object = None,
+    txt_ids: object = None,
+    check_ids: bool = True,
 ) -> Problem:
     """Validate the arguments of a public loss function and cast them for the arithmetic.
 
     Parameters
     ----------
-    img, txt, scale, bias, block_size, strategy
+    img, txt, scale, bias, block_size, strategy, img_ids, txt_ids
         The public arguments, as received (``comm`` is checked by the caller).
     loss : {"sigmoid", "softmax"}
         Which loss is being called (selects the allowed strategies).
+    check_ids : bool
+        Whether the ids are the whole batch, so that every row's having a positive can be
+        checked here (a distributed caller checks the global ids instead).
 
     Returns
     -------
@@ -370,14 +492,21 @@ def prepare(
     TypeError, ValueError
         On any invalid argument; the message names the parameter and what was received.
     """
-    xp = _check_features(img, txt)
+    paired = img_ids is None and txt_ids is None
+    xp = _check_features(img, txt, paired=paired)
     device = array_api_compat.device(img)
     n, d = (int(s) for s in img.shape)
+    k = int(txt.shape[0])
+    ids = _check_ids(img_ids, txt_ids, xp, device, n, k)
     scale_checked = _check_scalar("scale", scale, xp, device, positive=True)
     bias_checked = _check_scalar("bias", 0.0 if bias is None else bias, xp, device, positive=False)
-    size = _check_block_size(block_size, n, default_block_size(img))
+    size = _check_block_size(block_size, max(n, k), default_block_size(img))
     allowed = SIGMOID_STRATEGIES if loss == "sigmoid" else SOFTMAX_STRATEGIES
     _check_strategy(strategy, allowed, loss)
+    if ids is not None and check_ids:
+        values = (host_ids(ids[0]), host_ids(ids[1]))
+        if values[0] is not None and values[1] is not None:
+            check_positives(values[0], values[1])
 
     input_dtype = img.dtype
     # Half-precision inputs accumulate in float32; float32 and float64 in themselves. Any
@@ -408,4 +537,7 @@ def prepare(
         scale_dtype=grad_dtype(scale_checked),
         bias_dtype=grad_dtype(bias_checked),
         block_size=size,
+        k=k,
+        img_ids=None if ids is None else ids[0],
+        txt_ids=None if ids is None else ids[1],
     )

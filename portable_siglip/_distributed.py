@@ -28,7 +28,7 @@ from typing import Any
 
 import array_api_compat
 
-from ._checks import Problem, prepare
+from ._checks import Problem, host_ids, prepare
 from ._softmax import merge_lse_pairs
 from ._typing import Array, Namespace
 from .comm import Communicator, Request, check_communicator
@@ -48,20 +48,30 @@ def _tag(chain: int, kind: int, field: int) -> int:
 
 @dataclass(frozen=True)
 class Ring:
-    """A validated distributed call: the communicator, every rank's rows and the schedule."""
+    """A validated distributed call: the communicator, every rank's rows and the schedule.
+
+    ``sizes`` are the text rows of every rank (the blocks that travel), ``img_sizes`` the
+    image rows (equal to ``sizes`` without ids).
+    """
 
     comm: Communicator
     sizes: tuple[int, ...]
     strategy: str
+    img_sizes: tuple[int, ...] = ()
 
     @property
-    def total(self) -> int:
-        """Rows of the global batch."""
+    def img_total(self) -> int:
+        """Image rows of the global batch (M, the loss's normaliser)."""
+        return sum(self.img_sizes or self.sizes)
+
+    @property
+    def txt_total(self) -> int:
+        """Text rows of the global batch (K)."""
         return sum(self.sizes)
 
     @property
     def offset(self) -> int:
-        """Index of this rank's first row in the global batch."""
+        """Index of this rank's first text row in the global batch."""
         return sum(self.sizes[: self.comm.rank])
 
 
@@ -82,6 +92,51 @@ def _by_rank(values: Sequence[object]) -> str:
     return ", ".join(f"rank {rank}: {value!r}" for rank, value in enumerate(values))
 
 
+def _ids_values(ids: Any) -> list[int]:
+    values = host_ids(ids)
+    if values is None:
+        msg = (
+            "`comm` needs concrete `img_ids` and `txt_ids` (every rank checks that each id "
+            f"has a positive somewhere in the global batch), got {type(ids).__name__}; "
+            "distributed evaluation cannot run inside jax.jit"
+        )
+        raise TypeError(msg)
+    return values
+
+
+def _check_global_ids(everyone: Sequence[dict[str, Any]]) -> None:
+    """Every rank passes ids or none; with ids, every global row has a positive."""
+    given = [entry["ids"] for entry in everyone]
+    if not all(given) and any(given):
+        shown = _by_rank(["given" if g else "None" for g in given])
+        msg = f"`img_ids` and `txt_ids` must be passed on every rank or on none, got {shown}"
+        raise ValueError(msg)
+    if not any(given):
+        return
+    images = {value for entry in everyone for value in entry["img_ids"]}
+    texts = {value for entry in everyone for value in entry["txt_ids"]}
+    for name, field, others, row, other in (
+        ("img_ids", "img_ids", texts, "image", "text"),
+        ("txt_ids", "txt_ids", images, "text", "image"),
+    ):
+        lonely = [
+            (rank, i, value)
+            for rank, entry in enumerate(everyone)
+            for i, value in enumerate(entry[field])
+            if value not in others
+        ]
+        if lonely:
+            rank, first, value = lonely[0]
+            rows = sum(len(entry[field]) for entry in everyone)
+            msg = (
+                f"`{name}`: {row} row {first} of rank {rank} (id {value}) has no {other} row "
+                f"with the same id on any rank, so it has no positive pair; {len(lonely)} of "
+                f"{rows} {row} rows of the global batch have none (every id must appear in "
+                "both `img_ids` and `txt_ids`)"
+            )
+            raise ValueError(msg)
+
+
 def _same(a: object, b: object) -> bool:
     # `scale` and `bias` are finite here (prepare refuses NaN and inf on the rank that has
     # them, and the handshake then raises on every rank), so plain equality is agreement.
@@ -99,14 +154,17 @@ def setup(
     strategy: object,
     loss: str,
     grad: bool,
+    img_ids: object = None,
+    txt_ids: object = None,
 ) -> tuple[Problem, Ring | None]:
     """Validate a call; with a communicator, agree with the other ranks before any exchange.
 
     Every rank validates its own arguments, then all ranks swap a summary (one
     ``allgather_object``). If any rank's arguments are invalid, or the ranks disagree on
-    the loss, whether gradients are wanted, the strategy, d, dtype, scale or bias, every
-    rank raises the same error, naming the rank and the parameter, so no rank is left
-    waiting in an exchange.
+    the loss, whether gradients are wanted, the strategy, d, dtype, scale or bias, or
+    whether ids are passed, every rank raises the same error, naming the rank and the
+    parameter, so no rank is left waiting in an exchange. With ids, the ranks swap them too,
+    so that a row without a positive anywhere in the global batch is refused everywhere.
 
     Returns
     -------
@@ -116,14 +174,33 @@ def setup(
         None for ``comm=None``.
     """
     if comm is None:
-        single = prepare(img, txt, scale, bias, block_size=block_size, strategy=strategy, loss=loss)
+        single = prepare(
+            img,
+            txt,
+            scale,
+            bias,
+            block_size=block_size,
+            strategy=strategy,
+            loss=loss,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+        )
         return single, None
     checked = check_communicator(comm)
     summary: dict[str, Any]
     problem: Problem | None = None
     try:
         problem = prepare(
-            img, txt, scale, bias, block_size=block_size, strategy=strategy, loss=loss
+            img,
+            txt,
+            scale,
+            bias,
+            block_size=block_size,
+            strategy=strategy,
+            loss=loss,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            check_ids=False,
         )
         summary = {
             "error": None,
@@ -133,9 +210,14 @@ def setup(
             "d": problem.d,
             "dtype": str(problem.input_dtype),
             "n": problem.n,
+            "k": problem.k,
             "scale": _scalar_value(problem.scale),
             "bias": _scalar_value(problem.bias),
+            "ids": problem.labelled,
         }
+        if problem.labelled:
+            summary["img_ids"] = _ids_values(problem.img_ids)
+            summary["txt_ids"] = _ids_values(problem.txt_ids)
     except (TypeError, ValueError) as error:
         summary = {"error": (type(error).__name__, str(error))}
         local_error: BaseException | None = error
@@ -165,9 +247,11 @@ def setup(
             label = what.get(name, f"`{name}`")
             msg = f"{label} must be the same on every rank, got {_by_rank(values)}"
             raise (TypeError if name == "dtype" else ValueError)(msg)
+    _check_global_ids(everyone)
     assert problem is not None
-    sizes = tuple(int(entry["n"]) for entry in everyone)
-    return problem, Ring(checked, sizes, str(strategy))
+    sizes = tuple(int(entry["k"]) for entry in everyone)
+    img_sizes = tuple(int(entry["n"]) for entry in everyone)
+    return problem, Ring(checked, sizes, str(strategy), img_sizes)
 
 
 def global_sums(ring: Ring, xp: Namespace, values: Sequence[Array]) -> list[Array]:

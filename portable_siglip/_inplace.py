@@ -30,7 +30,7 @@ from typing import Any
 
 import array_api_compat
 
-from ._tiles import blocks
+from ._tiles import Positives, blocks
 from ._typing import Array, Namespace
 
 __all__ = ["enabled", "sigmoid_sums", "softmax_grad_sums", "softmax_lse"]
@@ -92,13 +92,44 @@ def _negate_diagonal(tile: Array) -> None:
     flat[:: tile.shape[1] + 1] *= -1
 
 
+class _Masks:
+    """A reusable boolean tile buffer for the positives of a tile, from two id slices."""
+
+    def __init__(self, xp: Namespace, nat: Any, size: int, positives: Positives, device: Any):
+        self._nat = nat
+        self._ids = None if isinstance(positives, bool) else positives
+        self._flat = (
+            None if self._ids is None else xp.empty((size * size,), dtype=xp.bool, device=device)
+        )
+
+    def tile(self, rows: tuple[int, int], cols: tuple[int, int]) -> Array | None:
+        """Return the mask of the positives of tile (rows, cols); None without ids."""
+        if self._ids is None or self._flat is None:
+            return None
+        row_ids, col_ids = self._ids
+        mask = self._flat[: (rows[1] - rows[0]) * (cols[1] - cols[0])].reshape(
+            rows[1] - rows[0], cols[1] - cols[0]
+        )
+        # torch.equal compares whole tensors; its elementwise comparison is torch.eq.
+        equal = getattr(self._nat, "eq", None) or self._nat.equal
+        equal(row_ids[rows[0] : rows[1], None], col_ids[None, cols[0] : cols[1]], out=mask)
+        return mask
+
+
+def _negate_where(nat: Any, tile: Array, mask: Array, work: Array) -> None:
+    """``tile[mask] *= -1`` through a free tile buffer: ``tile -= 2 * (tile * mask)`` (exact)."""
+    nat.multiply(tile, mask, out=work)
+    work *= 2
+    tile -= work
+
+
 def sigmoid_sums(
     xp: Namespace,
     scaled_img: Array,
     txt: Array,
     bias: float | Array,
     *,
-    positives: bool,
+    positives: Positives,
     block_size: int,
     grad: bool,
 ) -> tuple[Array, Array | None, Array | None, Array | None]:
@@ -109,6 +140,7 @@ def sigmoid_sums(
     device = array_api_compat.device(scaled_img)
     zero = xp.zeros((), dtype=dtype, device=device)
     tiles = _Tiles(xp, min(block_size, max(m, k)), 2, dtype, device)
+    masks = _Masks(xp, nat, min(block_size, max(m, k)), positives, device)
     loss = zero
     bias_sum = zero
     img_acc: Array = None
@@ -126,9 +158,12 @@ def sigmoid_sums(
             work = tiles.view(1, row_stop - row_start, col_stop - col_start)
             nat.matmul(img_rows, txt_cols.T, out=u)  # (b, d) @ (d, c) -> (b, c)
             u += bias
-            on_diagonal = positives and row_start == col_start
+            on_diagonal = positives is True and row_start == col_start
+            mask = masks.tile((row_start, row_stop), (col_start, col_stop))
             if on_diagonal:
                 _negate_diagonal(u)  # u = -l * Z: the positives flip sign
+            elif mask is not None:
+                _negate_where(nat, u, mask, work)
             # softplus(u) = max(u, 0) + log1p(exp(-|u|)), summed in two non-negative parts.
             nat.maximum(u, zero, out=work)  # relu(u)
             loss = loss + xp.sum(work)
@@ -143,6 +178,8 @@ def sigmoid_sums(
             nat.exp(u, out=u)  # sigmoid(u)
             if on_diagonal:
                 _negate_diagonal(u)  # dL/dZ = -l * sigmoid(u)
+            elif mask is not None:
+                _negate_where(nat, u, mask, work)
             bias_sum = bias_sum + xp.sum(u)
             rows = row_stop - row_start
             cols = col_stop - col_start
@@ -165,14 +202,24 @@ def _merge_lse(xp: Namespace, total: Pair | None, part: Pair) -> Pair:
     return top, xp.logaddexp((total[0] - top) + total[1], (part[0] - top) + part[1])
 
 
-def _stack(xp: Namespace, pairs: list[Pair]) -> Array:
-    tops = xp.concat([pair[0] for pair in pairs], axis=0)
-    logs = xp.concat([pair[1] for pair in pairs], axis=0)
-    return xp.stack((tops, logs), axis=1)  # 2 x (k,) -> (k, 2)
+def _stack(xp: Namespace, pairs: list[Pair], extra: list[Pair] | None = None) -> Array:
+    columns = [xp.concat([pair[i] for pair in pairs], axis=0) for i in (0, 1)]
+    if extra is not None:  # positive counts and logit sums, columns 2 and 3
+        columns += [xp.concat([pair[i] for pair in extra], axis=0) for i in (0, 1)]
+    return xp.stack(columns, axis=1)  # 2 (4) x (k,) -> (k, 2) ((k, 4))
+
+
+def _add(total: Pair | None, part: Pair) -> Pair:
+    return part if total is None else (total[0] + part[0], total[1] + part[1])
 
 
 def softmax_lse(
-    xp: Namespace, scaled_img: Array, txt: Array, *, block_size: int
+    xp: Namespace,
+    scaled_img: Array,
+    txt: Array,
+    *,
+    block_size: int,
+    positives: tuple[Array, Array] | None = None,
 ) -> tuple[Array, Array]:
     """In-place twin of :func:`portable_siglip._softmax.softmax_lse`; returns (rows, cols)."""
     nat = _native(xp)
@@ -180,16 +227,27 @@ def softmax_lse(
     dtype = scaled_img.dtype
     device = array_api_compat.device(scaled_img)
     tiles = _Tiles(xp, min(block_size, max(m, k)), 2, dtype, device)
+    masks = _Masks(xp, nat, min(block_size, max(m, k)), positives or False, device)
     col_blocks = list(blocks(k, block_size))
     col_lse: list[Pair | None] = [None] * len(col_blocks)
+    col_pos: list[Pair | None] = [None] * len(col_blocks)
     row_lse: list[Pair] = []
+    row_pos: list[Pair] = []
     for row_start, row_stop in blocks(m, block_size):
         img_rows = scaled_img[row_start:row_stop, :]
         row_total: Pair | None = None
+        row_found: Pair | None = None
         for col, (col_start, col_stop) in enumerate(col_blocks):
             logits = tiles.view(0, row_stop - row_start, col_stop - col_start)
             work = tiles.view(1, row_stop - row_start, col_stop - col_start)
             nat.matmul(img_rows, txt[col_start:col_stop, :].T, out=logits)
+            mask = masks.tile((row_start, row_stop), (col_start, col_stop))
+            if mask is not None:  # positive counts and logit sums, before the tile changes
+                nat.multiply(logits, mask, out=work)
+                found = (xp.sum(mask, axis=1, dtype=dtype), xp.sum(work, axis=1))
+                row_found = _add(row_found, found)
+                found = (xp.sum(mask, axis=0, dtype=dtype), xp.sum(work, axis=0))
+                col_pos[col] = _add(col_pos[col], found)
             row_max = xp.max(logits, axis=1)  # (b, c) -> (b,)
             nat.subtract(logits, row_max[:, None], out=work)
             nat.exp(work, out=work)
@@ -201,7 +259,14 @@ def softmax_lse(
             col_lse[col] = _merge_lse(xp, col_lse[col], part)
         assert row_total is not None
         row_lse.append(row_total)
-    return _stack(xp, row_lse), _stack(xp, [pair for pair in col_lse if pair is not None])
+        if row_found is not None:
+            row_pos.append(row_found)
+    if positives is None:
+        return _stack(xp, row_lse), _stack(xp, [pair for pair in col_lse if pair is not None])
+    return (
+        _stack(xp, row_lse, row_pos),
+        _stack(xp, [p for p in col_lse if p is not None], [p for p in col_pos if p is not None]),
+    )
 
 
 def softmax_grad_sums(
@@ -211,8 +276,9 @@ def softmax_grad_sums(
     row_lse: Array,
     col_lse: Array,
     *,
-    positives: bool,
+    positives: Positives,
     block_size: int,
+    col_weight: float = 1.0,
 ) -> tuple[Array, Array]:
     """In-place twin of :func:`portable_siglip._softmax.softmax_grad_sums`."""
     nat = _native(xp)
@@ -221,6 +287,9 @@ def softmax_grad_sums(
     device = array_api_compat.device(scaled_img)
     size = min(block_size, max(m, k))
     tiles = _Tiles(xp, size, 2, dtype, device)
+    masks = _Masks(xp, nat, size, positives, device)
+    if not isinstance(positives, bool):  # what a positive (i, j) subtracts: 1/c_i + w/c_j
+        row_minus, col_minus = 1.0 / row_lse[:, 2], col_weight / col_lse[:, 2]
     img_acc = xp.empty((m, d), dtype=dtype, device=device)
     txt_acc = xp.empty((k, d), dtype=dtype, device=device)
     step = xp.empty((size, d), dtype=dtype, device=device)
@@ -241,8 +310,19 @@ def softmax_grad_sums(
             part -= col_top[None, col_start:col_stop]
             part -= col_log[None, col_start:col_stop]
             nat.exp(part, out=part)  # softmax over the column
+            if col_weight != 1.0:
+                part *= col_weight
             part += work
-            if positives and row_start == col_start:
+            mask = masks.tile((row_start, row_stop), (col_start, col_stop))
+            if mask is not None:
+                nat.add(
+                    row_minus[row_start:row_stop, None],
+                    col_minus[None, col_start:col_stop],
+                    out=work,
+                )
+                work *= mask
+                part -= work
+            elif positives is True and row_start == col_start:
                 flat = part.reshape(-1)
                 flat[:: part.shape[1] + 1] -= 2
             rows = row_stop - row_start

@@ -14,6 +14,7 @@ from ._softmax import (
     softmax_grad_sums,
     softmax_lse,
 )
+from ._tiles import Positives
 from ._typing import Array
 
 __all__ = [
@@ -76,6 +77,35 @@ def _scale_sum(problem: Problem, img_acc: Array) -> Array:
     return problem.xp.sum(problem.xp.vecdot(problem.img, img_acc))
 
 
+def _home_positives(problem: Problem) -> Positives:
+    """Return the positives of the one-process batch: the ids, or the diagonal."""
+    if problem.labelled:
+        assert problem.img_ids is not None
+        assert problem.txt_ids is not None
+        return (problem.img_ids, problem.txt_ids)
+    return True
+
+
+def _block_positives(problem: Problem, home: bool, block: tuple[Array, ...]) -> Positives:
+    """Return the positives of this rank's images against a visiting text block.
+
+    With ids the block's ids travel as its second array; without, only the home block
+    holds positives (its diagonal).
+    """
+    if problem.labelled:
+        assert problem.img_ids is not None
+        return (problem.img_ids, block[1])
+    return home
+
+
+def _travelling(problem: Problem, *extra: Array) -> tuple[Array, ...]:
+    """Return the text block as it travels: the texts, their ids (if any), then ``extra``."""
+    if problem.labelled:
+        assert problem.txt_ids is not None
+        return (problem.txt, problem.txt_ids, *extra)
+    return (problem.txt, *extra)
+
+
 class _Sums:
     """Running per-rank sums of the visits of one distributed evaluation."""
 
@@ -100,7 +130,7 @@ def _sigmoid(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
             scaled_img,
             problem.txt,
             problem.bias,
-            positives=True,
+            positives=_home_positives(problem),
             block_size=problem.block_size,
             grad=grad,
         )
@@ -119,7 +149,7 @@ def _sigmoid(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
             scaled_img,
             block[0],
             problem.bias,
-            positives=owner == rank,
+            positives=_block_positives(problem, owner == rank, block),
             block_size=problem.block_size,
             grad=grad,
         )
@@ -131,76 +161,94 @@ def _sigmoid(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
         return (part.txt_acc,)
 
     tails = ((problem.d,),) if grad else ()
-    accs = circulate(ring, xp, (problem.txt,), visit, acc_tails=tails, merge="sum")
+    accs = circulate(ring, xp, _travelling(problem), visit, acc_tails=tails, merge="sum")
     if not grad:
         (loss,) = global_sums(ring, xp, [state.loss])
-        return loss / ring.total, None
+        return loss / ring.img_total, None
     scale_sum = _scale_sum(problem, state.img_acc)
     loss, scale_sum, bias_sum = global_sums(ring, xp, [state.loss, scale_sum, state.bias])
-    return loss / ring.total, _finish(
-        problem, state.img_acc, accs[0], scale_sum, bias_sum, ring.total
+    return loss / ring.img_total, _finish(
+        problem, state.img_acc, accs[0], scale_sum, bias_sum, ring.img_total
     )
 
 
 def _softmax(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array, Gradients | None]:
-    """Evaluate the softmax loss (and gradients): a log-sum-exp pass, then a gradient pass."""
+    """Evaluate the softmax loss (and gradients): a log-sum-exp pass, then a gradient pass.
+
+    Without ids the loss is ``(excess(rows) + excess(cols)) / (2n)``; with ids each direction
+    is a mean over its own rows, ``excess(rows) / M + excess(cols) / K``, written as
+    ``(excess(rows) + w * excess(cols)) / (2M)`` with ``w = M / K`` so that both cases
+    share one normaliser (``w = 1`` without ids).
+    """
     xp = problem.xp
     scaled_img = _scaled_img(problem)
-    diag = diagonal_logits(xp, scaled_img, problem.txt)
+    labelled = problem.labelled
+    # The diagonal logits Z_ii (without ids); with ids the first pass sums the positives.
+    diag = None if labelled else diagonal_logits(xp, scaled_img, problem.txt)
+    ids = (problem.img_ids, problem.txt_ids) if labelled else None
     zero = xp.zeros((), dtype=problem.compute_dtype, device=problem.device)
     if ring is None:
-        lse = softmax_lse(xp, scaled_img, problem.txt, block_size=problem.block_size)
-        total = lse_excess(xp, lse.rows, diag) + lse_excess(xp, lse.cols, diag)
+        weight = problem.n / problem.k
+        lse = softmax_lse(xp, scaled_img, problem.txt, block_size=problem.block_size, positives=ids)
+        total = lse_excess(xp, lse.rows, diag) + weight * lse_excess(xp, lse.cols, diag)
+        norm = 2.0 * problem.n
         if not grad:
-            return total / (2.0 * problem.n), None
+            return total / norm, None
         img_acc, txt_acc = softmax_grad_sums(
             xp,
             scaled_img,
             problem.txt,
             lse.rows,
             lse.cols,
-            positives=True,
+            positives=_home_positives(problem),
             block_size=problem.block_size,
+            col_weight=weight,
         )
         scale_sum = _scale_sum(problem, img_acc)
-        grads = _finish(problem, img_acc, txt_acc, scale_sum, zero, 2.0 * problem.n)
-        return total / (2.0 * problem.n), grads
+        grads = _finish(problem, img_acc, txt_acc, scale_sum, zero, norm)
+        return total / norm, grads
 
     state = _Sums(problem)
     rank = ring.comm.rank
+    weight = ring.img_total / ring.txt_total
 
     def first(owner: int, block: tuple[Array, ...]) -> tuple[Array, ...]:
-        part = softmax_lse(xp, scaled_img, block[0], block_size=problem.block_size)
+        visiting = (problem.img_ids, block[1]) if labelled else None
+        part = softmax_lse(
+            xp, scaled_img, block[0], block_size=problem.block_size, positives=visiting
+        )
         rows = state.rows
         state.rows = part.rows if rows is None else merge_lse_pairs(xp, rows, part.rows)
         return (part.cols,)
 
-    # The column (M, s) pairs travel as one (n_q, 2) accumulator; M is absolute, so the
-    # owner's diagonal logits need not travel with the block.
-    (cols,) = circulate(ring, xp, (problem.txt,), first, acc_tails=((2,),), merge="lse")
+    # The column (M, s) pairs travel as one (n_q, 2) accumulator ((n_q, 4) with the positive
+    # counts and sums); M is absolute, so the owner's diagonal logits need not travel.
+    tail = ((4,),) if labelled else ((2,),)
+    (cols,) = circulate(ring, xp, _travelling(problem), first, acc_tails=tail, merge="lse")
     row_lse = state.rows
-    local = lse_excess(xp, row_lse, diag) + lse_excess(xp, cols, diag)
-    norm = 2.0 * ring.total
+    local = lse_excess(xp, row_lse, diag) + weight * lse_excess(xp, cols, diag)
+    norm = 2.0 * ring.img_total
     if not grad:
         (total,) = global_sums(ring, xp, [local])
         return total / norm, None
 
     def second(owner: int, block: tuple[Array, ...]) -> tuple[Array, ...]:
-        txt, col_lse = block
+        txt, col_lse = block[0], block[-1]
         img_part, txt_part = softmax_grad_sums(
             xp,
             scaled_img,
             txt,
             row_lse,
             col_lse,
-            positives=owner == rank,
+            positives=_block_positives(problem, owner == rank, block),
             block_size=problem.block_size,
+            col_weight=weight,
         )
         state.add_img(img_part)
         return (txt_part,)
 
     (txt_acc,) = circulate(
-        ring, xp, (problem.txt, cols), second, acc_tails=((problem.d,),), merge="sum"
+        ring, xp, _travelling(problem, cols), second, acc_tails=((problem.d,),), merge="sum"
     )
     scale_sum = _scale_sum(problem, state.img_acc)
     total, scale_sum = global_sums(ring, xp, [local, scale_sum])
@@ -216,6 +264,8 @@ def sigmoid_loss(
     block_size: int | None = None,
     comm: object = None,
     strategy: str = "bidir",
+    img_ids: Array | None = None,
+    txt_ids: Array | None = None,
 ) -> Array:
     r"""SigLIP sigmoid loss of n image-text pairs, evaluated blockwise.
 
@@ -253,6 +303,14 @@ def sigmoid_loss(
         Distributed schedule (ignored without ``comm``): text blocks travel both ways
         round the ring ("bidir"), one way ("shift"), by broadcast and allreduce
         ("reduce"), or all at once ("gather", O(global n * d) memory per rank).
+    img_ids, txt_ids : array, optional
+        Integer ids of the rows of ``img``, shape (m,), and of ``txt``, shape (k,), from
+        the library and device of the features: pair (i, j) is positive iff
+        ``img_ids[i] == txt_ids[j]``, and ``img`` (m, d) and ``txt`` (k, d) may then have
+        different row counts (several captions per image, duplicate captions or images;
+        docs/multi-positive.md). The loss is then divided by the number of image rows m
+        (of the global batch with ``comm``; ids are global labels there). Every id must
+        appear on both sides, else ``ValueError``. Unique ids give the diagonal loss.
 
     Returns
     -------
@@ -284,6 +342,14 @@ def sigmoid_loss(
     >>> loss = ps.sigmoid_loss(img, img, scale=10.0, bias=-5.0)
     >>> print(f"{float(loss):.6f}")  # every pair scores 5 the right way: 3 softplus(-5)
     0.020146
+
+    Two captions per image (rows 0-1 describe image 0, rows 2-3 image 1):
+
+    >>> img_ids, txt_ids = np.arange(2), np.array([0, 0, 1, 1])
+    >>> txt = np.repeat(np.eye(2), 2, axis=0)  # (4, 2)
+    >>> loss = ps.sigmoid_loss(np.eye(2), txt, 10.0, -5.0, img_ids=img_ids, txt_ids=txt_ids)
+    >>> print(f"{float(loss):.6f}")  # 8 pairs, each softplus(-5), over 2 image rows
+    0.026861
     """
     problem, ring = setup(
         img,
@@ -295,6 +361,8 @@ def sigmoid_loss(
         strategy=strategy,
         loss="sigmoid",
         grad=False,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
     )
     return _sigmoid(problem, ring, grad=False)[0]
 
@@ -308,6 +376,8 @@ def sigmoid_loss_and_grad(
     block_size: int | None = None,
     comm: object = None,
     strategy: str = "bidir",
+    img_ids: Array | None = None,
+    txt_ids: Array | None = None,
 ) -> tuple[Array, Gradients]:
     r"""SigLIP sigmoid loss and its exact gradients, from one blockwise pass.
 
@@ -326,7 +396,7 @@ def sigmoid_loss_and_grad(
 
     Parameters
     ----------
-    img, txt, scale, bias, block_size, comm, strategy
+    img, txt, scale, bias, block_size, comm, strategy, img_ids, txt_ids
         As for :func:`sigmoid_loss`.
 
     Returns
@@ -391,6 +461,8 @@ def sigmoid_loss_and_grad(
         strategy=strategy,
         loss="sigmoid",
         grad=True,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
     )
     loss, grads = _sigmoid(problem, ring, grad=True)
     assert grads is not None
@@ -406,6 +478,8 @@ def softmax_loss(
     block_size: int | None = None,
     comm: object = None,
     strategy: str = "ring",
+    img_ids: Array | None = None,
+    txt_ids: Array | None = None,
 ) -> Array:
     r"""CLIP softmax (InfoNCE) loss, symmetric over both directions, evaluated blockwise.
 
@@ -436,6 +510,11 @@ def softmax_loss(
         Distributed schedule (ignored without ``comm``): text blocks travel round the
         ring twice, once for the log-sum-exp and once for the gradient ("ring", as in
         Inf-CL), or are gathered at once ("gather").
+    img_ids, txt_ids : array, optional
+        Integer ids of the rows, as for :func:`sigmoid_loss`. With them each direction is a
+        cross-entropy against the uniform distribution over the row's (column's) positives,
+        averaged over its own rows: ``(1/m) sum_i (lse_j Z_ij - mean_{j in P_i} Z_ij)`` and
+        ``(1/k) sum_j (lse_i Z_ij - mean_{i in Q_j} Z_ij)``, halved.
 
     Returns
     -------
@@ -474,6 +553,8 @@ def softmax_loss(
         strategy=strategy,
         loss="softmax",
         grad=False,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
     )
     return _softmax(problem, ring, grad=False)[0]
 
@@ -487,6 +568,8 @@ def softmax_loss_and_grad(
     block_size: int | None = None,
     comm: object = None,
     strategy: str = "ring",
+    img_ids: Array | None = None,
+    txt_ids: Array | None = None,
 ) -> tuple[Array, Gradients]:
     r"""CLIP softmax loss and its exact gradients, in two blockwise passes.
 
@@ -497,7 +580,7 @@ def softmax_loss_and_grad(
 
     Parameters
     ----------
-    img, txt, scale, bias, block_size, comm, strategy
+    img, txt, scale, bias, block_size, comm, strategy, img_ids, txt_ids
         As for :func:`softmax_loss`.
 
     Returns
@@ -541,6 +624,8 @@ def softmax_loss_and_grad(
         strategy=strategy,
         loss="softmax",
         grad=True,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
     )
     loss, grads = _softmax(problem, ring, grad=True)
     assert grads is not None

@@ -1,11 +1,13 @@
 """The SigLIP sigmoid loss and its analytic gradient, one pass over square tiles.
 
-With ``Z = t * img @ txt.T + b`` and labels ``l_ij = +1`` on the diagonal, ``-1`` off it
-(Zhai et al., ICCV 2023, Sec. 3), write ``u = -l * Z`` (``u = Z`` off the diagonal,
-``u = -Z`` on it). Then
+With ``Z = t * img @ txt.T + b`` and labels ``l_ij = +1`` on the positive pairs (the
+diagonal, or equal ids), ``-1`` elsewhere (Zhai et al., ICCV 2023, Sec. 3), write
+``u = -l * Z`` (``u = Z`` on the negatives, ``u = -Z`` on the positives). Then
 
     L    = (1/n) * sum_ij softplus(u_ij)
-    dL/dZ = G = (1/n) * (-l) * sigmoid(u) = (sigmoid(Z) - I) / n
+    dL/dZ = G = (1/n) * (-l) * sigmoid(u) = (sigmoid(Z) - P) / n
+
+with ``P`` the 0/1 mask of the positives and ``n`` the number of image rows.
 
 and the chain rule through ``Z`` gives the four gradients (see docs/math.md). Every tile
 yields its share of the loss and of all four gradients at once, so the loss and the
@@ -19,7 +21,7 @@ from typing import NamedTuple
 import array_api_compat
 
 from . import _inplace
-from ._tiles import blocks, diagonal_mask
+from ._tiles import Positives, blocks, positive_mask
 from ._typing import Array, Namespace
 
 __all__ = ["SigmoidSums", "sigmoid_sums"]
@@ -46,7 +48,7 @@ def sigmoid_sums(
     txt: Array,
     bias: float | Array,
     *,
-    positives: bool,
+    positives: Positives,
     block_size: int,
     grad: bool,
 ) -> SigmoidSums:
@@ -62,9 +64,10 @@ def sigmoid_sums(
         Text rows.
     bias : float or 0-d array
         The logit bias ``b``.
-    positives : bool
-        Whether row ``i`` and text ``i`` are a positive pair (requires ``m == k``); false for
-        a block of another rank's texts, which holds negatives only.
+    positives : bool or (row_ids, col_ids)
+        Which pairs are positives: True the diagonal, row ``i`` with text ``i`` (requires
+        ``m == k``); False none (a block of another rank's texts, without ids); or two id
+        arrays of shapes (m,) and (k,), pair (i, j) positive iff their ids are equal.
     block_size : int
         Tile edge.
     grad : bool
@@ -95,11 +98,12 @@ def sigmoid_sums(
         for col, (col_start, col_stop) in enumerate(blocks(k, block_size)):
             txt_cols = txt[col_start:col_stop, :]
             logits = xp.matmul(img_rows, txt_cols.T) + bias  # (b, d) @ (d, c) -> (b, c)
-            on_diagonal = positives and row_start == col_start
-            if on_diagonal:
+            mask = positive_mask(
+                xp, positives, (row_start, row_stop), (col_start, col_stop), device
+            )
+            if mask is not None:
                 # Flip the sign of the positives instead of subtracting the trace later:
                 # softplus(-Z) stays exact where softplus(Z) - Z would cancel for large Z.
-                mask = diagonal_mask(xp, row_stop - row_start, device)
                 logits = xp.where(mask, -logits, logits)
             # softplus through logaddexp(0, u): never overflows, exact for u << 0.
             softplus = xp.logaddexp(zero, logits)
@@ -108,7 +112,7 @@ def sigmoid_sums(
                 continue
             # sigmoid(u) = exp(u - softplus(u)) reuses the softplus and cannot overflow.
             part = xp.exp(logits - softplus)
-            if on_diagonal:
+            if mask is not None:
                 part = xp.where(mask, -part, part)  # dL/dZ = -l * sigmoid(u)
             bias_sum = bias_sum + xp.sum(part)
             step = xp.matmul(part, txt_cols)  # (b, c) @ (c, d) -> (b, d)

@@ -22,6 +22,12 @@ The loss term of row ``i`` is ``(M_i - Z_ii) + s_i``, formed row by row, so the 
 of O(1) quantities rather than n log-sum-exps minus a trace of the same size. The difference
 ``M_i - Z_ii`` is clamped at 0: it is >= 0 by definition, and a negative value is only the
 rounding difference between ``Z_ii`` from ``vecdot`` and the same logit from the tile GEMM.
+
+With ids (several positives per row, docs/multi-positive.md) the first pass also counts each
+row's and column's positives, ``c``, and sums their logits, ``S``: the pairs become
+``(M, s, c, S)`` (shape (m, 4), (k, 4)), the loss term of a row is ``(M - S / c) + s`` (the
+mean positive logit replaces ``Z_ii``), and the second pass subtracts ``1/c_i`` (rows) and
+``w/c_j`` (columns, ``w = m/k``) on the positives instead of 2 on the diagonal.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import NamedTuple
 import array_api_compat
 
 from . import _inplace
-from ._tiles import blocks, diagonal_mask
+from ._tiles import Positives, blocks, positive_mask
 from ._typing import Array, Namespace
 
 __all__ = [
@@ -50,7 +56,9 @@ class SoftmaxLse(NamedTuple):
 
     Column 0 is ``M``, the largest logit of the row (column); column 1 is
     ``s = log sum exp(Z - M)``, in ``[0, log k]`` (``[0, log m]``). The log-sum-exp is
-    ``M + s``; it is kept as a pair because that sum rounds to ``ulp(M)``.
+    ``M + s``; it is kept as a pair because that sum rounds to ``ulp(M)``. With ids, two
+    more columns: 2 the number of positives ``c`` of the row (column), 3 the sum ``S`` of
+    their logits; shapes (m, 4) and (k, 4).
     """
 
     rows: Array
@@ -75,11 +83,18 @@ def merge_lse(
 
 
 def merge_lse_pairs(xp: Namespace, a: Array, b: Array) -> Array:
-    """:func:`merge_lse` of two (k, 2) pair arrays (column 0 ``M``, column 1 ``s``)."""
-    return xp.stack(merge_lse(xp, a[:, 0], a[:, 1], b[:, 0], b[:, 1]), axis=1)
+    """:func:`merge_lse` of two (k, 2) pair arrays (column 0 ``M``, column 1 ``s``).
+
+    (k, 4) arrays (with ids) merge their first two columns so and add the other two (the
+    positive counts and positive-logit sums).
+    """
+    pair = xp.stack(merge_lse(xp, a[:, 0], a[:, 1], b[:, 0], b[:, 1]), axis=1)
+    if a.shape[1] == 2:
+        return pair
+    return xp.concat((pair, a[:, 2:] + b[:, 2:]), axis=1)
 
 
-def lse_excess(xp: Namespace, lse: Array, diag: Array) -> Array:
+def lse_excess(xp: Namespace, lse: Array, diag: Array | None = None) -> Array:
     """Return ``sum_i (lse_i - Z_ii)`` from (k, 2) pairs ``lse`` and the diagonal logits ``diag``.
 
     Each term is ``max(M_i - Z_ii, 0) + s_i``, formed before the sum. ``M_i >= Z_ii`` holds
@@ -87,9 +102,13 @@ def lse_excess(xp: Namespace, lse: Array, diag: Array) -> Array:
     tile GEMM and ``Z_ii`` from ``vecdot``, and the two roundings of the same logit can differ
     by an ulp; without the clamp a saturated loss (every ``s_i`` about 0) came out negative.
     The clamp only removes that rounding difference, and ``s_i >= 0`` keeps every term >= 0.
+
+    With ``diag=None``, ``lse`` is (k, 4) with ids, and the mean positive logit ``S_i / c_i``
+    takes the place of ``Z_ii`` (it too is at most ``M_i``).
     """
     zero = xp.zeros((), dtype=lse.dtype, device=array_api_compat.device(lse))
-    return xp.sum(xp.maximum(lse[:, 0] - diag, zero) + lse[:, 1])
+    target = lse[:, 3] / lse[:, 2] if diag is None else diag
+    return xp.sum(xp.maximum(lse[:, 0] - target, zero) + lse[:, 1])
 
 
 Pair = tuple[Array, Array]
@@ -99,14 +118,29 @@ def _merge(xp: Namespace, total: Pair | None, part: Pair) -> Pair:
     return part if total is None else merge_lse(xp, *total, *part)
 
 
-def _stack(xp: Namespace, pairs: list[Pair]) -> Array:
-    """Concatenate per-block ``(M, s)`` vector pairs into one (k, 2) array."""
-    tops = xp.concat([pair[0] for pair in pairs], axis=0)
-    logs = xp.concat([pair[1] for pair in pairs], axis=0)
-    return xp.stack((tops, logs), axis=1)  # 2 x (k,) -> (k, 2)
+def _stack(xp: Namespace, pairs: list[Pair], extra: list[Pair] | None = None) -> Array:
+    """Concatenate per-block ``(M, s)`` vector pairs into one (k, 2) array.
+
+    ``extra``: per-block ``(c, S)`` positive counts and sums, appended as columns 2 and 3.
+    """
+    columns = [xp.concat([pair[i] for pair in pairs], axis=0) for i in (0, 1)]
+    if extra is not None:
+        columns += [xp.concat([pair[i] for pair in extra], axis=0) for i in (0, 1)]
+    return xp.stack(columns, axis=1)  # 2 (4) x (k,) -> (k, 2) ((k, 4))
 
 
-def softmax_lse(xp: Namespace, scaled_img: Array, txt: Array, *, block_size: int) -> SoftmaxLse:
+def _add(total: Pair | None, part: Pair) -> Pair:
+    return part if total is None else (total[0] + part[0], total[1] + part[1])
+
+
+def softmax_lse(
+    xp: Namespace,
+    scaled_img: Array,
+    txt: Array,
+    *,
+    block_size: int,
+    positives: tuple[Array, Array] | None = None,
+) -> SoftmaxLse:
     """First pass: row and column log-sum-exp of ``scaled_img @ txt.T``, as ``(M, s)`` pairs.
 
     Parameters
@@ -119,24 +153,44 @@ def softmax_lse(xp: Namespace, scaled_img: Array, txt: Array, *, block_size: int
         Text rows.
     block_size : int
         Tile edge.
+    positives : (row_ids, col_ids), optional
+        Ids of the rows and columns; with them the positives of every row and column are
+        counted and their logits summed in the same pass.
 
     Returns
     -------
     SoftmaxLse
         ``rows`` of shape (m, 2) and ``cols`` of shape (k, 2): per row (column) the largest
-        logit ``M`` and ``s = log sum exp(Z - M)`` over the k columns (m rows).
+        logit ``M`` and ``s = log sum exp(Z - M)`` over the k columns (m rows); with
+        ``positives``, (m, 4) and (k, 4) with the count and logit sum of the positives.
     """
     if _inplace.enabled(xp, scaled_img, txt):
-        return SoftmaxLse(*_inplace.softmax_lse(xp, scaled_img, txt, block_size=block_size))
+        return SoftmaxLse(
+            *_inplace.softmax_lse(xp, scaled_img, txt, block_size=block_size, positives=positives)
+        )
     m, k = scaled_img.shape[0], txt.shape[0]
+    device = array_api_compat.device(scaled_img)
+    zero = xp.zeros((), dtype=scaled_img.dtype, device=device)
     col_blocks = list(blocks(k, block_size))
     col_lse: list[Pair | None] = [None] * len(col_blocks)
+    col_pos: list[Pair | None] = [None] * len(col_blocks)
     row_lse: list[Pair] = []
+    row_pos: list[Pair] = []
     for row_start, row_stop in blocks(m, block_size):
         img_rows = scaled_img[row_start:row_stop, :]
         row_total: Pair | None = None
+        row_found: Pair | None = None
         for col, (col_start, col_stop) in enumerate(col_blocks):
             logits = xp.matmul(img_rows, txt[col_start:col_stop, :].T)  # (b, d) @ (d, c) -> (b, c)
+            if positives is not None:
+                mask = positive_mask(
+                    xp, positives, (row_start, row_stop), (col_start, col_stop), device
+                )
+                assert mask is not None
+                ones = xp.astype(mask, logits.dtype)
+                chosen = xp.where(mask, logits, zero)
+                row_found = _add(row_found, (xp.sum(ones, axis=1), xp.sum(chosen, axis=1)))
+                col_pos[col] = _add(col_pos[col], (xp.sum(ones, axis=0), xp.sum(chosen, axis=0)))
             # Max-subtracted partial (M, s) of each row and column of the tile: exp never
             # sees a positive argument, so nothing overflows for |Z| in the thousands.
             row_max = xp.max(logits, axis=1)  # (b, c) -> (b,)
@@ -147,7 +201,14 @@ def softmax_lse(xp: Namespace, scaled_img: Array, txt: Array, *, block_size: int
             col_lse[col] = _merge(xp, col_lse[col], (col_max, xp.log(col_sum)))
         assert row_total is not None
         row_lse.append(row_total)
-    return SoftmaxLse(_stack(xp, row_lse), _stack(xp, [p for p in col_lse if p is not None]))
+        if row_found is not None:
+            row_pos.append(row_found)
+    if positives is None:
+        return SoftmaxLse(_stack(xp, row_lse), _stack(xp, [p for p in col_lse if p is not None]))
+    return SoftmaxLse(
+        _stack(xp, row_lse, row_pos),
+        _stack(xp, [p for p in col_lse if p is not None], [p for p in col_pos if p is not None]),
+    )
 
 
 def softmax_grad_sums(
@@ -157,8 +218,9 @@ def softmax_grad_sums(
     row_lse: Array,
     col_lse: Array,
     *,
-    positives: bool,
+    positives: Positives,
     block_size: int,
+    col_weight: float = 1.0,
 ) -> tuple[Array, Array]:
     """Second pass: accumulate ``P @ txt`` and ``P.T @ scaled_img`` with ``P = 2n * G``.
 
@@ -175,10 +237,15 @@ def softmax_grad_sums(
         (``SoftmaxLse.rows``).
     col_lse : array, shape (k, 2)
         Finished ``(M, s)`` pair of every column of ``Z`` over all rows (``SoftmaxLse.cols``).
-    positives : bool
-        Whether row ``i`` and text ``i`` are a positive pair (subtract ``2 I``).
+    positives : bool or (row_ids, col_ids)
+        Whether row ``i`` and text ``i`` are a positive pair (subtract ``2 I``); with ids,
+        ``row_lse``/``col_lse`` are (m, 4)/(k, 4) and the positives get
+        ``1/c_i + col_weight/c_j`` subtracted (``c`` their counts).
     block_size : int
         Tile edge.
+    col_weight : float
+        Weight of the column softmax relative to the row softmax: ``m / k`` of the global
+        batch with ids (each direction is a mean over its own rows), 1 without.
 
     Returns
     -------
@@ -187,7 +254,14 @@ def softmax_grad_sums(
     """
     if _inplace.enabled(xp, scaled_img, txt):
         return _inplace.softmax_grad_sums(
-            xp, scaled_img, txt, row_lse, col_lse, positives=positives, block_size=block_size
+            xp,
+            scaled_img,
+            txt,
+            row_lse,
+            col_lse,
+            positives=positives,
+            block_size=block_size,
+            col_weight=col_weight,
         )
     m, k = scaled_img.shape[0], txt.shape[0]
     device = array_api_compat.device(scaled_img)
@@ -196,6 +270,9 @@ def softmax_grad_sums(
     img_acc_blocks: list[Array] = []
     row_top, row_log = row_lse[:, 0], row_lse[:, 1]
     col_top, col_log = col_lse[:, 0], col_lse[:, 1]
+    labelled = not isinstance(positives, bool)
+    if labelled:  # what a positive (i, j) subtracts: 1/c_i + w/c_j
+        row_minus, col_minus = 1.0 / row_lse[:, 2], col_weight / col_lse[:, 2]
     for row_start, row_stop in blocks(m, block_size):
         img_rows = scaled_img[row_start:row_stop, :]
         top, log = row_top[row_start:row_stop, None], row_log[row_start:row_stop, None]
@@ -206,11 +283,17 @@ def softmax_grad_sums(
             # softmax_rows + softmax_cols as exp((Z - M) - s); both exponents are <= 0 up to
             # rounding. Z - M first: a difference of two logits, exact where it matters.
             cols = slice(col_start, col_stop)
-            part = xp.exp((logits - top) - log) + xp.exp(
-                (logits - col_top[None, cols]) - col_log[None, cols]
+            col_part = xp.exp((logits - col_top[None, cols]) - col_log[None, cols])
+            if col_weight != 1.0:
+                col_part = col_weight * col_part
+            part = xp.exp((logits - top) - log) + col_part
+            mask = positive_mask(
+                xp, positives, (row_start, row_stop), (col_start, col_stop), device
             )
-            if positives and row_start == col_start:
-                mask = diagonal_mask(xp, row_stop - row_start, device)
+            if mask is not None and labelled:
+                minus = row_minus[row_start:row_stop, None] + col_minus[None, cols]
+                part = xp.where(mask, part - minus, part)
+            elif mask is not None:
                 part = xp.where(mask, part - 2, part)
             step = xp.matmul(part, txt_cols)  # (b, c) @ (c, d) -> (b, d)
             img_acc = step if img_acc is None else img_acc + step

@@ -72,3 +72,69 @@ def softmax_reference(img: np.ndarray, txt: np.ndarray, scale: float, bias: floa
 
 
 REFERENCES = {"sigmoid": sigmoid_reference, "softmax": softmax_reference}
+
+
+def _positives(img_ids: np.ndarray, txt_ids: np.ndarray) -> np.ndarray:
+    """The 0/1 (m, k) mask of pairs with equal ids."""
+    return (np.asarray(img_ids)[:, None] == np.asarray(txt_ids)[None, :]).astype(EXACT)
+
+
+def sigmoid_ids_reference(
+    img: np.ndarray,
+    txt: np.ndarray,
+    img_ids: np.ndarray,
+    txt_ids: np.ndarray,
+    scale: float,
+    bias: float,
+) -> Reference:
+    """Dense SigLIP loss with labels +1 where the ids are equal, divided by the image rows M."""
+    img, txt, sims = _prepare(img, txt)
+    m = img.shape[0]
+    positive = _positives(img_ids, txt_ids)
+    t, b = EXACT(scale), EXACT(bias)
+    logits = t * sims + b
+    labels = 2 * positive - 1
+    loss = np.logaddexp(EXACT(0), -labels * logits).sum() / m
+    dlogits = ((1 + np.tanh(logits / 2)) / 2 - positive) / m
+    return Reference(
+        loss=loss,
+        img=t * dlogits @ txt,
+        txt=t * dlogits.T @ img,
+        scale=(dlogits * sims).sum(),
+        bias=dlogits.sum(),
+    )
+
+
+def softmax_ids_reference(
+    img: np.ndarray,
+    txt: np.ndarray,
+    img_ids: np.ndarray,
+    txt_ids: np.ndarray,
+    scale: float,
+    bias: float,
+) -> Reference:
+    """Dense CLIP loss against a uniform target over each row's (column's) positives.
+
+    L = 1/2 [ mean_i CE(softmax_row_i, P_i / c_i) + mean_j CE(softmax_col_j, P_j / r_j) ];
+    the gradient of a cross-entropy against target q is softmax - q.
+    """
+    img, txt, sims = _prepare(img, txt)
+    m, k = img.shape[0], txt.shape[0]
+    positive = _positives(img_ids, txt_ids)
+    row_target = positive / positive.sum(axis=1, keepdims=True)
+    col_target = positive / positive.sum(axis=0, keepdims=True)
+    t = EXACT(scale)
+    logits = t * sims + EXACT(bias)
+    rows, cols = _log_softmax(logits, 1), _log_softmax(logits, 0)
+    loss = -((row_target * rows).sum() / m + (col_target * cols).sum() / k) / 2
+    dlogits = ((np.exp(rows) - row_target) / m + (np.exp(cols) - col_target) / k) / 2
+    return Reference(
+        loss=loss,
+        img=t * dlogits @ txt,
+        txt=t * dlogits.T @ img,
+        scale=(dlogits * sims).sum(),
+        bias=EXACT(0),
+    )
+
+
+IDS_REFERENCES = {"sigmoid": sigmoid_ids_reference, "softmax": softmax_ids_reference}
