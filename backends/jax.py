@@ -19,13 +19,14 @@ non-array (on every rank, with a ``comm``).
 
 Under ``jax.jit`` (one process) everything works: the value, ``jax.grad`` and
 ``jax.jit(jax.grad(...))``, with ``scale``/``bias`` traced, static or closed over;
-``jax.vmap`` works too. The tile loop is Python, unrolled while tracing, so compilation
-time grows with ``(n / block_size)^2``: prefer one large ``block_size`` (or the default,
-1024) under ``jit``. ``comm=`` works outside ``jit``, eager ``jax.grad`` included, but not
-inside ``jax.jit``, ``jax.vmap`` or any other transformation that hands the loss tracers
-instead of arrays: the ranks exchange concrete arrays. Such a call raises a
-``TypeError``; call the loss eagerly and ``jit`` the parts of the model that produce
-``img`` and ``txt``.
+``jax.vmap`` works too. Traced arrays take the core's jax loops (one ``lax.fori_loop`` over
+the tiles), so the compiled program and its compile time do not grow with the batch. Inside
+``jax.shard_map``, ``comm=AxisComm(axis_name)`` runs the ring over jax collectives, under
+``jit`` and ``jax.grad``. The host transports (``MPIComm``, ``ThreadGroup``, ...) work outside
+``jit``, eager ``jax.grad`` included, but not inside ``jax.jit``, ``jax.vmap`` or any other
+transformation that hands the loss tracers instead of arrays: those ranks exchange concrete
+arrays. Such a call raises a ``TypeError``; call the loss eagerly and ``jit`` the parts of the
+model that produce ``img`` and ``txt``, or use ``AxisComm`` inside ``shard_map``.
 
 Forward mode applied to the loss itself (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) is
 refused by ``custom_vjp`` with JAX's ``TypeError`` ("can't apply forward-mode autodiff (jvp)
@@ -65,8 +66,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import portable_siglip as _core
+from portable_siglip.comm import BaseComm
 
-__all__ = ["sigmoid_loss", "softmax_loss"]
+__all__ = ["AxisComm", "sigmoid_loss", "softmax_loss"]
 
 Array = Any
 Extras = tuple[jax.Array, ...]
@@ -78,9 +80,142 @@ def _is_array(value: object) -> bool:
     return isinstance(value, jax.Array | np.ndarray)
 
 
+#: jax.lax, untyped: its collectives have no annotations.
+_lax: Any = jax.lax
+
+
+class _Done:
+    """A finished exchange: collectives inside one traced program complete in place."""
+
+    def __init__(self, value: jax.Array) -> None:
+        self._value = value
+
+    def wait(self) -> jax.Array:
+        return self._value
+
+
+class AxisComm(BaseComm):
+    """A communicator over a named mesh axis, for the ring inside ``jax.shard_map``.
+
+    Every device of the axis is a rank and runs the same traced program (SPMD), so the
+    losses take their schedules through jax collectives: text blocks travel round the ring
+    by ``lax.ppermute`` (a collective shift), sums by ``lax.psum``, gathers by
+    ``lax.all_gather``; the rank is ``lax.axis_index``, a traced value, and the size the
+    axis size. It works only while tracing inside ``shard_map`` (or ``pmap``) over
+    ``axis_name``; anywhere else using it raises ``ValueError``. Shards must be equal (what
+    ``shard_map`` gives); uneven shards would need padding to a common size and masking.
+
+    Parameters
+    ----------
+    axis_name : str
+        The mesh axis the batch is sharded over.
+
+    Notes
+    -----
+    The handshake of a distributed call has nothing to compare here: one program cannot
+    disagree with itself on d, dtype or strategy, and the values of ``scale``, ``bias`` and
+    the ids are traced, so they are not checked (a row without a positive gives a NaN
+    loss, as under ``jit``). docs/frameworks.md has a sharded train step.
+
+    Examples
+    --------
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from jax.sharding import Mesh, PartitionSpec as P
+    >>> import portable_siglip as ps
+    >>> from portable_siglip.backends.jax import AxisComm
+    >>> mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    >>> def local(img, txt):
+    ...     return ps.sigmoid_loss(img, txt, 10.0, -10.0, comm=AxisComm("data"))
+    >>> step = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("data"), out_specs=P()))
+    >>> x = jnp.eye(4)
+    >>> bool(jnp.isclose(step(x, x), ps.sigmoid_loss(x, x, 10.0, -10.0)))
+    True
+    """
+
+    #: One traced program on every rank: see :func:`portable_siglip._distributed.spmd`.
+    spmd = True
+
+    def __init__(self, axis_name: str) -> None:
+        if not isinstance(axis_name, str) or not axis_name:
+            msg = f"`axis_name` must be a non-empty str naming a mesh axis, got {axis_name!r}"
+            raise TypeError(msg)
+        super().__init__()
+        self.axis_name = axis_name
+
+    def _unbound(self, error: Exception) -> ValueError:
+        msg = (
+            f"AxisComm({self.axis_name!r}) must be used inside jax.shard_map (or pmap) over "
+            f"the mesh axis {self.axis_name!r}, which is not bound here ({error})"
+        )
+        return ValueError(msg)
+
+    @property
+    def rank(self) -> Any:  # type: ignore[override]
+        """Return the device's index along the axis: a traced int32."""
+        try:
+            return _lax.axis_index(self.axis_name)
+        except NameError as error:
+            raise self._unbound(error) from None
+
+    @property
+    def size(self) -> int:  # type: ignore[override]
+        """The number of devices along the axis (static)."""
+        try:
+            return int(_lax.psum(1, self.axis_name))
+        except NameError as error:
+            raise self._unbound(error) from None
+
+    def ishift(self, x: jax.Array, offset: int) -> _Done:
+        """Every rank sends ``x`` to rank ``+offset`` and receives from ``-offset`` (ppermute)."""
+        size = self.size
+        self._count(x)
+        perm = [(source, (source + offset) % size) for source in range(size)]
+        return _Done(_lax.ppermute(x, self.axis_name, perm))
+
+    def isendrecv(
+        self, send: Any, dest: int, source: int, shape: tuple[int, ...], *, tag: int = 0
+    ) -> Any:
+        """Not offered: under SPMD every exchange is a collective shift (:meth:`ishift`)."""
+        msg = (
+            "AxisComm exchanges by collective shifts (ishift) only: every rank of one "
+            "traced program must send the same way"
+        )
+        raise NotImplementedError(msg)
+
+    def allreduce(self, x: jax.Array) -> jax.Array:
+        """Sum over the axis (``lax.psum``)."""
+        self._count(x)
+        total: jax.Array = _lax.psum(x, self.axis_name)
+        return total
+
+    def allgather(self, x: jax.Array) -> list[jax.Array]:
+        """Every rank's ``x`` in rank order (``lax.all_gather``)."""
+        self._count(x)
+        gathered = _lax.all_gather(x, self.axis_name)
+        return [gathered[rank] for rank in range(self.size)]
+
+    def bcast(self, x: jax.Array, root: int = 0) -> jax.Array:
+        """Return the root's ``x`` on every rank (a ``psum`` of it and zeros elsewhere)."""
+        self._count(x)
+        kept = jnp.where(self.rank == root, x, jnp.zeros_like(x))
+        total: jax.Array = _lax.psum(kept, self.axis_name)
+        return total
+
+    def allgather_object(self, obj: object) -> list[Any]:
+        """``[obj] * size``: every rank traced the same program, so holds the same object."""
+        return [obj] * self.size
+
+    def __repr__(self) -> str:
+        return f"AxisComm({self.axis_name!r})"
+
+
 def _refuse_traced_comm(comm: object, *arrays: object) -> None:
     """Raise if the call is distributed and any of ``arrays`` is a tracer."""
-    if comm is None or not any(isinstance(x, jax.core.Tracer) for x in arrays):
+    if comm is None or isinstance(comm, AxisComm):
+        return
+    if not any(isinstance(x, jax.core.Tracer) for x in arrays):
         return
     msg = (
         "`comm` cannot be used under jax.jit, jax.vmap or another JAX transformation that "
@@ -220,8 +355,8 @@ def sigmoid_loss(
     bias : float, 0-d array or None
         The logit bias ``b`` (None means 0); differentiable when an array.
     block_size : int, optional
-        Tile edge; None picks the default (1024). Under ``jax.jit`` prefer a large one:
-        the tiles are unrolled at trace time.
+        Tile edge; None picks the default (1024). Under ``jax.jit`` the tiles run in one
+        ``lax.fori_loop``, so the compile time does not depend on it.
     comm : Communicator, optional
         As for :func:`portable_siglip.sigmoid_loss`: ``img``/``txt`` are this rank's
         shard and the result is the loss of the global batch; the gradient of each rank

@@ -35,7 +35,9 @@ from .comm import Communicator, Request, check_communicator
 
 __all__ = ["Ring", "circulate", "global_sums", "setup"]
 
-Visit = Callable[[int, tuple[Array, ...]], tuple[Array, ...]]
+#: ``visit(home, block)``: ``home`` says whether ``block`` is this rank's own (a Python bool,
+#: or a traced boolean under an SPMD communicator whose rank is only known on the device).
+Visit = Callable[[Any, tuple[Array, ...]], tuple[Array, ...]]
 
 # Tags keep concurrent exchanges with the same neighbour apart: (chain, kind, field).
 _STATIC, _ACC, _HOME = 0, 1, 2
@@ -73,6 +75,15 @@ class Ring:
     def offset(self) -> int:
         """Index of this rank's first text row in the global batch."""
         return sum(self.sizes[: self.comm.rank])
+
+
+def spmd(comm: object) -> bool:
+    """Whether every rank of ``comm`` runs one traced program (``AxisComm`` in ``shard_map``).
+
+    Such a communicator's rank is a traced value, exchanges are collective shifts, and the
+    handshake has nothing to compare: the ranks cannot disagree on what one program traced.
+    """
+    return bool(getattr(comm, "spmd", False))
 
 
 def _scalar_value(value: float | Array) -> float:
@@ -187,6 +198,7 @@ def setup(
         )
         return single, None
     checked = check_communicator(comm)
+    traced = spmd(checked)
     summary: dict[str, Any]
     problem: Problem | None = None
     try:
@@ -211,11 +223,11 @@ def setup(
             "dtype": str(problem.input_dtype),
             "n": problem.n,
             "k": problem.k,
-            "scale": _scalar_value(problem.scale),
-            "bias": _scalar_value(problem.bias),
+            "scale": None if traced else _scalar_value(problem.scale),
+            "bias": None if traced else _scalar_value(problem.bias),
             "ids": problem.labelled,
         }
-        if problem.labelled:
+        if problem.labelled and not traced:
             summary["img_ids"] = _ids_values(problem.img_ids)
             summary["txt_ids"] = _ids_values(problem.txt_ids)
     except (TypeError, ValueError) as error:
@@ -247,7 +259,8 @@ def setup(
             label = what.get(name, f"`{name}`")
             msg = f"{label} must be the same on every rank, got {_by_rank(values)}"
             raise (TypeError if name == "dtype" else ValueError)(msg)
-    _check_global_ids(everyone)
+    if not traced:
+        _check_global_ids(everyone)
     assert problem is not None
     sizes = tuple(int(entry["k"]) for entry in everyone)
     img_sizes = tuple(int(entry["n"]) for entry in everyone)
@@ -256,9 +269,14 @@ def setup(
 
 def global_sums(ring: Ring, xp: Namespace, values: Sequence[Array]) -> list[Array]:
     """Sum 0-d arrays over ranks, in rank order, so every rank gets the same bits."""
-    if ring.comm.size == 1:
+    if ring.comm.size == 1 and not spmd(ring.comm):
         return list(values)
     stacked = xp.stack(list(values))  # k x () -> (k,)
+    # One program: its allreduce gives every rank the same bits, and tells shard_map so
+    # (even on one device, where the sum is the value itself).
+    if spmd(ring.comm):
+        total = ring.comm.allreduce(stacked)
+        return [total[i] for i in range(len(values))]
     parts = ring.comm.allgather(stacked)
     total = parts[0]
     for part in parts[1:]:
@@ -295,9 +313,9 @@ def circulate(
     static : tuple of arrays
         This rank's block: arrays whose leading dimension is this rank's row count.
     visit : callable
-        ``visit(source_rank, block) -> contributions``: called once for every rank's block
-        (this rank's own included); returns one array per accumulator, with the block's
-        leading dimension and trailing shape ``acc_tails[i]``.
+        ``visit(home, block) -> contributions``: called once for every rank's block (this
+        rank's own included, ``home`` true for it); returns one array per accumulator, with
+        the block's leading dimension and trailing shape ``acc_tails[i]``.
     acc_tails : tuple of shapes
         Trailing shape of each accumulator (empty: nothing travels back).
     merge : {"sum", "lse"}
@@ -311,7 +329,7 @@ def circulate(
     """
     size = ring.comm.size
     if size == 1:  # every schedule degenerates to the one block at home: nothing to send
-        return visit(ring.comm.rank, static)
+        return visit(True, static)
     strategy = ring.strategy
     combine = _merge_fn(xp, merge)
     if strategy == "bidir":
@@ -333,15 +351,29 @@ def _acc_shapes(tails: Sequence[tuple[int, ...]], rows: int) -> list[tuple[int, 
     return [(rows, *tail) for tail in tails]
 
 
+def _rows_of(ring: Ring, offset: int) -> int:
+    """Text rows of the rank ``offset`` places away (all equal under an SPMD communicator)."""
+    if spmd(ring.comm):
+        return ring.sizes[0]
+    return ring.sizes[(ring.comm.rank + offset) % ring.comm.size]
+
+
 def _post(
     comm: Communicator,
     arrays: Sequence[Array],
-    dest: int,
-    source: int,
+    offset: int,
     shapes: Sequence[tuple[int, ...]],
     chain: int,
     kind: int,
 ) -> list[Request]:
+    """Send ``arrays`` to the rank ``offset`` places on; receive from ``offset`` places back.
+
+    Every exchange of the chain schedules is such a shift, the same on every rank: an SPMD
+    communicator performs it as one collective permutation (``ishift``).
+    """
+    if spmd(comm):
+        return [comm.ishift(array, offset) for array in arrays]  # type: ignore[attr-defined]
+    dest, source = (comm.rank + offset) % comm.size, (comm.rank - offset) % comm.size
     return [
         comm.isendrecv(array, dest, source, shape, tag=_tag(chain, kind, field))
         for field, (array, shape) in enumerate(zip(arrays, shapes, strict=True))
@@ -362,8 +394,7 @@ def _chains(
     left: int,
 ) -> tuple[Array, ...]:
     """Blocks travel ``right`` hops rightwards and ``left`` hops leftwards; then home."""
-    comm, sizes = ring.comm, ring.sizes
-    rank, size = comm.rank, comm.size
+    comm = ring.comm
     # (step sign, hops, chain id): at step s of a chain, rank r holds block r - sign * s.
     chains = [(sign, hops, chain) for chain, (sign, hops) in enumerate(((1, right), (-1, left)))]
     chains = [c for c in chains if c[1] > 0]
@@ -371,36 +402,32 @@ def _chains(
     travelling: dict[int, list[Request]] = {}
     returning: dict[int, list[Request]] = {}
     for sign, _, chain in chains:  # the first hop is posted before the home tiles run
-        source = (rank - sign) % size
         incoming[chain] = _post(
             comm,
             static,
-            (rank + sign) % size,
-            source,
-            _block_shapes(static, sizes[source]),
+            sign,
+            _block_shapes(static, _rows_of(ring, -sign)),
             chain,
             _STATIC,
         )
-    result = visit(rank, static)
+    result = visit(True, static)
     for step in range(1, max((hops for _, hops, _ in chains), default=0) + 1):
         active = [c for c in chains if c[1] >= step]
         held: dict[int, tuple[Array, ...]] = {}
         for sign, hops, chain in active:
             held[chain] = _wait(incoming.pop(chain))
             if step < hops:  # forward it now, so the transfer overlaps this step's tiles
-                source = (rank - sign * (step + 1)) % size
                 incoming[chain] = _post(
                     comm,
                     held[chain],
-                    (rank + sign) % size,
-                    (rank - sign) % size,
-                    _block_shapes(held[chain], sizes[source]),
+                    sign,
+                    _block_shapes(held[chain], _rows_of(ring, -sign * (step + 1))),
                     chain,
                     _STATIC,
                 )
         for sign, hops, chain in active:
-            owner = (rank - sign * step) % size
-            contribution = visit(owner, held.pop(chain))
+            # The block held at step >= 1 is rank - sign * step's, never this rank's own.
+            contribution = visit(False, held.pop(chain))
             if not acc_tails:
                 continue
             if step == 1:
@@ -409,23 +436,21 @@ def _chains(
                 arrived = _wait(travelling.pop(chain))
                 acc = tuple(combine(a, c) for a, c in zip(arrived, contribution, strict=True))
             if step < hops:  # pass it on with the block; take the next block's from behind
-                source = (rank - sign * (step + 1)) % size
                 travelling[chain] = _post(
                     comm,
                     acc,
-                    (rank + sign) % size,
-                    (rank - sign) % size,
-                    _acc_shapes(acc_tails, sizes[source]),
+                    sign,
+                    _acc_shapes(acc_tails, _rows_of(ring, -sign * (step + 1))),
                     chain,
                     _ACC,
                 )
-            else:  # end of the chain: straight home; ours arrives from our chain's end
+            else:  # end of the chain: straight home (the owner, sign * hops places back);
+                # ours arrives from our chain's end
                 returning[chain] = _post(
                     comm,
                     acc,
-                    owner,
-                    (rank + sign * hops) % size,
-                    _acc_shapes(acc_tails, sizes[rank]),
+                    -sign * hops,
+                    _acc_shapes(acc_tails, _rows_of(ring, 0)),
                     chain,
                     _HOME,
                 )
@@ -448,18 +473,30 @@ def _by_broadcast(
     device = array_api_compat.device(static[0])
     mine: tuple[Array, ...] = ()
     for owner in range(comm.size):
-        if owner == comm.rank:
+        home: Any
+        if spmd(comm):  # one program: every rank offers its block, the root's is kept
+            home = comm.rank == owner
+            block = tuple(comm.bcast(array, root=owner) for array in static)
+        elif owner == comm.rank:
+            home = True
             for array in static:
                 comm.bcast(array, root=owner)
             block = static
         else:
+            home = False
             block = tuple(
                 comm.bcast(xp.empty(shape, dtype=a.dtype, device=device), root=owner)
                 for a, shape in zip(static, _block_shapes(static, sizes[owner]), strict=True)
             )
-        contribution = visit(owner, block)
+        contribution = visit(home, block)
         reduced = tuple(_reduce(comm, c, merge, combine) for c in contribution)
-        if owner == comm.rank:
+        if spmd(comm):
+            mine = (
+                reduced
+                if not mine
+                else tuple(xp.where(home, r, m) for r, m in zip(reduced, mine, strict=True))
+            )
+        elif home:
             mine = reduced
     return mine
 
@@ -489,12 +526,18 @@ def _by_gather(
     comm = ring.comm
     gathered = [comm.allgather(array) for array in static]  # field -> rank -> block
     contributions = [
-        visit(owner, tuple(field[owner] for field in gathered)) for owner in range(comm.size)
+        visit(comm.rank == owner, tuple(field[owner] for field in gathered))
+        for owner in range(comm.size)
     ]
     del gathered
-    start, stop = ring.offset, ring.offset + ring.sizes[comm.rank]
     mine = []
     for field in range(len(acc_tails)):
         stacked = xp.concat([c[field] for c in contributions], axis=0)  # W x (n_r, ...) -> (N, ...)
-        mine.append(_reduce(comm, stacked, merge, combine)[start:stop, ...])
+        total = _reduce(comm, stacked, merge, combine)
+        if spmd(comm):  # equal shards: this rank's rows by a (traced) index
+            rows = ring.sizes[0]
+            mine.append(xp.reshape(total, (comm.size, rows, *acc_tails[field]))[comm.rank])
+        else:
+            start = ring.offset
+            mine.append(total[start : start + ring.sizes[comm.rank], ...])
     return tuple(mine)

@@ -30,6 +30,7 @@ from typing import Any
 
 import array_api_compat
 
+from ._tilemath import merge_lse, stack_pairs
 from ._tiles import Positives, blocks
 from ._typing import Array, Namespace
 
@@ -194,19 +195,7 @@ Pair = tuple[Array, Array]
 
 
 def _merge_lse(xp: Namespace, total: Pair | None, part: Pair) -> Pair:
-    # The formula of portable_siglip._softmax.merge_lse, on (b,) vectors (not tiles); it is
-    # repeated here because _softmax imports this module.
-    if total is None:
-        return part
-    top = xp.maximum(total[0], part[0])
-    return top, xp.logaddexp((total[0] - top) + total[1], (part[0] - top) + part[1])
-
-
-def _stack(xp: Namespace, pairs: list[Pair], extra: list[Pair] | None = None) -> Array:
-    columns = [xp.concat([pair[i] for pair in pairs], axis=0) for i in (0, 1)]
-    if extra is not None:  # positive counts and logit sums, columns 2 and 3
-        columns += [xp.concat([pair[i] for pair in extra], axis=0) for i in (0, 1)]
-    return xp.stack(columns, axis=1)  # 2 (4) x (k,) -> (k, 2) ((k, 4))
+    return part if total is None else merge_lse(xp, *total, *part)
 
 
 def _add(total: Pair | None, part: Pair) -> Pair:
@@ -261,12 +250,11 @@ def softmax_lse(
         row_lse.append(row_total)
         if row_found is not None:
             row_pos.append(row_found)
+    lse_cols = [pair for pair in col_lse if pair is not None]
     if positives is None:
-        return _stack(xp, row_lse), _stack(xp, [pair for pair in col_lse if pair is not None])
-    return (
-        _stack(xp, row_lse, row_pos),
-        _stack(xp, [p for p in col_lse if p is not None], [p for p in col_pos if p is not None]),
-    )
+        return stack_pairs(xp, row_lse), stack_pairs(xp, lse_cols)
+    pos_cols = [pair for pair in col_pos if pair is not None]
+    return stack_pairs(xp, row_lse, row_pos), stack_pairs(xp, lse_cols, pos_cols)
 
 
 def softmax_grad_sums(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ._checks import Problem
 from ._distributed import Ring, circulate, global_sums, setup
@@ -86,7 +86,7 @@ def _home_positives(problem: Problem) -> Positives:
     return True
 
 
-def _block_positives(problem: Problem, home: bool, block: tuple[Array, ...]) -> Positives:
+def _block_positives(problem: Problem, home: Any, block: tuple[Array, ...]) -> Positives:
     """Return the positives of this rank's images against a visiting text block.
 
     With ids the block's ids travel as its second array; without, only the home block
@@ -141,15 +141,14 @@ def _sigmoid(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
         return sums.loss / problem.n, grads
 
     state = _Sums(problem)
-    rank = ring.comm.rank
 
-    def visit(owner: int, block: tuple[Array, ...]) -> tuple[Array, ...]:
+    def visit(home: Any, block: tuple[Array, ...]) -> tuple[Array, ...]:
         part = sigmoid_sums(
             xp,
             scaled_img,
             block[0],
             problem.bias,
-            positives=_block_positives(problem, owner == rank, block),
+            positives=_block_positives(problem, home, block),
             block_size=problem.block_size,
             grad=grad,
         )
@@ -209,10 +208,9 @@ def _softmax(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
         return total / norm, grads
 
     state = _Sums(problem)
-    rank = ring.comm.rank
     weight = ring.img_total / ring.txt_total
 
-    def first(owner: int, block: tuple[Array, ...]) -> tuple[Array, ...]:
+    def first(home: Any, block: tuple[Array, ...]) -> tuple[Array, ...]:
         visiting = (problem.img_ids, block[1]) if labelled else None
         part = softmax_lse(
             xp, scaled_img, block[0], block_size=problem.block_size, positives=visiting
@@ -232,7 +230,7 @@ def _softmax(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
         (total,) = global_sums(ring, xp, [local])
         return total / norm, None
 
-    def second(owner: int, block: tuple[Array, ...]) -> tuple[Array, ...]:
+    def second(home: Any, block: tuple[Array, ...]) -> tuple[Array, ...]:
         txt, col_lse = block[0], block[-1]
         img_part, txt_part = softmax_grad_sums(
             xp,
@@ -240,7 +238,7 @@ def _softmax(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
             txt,
             row_lse,
             col_lse,
-            positives=_block_positives(problem, owner == rank, block),
+            positives=_block_positives(problem, home, block),
             block_size=problem.block_size,
             col_weight=weight,
         )

@@ -20,7 +20,8 @@ from typing import NamedTuple
 
 import array_api_compat
 
-from . import _inplace
+from . import _inplace, _jaxloops
+from ._tilemath import sigmoid_tile
 from ._tiles import Positives, blocks, positive_mask
 from ._typing import Array, Namespace
 
@@ -84,6 +85,12 @@ def sigmoid_sums(
                 xp, scaled_img, txt, bias, positives=positives, block_size=block_size, grad=grad
             )
         )
+    if _jaxloops.enabled(xp, scaled_img, txt, bias, positives):
+        return SigmoidSums(
+            *_jaxloops.sigmoid_sums(
+                scaled_img, txt, bias, positives=positives, block_size=block_size, grad=grad
+            )
+        )
     m, k = scaled_img.shape[0], txt.shape[0]
     dtype = scaled_img.dtype
     device = array_api_compat.device(scaled_img)
@@ -101,19 +108,10 @@ def sigmoid_sums(
             mask = positive_mask(
                 xp, positives, (row_start, row_stop), (col_start, col_stop), device
             )
-            if mask is not None:
-                # Flip the sign of the positives instead of subtracting the trace later:
-                # softplus(-Z) stays exact where softplus(Z) - Z would cancel for large Z.
-                logits = xp.where(mask, -logits, logits)
-            # softplus through logaddexp(0, u): never overflows, exact for u << 0.
-            softplus = xp.logaddexp(zero, logits)
-            loss = loss + xp.sum(softplus)
-            if not grad:
+            tile_loss, part = sigmoid_tile(xp, logits, mask, grad=grad)
+            loss = loss + tile_loss
+            if part is None:
                 continue
-            # sigmoid(u) = exp(u - softplus(u)) reuses the softplus and cannot overflow.
-            part = xp.exp(logits - softplus)
-            if mask is not None:
-                part = xp.where(mask, -part, part)  # dL/dZ = -l * sigmoid(u)
             bias_sum = bias_sum + xp.sum(part)
             step = xp.matmul(part, txt_cols)  # (b, c) @ (c, d) -> (b, d)
             img_acc = step if img_acc is None else img_acc + step

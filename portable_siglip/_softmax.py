@@ -36,7 +36,8 @@ from typing import NamedTuple
 
 import array_api_compat
 
-from . import _inplace
+from . import _inplace, _jaxloops
+from ._tilemath import lse_tile, merge_lse, positive_sums, softmax_grad_tile, stack_pairs
 from ._tiles import Positives, blocks, positive_mask
 from ._typing import Array, Namespace
 
@@ -68,18 +69,6 @@ class SoftmaxLse(NamedTuple):
 def diagonal_logits(xp: Namespace, scaled_img: Array, txt: Array) -> Array:
     """Return ``Z_ii = (t * img_i) . txt_i``: shape (n, d), (n, d) -> (n,)."""
     return xp.vecdot(scaled_img, txt)
-
-
-def merge_lse(
-    xp: Namespace, max_a: Array, log_a: Array, max_b: Array, log_b: Array
-) -> tuple[Array, Array]:
-    """Merge two partial log-sum-exps given as ``(M, s)`` pairs of vectors; return the pair.
-
-    ``M = max(Ma, Mb)`` and ``s = log(exp(Ma - M + sa) + exp(Mb - M + sb))``: one shift is
-    exactly 0, the other <= 0, so nothing overflows and ``M`` stays an actual logit.
-    """
-    top = xp.maximum(max_a, max_b)
-    return top, xp.logaddexp((max_a - top) + log_a, (max_b - top) + log_b)
 
 
 def merge_lse_pairs(xp: Namespace, a: Array, b: Array) -> Array:
@@ -116,17 +105,6 @@ Pair = tuple[Array, Array]
 
 def _merge(xp: Namespace, total: Pair | None, part: Pair) -> Pair:
     return part if total is None else merge_lse(xp, *total, *part)
-
-
-def _stack(xp: Namespace, pairs: list[Pair], extra: list[Pair] | None = None) -> Array:
-    """Concatenate per-block ``(M, s)`` vector pairs into one (k, 2) array.
-
-    ``extra``: per-block ``(c, S)`` positive counts and sums, appended as columns 2 and 3.
-    """
-    columns = [xp.concat([pair[i] for pair in pairs], axis=0) for i in (0, 1)]
-    if extra is not None:
-        columns += [xp.concat([pair[i] for pair in extra], axis=0) for i in (0, 1)]
-    return xp.stack(columns, axis=1)  # 2 (4) x (k,) -> (k, 2) ((k, 4))
 
 
 def _add(total: Pair | None, part: Pair) -> Pair:
@@ -168,9 +146,12 @@ def softmax_lse(
         return SoftmaxLse(
             *_inplace.softmax_lse(xp, scaled_img, txt, block_size=block_size, positives=positives)
         )
+    if _jaxloops.enabled(xp, scaled_img, txt, positives):
+        return SoftmaxLse(
+            *_jaxloops.softmax_lse(scaled_img, txt, block_size=block_size, positives=positives)
+        )
     m, k = scaled_img.shape[0], txt.shape[0]
     device = array_api_compat.device(scaled_img)
-    zero = xp.zeros((), dtype=scaled_img.dtype, device=device)
     col_blocks = list(blocks(k, block_size))
     col_lse: list[Pair | None] = [None] * len(col_blocks)
     col_pos: list[Pair | None] = [None] * len(col_blocks)
@@ -187,28 +168,21 @@ def softmax_lse(
                     xp, positives, (row_start, row_stop), (col_start, col_stop), device
                 )
                 assert mask is not None
-                ones = xp.astype(mask, logits.dtype)
-                chosen = xp.where(mask, logits, zero)
-                row_found = _add(row_found, (xp.sum(ones, axis=1), xp.sum(chosen, axis=1)))
-                col_pos[col] = _add(col_pos[col], (xp.sum(ones, axis=0), xp.sum(chosen, axis=0)))
-            # Max-subtracted partial (M, s) of each row and column of the tile: exp never
-            # sees a positive argument, so nothing overflows for |Z| in the thousands.
-            row_max = xp.max(logits, axis=1)  # (b, c) -> (b,)
-            row_sum = xp.sum(xp.exp(logits - row_max[:, None]), axis=1)  # (b, c) -> (b,)
-            row_total = _merge(xp, row_total, (row_max, xp.log(row_sum)))
-            col_max = xp.max(logits, axis=0)  # (b, c) -> (c,)
-            col_sum = xp.sum(xp.exp(logits - col_max[None, :]), axis=0)  # (b, c) -> (c,)
-            col_lse[col] = _merge(xp, col_lse[col], (col_max, xp.log(col_sum)))
+                counts = positive_sums(xp, logits, mask)
+                row_found = _add(row_found, counts[:2])
+                col_pos[col] = _add(col_pos[col], counts[2:])
+            row_max, row_log, col_max, col_log = lse_tile(xp, logits)
+            row_total = _merge(xp, row_total, (row_max, row_log))
+            col_lse[col] = _merge(xp, col_lse[col], (col_max, col_log))
         assert row_total is not None
         row_lse.append(row_total)
         if row_found is not None:
             row_pos.append(row_found)
+    lse_cols = [pair for pair in col_lse if pair is not None]
     if positives is None:
-        return SoftmaxLse(_stack(xp, row_lse), _stack(xp, [p for p in col_lse if p is not None]))
-    return SoftmaxLse(
-        _stack(xp, row_lse, row_pos),
-        _stack(xp, [p for p in col_lse if p is not None], [p for p in col_pos if p is not None]),
-    )
+        return SoftmaxLse(stack_pairs(xp, row_lse), stack_pairs(xp, lse_cols))
+    pos_cols = [pair for pair in col_pos if pair is not None]
+    return SoftmaxLse(stack_pairs(xp, row_lse, row_pos), stack_pairs(xp, lse_cols, pos_cols))
 
 
 def softmax_grad_sums(
@@ -263,6 +237,16 @@ def softmax_grad_sums(
             block_size=block_size,
             col_weight=col_weight,
         )
+    if _jaxloops.enabled(xp, scaled_img, txt, row_lse, col_lse, positives):
+        return _jaxloops.softmax_grad_sums(
+            scaled_img,
+            txt,
+            row_lse,
+            col_lse,
+            positives=positives,
+            block_size=block_size,
+            col_weight=col_weight,
+        )
     m, k = scaled_img.shape[0], txt.shape[0]
     device = array_api_compat.device(scaled_img)
     col_blocks = list(blocks(k, block_size))
@@ -283,18 +267,21 @@ def softmax_grad_sums(
             # softmax_rows + softmax_cols as exp((Z - M) - s); both exponents are <= 0 up to
             # rounding. Z - M first: a difference of two logits, exact where it matters.
             cols = slice(col_start, col_stop)
-            col_part = xp.exp((logits - col_top[None, cols]) - col_log[None, cols])
-            if col_weight != 1.0:
-                col_part = col_weight * col_part
-            part = xp.exp((logits - top) - log) + col_part
             mask = positive_mask(
                 xp, positives, (row_start, row_stop), (col_start, col_stop), device
             )
+            minus: float | Array = 2.0
             if mask is not None and labelled:
                 minus = row_minus[row_start:row_stop, None] + col_minus[None, cols]
-                part = xp.where(mask, part - minus, part)
-            elif mask is not None:
-                part = xp.where(mask, part - 2, part)
+            part = softmax_grad_tile(
+                xp,
+                logits,
+                (top, log),
+                (col_top[None, cols], col_log[None, cols]),
+                mask,
+                minus,
+                col_weight=col_weight,
+            )
             step = xp.matmul(part, txt_cols)  # (b, c) @ (c, d) -> (b, d)
             img_acc = step if img_acc is None else img_acc + step
             back = xp.matmul(part.T, img_rows)  # (c, b) @ (b, d) -> (c, d)

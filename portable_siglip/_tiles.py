@@ -11,7 +11,9 @@ __all__ = ["Positives", "blocks", "diagonal_mask", "positive_mask"]
 #: Which pairs of a (row block, column block) are positives: ``True`` the diagonal (row i
 #: with text i, rows and columns tiled alike), ``False`` none (another rank's texts without
 #: ids), or ``(row_ids, col_ids)``: pair (i, j) is positive iff ``row_ids[i] == col_ids[j]``.
-Positives = bool | tuple[Array, Array]
+#: Under an SPMD communicator (jax ``AxisComm``) whether a block is the home block is known
+#: only on the device: a traced 0-d boolean stands for True/False there (jax loops only).
+Positives = bool | Array | tuple[Array, Array]
 
 
 def blocks(n: int, block_size: int) -> Iterator[tuple[int, int]]:

@@ -479,6 +479,11 @@ def check_communicator(comm: object) -> Communicator:
         )
         raise TypeError(msg)
     size, rank = comm.size, comm.rank  # type: ignore[attr-defined]
+    if getattr(comm, "spmd", False):  # one traced program: the rank is a traced value
+        if not (isinstance(size, int) and size >= 1):
+            msg = f"`comm` reports size {size!r}; need a positive int"
+            raise ValueError(msg)
+        return comm  # type: ignore[return-value]
     if not (isinstance(size, int) and isinstance(rank, int) and 0 <= rank < size):
         msg = f"`comm` reports rank {rank!r} of size {size!r}; need 0 <= rank < size"
         raise ValueError(msg)
