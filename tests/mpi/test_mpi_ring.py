@@ -120,3 +120,46 @@ def test_constructor_checks() -> None:
         MPIComm(object())
     with pytest.raises(TypeError, match=r"`cuda_aware` must be a bool, got 'yes'"):
         MPIComm(MPI.COMM_WORLD, cuda_aware="yes")  # type: ignore[arg-type]
+
+
+def text_shard_sizes(world: int) -> list[int]:
+    """Uneven text rows per rank, unlike the image rows: 3, 1, 2, 3, 1, ..."""
+    return [1 + (2 * rank + 2) % 3 for rank in range(world)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("loss", "strategy"), SCHEDULES, ids=[f"{a}-{b}" for a, b in SCHEDULES])
+def test_ids_match_one_process(xp: Any, comm: MPIComm, loss: str, strategy: str) -> None:
+    """Several positives per row under real MPI: text ids travel with their text blocks."""
+    m, k = sum(shard_sizes(comm.size)), sum(text_shard_sizes(comm.size))
+    rng = np.random.default_rng(m + k)
+    img_np, txt_np = rng.standard_normal((m, 5)), rng.standard_normal((k, 5))
+    # Ids 0 .. min(m, k) - 1 on both sides, with repeats, so every row has a positive.
+    groups = min(m, k)
+    img_ids_np = np.arange(m) % groups
+    txt_ids_np = rng.permutation(np.arange(k) % groups)
+    img, _ = on_backend(xp, img_np, "float64")
+    txt, _ = on_backend(xp, txt_np, "float64")
+    img_ids, txt_ids = xp.asarray(img_ids_np), xp.asarray(txt_ids_np)
+    function = LOSS_AND_GRAD[loss]
+    want_loss, want = function(
+        img, txt, SCALE, BIAS, block_size=2, img_ids=img_ids, txt_ids=txt_ids
+    )
+    rows = my_rows(comm)
+    edges = [0, *accumulate(text_shard_sizes(comm.size))]
+    cols = slice(edges[comm.rank], edges[comm.rank + 1])
+    got_loss, got = function(
+        img[rows, :],
+        txt[cols, :],
+        SCALE,
+        BIAS,
+        comm=comm,
+        strategy=strategy,
+        block_size=2,
+        img_ids=img_ids[rows],
+        txt_ids=txt_ids[cols],
+    )
+    assert_close(got_loss, to_numpy(want_loss), 1e-12, "loss")
+    assert_close(got.img, to_numpy(want.img)[rows], 1e-12, "grads.img")
+    assert_close(got.txt, to_numpy(want.txt)[cols], 1e-12, "grads.txt")
+    assert_close(got.scale, to_numpy(want.scale), 1e-12, "grads.scale")
