@@ -5,7 +5,10 @@ the loss, gradient norms, wall time and peak extra memory; ``--verify`` checks t
 against a dense float64 evaluation and exits with status 1 if they disagree. Launched by
 ``mpirun -n W`` or ``torchrun``, ``run`` shards the global batch over the W ranks (rank r
 holds rows ``[r n / W, (r + 1) n / W)`` of the same seed-determined batch as one process
-would) and reports each rank's time and bytes sent. ``--device`` puts the arrays on a GPU
+would) and reports each rank's time and bytes sent. ``--captions-per-image K`` and
+``--duplicate-rate P`` draw a batch with several positives per row instead
+(:func:`random_batch`), evaluated with ``img_ids`` and ``txt_ids``; images and captions are
+then sharded independently. ``--device`` puts the arrays on a GPU
 (:mod:`._devices`), ``--comm`` picks the transport: MPI, NCCL or torch.distributed
 (:mod:`._launch`). ``bench`` times the blockwise path against the same run's matmul
 roofline (see :mod:`portable_siglip.bench`); ``doctor`` checks this machine
@@ -37,6 +40,12 @@ __all__ = ["main"]
 #: Rows per generator chunk of ``random_pairs``: any shard regenerates only its chunks.
 CHUNK_ROWS = 4096
 
+#: Last words of the generator seeds of the extra captions, ``(seed, chunk, CAPTION_KEY)``,
+#: and of the duplicate draw, ``(seed, 0, DUPLICATE_KEY)``. Never 0: NumPy pads a seed with
+#: zeros, so ``(seed, chunk, 0)`` would be ``random_pairs``'s ``(seed, chunk)``.
+CAPTION_KEY = 1
+DUPLICATE_KEY = 2
+
 #: Normwise relative tolerance of ``--verify`` per input dtype: (loss, gradients). The
 #: blockwise result and the dense reference see the same rounded inputs, so these only
 #: cover the arithmetic (float32 accumulation for half inputs; half-precision outputs).
@@ -65,6 +74,16 @@ def _nonnegative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value:g}")
     return value
 
 
@@ -99,6 +118,26 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch", type=_positive_int, default=4096, help="global batch n")
     parser.add_argument("--dim", type=_positive_int, default=512, help="feature dimension d")
+    parser.add_argument(
+        "--captions-per-image",
+        type=_positive_int,
+        default=1,
+        metavar="K",
+        help="captions per image: the batch has n images and K n captions, caption j "
+        "belonging to image j // K (img_ids = arange(n), txt_ids = repeat(arange(n), K)) and "
+        "drawn near its image's features; K > 1 evaluates the loss with img_ids and txt_ids",
+    )
+    parser.add_argument(
+        "--duplicate-rate",
+        type=_rate,
+        default=0.0,
+        metavar="P",
+        help="fraction of duplicated captions, in [0, 1): every image but the first, with "
+        "probability P (seeded by --seed), joins the group of a uniformly drawn earlier "
+        "image: it takes that image's id and exact copies of its captions (keeping its own "
+        "image features), so every image of a group is a positive of every caption of the "
+        "group; P > 0 evaluates the loss with img_ids and txt_ids",
+    )
     parser.add_argument(
         "--block-size",
         type=_positive_int,
@@ -238,6 +277,144 @@ def random_pairs(
     return img, txt
 
 
+def _normal_rows(
+    np: Any, indices: Any, total: int, d: int, seed: int, tail: Sequence[int], draw: int
+) -> Any:
+    """Rows `indices` of a seed-determined (total, d) standard normal matrix, float64.
+
+    The matrix is drawn in chunks of ``CHUNK_ROWS`` rows, chunk ``c`` by the generator
+    seeded ``(seed, c, *tail)`` as its draw number `draw` (0 first) of a (rows, d) block:
+    ``tail=(), draw=0`` are the images of :func:`random_pairs`, ``draw=1`` its text noise.
+    Only the chunks that hold some of `indices` are drawn, one at a time.
+    """
+    out = np.empty((len(indices), d))
+    chunks = indices // CHUNK_ROWS
+    for chunk in np.unique(chunks).tolist():
+        first = chunk * CHUNK_ROWS
+        count = min(first + CHUNK_ROWS, total) - first
+        rng = np.random.default_rng([seed, chunk, *tail])
+        for _ in range(draw):
+            rng.standard_normal((count, d))
+        block = rng.standard_normal((count, d))
+        here = chunks == chunk
+        out[here] = block[indices[here] - first]
+    return out
+
+
+def batch_ids(np: Any, n: int, captions: int, duplicate_rate: float, seed: int) -> tuple[Any, Any]:
+    """Ids of the images and captions of :func:`random_batch`: int64 arrays (n,), (captions n,).
+
+    Image ``i`` has the id of its group's first image; caption ``j`` belongs to image
+    ``j // captions`` and has its id. Without duplicates the groups are single images:
+    ``img_ids = arange(n)``, ``txt_ids = repeat(arange(n), captions)``. With
+    ``duplicate_rate = P``, every image but the first joins, with probability P, the group of
+    an earlier image drawn uniformly (one generator, seeded ``(seed, 0, DUPLICATE_KEY)``,
+    draws both for the whole batch), so every id is the id of some image and of its captions.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> img_ids, txt_ids = batch_ids(np, 3, 2, 0.0, seed=0)
+    >>> img_ids.tolist(), txt_ids.tolist()
+    ([0, 1, 2], [0, 0, 1, 1, 2, 2])
+    >>> img_ids, txt_ids = batch_ids(np, 1000, 1, 0.5, seed=0)
+    >>> set(img_ids.tolist()) == set(txt_ids.tolist())
+    True
+    >>> 400 < int((img_ids != np.arange(1000)).sum()) < 600  # about half joined a group
+    True
+    """
+    index = np.arange(n, dtype=np.int64)
+    group = index.copy()
+    if duplicate_rate > 0 and n > 1:
+        rng = np.random.default_rng([seed, 0, DUPLICATE_KEY])
+        joins = rng.random(n) < duplicate_rate
+        earlier = rng.integers(0, np.maximum(index, 1))  # uniform in [0, i); 0 for i = 0
+        joins[0] = False
+        group = np.where(joins, earlier, index)
+        while True:  # pointer jumping to the group's first image (each step halves chains)
+            jumped = group[group]
+            if np.array_equal(jumped, group):
+                break
+            group = jumped
+    return group, np.repeat(group, captions)
+
+
+def random_batch(
+    np: Any,
+    n: int,
+    d: int,
+    seed: int,
+    captions: int = 1,
+    duplicate_rate: float = 0.0,
+    img_rows: tuple[int, int] | None = None,
+    txt_rows: tuple[int, int] | None = None,
+) -> tuple[Any, Any, Any, Any]:
+    """Draw a seed-determined batch with several positives per row: features and ids.
+
+    ``n`` L2-normalised images (those of :func:`random_pairs`) and ``captions * n``
+    captions; caption ``j`` belongs to image ``j // captions``. Its feature is that of
+    caption ``j % captions`` of the first image ``r`` of the image's group
+    (:func:`batch_ids`): ``normalise(img[r] + noise / sqrt(d))``, the noise of caption 0
+    being :func:`random_pairs`'s text noise of row ``r`` and that of caption ``c >= 1`` row
+    ``r (captions - 1) + c - 1`` of a matrix seeded ``(seed, chunk, CAPTION_KEY)``. So
+    ``captions=1, duplicate_rate=0`` is :func:`random_pairs`'s batch, and duplicated
+    captions are exact copies. ``img_rows`` and ``txt_rows`` select rows ``[start, stop)``
+    of each side, drawing only the chunks they need.
+
+    Returns
+    -------
+    tuple
+        ``(img, txt, img_ids, txt_ids)`` of the selected rows: float64 features, int64 ids.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> img, txt, img_ids, txt_ids = random_batch(np, 4, 3, seed=0, captions=2)
+    >>> img.shape, txt.shape, txt_ids.tolist()
+    ((4, 3), (8, 3), [0, 0, 1, 1, 2, 2, 3, 3])
+    >>> part = random_batch(np, 4, 3, seed=0, captions=2, img_rows=(1, 2), txt_rows=(3, 6))
+    >>> bool((part[0] == img[1:2]).all() and (part[1] == txt[3:6]).all())
+    True
+    """
+    img_ids, txt_ids = batch_ids(np, n, captions, duplicate_rate, seed)
+    img_start, img_stop = (0, n) if img_rows is None else img_rows
+    txt_start, txt_stop = (0, captions * n) if txt_rows is None else txt_rows
+    img = _normal_rows(np, np.arange(img_start, img_stop), n, d, seed, (), 0)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+
+    caption = np.arange(txt_start, txt_stop)
+    first = txt_ids[txt_start:txt_stop]  # the first image of each caption's group
+    which = caption % captions
+    txt = _normal_rows(np, first, n, d, seed, (), 0)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    noise = np.empty_like(txt)
+    zero = which == 0
+    noise[zero] = _normal_rows(np, first[zero], n, d, seed, (), 1)
+    extra = first[~zero] * (captions - 1) + which[~zero] - 1
+    noise[~zero] = _normal_rows(np, extra, n * (captions - 1), d, seed, (CAPTION_KEY,), 0)
+    txt += noise / np.sqrt(d)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    return img, txt, img_ids[img_start:img_stop], txt_ids[txt_start:txt_stop]
+
+
+def positive_pairs(np: Any, img_ids: Any, txt_ids: Any) -> int:
+    """Count the pairs (i, j) with ``img_ids[i] == txt_ids[j]``, by id.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> positive_pairs(np, np.array([0, 0, 1]), np.array([0, 1, 1, 1]))
+    5
+    """
+    ids, img_count = np.unique(img_ids, return_counts=True)
+    txt_count = np.zeros_like(img_count)
+    found, counts = np.unique(txt_ids, return_counts=True)
+    where = np.searchsorted(ids, found)
+    inside = (where < ids.size) & (ids[np.minimum(where, ids.size - 1)] == found)
+    txt_count[where[inside]] = counts[inside]
+    return int((img_count * txt_count).sum())
+
+
 def shard(n: int, size: int, rank: int) -> tuple[int, int]:
     """Rows ``[start, stop)`` of rank ``rank`` of ``size``: sizes differ by at most one.
 
@@ -325,6 +502,16 @@ def _measure_peak(exact: bool, rss_before: int | None, reset: bool) -> tuple[int
     ), "growth of ru_maxrss; a lower bound"
 
 
+def _with_ids(args: argparse.Namespace) -> bool:
+    """Whether ``run`` draws a batch with several positives per row and passes ids."""
+    return bool(args.captions_per_image > 1 or args.duplicate_rate > 0)
+
+
+def _batch_shape(args: argparse.Namespace) -> tuple[int, int, int, int, float]:
+    """Return the arguments ``(n, d, seed, captions, duplicate_rate)`` of :func:`random_batch`."""
+    return args.batch, args.dim, args.seed, args.captions_per_image, args.duplicate_rate
+
+
 def _run(args: argparse.Namespace, comm: Any = None, device: Device | None = None) -> int:
     np = _import_numpy()
     device = Device("cpu") if device is None else device
@@ -347,7 +534,20 @@ def _run(args: argparse.Namespace, comm: Any = None, device: Device | None = Non
             file=sys.stderr,
         )
     rows = shard(args.batch, size, rank)
-    img_np, txt_np = random_pairs(np, args.batch, args.dim, args.seed, rows=rows)
+    ids: dict[str, Any] = {}
+    ids_np: tuple[Any, Any] | None = None
+    if _with_ids(args):
+        txt_rows = shard(args.captions_per_image * args.batch, size, rank)
+        img_np, txt_np, img_ids, txt_ids = random_batch(
+            np, *_batch_shape(args), img_rows=rows, txt_rows=txt_rows
+        )
+        ids_dtype = xp.int64 if args.backend != "jax" else xp.int32  # jax: int64 needs x64
+        ids["img_ids"] = place(args.backend, xp, img_ids, ids_dtype, device)
+        ids["txt_ids"] = place(args.backend, xp, txt_ids, ids_dtype, device)
+        ids_np = (img_ids, txt_ids)
+    else:
+        txt_rows = rows
+        img_np, txt_np = random_pairs(np, args.batch, args.dim, args.seed, rows=rows)
     img = place(args.backend, xp, img_np, dtype, device)
     txt = place(args.backend, xp, txt_np, dtype, device)
     del img_np, txt_np
@@ -367,7 +567,14 @@ def _run(args: argparse.Namespace, comm: Any = None, device: Device | None = Non
     high_water_reset = _memory.reset_high_water()
     start = time.perf_counter()
     loss, grads = loss_and_grad(
-        img, txt, args.scale, bias, block_size=args.block_size, comm=comm, strategy=strategy
+        img,
+        txt,
+        args.scale,
+        bias,
+        block_size=args.block_size,
+        comm=comm,
+        strategy=strategy,
+        **ids,  # only with --captions-per-image > 1 or --duplicate-rate > 0
     )
     _synchronise([loss, *grads])
     seconds = time.perf_counter() - start
@@ -379,14 +586,23 @@ def _run(args: argparse.Namespace, comm: Any = None, device: Device | None = Non
 
     norm_img = float(np.linalg.norm(to_numpy(grads.img))) ** 2
     norm_txt = float(np.linalg.norm(to_numpy(grads.txt))) ** 2
-    report = (rows[1] - rows[0], seconds, sent, peak, norm_img, norm_txt, float(to_numpy(loss)))
+    report = (
+        rows[1] - rows[0],
+        seconds,
+        sent,
+        peak,
+        norm_img,
+        norm_txt,
+        float(to_numpy(loss)),
+        txt_rows[1] - txt_rows[0],
+    )
     per_rank = comm.allgather_object(report) if comm is not None else [report]
     if rank == 0:
         _print_run(np, args, strategy, comm, per_rank, loss, grads, memory_note, device)
     if not args.verify:
         return 0
     if comm is None:
-        return _verify(np, args, img, txt, loss, grads)
+        return _verify(np, args, img, txt, loss, grads, ids_np)
     return _verify_sharded(np, args, dtype, xp, comm, loss, grads, per_rank)
 
 
@@ -412,6 +628,20 @@ def _print_run(
         f"seed={args.seed}"
     )
     print(f"  scale t = {args.scale:g}, bias b = {args.bias if bias is not None else 'none'}")
+    m, k = n, n
+    if _with_ids(args):
+        k = args.captions_per_image * n
+        img_ids, txt_ids = batch_ids(np, n, args.captions_per_image, args.duplicate_rate, args.seed)
+        positives = positive_pairs(np, img_ids, txt_ids)
+        groups = len(np.unique(img_ids))
+        print(
+            f"  batch           m = {m} images, k = {k} captions ({args.captions_per_image} per "
+            f"image, duplicate rate {args.duplicate_rate:g})"
+        )
+        print(
+            f"  positives       {positives} pairs, {groups} distinct ids ({positives / m:.3g} "
+            f"per image, {positives / k:.3g} per caption)"
+        )
     print(f"  loss            {float(to_numpy(loss)):.10g}")
     print(f"  |grad img|      {norm_img:.6g}")
     print(f"  |grad txt|      {norm_txt:.6g}")
@@ -421,7 +651,8 @@ def _print_run(
     print(f"  wall time       {slowest:.4f} s (forward + gradient, first call, slowest rank)")
     peak = max(entry[3] for entry in per_rank)
     print(f"  peak extra mem  {peak / 2**20:.1f} MiB per rank at most ({memory_note})")
-    print(f"  for scale: one n x n float32 matrix is {n * n * 4 / 2**20:.1f} MiB")
+    shape = "n x n" if m == k else "m x k"
+    print(f"  for scale: one {shape} float32 matrix is {m * k * 4 / 2**20:.1f} MiB")
     if comm is None:
         return
     same = all(entry[6] == per_rank[0][6] for entry in per_rank)
@@ -429,10 +660,14 @@ def _print_run(
         f"  ranks           {len(per_rank)} ({type(comm).__name__}), strategy {strategy}; "
         f"loss identical on every rank: {'yes' if same else 'NO'}"
     )
-    print("    rank   rows   time s   sent MiB   peak MiB")
-    for index, (count, seconds, sent, peak_rank, *_) in enumerate(per_rank):
+    if not _with_ids(args):
+        print("    rank   rows   time s   sent MiB   peak MiB")
+    else:  # images and captions are sharded independently
+        print("    rank   rows captions   time s   sent MiB   peak MiB")
+    for index, (count, seconds, sent, peak_rank, *_, captions) in enumerate(per_rank):
         mib = (sent / 2**20, peak_rank / 2**20)
-        print(f"    {index:4d} {count:6d} {seconds:8.4f} {mib[0]:10.2f} {mib[1]:10.1f}")
+        texts = f" {captions:8d}" if _with_ids(args) else ""
+        print(f"    {index:4d} {count:6d}{texts} {seconds:8.4f} {mib[0]:10.2f} {mib[1]:10.1f}")
 
 
 def _verify_sharded(
@@ -449,7 +684,12 @@ def _verify_sharded(
     pieces = {name: comm.allgather(getattr(grads, name)) for name in ("img", "txt")}
     status = 0
     if comm.rank == 0:
-        img_np, txt_np = random_pairs(np, args.batch, args.dim, args.seed)
+        ids: tuple[Any, Any] | None = None
+        if _with_ids(args):
+            img_np, txt_np, *both = random_batch(np, *_batch_shape(args))
+            ids = (both[0], both[1])
+        else:
+            img_np, txt_np = random_pairs(np, args.batch, args.dim, args.seed)
         full = grads._replace(
             img=np.concatenate([to_numpy(part) for part in pieces["img"]], axis=0),
             txt=np.concatenate([to_numpy(part) for part in pieces["txt"]], axis=0),
@@ -457,7 +697,7 @@ def _verify_sharded(
         # Rounded to the run's dtype exactly as every rank rounded its shard.
         img = xp.asarray(img_np, dtype=dtype)
         txt = xp.asarray(txt_np, dtype=dtype)
-        status = _verify(np, args, img, txt, loss, full)
+        status = _verify(np, args, img, txt, loss, full, ids)
         if not all(entry[6] == per_rank[0][6] for entry in per_rank):
             print("verify: FAILED (the ranks returned different losses)")
             status = 1
@@ -465,11 +705,24 @@ def _verify_sharded(
     return max(statuses)
 
 
-def _verify(np: Any, args: argparse.Namespace, img: Any, txt: Any, loss: Any, grads: Any) -> int:
-    from ._reference import dense_loss_and_grad
+def _verify(
+    np: Any,
+    args: argparse.Namespace,
+    img: Any,
+    txt: Any,
+    loss: Any,
+    grads: Any,
+    ids: tuple[Any, Any] | None = None,
+) -> int:
+    from ._reference import dense_loss_and_grad, dense_loss_and_grad_with_ids
 
     bias = args.bias if args.loss == "sigmoid" else 0.0
-    expected = dense_loss_and_grad(args.loss, to_numpy(img), to_numpy(txt), args.scale, bias)
+    if ids is None:
+        expected = dense_loss_and_grad(args.loss, to_numpy(img), to_numpy(txt), args.scale, bias)
+    else:
+        expected = dense_loss_and_grad_with_ids(
+            args.loss, to_numpy(img), to_numpy(txt), args.scale, bias, *ids
+        )
     actual = [loss, grads.img, grads.txt, grads.scale, grads.bias]
     names = ["loss", "grads.img", "grads.txt", "grads.scale", "grads.bias"]
     loss_rtol, grad_rtol = VERIFY_RTOL[args.dtype]

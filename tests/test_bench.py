@@ -266,3 +266,76 @@ def test_docstring_examples_run(module: ModuleType) -> None:
     result = doctest.testmod(module, verbose=False)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_ids_row_is_timed_with_ours_and_reported_as_ratios(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--backends", "numpy", "--sizes", "40", "--dim", "8", "--repeats", "2"]
+    options = ["--no-dense", "--positives-per-row", "2", "--json", str(out)]
+    assert main(parse([*argv, *options])) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["positives_per_row"] == 2
+    rows = report["rows"]
+    assert [(r["loss"], r["impl"]) for r in rows] == [
+        (loss, impl) for loss in ("sigmoid", "softmax") for impl in ("ours", "ours ids", "roofline")
+    ]
+    for ours, ids in zip(rows[0::3], rows[1::3], strict=True):
+        assert (ids["positives_per_row"], ours["positives_per_row"]) == (2, None)
+        assert ids["timed_in"] == ours["timed_in"] == "interleaved"
+        assert len(ids["times_s"]) == len(ours["times_s"]) == 2
+        assert ids["vs_plain"]["time"] == pytest.approx(ids["median_s"] / ours["median_s"])
+        assert ids["memory"]["impl"] == "ours ids"  # probed in its own process
+        assert ids["tracemalloc_peak_mib"] > 0
+        assert ids["vs_plain"]["tracemalloc"] == pytest.approx(
+            ids["tracemalloc_peak_mib"] / ours["tracemalloc_peak_mib"]
+        )
+    text = capsys.readouterr().out
+    assert "several positives per row: ours ids against ours" in text
+    table = text.split("several positives per row: ours ids against ours")[1]
+    assert "time ids/plain" in table
+    assert "peak ids/plain" in table
+    body = [line.split() for line in table.splitlines() if line.startswith("numpy ")]
+    assert [(row[1], row[3], row[4]) for row in body] == [
+        ("sigmoid", "40", "2"),
+        ("softmax", "40", "2"),
+    ]
+    assert all(float(row[7]) > 0 for row in body)
+
+
+def test_ids_rows_go_with_ours_even_when_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sweep, "LONG_CASE_S", 0.0)  # every case is long
+    out = tmp_path / "bench.json"
+    argv = ["--backends", "numpy", "--losses", "sigmoid", "--sizes", "40", "--dim", "8"]
+    options = ["--repeats", "1", "--no-dense", "--no-memory", "--positives-per-row", "3"]
+    assert main(parse([*argv, *options, "--json", str(out)])) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["ours"]["timed_in"] == rows["ours ids"]["timed_in"] == "interleaved"
+    assert rows["roofline"]["timed_in"] == "once"
+    assert rows["ours ids"]["vs_plain"]["peak"] is None  # not probed
+
+
+def test_ids_are_groups_of_duplicated_pairs() -> None:
+    np = pytest.importorskip("numpy")
+    ids = sweep.group_ids("numpy", 7, 3)
+    assert ids.tolist() == [0, 0, 0, 1, 1, 1, 2]
+    assert ids.dtype == np.int64
+
+
+@pytest.mark.parametrize("mode", ["--profile", "--frameworks", "--distributed"])
+def test_positives_per_row_is_for_the_sweep(mode: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(parse([mode, "--positives-per-row", "2"])) == 2
+    assert "`--positives-per-row` adds a row to the sweep" in capsys.readouterr().err
+
+
+def test_bad_positives_per_row_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["--positives-per-row", "0"])
+    assert exit_info.value.code == 2
+    args = parse(["--sizes", "8", "--dim", "4"])
+    args.positives_per_row = 0
+    assert main(args) == 2
+    assert "`--positives-per-row` must be a positive integer" in capsys.readouterr().err

@@ -127,6 +127,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(PORTABLE_SIGLIP_FAST_PATHS=0), beside the in-place kernels of numpy and torch",
     )
     parser.add_argument(
+        "--positives-per-row",
+        type=positive_int_arg,
+        default=1,
+        metavar="K",
+        help="with K >= 2, add to every case of the sweep a row `ours ids`: our loss with "
+        "img_ids = txt_ids = arange(n) // K (groups of K duplicated pairs, K positives per "
+        "row), timed in the same interleaved rounds as `ours` and probed the same way; a "
+        "second table gives its time and peak memory as ratios to `ours`. 1: no such row",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="split the time of our call into tile GEMMs and the rest, against the roofline "
@@ -265,6 +275,8 @@ def _resolve_device(args: argparse.Namespace, modes: list[str]) -> Device:
     if not device.is_cuda:
         return device
     excluded = [*modes, *(m for m in ("reference", "plots") if getattr(args, m, None))]
+    if int(getattr(args, "positives_per_row", 1) or 1) > 1:
+        excluded.append("positives-per-row")
     if excluded:
         msg = (
             f"`--device {text}` runs the GPU benchmark, which has no "
@@ -298,6 +310,13 @@ def main(args: argparse.Namespace) -> int:
     if len(modes) > 1:
         print(
             f"bench: error: `--{modes[0]}` and `--{modes[1]}` exclude each other", file=sys.stderr
+        )
+        return 2
+    if modes and int(getattr(args, "positives_per_row", 1) or 1) > 1:
+        print(
+            f"bench: error: `--positives-per-row` adds a row to the sweep, which `--{modes[0]}` "
+            "replaces; leave one of them out",
+            file=sys.stderr,
         )
         return 2
     try:

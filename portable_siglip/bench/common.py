@@ -165,6 +165,9 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"`--dim` must be a positive integer; got {dim!r}"
     if args.block_size is not None and int(args.block_size) <= 0:
         return f"`--block-size` must be a positive integer; got {args.block_size!r}"
+    positives = getattr(args, "positives_per_row", 1)
+    if isinstance(positives, bool) or not isinstance(positives, int) or positives <= 0:
+        return f"`--positives-per-row` must be a positive integer; got {positives!r}"
     cap = getattr(args, "memory_cap_gib", 16.0)
     if not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
         return f"`--memory-cap-gib` must be a positive number; got {cap!r}"

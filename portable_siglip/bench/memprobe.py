@@ -45,6 +45,7 @@ def measure(
     dtype: str,
     block_size: int | None,
     seed: int,
+    positives_per_row: int = 2,
 ) -> dict[str, Any]:
     """Run one case once and return its peak extra memory.
 
@@ -54,9 +55,9 @@ def measure(
         Array library.
     loss : {"sigmoid", "softmax"}
         Which loss (ignored by the ``roofline`` case).
-    impl : {"ours", "roofline", "dense autograd", "open_clip"}
-        What runs: the blockwise loss and gradient, the three GEMMs, the dense torch loss or
-        open_clip's.
+    impl : {"ours", "ours ids", "roofline", "dense autograd", "open_clip"}
+        What runs: the blockwise loss and gradient (plain, or with ids), the three GEMMs,
+        the dense torch loss or open_clip's.
     n, dim : int
         Batch size and feature dimension.
     dtype : {"float32", "float64"}
@@ -65,6 +66,8 @@ def measure(
         Tile edge of the blockwise loss (None: the library default).
     seed : int
         Seed of the random inputs.
+    positives_per_row : int
+        K of ``ours ids``: ``img_ids = txt_ids = arange(n) // K``, made with the inputs.
 
     Returns
     -------
@@ -79,11 +82,11 @@ def measure(
     own_high_water_at_start = high_water_bytes()
 
     warm_img, warm_txt = make_inputs(backend, min(n, WARMUP_N), dim, dtype, seed + 1)
-    make_run(backend, loss, impl, warm_img, warm_txt, block_size)()
+    make_run(backend, loss, impl, warm_img, warm_txt, block_size, positives_per_row)()
     del warm_img, warm_txt
 
     img, txt = make_inputs(backend, n, dim, dtype, seed)
-    run = make_run(backend, loss, impl, img, txt, block_size)
+    run = make_run(backend, loss, impl, img, txt, block_size, positives_per_row)
     gc.collect()
     use_tracemalloc = backend == "numpy"
     if use_tracemalloc:
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--block-size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--positives-per-row", type=int, default=2)
     args = parser.parse_args(argv)
     result = measure(
         backend=args.backend,
@@ -170,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         block_size=args.block_size,
         seed=args.seed,
+        positives_per_row=args.positives_per_row,
     )
     print(json.dumps(result), flush=True)
     return 0

@@ -27,6 +27,7 @@ BACKEND_COLOURS = {"numpy": "C0", "torch": "C1", "jax": "C2"}
 #: (line style, marker) of each implementation.
 IMPL_STYLES = {
     "ours": ("-", "o"),
+    "ours ids": ("-", "v"),
     "roofline": ("--", "s"),
     "dense autograd": (":", "^"),
     "open_clip": ("-.", "D"),

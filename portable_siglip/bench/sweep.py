@@ -6,6 +6,11 @@ these run on the same random inputs, forward + gradient:
 
 ``ours``
     :func:`portable_siglip.sigmoid_loss_and_grad` / :func:`softmax_loss_and_grad`.
+``ours ids`` (with ``--positives-per-row K``, K >= 2)
+    ``ours`` with several positives per row: ``img_ids = txt_ids = arange(n) // K`` (groups
+    of K duplicated image-caption pairs, so every row and column has K positives), on the
+    same inputs. It and ``ours`` are always timed in the same interleaved rounds, even when
+    long, and the report gives its time and peak memory as ratios to ``ours``.
 ``reference loops`` (with ``--reference``)
     ``ours`` with ``PORTABLE_SIGLIP_FAST_PATHS=0``: the array-API tile loops instead of the
     in-place kernels of numpy and torch, to measure what the kernels gain.
@@ -72,9 +77,12 @@ from .common import (
     write_report,
 )
 
-__all__ = ["IMPLS", "main", "make_run", "roofline_panel"]
+__all__ = ["IMPLS", "OURS_IDS", "group_ids", "main", "make_run", "roofline_panel"]
 
-IMPLS = (OURS, "reference loops", "roofline", DENSE, OPEN_CLIP)
+#: Our loss with several positives per row (``--positives-per-row``).
+OURS_IDS = "ours ids"
+
+IMPLS = (OURS, OURS_IDS, "reference loops", "roofline", DENSE, OPEN_CLIP)
 
 #: Batch sizes n of the default benchmark (``--sizes``).
 DEFAULT_SIZES = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
@@ -98,20 +106,54 @@ DENSE_N2_MATRICES = 5.5
 # --------------------------------------------------------------------------- the rows
 
 
+def group_ids(backend: str, n: int, positives: int) -> Any:
+    """``arange(n) // positives`` as an integer array of ``backend``: the ids of ``ours ids``.
+
+    Both sides get these ids, so pairs ``(i, j)`` with ``i // positives == j // positives``
+    are positives: every row and column has ``positives`` of them (the last group fewer
+    when ``positives`` does not divide ``n``).
+
+    Examples
+    --------
+    >>> group_ids("numpy", 5, 2).tolist()
+    [0, 0, 1, 1, 2]
+    """
+    import numpy as np
+
+    ids = np.arange(n, dtype=np.int64) // positives
+    if backend == "torch":
+        import torch
+
+        return torch.from_numpy(ids)
+    if backend == "jax":
+        import jax
+
+        return jax.device_put(ids.astype(np.int32))  # int64 needs jax_enable_x64
+    return ids
+
+
 def _ours(
-    loss: str, img: Any, txt: Any, block_size: int | None, *, fast_paths: bool = True
+    loss: str,
+    img: Any,
+    txt: Any,
+    block_size: int | None,
+    *,
+    fast_paths: bool = True,
+    ids: Any = None,
 ) -> Callable[[], None]:
     import portable_siglip as ps
     from portable_siglip._inplace import ENV
 
     loss_and_grad = ps.sigmoid_loss_and_grad if loss == "sigmoid" else ps.softmax_loss_and_grad
+    # Only `ours ids` passes the keywords: `ours` is the plain call, exactly as without them.
+    keywords = {} if ids is None else {"img_ids": ids, "txt_ids": ids}
 
     def run() -> None:
         saved = os.environ.get(ENV)
         if not fast_paths:
             os.environ[ENV] = "0"
         try:
-            value, grads = loss_and_grad(img, txt, SCALE, BIAS, block_size=block_size)
+            value, grads = loss_and_grad(img, txt, SCALE, BIAS, block_size=block_size, **keywords)
         finally:
             if saved is None:
                 os.environ.pop(ENV, None)
@@ -182,7 +224,13 @@ def _dense_autograd(loss: str, img: Any, txt: Any) -> Callable[[], None]:
 
 
 def make_run(
-    backend: str, loss: str, impl: str, img: Any, txt: Any, block_size: int | None
+    backend: str,
+    loss: str,
+    impl: str,
+    img: Any,
+    txt: Any,
+    block_size: int | None,
+    positives_per_row: int = 2,
 ) -> Callable[[], None]:
     """Return a function that runs one case once (forward + gradient) and keeps nothing.
 
@@ -192,12 +240,14 @@ def make_run(
         Array library of ``img`` and ``txt``.
     loss : {"sigmoid", "softmax"}
         Which loss (not used by ``roofline``).
-    impl : {"ours", "reference loops", "roofline", "dense autograd", "open_clip"}
+    impl : {"ours", "ours ids", "reference loops", "roofline", "dense autograd", "open_clip"}
         What to run; ``dense autograd`` and ``open_clip`` need torch (and open-clip-torch).
     img, txt : array, shape (n, d)
         The inputs, from :func:`portable_siglip.bench.common.make_inputs`.
     block_size : int or None
         Tile edge of ``ours`` (None: the library default).
+    positives_per_row : int
+        K of ``ours ids``: its ids are :func:`group_ids` ``(backend, n, K)``, made here.
 
     Returns
     -------
@@ -206,6 +256,9 @@ def make_run(
     """
     if impl == "ours":
         return _ours(loss, img, txt, block_size)
+    if impl == OURS_IDS:
+        ids = group_ids(backend, img.shape[0], positives_per_row)
+        return _ours(loss, img, txt, block_size, ids=ids)
     if impl == "reference loops":
         return _ours(loss, img, txt, block_size, fast_paths=False)
     if impl == "roofline":
@@ -218,8 +271,11 @@ def make_run(
     raise ValueError(msg)
 
 
-def _impls(backend: str, dense: bool, open_clip: bool, reference: bool = False) -> list[str]:
-    impls = ["ours", "reference loops", "roofline"] if reference else ["ours", "roofline"]
+def _impls(
+    backend: str, dense: bool, open_clip: bool, reference: bool = False, ids: bool = False
+) -> list[str]:
+    impls = ["ours", *([OURS_IDS] if ids else []), *(["reference loops"] if reference else [])]
+    impls.append("roofline")
     if dense and backend == "torch":
         impls.append("dense autograd")
         if open_clip:
@@ -248,7 +304,14 @@ def _probe(
     ]
     if args.block_size is not None:
         command.append(f"--block-size={args.block_size}")
+    if impl == OURS_IDS:
+        command.append(f"--positives-per-row={_positives(args)}")
     return run_json_line(command, timeout, "memory probe")
+
+
+def _positives(args: argparse.Namespace) -> int:
+    """``--positives-per-row``: 1 (no ``ours ids`` row) for a namespace without it."""
+    return int(getattr(args, "positives_per_row", 1) or 1)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -285,6 +348,66 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return render_table(lines, left={0, 1, 4})
 
 
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """Return ``numerator / denominator``; None when either is missing or the denominator is 0."""
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def _vs_plain(ids_row: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
+    """Return ``ours ids / ours`` of one case: time, peak extra memory, tracemalloc peak."""
+    return {
+        "time": _ratio(ids_row["median_s"], plain["median_s"]),
+        "peak": _ratio(ids_row["peak_extra_mib"], plain["peak_extra_mib"]),
+        "tracemalloc": _ratio(ids_row["tracemalloc_peak_mib"], plain["tracemalloc_peak_mib"]),
+    }
+
+
+def _ids_table(rows: list[dict[str, Any]]) -> str | None:
+    """Lay out ``ours ids`` against ``ours``, one line per case; None without such rows."""
+    plain = {(r["backend"], r["loss"], r["d"], r["n"]): r for r in rows if r["impl"] == OURS}
+    header = (
+        "backend",
+        "loss",
+        "d",
+        "n",
+        "K",
+        "ours s",
+        "ids s",
+        "time ids/plain",
+        "ours MiB",
+        "ids MiB",
+        "peak ids/plain",
+        "tracemalloc ids/plain",
+    )
+    lines = [header]
+    for row in rows:
+        if row["impl"] != OURS_IDS:
+            continue
+        base = plain.get((row["backend"], row["loss"], row["d"], row["n"]))
+        ratios = row.get("vs_plain") or {}
+        lines.append(
+            (
+                row["backend"],
+                row["loss"],
+                str(row["d"]),
+                str(row["n"]),
+                str(row["positives_per_row"]),
+                fmt(None if base is None else base["median_s"], ".3f"),
+                fmt(row["median_s"], ".3f"),
+                fmt(ratios.get("time"), ".3f"),
+                fmt(None if base is None else base["peak_extra_mib"], ".1f"),
+                fmt(row["peak_extra_mib"], ".1f"),
+                fmt(ratios.get("peak"), ".3f"),
+                fmt(ratios.get("tracemalloc"), ".3f"),
+            )
+        )
+    if len(lines) == 1:
+        return None
+    return render_table(lines, left={0, 1})
+
+
 def _header(args: argparse.Namespace, machine: dict[str, Any], block: str) -> str:
     versions = f"numpy {machine['numpy']}"
     if machine.get("numpy_blas"):
@@ -310,6 +433,14 @@ def _header(args: argparse.Namespace, machine: dict[str, Any], block: str) -> st
         ]
     )
 
+
+IDS_NOTE = (
+    "several positives per row: `ours ids` is `ours` called with img_ids = txt_ids = "
+    "arange(n) // K on the same inputs (groups of K duplicated pairs: K positives in every "
+    "row and column); it and `ours` are timed in the same interleaved rounds whatever their "
+    "predicted time, and probed the same way; ids/plain are the ratios of its median time, "
+    "peak MiB and tracemalloc peak to those of `ours`."
+)
 
 NOTES = (
     "GFLOP/s counts 6 n^2 d flops (three GEMMs of 2 n^2 d) for every row, whatever it did "
@@ -354,7 +485,8 @@ def _new_row(args: argparse.Namespace, case: Case, impl: str) -> dict[str, Any]:
         "d": case.d,
         "dtype": args.dtype,
         "impl": impl,
-        "block_size": args.block_size if impl in ("ours", "reference loops") else None,
+        "block_size": args.block_size if impl in (OURS, OURS_IDS, "reference loops") else None,
+        "positives_per_row": _positives(args) if impl == OURS_IDS else None,
         "times_s": [],
         "median_s": None,
         "gflops": None,
@@ -365,6 +497,7 @@ def _new_row(args: argparse.Namespace, case: Case, impl: str) -> dict[str, Any]:
         "timed_in": None,
         "skipped": None,
         "error": None,
+        "vs_plain": None,
     }
 
 
@@ -432,6 +565,8 @@ def _run_case(sweep: _Sweep, case: Case, impls: list[str], inputs: tuple[Any, An
         reason = None if args.no_dense else sweep.too_big(case, impl)
         if reason is not None:
             rows[impl]["skipped"] = reason
+        elif OURS_IDS in impls and impl in (OURS, OURS_IDS):
+            short.append(impl)  # their ratio is the point: always in the same rounds
         elif sweep.predicted_s(case, impl) > LONG_CASE_S:
             long.append(impl)
         else:
@@ -477,6 +612,8 @@ def _run_case(sweep: _Sweep, case: Case, impls: list[str], inputs: tuple[Any, An
         row = rows[impl]
         if roofline_s is not None and row["median_s"] is not None:
             row["roofline_fraction"] = roofline_s / row["median_s"]
+        if impl == OURS_IDS and OURS in rows:
+            row["vs_plain"] = _vs_plain(row, rows[OURS])
         sweep.remember(case, row)
         sweep.rows.append(row)
 
@@ -494,7 +631,11 @@ def _cases(args: argparse.Namespace, backends: Sequence[str]) -> list[Case]:
 def _sweep(args: argparse.Namespace, backends: Sequence[str], open_clip: bool) -> _Sweep:
     sweep = _Sweep(args)
     cases = _cases(args, backends)
-    progress = Progress([c.n * c.n * c.d * (4 if c.loss == "softmax" else 3) for c in cases])
+    ids = _positives(args) > 1
+    weight = 2 if ids else 1  # ours ids costs about what ours does
+    progress = Progress(
+        [c.n * c.n * c.d * (4 if c.loss == "softmax" else 3) * weight for c in cases]
+    )
     inputs: tuple[Any, Any] | None = None
     key: tuple[str, int, int] | None = None
     for case in cases:
@@ -506,7 +647,7 @@ def _sweep(args: argparse.Namespace, backends: Sequence[str], open_clip: bool) -
         assert inputs is not None
         progress.start(f"{case.backend} {case.loss} d={case.d} n={case.n}")
         reference = bool(getattr(args, "reference", False))
-        impls = _impls(case.backend, not args.no_dense, open_clip, reference)
+        impls = _impls(case.backend, not args.no_dense, open_clip, reference, ids)
         _run_case(sweep, case, impls, inputs)
         progress.advance()
     progress.close()
@@ -573,8 +714,15 @@ def main(args: argparse.Namespace) -> int:
 
     print()
     print(_table(rows))
+    ids_table = _ids_table(rows)
+    notes_shown: tuple[str, ...] = NOTES
+    if ids_table is not None:
+        print()
+        print("several positives per row: ours ids against ours, same inputs, same rounds")
+        print(ids_table)
+        notes_shown = (IDS_NOTE, *NOTES)
     print()
-    print_notes(NOTES, errors)
+    print_notes(notes_shown, errors)
     print_load_after(machine)
     report = {
         "machine": machine,
@@ -592,12 +740,13 @@ def main(args: argparse.Namespace) -> int:
             "bias": BIAS,
             "dense": not args.no_dense,
             "reference": bool(getattr(args, "reference", False)),
+            "positives_per_row": _positives(args),
             "memory": not args.no_memory,
             "memory_cap_gib": getattr(args, "memory_cap_gib", 16.0),
             "long_case_s": LONG_CASE_S,
         },
         "rows": rows,
-        "notes": [*notes, *NOTES],
+        "notes": [*notes, *notes_shown],
         "errors": errors,
     }
     write_report(args.json, report)
