@@ -159,6 +159,62 @@ def test_jax_backend_runs(tmp_path: Path) -> None:
     assert all(r["median_s"] > 0 for r in rows)
 
 
+def test_jax_rows_are_jitted_and_report_their_compile_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("jax")
+    out = tmp_path / "bench.json"
+    argv = ["--backends", "numpy,jax", "--losses", "sigmoid", "--sizes", "40", "--dim", "8"]
+    options = ["--repeats", "1", "--no-memory", "--positives-per-row", "2", "--json", str(out)]
+    assert main(parse([*argv, *options])) == 0
+    rows = json.loads(out.read_text())["rows"]
+    compiled = {(r["backend"], r["impl"]): r["compile_s"] for r in rows}
+    assert set(compiled) == {
+        (backend, impl) for backend in ("numpy", "jax") for impl in ("ours", "ours ids", "roofline")
+    }
+    for (backend, impl), seconds in compiled.items():
+        if backend == "jax" and impl != "roofline":
+            assert seconds is not None
+            assert math.isfinite(seconds)
+            assert seconds > 0
+        else:
+            assert seconds is None
+    text = capsys.readouterr().out
+    # The main table: from its header to the first blank line (the ids table follows).
+    table = text.split("\nbackend ", 1)[1].split("\n\n", 1)[0].splitlines()
+    header, body = "backend " + table[0], table[2:]
+    assert "compile s" in header
+    # Numbers are right-aligned: the cell ends where its header ends.
+    start, end = header.index("median s") + len("median s"), header.index("compile s") + 9
+    impl = header.index("impl")
+    cells = {(line.split()[0], line[impl:].split("  ")[0]): line[start:end] for line in body}
+    assert len(cells) == len(body) == 6
+    assert float(cells[("jax", "ours")]) > 0
+    assert float(cells[("jax", "ours ids")]) > 0
+    assert cells[("jax", "roofline")].strip() == ""
+    assert all(cells[("numpy", impl)].strip() == "" for impl in ("ours", "ours ids", "roofline"))
+    assert "lax.fori_loop" in text  # the note says what compile s is
+
+
+def test_numpy_only_sweep_has_no_compile_column(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--backends", "numpy", "--losses", "sigmoid", "--sizes", "32", "--dim", "4"]
+    assert main(parse([*argv, "--repeats", "1", "--no-memory"])) == 0
+    assert "compile s" not in capsys.readouterr().out
+
+
+def test_jax_memory_probe_measures_the_compiled_run() -> None:
+    pytest.importorskip("jax")
+    from portable_siglip.bench import memprobe
+
+    common_case = {"loss": "softmax", "n": 40, "dim": 8, "dtype": "float32", "seed": 0}
+    result = memprobe.measure(backend="jax", impl="ours", block_size=16, **common_case)
+    assert result["compile_s"] > 0
+    assert result["run_s"] > 0
+    assert result["peak_extra_bytes"] >= 0
+    numpy = memprobe.measure(backend="numpy", impl="ours", block_size=16, **common_case)
+    assert numpy["compile_s"] is None
+
+
 def test_plots_are_written_next_to_the_json(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     argv = ["--backends", "numpy", "--sizes", "32,64", "--dim", "8", "--repeats", "1"]

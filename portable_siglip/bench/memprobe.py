@@ -12,6 +12,11 @@ size (RSS) from ``/proc/self/statm``, reset the kernel's high-water mark through
 (``VmHWM`` in ``/proc/self/status``). The extra memory is that high-water mark minus the
 RSS before the run: the inputs are excluded, the outputs and every temporary included.
 
+The jitted jax rows (``ours``, ``ours ids``) are compiled when their run is made, for the
+warm-up batch and again for the real one, both before the RSS is read and the high-water
+mark reset: the peak is that of the compiled run, without the compilation (whose leftovers
+are in the RSS before, so excluded too). ``compile_s`` gives the real batch's compile time.
+
 ``resource.getrusage(...).ru_maxrss`` is recorded too, but it cannot be reset, and a child
 started by ``fork``/``vfork`` + ``exec`` carries its parent's high-water mark in it (Linux
 keeps the larger of the two across ``exec``), so it over-reports whenever the parent is
@@ -30,7 +35,7 @@ from typing import Any
 
 from .._memory import high_water_bytes, reset_high_water, rss_bytes, ru_maxrss_bytes
 from .common import BACKENDS, DTYPES, LOSSES, WARMUP_N, make_inputs
-from .sweep import IMPLS, make_run
+from .sweep import IMPLS, compile_seconds, make_run
 
 __all__ = ["main", "measure"]
 
@@ -74,6 +79,8 @@ def measure(
     dict
         ``peak_extra_bytes`` (the figure to report), ``method`` (how it was obtained),
         ``run_s`` (wall time of the measured run, tracemalloc included for NumPy),
+        ``compile_s`` (seconds to compile the jitted jax rows for this batch, before the
+        measured run; None for the rows that are not compiled),
         plus the raw readings: ``rss_before_bytes``, ``high_water_bytes``,
         ``ru_maxrss_extra_bytes``, ``ru_maxrss_inherited`` and, for NumPy,
         ``tracemalloc_peak_bytes``.
@@ -86,7 +93,7 @@ def measure(
     del warm_img, warm_txt
 
     img, txt = make_inputs(backend, n, dim, dtype, seed)
-    run = make_run(backend, loss, impl, img, txt, block_size, positives_per_row)
+    run = make_run(backend, loss, impl, img, txt, block_size, positives_per_row)  # compiles
     gc.collect()
     use_tracemalloc = backend == "numpy"
     if use_tracemalloc:
@@ -129,6 +136,7 @@ def measure(
         "dtype": dtype,
         "peak_extra_bytes": extra,
         "run_s": run_s,
+        "compile_s": compile_seconds(run),
         "method": method,
         "rss_before_bytes": rss_before,
         "high_water_bytes": high_water,

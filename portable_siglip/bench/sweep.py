@@ -5,7 +5,11 @@ both losses and every installed backend (numpy, torch, jax). For each (backend, 
 these run on the same random inputs, forward + gradient:
 
 ``ours``
-    :func:`portable_siglip.sigmoid_loss_and_grad` / :func:`softmax_loss_and_grad`.
+    :func:`portable_siglip.sigmoid_loss_and_grad` / :func:`softmax_loss_and_grad`. On jax it
+    is what a jax user runs: ``jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)),
+    static_argnames=("block_size",))`` of :mod:`portable_siglip.backends.jax`'s loss, with
+    ``scale`` and ``bias`` as 0-d arrays, compiled once per case (``.lower(...).compile()``)
+    before any timed run; the compile time is its own column (:class:`CompiledRun`).
 ``ours ids`` (with ``--positives-per-row K``, K >= 2)
     ``ours`` with several positives per row: ``img_ids = txt_ids = arange(n) // K`` (groups
     of K duplicated image-caption pairs, so every row and column has K positives), on the
@@ -13,7 +17,8 @@ these run on the same random inputs, forward + gradient:
     long, and the report gives its time and peak memory as ratios to ``ours``.
 ``reference loops`` (with ``--reference``)
     ``ours`` with ``PORTABLE_SIGLIP_FAST_PATHS=0``: the array-API tile loops instead of the
-    in-place kernels of numpy and torch, to measure what the kernels gain.
+    in-place kernels of numpy and torch, to measure what the kernels gain. On jax it is the
+    eager call of the core function (no ``jit``), which takes those loops too.
 ``roofline``
     The three GEMMs any forward + gradient must do, ``S = img @ txt.T``, ``S @ txt`` and
     ``S.T @ img``, on the same backend and dtype: the matmul roofline of this run
@@ -30,6 +35,10 @@ median is reported. A case predicted (from the same row at the previous n, scale
 take longer than :data:`LONG_CASE_S` runs once, without warm-up, in its memory probe.
 Rows predicted to need more memory than ``--memory-cap-gib`` (the dense n x n ones) are
 skipped with the prediction stated.
+
+The jitted jax rows report their compile time (``compile_s``: tracing, lowering and the XLA
+compile of ``.lower(...).compile()``) beside the run time, which excludes it; other rows have
+none.
 
 Every row reports GFLOP/s counted as three GEMMs of ``2 n^2 d`` flops whatever the row did, so
 the rows compare, and the roofline fraction ``roofline time / row time``. Peak extra memory is
@@ -77,7 +86,16 @@ from .common import (
     write_report,
 )
 
-__all__ = ["IMPLS", "OURS_IDS", "group_ids", "main", "make_run", "roofline_panel"]
+__all__ = [
+    "IMPLS",
+    "OURS_IDS",
+    "CompiledRun",
+    "compile_seconds",
+    "group_ids",
+    "main",
+    "make_run",
+    "roofline_panel",
+]
 
 #: Our loss with several positives per row (``--positives-per-row``).
 OURS_IDS = "ours ids"
@@ -162,6 +180,67 @@ def _ours(
         wait_ready(value, *grads)
 
     return run
+
+
+class CompiledRun:
+    """A run whose program was compiled when the run was made, and how long that took.
+
+    :func:`make_run` returns one for the jitted jax rows: the compile happens there, outside
+    every timed region, and calling the object runs the compiled program only.
+
+    Parameters
+    ----------
+    run : callable
+        No arguments; runs the compiled program once and waits for its outputs.
+    compile_s : float
+        Wall-clock seconds of tracing, lowering and compiling it.
+    """
+
+    def __init__(self, run: Callable[[], None], compile_s: float) -> None:
+        self._run = run
+        self.compile_s = compile_s
+
+    def __call__(self) -> None:
+        """Run the compiled program once and wait for its outputs."""
+        self._run()
+
+
+def compile_seconds(run: Callable[[], None]) -> float | None:
+    """Return the compile time of a run from :func:`make_run`; None if not a :class:`CompiledRun`.
+
+    Examples
+    --------
+    >>> compile_seconds(CompiledRun(lambda: None, 0.25)), compile_seconds(lambda: None)
+    (0.25, None)
+    """
+    return run.compile_s if isinstance(run, CompiledRun) else None
+
+
+def _ours_jit(loss: str, img: Any, txt: Any, block_size: int | None, ids: Any) -> CompiledRun:
+    """``ours`` on jax as a jax user runs it: jitted loss and gradient, compiled here."""
+    import importlib
+
+    import jax
+    import jax.numpy as jnp
+
+    psj = importlib.import_module("portable_siglip.backends.jax")
+    # A new jitted function per run: nothing is reused from another case's compile.
+    step = jax.jit(
+        jax.value_and_grad(getattr(psj, f"{loss}_loss"), argnums=(0, 1, 2, 3)),
+        static_argnames=("block_size",),
+    )
+    scale = jnp.asarray(SCALE, dtype=img.dtype)
+    bias = jnp.asarray(BIAS, dtype=img.dtype)
+    keywords = {} if ids is None else {"img_ids": ids, "txt_ids": ids}
+    started = time.perf_counter()
+    compiled = step.lower(img, txt, scale, bias, block_size=block_size, **keywords).compile()
+    compile_s = time.perf_counter() - started
+
+    def run() -> None:
+        value, grads = compiled(img, txt, scale, bias, **keywords)
+        wait_ready(value, *grads)
+
+    return CompiledRun(run, compile_s)
 
 
 def roofline_panel(n: int, itemsize: int) -> int:
@@ -252,12 +331,18 @@ def make_run(
     Returns
     -------
     callable
-        No arguments, returns None.
+        No arguments, returns None. For ``ours`` and ``ours ids`` on jax, a
+        :class:`CompiledRun`: the jitted loss and gradient, compiled here (its ``compile_s``
+        says how long that took), so calling it runs the compiled program only.
     """
     if impl == "ours":
+        if backend == "jax":
+            return _ours_jit(loss, img, txt, block_size, None)
         return _ours(loss, img, txt, block_size)
     if impl == OURS_IDS:
         ids = group_ids(backend, img.shape[0], positives_per_row)
+        if backend == "jax":
+            return _ours_jit(loss, img, txt, block_size, ids)
         return _ours(loss, img, txt, block_size, ids=ids)
     if impl == "reference loops":
         return _ours(loss, img, txt, block_size, fast_paths=False)
@@ -318,6 +403,11 @@ def _positives(args: argparse.Namespace) -> int:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
+    """Lay out the rows; a ``compile s`` column after ``median s`` when some row was jitted.
+
+    Rows that were not compiled (numpy, torch, eager jax) leave that column blank.
+    """
+    compiled = any(row.get("compile_s") is not None for row in rows)
     header = (
         "backend",
         "loss",
@@ -325,6 +415,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
         "n",
         "impl",
         "median s",
+        *(["compile s"] if compiled else []),
         "GFLOP/s",
         "roofline frac",
         "peak MiB",
@@ -333,17 +424,20 @@ def _table(rows: list[dict[str, Any]]) -> str:
     lines = [header]
     for row in rows:
         if row["skipped"] is not None:
-            skipped = ("skipped: " + row["skipped"], "", "", "", "")
+            cells = ["skipped: " + row["skipped"]] + [""] * (len(header) - 6)
         else:
-            skipped = (
+            compile_s = row.get("compile_s")
+            blank_or_s = "" if compile_s is None else fmt(compile_s, ".3f")
+            cells = [
                 fmt(row["median_s"], ".3f"),
+                *([blank_or_s] if compiled else []),
                 fmt(row["gflops"], ".1f"),
                 fmt(row["roofline_fraction"], ".2f"),
                 fmt(row["peak_extra_mib"], ".1f"),
                 fmt(row["tracemalloc_peak_mib"], ".1f"),
-            )
+            ]
         lines.append(
-            (row["backend"], row["loss"], str(row["d"]), str(row["n"]), row["impl"], *skipped)
+            (row["backend"], row["loss"], str(row["d"]), str(row["n"]), row["impl"], *cells)
         )
     return render_table(lines, left={0, 1, 4})
 
@@ -442,6 +536,16 @@ IDS_NOTE = (
     "peak MiB and tracemalloc peak to those of `ours`."
 )
 
+JIT_NOTE = (
+    "jax: `ours` (and `ours ids`) is jax.jit(jax.value_and_grad(portable_siglip.backends.jax."
+    "<loss>_loss, argnums=(0, 1, 2, 3)), static_argnames=('block_size',)) with scale and bias "
+    "as 0-d arrays, compiled once per case with .lower(...).compile() before its warm-up; "
+    "compile s is that trace + lower + compile, median s the compiled run alone. Under jit "
+    "the tiles run in one lax.fori_loop, so the compile time does not grow with n. Its "
+    "memory probe compiles before the high-water mark is reset: peak MiB excludes the "
+    "compilation. `reference loops` on jax is the eager call (array-API loops)."
+)
+
 NOTES = (
     "GFLOP/s counts 6 n^2 d flops (three GEMMs of 2 n^2 d) for every row, whatever it did "
     "(the blockwise softmax does a fourth GEMM, its first pass, uncounted), so the rows "
@@ -489,6 +593,7 @@ def _new_row(args: argparse.Namespace, case: Case, impl: str) -> dict[str, Any]:
         "positives_per_row": _positives(args) if impl == OURS_IDS else None,
         "times_s": [],
         "median_s": None,
+        "compile_s": None,
         "gflops": None,
         "roofline_fraction": None,
         "peak_extra_mib": None,
@@ -574,6 +679,7 @@ def _run_case(sweep: _Sweep, case: Case, impls: list[str], inputs: tuple[Any, An
     img, txt = inputs
     if short:
         try:
+            # Made (and, for jitted rows, compiled) before any of them runs or is timed.
             runs = [
                 make_run(case.backend, case.loss, impl, img, txt, args.block_size) for impl in short
             ]
@@ -582,17 +688,20 @@ def _run_case(sweep: _Sweep, case: Case, impls: list[str], inputs: tuple[Any, An
             for impl in short:
                 sweep.fail(case, rows[impl], f"{type(error).__name__}: {error}")
         else:
-            for impl, record in zip(short, times, strict=True):
+            for impl, run, record in zip(short, runs, times, strict=True):
                 sweep.record(case, rows[impl], record, "interleaved")
+                rows[impl]["compile_s"] = compile_seconds(run)
     for impl in long:
         # The roofline is not probed: run it here, once. The others run in their probe.
         if impl == "roofline" or args.no_memory:
             try:
-                elapsed = timed(make_run(case.backend, case.loss, impl, img, txt, args.block_size))
+                run = make_run(case.backend, case.loss, impl, img, txt, args.block_size)
+                elapsed = timed(run)
             except Exception as error:
                 sweep.fail(case, rows[impl], f"{type(error).__name__}: {error}")
             else:
                 sweep.record(case, rows[impl], [elapsed], "once")
+                rows[impl]["compile_s"] = compile_seconds(run)
     for impl in impls:
         row = rows[impl]
         if args.no_memory or impl == "roofline" or row["skipped"] or row["error"]:
@@ -607,6 +716,7 @@ def _run_case(sweep: _Sweep, case: Case, impls: list[str], inputs: tuple[Any, An
         row["tracemalloc_peak_mib"] = mib(memory.get("tracemalloc_peak_bytes"))
         if impl in long:
             sweep.record(case, row, [float(memory["run_s"])], "memory probe")
+            row["compile_s"] = memory.get("compile_s")  # compiled there, not here
     roofline_s = rows["roofline"]["median_s"] if "roofline" in rows else None
     for impl in impls:
         row = rows[impl]
@@ -716,11 +826,13 @@ def main(args: argparse.Namespace) -> int:
     print(_table(rows))
     ids_table = _ids_table(rows)
     notes_shown: tuple[str, ...] = NOTES
+    if any(row["compile_s"] is not None for row in rows):
+        notes_shown = (JIT_NOTE, *notes_shown)
     if ids_table is not None:
         print()
         print("several positives per row: ours ids against ours, same inputs, same rounds")
         print(ids_table)
-        notes_shown = (IDS_NOTE, *NOTES)
+        notes_shown = (IDS_NOTE, *notes_shown)
     print()
     print_notes(notes_shown, errors)
     print_load_after(machine)
