@@ -97,6 +97,10 @@ class Case:
         ``max |t * img @ txt.T + b|``, for tolerances.
     goldens : dict
         ``{"sigmoid": Golden, "softmax": Golden}``.
+    img_ids, txt_ids : numpy.ndarray or None
+        The integer ids of the rows of ``img`` (m,) and ``txt`` (k,) for the cases with
+        several positives per row (tag ``"ids"``, :mod:`._ids`); None for the others, whose
+        positives are the diagonal.
     """
 
     name: str
@@ -107,11 +111,18 @@ class Case:
     tags: frozenset[str]
     max_abs_logit: float
     goldens: dict[str, Golden]
+    img_ids: Any = None
+    txt_ids: Any = None
 
     @property
     def n(self) -> int:
-        """Number of pairs."""
+        """Number of pairs (of image rows, with ids)."""
         return int(self.img.shape[0])
+
+    @property
+    def k(self) -> int:
+        """Number of text rows (``n`` without ids)."""
+        return int(self.txt.shape[0])
 
     @property
     def d(self) -> int:

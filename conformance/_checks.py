@@ -27,8 +27,10 @@ from typing import Any
 
 from portable_siglip._interop import UsageError, computing_in, load_backend, to_numpy
 
+from ._ahead import EAGER, CompileAhead, Key, ahead_workers, signature
 from ._cases import Case, load_cases
 from ._diagnose import diagnose
+from ._ids import bind_ids, diagnose_ids, load_ids_cases
 from ._report import (
     CONVENTIONS,
     FLOOR,
@@ -137,6 +139,37 @@ class Runner:
         # jax: the jitted implementation (and its value_and_grad) per keyword arguments; jit
         # compiles once per shape. None once a jitted call failed: eager from then on.
         self.jax_jitted: dict[tuple[str, tuple[Any, ...]], Any] | None = {}
+        # jax: the coming calls (see plan), and per kind the threads that compile them
+        # ahead once a first jitted call has worked.
+        self.jax_planned: list[Key] = []
+        self.jax_ahead: dict[str, CompileAhead] = {}
+
+    def plan(self, calls: Sequence[tuple[Case, dict[str, Any]]]) -> None:
+        """Announce the calls about to be made (case, keyword arguments), in their order.
+
+        jax compiles them ahead (see :mod:`._ahead`); the other backends need nothing.
+        """
+        if self.backend != "jax":
+            return
+        import numpy as np
+
+        dtype = np.dtype(self.dtype_object)
+        self.jax_planned = [
+            (
+                tuple(sorted(kwargs.items())),
+                ((c.img.shape, dtype), (c.txt.shape, dtype), ((), dtype), ((), dtype)),
+            )
+            for c, kwargs in calls
+        ]
+
+    def close(self, *, wait: bool = True) -> None:
+        """Stop compiling ahead (the run is over, or the calls went eager).
+
+        With `wait`, compiles under way are waited for (up to the timeout of a call, if
+        any), so that no compiling thread outlives the run.
+        """
+        for ahead in self.jax_ahead.values():
+            ahead.cancel(wait=self.timeout if wait else 0.0)
 
     def _arrays(self, case_img: Any, case_txt: Any, scale: float, bias: float) -> list[Any]:
         import numpy as np
@@ -151,6 +184,13 @@ class Runner:
                 torch.tensor(value, dtype=dtype, requires_grad=True)
                 for value in (img, txt, scale, bias)
             ]
+        if self.backend == "jax":
+            import jax
+
+            # Convert on the host and copy to the device: jnp.asarray compiles a conversion
+            # (or a staging copy) for every new shape, one more compile per case.
+            host = np.dtype(dtype)
+            return [jax.device_put(np.asarray(v, dtype=host)) for v in (img, txt, scale, bias)]
         return [xp.asarray(value, dtype=dtype) for value in (img, txt, scale, bias)]
 
     def run(self, img: Any, txt: Any, scale: float, bias: float, **kwargs: Any) -> Outcome:
@@ -214,28 +254,24 @@ class Runner:
     def _run_jax(self, args: list[Any], kwargs: dict[str, Any]) -> Outcome:
         import jax
 
-        def function(*inputs: Any) -> Any:
-            return self.function(*inputs, **kwargs)
-
         grads: dict[str, Any] | None = None
         if self.jax_returns_grads is None and self.jax_jitted is not None:
             # First call: tracing tells a bare loss from (loss, grads) without compiling f
             # alone, which a bare loss would never use again.
             try:
-                traced = _split(jax.eval_shape(function, *args))
+                traced = _split(jax.eval_shape(self._jax_function("call", kwargs), *args))
             except Exception:  # not traceable, or it fails: the call below finds out
                 traced = None
             if traced is not None:
                 self.jax_returns_grads = traced[1] is not None
         if self.jax_returns_grads is not False:
             # First call, or an implementation known to return (loss, grads).
-            loss, grads = _split(self._call_jax("call", function, args, kwargs))
+            loss, grads = _split(self._call_jax("call", args, kwargs))
             self.jax_returns_grads = grads is not None
         if not self.jax_returns_grads:
             # A bare loss: one value_and_grad call gives both (no separate forward call).
             self.autodiff_used = True
-            both = jax.value_and_grad(function, argnums=(0, 1, 2, 3))
-            loss, auto = self._call_jax("value_and_grad", both, args, kwargs)
+            loss, auto = self._call_jax("value_and_grad", args, kwargs)
             grads = dict(zip(("img", "txt", "scale", "bias"), auto, strict=True))
         self.gradients_seen = True
         values: dict[str, Any] = {"loss": to_numpy(loss)}
@@ -243,33 +279,122 @@ class Runner:
             values[name] = to_numpy(value)
         return Outcome(values)
 
-    def _call_jax(
-        self, kind: str, function: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]
-    ) -> Any:
-        """Call `function` (f with `kwargs`, or its value_and_grad) under jit where it fits.
+    def _jax_function(self, kind: str, kwargs: dict[str, Any]) -> Callable[..., Any]:
+        """Return f with `kwargs` (``kind="call"``), or its value_and_grad in the four arrays."""
+        import jax
+
+        def function(*inputs: Any) -> Any:
+            return self.function(*inputs, **kwargs)
+
+        if kind == "value_and_grad":
+            return jax.value_and_grad(function, argnums=(0, 1, 2, 3))
+        return function
+
+    def _jitted(self, kind: str, kwargs: dict[str, Any]) -> Any:
+        """Return the jitted function of `kind` and `kwargs`, made once and kept for the run."""
+        import jax
+
+        assert self.jax_jitted is not None
+        key = (kind, tuple(sorted(kwargs.items())))
+        jitted = self.jax_jitted.get(key)
+        if jitted is None:
+            jitted = self.jax_jitted[key] = jax.jit(self._jax_function(kind, kwargs))
+        return jitted
+
+    def _call_jax(self, kind: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """Call f with `kwargs`, or its value_and_grad (`kind`), under jit where it fits.
 
         Eagerly, jax compiles every operation for every new shape: jitted, each case's shape
         compiles once, and the permutation check reuses it. The jitted function is kept per
         `kind` and keyword arguments (the one runner is one implementation and dtype; jax
         keys its cache on the x64 setting too). A jitted call that raises (f branches on
         values, returns something that is not an array, or fails) is made again eagerly,
-        which gives the verdict, and every later call is eager.
+        which gives the verdict, and every later call is eager. Once a first call has
+        compiled, the planned calls are compiled ahead in other threads (:mod:`._ahead`).
         """
-        import jax
-
-        if self.jax_jitted is None or not _jit_fits(args[0].shape[0], kwargs):
+        function = self._jax_function(kind, kwargs)
+        if self.jax_jitted is None or not _jittable(kwargs):
             return function(*args)
-        key = (kind, tuple(sorted(kwargs.items())))
-        jitted = self.jax_jitted.get(key)
-        if jitted is None:
-            jitted = self.jax_jitted[key] = jax.jit(function)
+        ahead = self.jax_ahead.get(kind)
+        if ahead is not None:
+            compiled = ahead.compiled((tuple(sorted(kwargs.items())), signature(args)))
+            if compiled is EAGER:
+                return function(*args)
+            if compiled is not None:
+                try:
+                    return compiled(*args)
+                except Exception:  # the call below says whose the error is
+                    pass
+        if not _jit_fits(args[0].shape[0], kwargs):
+            return _call_if_small(self._jitted(kind, kwargs), function, args)
+        jitted = self._jitted(kind, kwargs)
         try:
-            return jitted(*args)
+            result = jitted(*args)
         except KeyboardInterrupt:
             raise
         except BaseException:  # not traceable, or it fails: eager says which
             self.jax_jitted = None
+            self.close(wait=False)
             return function(*args)
+        if not kwargs and kind not in self.jax_ahead and not self.timed_out:
+            self._compile_ahead(kind, signature(args))
+        return result
+
+    def _compile_ahead(self, kind: str, done: Any) -> None:
+        """Compile the other planned calls while the cases run (f traces and compiles)."""
+        workers = ahead_workers()
+        if not workers:
+            return
+        jobs = []
+        for kwargs_key, planned in self.jax_planned:
+            if (kwargs_key, planned) == ((), done):
+                continue  # in its jitted function's own cache already
+            kwargs = dict(kwargs_key)
+            n = planned[0][0][0]
+            limit = None if _jit_fits(n, kwargs) else MAX_TRACED_EQUATIONS
+            jobs.append(((kwargs_key, planned), self._jitted(kind, kwargs), limit))
+        if jobs:
+            self.jax_ahead[kind] = CompileAhead(jobs, self.dtype, workers)
+
+
+#: Most equations a traced program of many blocks may have and still be compiled: a loop
+#: over tiles (``lax.fori_loop``, ``scan``) traces to a few dozen, whatever the number of
+#: tiles; a Python loop unrolls into a few per tile (thousands at block_size=1).
+MAX_TRACED_EQUATIONS = 200
+
+
+def _call_if_small(jitted: Any, function: Callable[..., Any], args: list[Any]) -> Any:
+    """Call `function`, a call of many blocks, jitted if its program is small, else eagerly.
+
+    It is traced first (``jitted.trace``, the first step of jit): a program that loops over
+    its tiles is compiled and called, which takes a fraction of eager dispatch's time; one
+    that unrolls them is called eagerly, as compiling it would take longer than running it.
+    A trace or a compiled call that fails is left to the eager call, which gives the
+    verdict.
+    """
+    try:
+        traced = jitted.trace(*args)
+        small = len(traced.jaxpr.eqns) <= MAX_TRACED_EQUATIONS
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # not traceable: eager says why
+        small = False
+    if small:
+        try:
+            return traced.lower().compile()(*args)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # eager says why
+            pass
+    return function(*args)
+
+
+def _jittable(kwargs: dict[str, Any]) -> bool:
+    """Whether a jax call with `kwargs` may be jitted: none, or a positive int block_size."""
+    if not kwargs:
+        return True
+    block = kwargs.get("block_size")
+    return set(kwargs) == {"block_size"} and isinstance(block, int) and block >= 1
 
 
 def _jit_fits(n: int, kwargs: dict[str, Any]) -> bool:
@@ -277,7 +402,8 @@ def _jit_fits(n: int, kwargs: dict[str, Any]) -> bool:
 
     A Python loop over tiles unrolls under jit into one graph of every tile, which compiles
     far longer than eager dispatch takes to run it: calls that split the n rows into more
-    than two blocks (the small block sizes of the blocks check) stay eager.
+    than two blocks (the small block sizes of the blocks check) are jitted only when their
+    traced program turns out small (:func:`_call_if_small`).
     """
     if not kwargs:
         return True
@@ -354,6 +480,17 @@ def _takes_block_size(function: Callable[..., Any]) -> bool:
         return False
 
 
+def _invariant_case(cases: Sequence[Case]) -> Case | None:
+    """Return the case the invariants run on: the random one with the most pairs."""
+    random_cases = [c for c in cases if "random" in c.tags]
+    return max(random_cases, key=lambda c: c.n) if random_cases else None
+
+
+def _block_sizes(n: int) -> tuple[int, ...]:
+    """Block sizes the blocks check runs a case of n pairs with."""
+    return tuple(max(1, b) for b in (1, 3, n - 1, n + 5))
+
+
 def _invariants(
     runner: Runner,
     cases: Sequence[Case],
@@ -363,10 +500,9 @@ def _invariants(
     import numpy as np
 
     results: list[CheckResult] = []
-    random_cases = [c for c in cases if "random" in c.tags and outcomes[c.name].error is None]
-    if not random_cases:
+    case = _invariant_case([c for c in cases if outcomes[c.name].error is None])
+    if case is None:
         return results
-    case = max(random_cases, key=lambda c: c.n)
     base = outcomes[case.name]
     tolerance = tolerance_for(dtype, case)
     # Permuting the pairs (the same rows of img and txt) permutes the gradients.
@@ -382,16 +518,14 @@ def _invariants(
     results += _compare("permutation", case, permuted, expected, tolerance)
     # The block size changes nothing, where the implementation takes one.
     if _takes_block_size(runner.function):
-        for block_size in (1, 3, case.n - 1, case.n + 5):
-            blocked = runner.run(
-                case.img, case.txt, case.scale, case.bias, block_size=max(1, block_size)
-            )
+        for block_size in _block_sizes(case.n):
+            blocked = runner.run(case.img, case.txt, case.scale, case.bias, block_size=block_size)
             expected = {name: value for name, value in base.values.items()}
             for result in _compare("blocks", case, blocked, expected, tolerance):
                 results.append(
                     CheckResult(
                         result.check,
-                        f"{result.case} (block_size={max(1, block_size)})",
+                        f"{result.case} (block_size={block_size})",
                         result.quantity,
                         result.error,
                         result.tolerance,
@@ -411,6 +545,7 @@ def check(
     convention: str = "default",
     cases: Iterable[Case] | None = None,
     timeout: float | None = None,
+    ids: bool = False,
 ) -> Report:
     """Check an implementation of a contrastive loss against the golden cases.
 
@@ -438,6 +573,11 @@ def check(
         daemon thread; one that overruns fails as ``"timeout"``, is abandoned (a thread
         cannot be killed, so it may go on running in this process) and no later call is
         made: the remaining checks fail as ``"not run"``.
+    ids : bool
+        Judge a loss with several positives per row instead (docs/multi-positive.md): it is
+        called as ``f(img, txt, scale, bias, img_ids=..., txt_ids=...)`` on the golden cases
+        with ids (:mod:`._ids`: duplicates, rectangular batches), whose mistakes (ids
+        ignored, log inside the sum, ...) are named. Needs the default convention.
 
     Returns
     -------
@@ -471,21 +611,36 @@ def check(
     if timeout is not None and not timeout > 0:
         msg = f"`timeout` must be a positive number of seconds or None, got {timeout!r}"
         raise ValueError(msg)
+    if ids:
+        if convention != "default":
+            msg = f"`convention` must be 'default' with `ids=True`, got {convention!r}"
+            raise ValueError(msg)
+        chosen = tuple(load_ids_cases() if cases is None else cases)
+        return _check_ids(function, loss, backend, dtype, chosen, timeout)
     selected = tuple(load_cases() if cases is None else cases)
     runner = Runner(function, backend, dtype, timeout)
     report = Report(loss, backend, dtype, convention, _describe(function))
     outcomes: dict[str, Outcome] = {}
-    for case in selected:
-        outcome = runner.run(case.img, case.txt, case.scale, case.bias)
-        golden = case.goldens[loss]
-        if golden.rows is not None:  # a large case stores some gradient rows only
-            values = {q: golden.stored(q, v, case.n) for q, v in outcome.values.items()}
-            outcome = Outcome(values, outcome.error, outcome.traceback)
-        outcomes[case.name] = outcome
-        factor = CONVENTIONS[convention](case.n)
-        expected = {q: getattr(golden, q) * factor for q in QUANTITIES}
-        report.results += _compare("golden", case, outcome, expected, tolerance_for(dtype, case))
-    report.results += _invariants(runner, selected, outcomes, dtype)
+    calls: list[tuple[Case, dict[str, Any]]] = [(case, {}) for case in selected]
+    blocks_case = _invariant_case(selected)
+    if blocks_case is not None and _takes_block_size(function):
+        calls += [(blocks_case, {"block_size": b}) for b in _block_sizes(blocks_case.n)]
+    runner.plan(calls)
+    try:
+        for case in selected:
+            outcome = runner.run(case.img, case.txt, case.scale, case.bias)
+            golden = case.goldens[loss]
+            if golden.rows is not None:  # a large case stores some gradient rows only
+                values = {q: golden.stored(q, v, case.n) for q, v in outcome.values.items()}
+                outcome = Outcome(values, outcome.error, outcome.traceback)
+            outcomes[case.name] = outcome
+            factor = CONVENTIONS[convention](case.n)
+            expected = {q: getattr(golden, q) * factor for q in QUANTITIES}
+            tolerance = tolerance_for(dtype, case)
+            report.results += _compare("golden", case, outcome, expected, tolerance)
+        report.results += _invariants(runner, selected, outcomes, dtype)
+    finally:
+        runner.close()
     report.gradients_checked = runner.gradients_seen
     if runner.timed_out:
         late = next(r for r in report.results if r.message.startswith("timeout"))
@@ -502,4 +657,46 @@ def check(
             "has no autodiff; return (loss, grads) to have them checked"
         )
     report.findings = diagnose(report, loss, selected, outcomes, convention)
+    return report
+
+
+def _check_ids(
+    function: Callable[..., Any],
+    loss: str,
+    backend: str,
+    dtype: str,
+    cases: Sequence[Case],
+    timeout: float | None,
+) -> Report:
+    """:func:`check` with ``ids=True``: every case's ids bound as keywords, then the goldens.
+
+    One runner per case (each binds other ids); after a timeout the later cases are not run.
+    """
+    report = Report(loss, backend, dtype, "default", _describe(function))
+    losses: dict[str, float | None] = {}
+    autodiff = seen = False
+    for case in cases:
+        if any(r.message.startswith("timeout") for r in report.results):
+            outcome = Outcome({}, "not run: an earlier call timed out")
+        else:
+            runner = Runner(bind_ids(function, case, backend), backend, dtype, timeout)
+            outcome = runner.run(case.img, case.txt, case.scale, case.bias)
+            autodiff, seen = autodiff or runner.autodiff_used, seen or runner.gradients_seen
+        value = outcome.values.get("loss")
+        losses[case.name] = None if value is None else float(value)
+        golden = case.goldens[loss]
+        expected = {q: getattr(golden, q) for q in QUANTITIES}
+        report.results += _compare("golden", case, outcome, expected, tolerance_for(dtype, case))
+    report.gradients_checked = seen
+    if autodiff:
+        report.notes.append(f"gradients taken by {backend} autodiff of the returned loss")
+    if not seen:
+        report.notes.append(
+            f"gradients NOT checked: the implementation returned a loss only and {backend} "
+            "has no autodiff; return (loss, grads) to have them checked"
+        )
+    failed = {r.case for r in report.results if not r.passed and r.quantity == "loss"}
+    report.findings = diagnose_ids(
+        loss, cases, losses, failed, lambda case: tolerance_for(dtype, case)
+    )
     return report

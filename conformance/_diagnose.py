@@ -414,7 +414,13 @@ EXP_LIMIT = {"float64": 709.78, "float32": 88.72, "float16": 11.09, "bfloat16": 
 
 def _diagnose_non_finite(
     cases: Sequence[Case], outcomes: dict[str, Outcome], dtype: str
-) -> list[Finding]:
+) -> tuple[list[Finding], set[str]]:
+    """Name non-finite output exactly where a naive ``exp`` overflows.
+
+    Returns the finding, and the cases it explains (every case whose logits exceed the
+    limit). In a float64 run, float32's limit is tried after float64's: a float64 run that breaks
+    where logits exceed 88.7 computes in float32 somewhere, and overflows there.
+    """
     import numpy as np
 
     def bad(case: Case) -> bool:
@@ -424,18 +430,26 @@ def _diagnose_non_finite(
         return any(not np.all(np.isfinite(v)) for v in outcome.values.values())
 
     broken = [c for c in cases if bad(c)]
-    limit = EXP_LIMIT[dtype]
-    if broken and all(c.max_abs_logit > limit for c in broken):
-        names = ", ".join(c.name for c in broken)
-        return [
-            (
-                "non-finite-stress",
+    if not broken:
+        return [], set()
+    candidates = [dtype] + (["float32"] if dtype == "float64" else [])
+    for overflowing in candidates:
+        limit = EXP_LIMIT[overflowing]
+        if all(c.max_abs_logit > limit for c in broken):
+            names = ", ".join(c.name for c in broken)
+            text = (
                 f"non-finite output only where logits exceed {limit} ({names}), where a naive "
-                f"exp overflows {dtype}: use logaddexp(0, x) for softplus and subtract the "
-                "max before exp in a log-sum-exp",
+                f"exp overflows {overflowing}"
             )
-        ]
-    return []
+            if overflowing != dtype:
+                text += f" (this {dtype} run computes in {overflowing} somewhere)"
+            text += (
+                ": use logaddexp(0, x) for softplus and subtract the max before exp in a "
+                "log-sum-exp"
+            )
+            explained = {c.name for c in cases if c.max_abs_logit > limit}
+            return [("non-finite-stress", text)], explained
+    return [], set()
 
 
 def _diagnose_tail_block(report: Report, cases: Sequence[Case]) -> list[Finding]:
@@ -738,13 +752,171 @@ def _diagnose_softplus_threshold(
     ]
 
 
+#: Half dtypes whose running sums are simulated, and the largest finite value of each.
+HALF_MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38}
+
+#: ``(the order of a running sum, whether the rows' (columns') sums are added in the half
+#: dtype too)``: the accumulation orders a half-precision accumulator is predicted with.
+HALF_ORDERS = (("row", True), ("column", True), ("row", False), ("column", False))
+
+#: ``(case name, order)`` -> the per-row (or per-column) sums of one diagnosis, in float32.
+_HALF_SUMS: dict[tuple[str, str, str], Any] = {}
+
+
+def _round_half(values: Any, dtype: str) -> Any:
+    """Round float32 `values` to `dtype` (float16 or bfloat16), to nearest even, as float32.
+
+    Adding two half values in float32 and rounding the sum is the half-precision addition
+    (the float32 sum is exact or far from a half tie), which is what a CPU does with them.
+    """
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float32)
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            return values.astype(np.float16).astype(np.float32)
+    bits = values.view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # to nearest, ties to even
+    rounded = bits.astype(np.uint32).view(np.float32)
+    return np.where(np.isnan(values), values, rounded)
+
+
+def _half_partial_sums(case: Case, dtype: str, order: str) -> Any:
+    """Return the running sums in `dtype` of the sigmoid terms of each row (or column).
+
+    Each per-pair term ``softplus(-l_ij Z_ij)`` is computed in float64 and rounded to the
+    half dtype; each row's terms are then added one column at a time into a half-precision
+    accumulator (``order="row"``), or each column's one row at a time (``"column"``).
+    """
+    import numpy as np
+
+    key = (case.name, dtype, order)
+    if key not in _HALF_SUMS:
+        n = case.n
+        terms = np.logaddexp(0.0, (1.0 - 2.0 * np.eye(n)) * _logits(case))  # (n, n)
+        terms = _round_half(terms, dtype)
+        # One row of `addends` per step of the running sums: column j (row j) of the terms.
+        addends = terms if order == "column" else np.ascontiguousarray(terms.T)
+        sums = np.zeros(n, dtype=np.float32)
+        for addend in addends:
+            sums = _round_half(sums + addend, dtype)
+        _HALF_SUMS[key] = sums
+    return _HALF_SUMS[key]
+
+
+def _half_sigmoid_loss(case: Case, dtype: str, order: str, half_total: bool) -> float:
+    """Return the sigmoid loss of `case` as a half-precision accumulator computes it."""
+    import numpy as np
+
+    sums = _half_partial_sums(case, dtype, order)
+    if not half_total:
+        return float(_round_half(np.float32(sums.astype(np.float64).sum()), dtype)) / case.n
+    total = np.float32(0.0)
+    for value in sums:
+        total = _round_half(total + value, dtype)
+    return float(total) / case.n
+
+
+def _diagnose_half_accumulation(
+    report: Report, loss: str, cases: Sequence[Case], outcomes: dict[str, Outcome], factor: Any
+) -> list[Finding]:
+    """Name a sigmoid loss whose per-pair terms are added in the run's half dtype.
+
+    In a float16 or bfloat16 run, the loss is predicted by simulating such an accumulator
+    from the case's inputs, in each of a few orders (a running sum per row, or per column;
+    the rows' sums then added in the half dtype, or in float32). An order is named when the
+    loss is the only quantity that fails, every failed case's loss matches its prediction
+    within the tolerance, every case whose prediction is more than twice the tolerance off
+    the golden matches it too (so the cases that pass are those where the half sum is still
+    accurate: the small ones), and there is at least one such case. A half sum stops growing
+    once its terms fall below half an ulp of it, so its error grows with n; in float16 it
+    overflows (65504) where n times the loss is larger, which is then no naive ``exp``.
+    """
+    import numpy as np
+
+    if loss != "sigmoid" or report.dtype not in HALF_MAX:
+        return []
+    golden = [r for r in report.results if r.check == "golden"]
+    failed = {r.case for r in golden if not r.passed}
+    if not failed or any(r.quantity != "loss" for r in golden if not r.passed):
+        return []
+    # The failed cases first, smallest first: a mismatch there ends the search cheaply.
+    ordered = sorted(cases, key=lambda c: (c.name not in failed, c.n))
+    for order, half_total in HALF_ORDERS:
+        evidence = 0  # cases whose prediction is distinct from the golden, and matched
+        for case in ordered:
+            outcome = outcomes[case.name]
+            got = outcome.values.get("loss") if outcome.error is None else None
+            if got is None or np.ndim(got) != 0:
+                break
+            with np.errstate(over="ignore", invalid="ignore"):
+                predicted = _half_sigmoid_loss(case, report.dtype, order, half_total)
+                predicted *= factor(case)
+            want = case.goldens[loss].loss * factor(case)
+            tolerance = tolerance_for(report.dtype, case)
+            floor = FLOOR * natural_scale(case, "loss")
+            if not math.isfinite(predicted):  # the half sum overflows: so must the loss
+                if np.isfinite(got) or np.sign(got) != np.sign(predicted):
+                    break
+                evidence += 1
+                continue
+            distinct = relative_error(predicted, want, floor) > 2 * tolerance
+            explain = case.name in failed or distinct
+            if explain and relative_error(got, predicted, floor) > tolerance:
+                break
+            evidence += distinct
+        else:
+            if evidence:
+                return [_half_accumulation_finding(report, cases, order, half_total)]
+    return []
+
+
+def _half_accumulation_finding(
+    report: Report, cases: Sequence[Case], order: str, half_total: bool
+) -> Finding:
+    """Return the ``half-precision`` finding of a half-precision accumulator."""
+    dtype = report.dtype
+    sizes = {c.name: c.n for c in cases}
+    errors = sorted(
+        (sizes[r.case], r.error)
+        for r in report.results
+        if r.check == "golden" and not r.passed and r.quantity == "loss"
+    )
+    shown = ", ".join(
+        f"{e:.1e} at n={n}" if math.isfinite(e) else f"inf at n={n}" for n, e in errors[:6]
+    )
+    more = f" and {len(errors) - 6} more" if len(errors) > 6 else ""
+    total = dtype if half_total else "float32"
+    text = (
+        f"the loss matches its n^2 per-pair terms added in {dtype}, simulated from the "
+        f"inputs (a running sum per {order}, then over the {order}s in {total}): the loss is "
+        f"off by {shown}{more} and right on every case with n < {errors[0][0]}"
+    )
+    if any(not math.isfinite(e) for _, e in errors):
+        text += (
+            f"; where it is not finite, the sum overflows {dtype} (max "
+            f"{HALF_MAX[dtype]:.6g}) while the gradients stay finite, which a naive exp "
+            "would not give"
+        )
+    text += (
+        f". A {dtype} running sum stops growing once its terms fall below half an ulp of "
+        "it, so the error grows with n: accumulate the loss in float32 (a float32 "
+        "accumulator, or .float() the terms before the sum) and cast the result"
+    )
+    return ("half-precision", text)
+
+
 def _percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[int(q * (len(ordered) - 1))]
 
 
-def _diagnose_precision(report: Report, cases: Sequence[Case]) -> list[Finding]:
+def _diagnose_precision(
+    report: Report, cases: Sequence[Case], exclude: set[str] | frozenset[str] = frozenset()
+) -> list[Finding]:
     """Errors that are rounding, not a formula: name the precision they point at.
+
+    The checks of the cases in `exclude` (explained by another finding) are left out.
 
     The typical error of the run (the 75th percentile over every golden check, passed ones
     included, so that a mistake confined to a few cases does not look like rounding)
@@ -753,7 +925,7 @@ def _diagnose_precision(report: Report, cases: Sequence[Case]) -> list[Finding]:
     in a float32 run, and ~2^-9 = 2e-3 or more is bfloat16 logits or accumulation, whose
     error grows with n as sums of n^2 terms are rounded.
     """
-    golden = [r for r in report.results if r.check == "golden"]
+    golden = [r for r in report.results if r.check == "golden" and r.case not in exclude]
     failed = [r for r in golden if not r.passed]
     if not failed or any(not math.isfinite(r.error) for r in golden):
         return []
@@ -840,6 +1012,7 @@ def diagnose(
         return _diagnose(report, loss, cases, outcomes, convention)
     finally:
         _SIMS.clear()
+        _HALF_SUMS.clear()
 
 
 def _diagnose(
@@ -856,7 +1029,8 @@ def _diagnose(
 
     findings = _diagnose_raised(report, cases, outcomes)
     findings += _diagnose_per_row(loss, cases, outcomes, factor)
-    findings += _diagnose_non_finite(cases, outcomes, report.dtype)
+    overflow, overflowed = _diagnose_non_finite(cases, outcomes, report.dtype)
+    findings += overflow
     findings += _diagnose_loss(report, loss, cases, outcomes, factor, convention)
     gradient_findings = _diagnose_gradients(report, loss, cases, outcomes, factor)
     if {code for code, _ in findings} & NORMALISATION:
@@ -866,12 +1040,22 @@ def _diagnose(
     if "scale-as-log" in {code for code, _ in findings}:
         # exp(scale) overflows by itself on large scales: not a naive softplus or lse.
         findings = [f for f in findings if f[0] != "non-finite-stress"]
+    if {code for code, _ in findings} <= {"non-finite-stress"}:
+        # A float16 sum that overflows is non-finite on the stress cases too: the simulated
+        # half-precision sum says whether that, not a naive exp, explains the failures.
+        half = _diagnose_half_accumulation(report, loss, cases, outcomes, factor)
+        if half:
+            findings = half
     if not findings or {code for code, _ in findings} <= {"zero-scale-grad", "zero-bias-grad"}:
         findings += _diagnose_tail_block(report, cases)
     if not findings and loss == "sigmoid":
         findings += _diagnose_softplus_threshold(report, cases, outcomes, factor)
     if not findings:
         findings += _diagnose_precision(report, cases)
+    elif {code for code, _ in findings} == {"non-finite-stress"}:
+        # The cases with large logits are explained; the others may show the precision
+        # (a float64 run that overflows at float32's limit computes in float32).
+        findings += _diagnose_precision(report, cases, exclude=overflowed)
     if not findings:
         findings.append(
             (

@@ -303,25 +303,37 @@ class Outcome:
     traceback: str | None = None  # of the exception behind `error`, when one was raised
 
 
+#: ``max |img @ txt.T|`` per case, by ``id`` (with the case, so that a reused id misses).
+_MAX_SIMS: dict[int, tuple[Case, float]] = {}
+
+
 def natural_scale(case: Case, quantity: str) -> float:
     """Size a quantity of `case` has when nothing cancels, for the absolute floor.
 
     The loss and the bias gradient are O(1); ``dL/dimg = t G txt`` with rows of ``G``
     summing to O(1) is O(t max|txt|), and likewise for txt; ``dL/dt = sum G * S`` is
-    O(max|S|), S = img @ txt.T.
+    O(max|S|), S = img @ txt.T. Only the size asked for is computed, and ``max|S|`` (an
+    (n, d) @ (d, n) product) once per case.
     """
     import numpy as np
 
-    img_max = float(np.max(np.abs(case.img), initial=0.0))
-    txt_max = float(np.max(np.abs(case.txt), initial=0.0))
-    sizes = {
-        "loss": 1.0,
-        "bias": 1.0,
-        "img": case.scale * txt_max,
-        "txt": case.scale * img_max,
-        "scale": float(np.max(np.abs(case.img @ case.txt.T), initial=0.0)),
-    }
-    return max(sizes[quantity], 1e-300)
+    if quantity in ("loss", "bias"):
+        size = 1.0
+    elif quantity == "img":
+        size = case.scale * float(np.max(np.abs(case.txt), initial=0.0))
+    elif quantity == "txt":
+        size = case.scale * float(np.max(np.abs(case.img), initial=0.0))
+    elif quantity == "scale":
+        cached = _MAX_SIMS.get(id(case))
+        if cached is None or cached[0] is not case:
+            if len(_MAX_SIMS) >= 256:  # cases made on the fly: keep none of them alive long
+                _MAX_SIMS.clear()
+            sims = case.img @ case.txt.T  # (n, d) @ (d, n) -> (n, n)
+            cached = _MAX_SIMS[id(case)] = (case, float(np.max(np.abs(sims), initial=0.0)))
+        size = cached[1]
+    else:
+        raise KeyError(quantity)
+    return max(size, 1e-300)
 
 
 def tolerance_for(dtype: str, case: Case) -> float:

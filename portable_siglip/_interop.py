@@ -142,11 +142,8 @@ def to_numpy(x: Any) -> Any:
 
     if array_api_compat.is_torch_array(x):
         return x.detach().to("cpu").double().numpy()  # NumPy has no bfloat16
-    if array_api_compat.is_jax_array(x):
-        import jax.numpy as jnp
-
-        if x.dtype == jnp.bfloat16:
-            x = x.astype(jnp.float32)
+    # jax's bfloat16 comes to the host as ml_dtypes' NumPy bfloat16, which NumPy widens
+    # (converting on the device would compile a conversion for every new shape).
     return np.asarray(to_host(x), dtype=np.float64)
 
 

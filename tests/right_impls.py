@@ -185,6 +185,7 @@ RIGHT: dict[str, Right] = {
     "torch_sigmoid-float64": Right(torch_sigmoid, "sigmoid", "torch", "float64", True),
     "torch_softmax-float64": Right(torch_softmax, "softmax", "torch", "float64", True),
     "torch_sigmoid-float32": Right(torch_sigmoid, "sigmoid", "torch", "float32", True),
+    "torch_sigmoid-bfloat16": Right(torch_sigmoid, "sigmoid", "torch", "bfloat16", True),
     "torch_softmax-bfloat16": Right(torch_softmax, "softmax", "torch", "bfloat16", True),
     "jax_sigmoid-float64": Right(jax_sigmoid, "sigmoid", "jax", "float64", True),
     "jax_softmax-float64": Right(jax_softmax, "softmax", "jax", "float64", True),

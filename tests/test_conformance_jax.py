@@ -162,3 +162,77 @@ def test_jit_compiles_each_shape_once() -> None:
     # on the random case's shape again, is a cache hit.
     assert len(traced) == len(CASES) + 1
     assert len(set(traced)) == len(CASES)
+
+
+def test_compiling_ahead_changes_no_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planned shapes compile in other threads: the results are those of plain jit calls."""
+    import portable_siglip.conformance._checks as checks
+
+    cases = [c for c in load_cases() if "large" not in c.tags][:10]
+    made: list[Any] = []
+
+    class Recorded(checks.CompileAhead):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            made.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(checks, "CompileAhead", Recorded)
+    monkeypatch.setattr(checks, "ahead_workers", lambda: 2)
+    ahead = check(_dense_sigmoid, loss="sigmoid", backend="jax", dtype="float32", cases=cases)
+    assert len(made) == 1
+    monkeypatch.setattr(checks, "ahead_workers", lambda: 0)
+    plain = check(_dense_sigmoid, loss="sigmoid", backend="jax", dtype="float32", cases=cases)
+    assert len(made) == 1
+    assert ahead.passed, _explain(ahead)
+    assert [(r.check, r.case, r.quantity, r.error) for r in ahead.results] == [
+        (r.check, r.case, r.quantity, r.error) for r in plain.results
+    ]
+
+
+def _unrolled_sigmoid(img: Any, txt: Any, scale: Any, bias: Any, block_size: Any) -> Any:
+    """SigLIP loss by a Python loop over row and column tiles: unrolled under jit."""
+    n = img.shape[0]
+    b = block_size or n
+    total = jnp.zeros((), img.dtype)
+    for r in range(0, n, b):
+        for c in range(0, n, b):
+            logits = scale * img[r : r + b] @ txt[c : c + b].T + bias
+            rows, cols = jnp.arange(r, min(r + b, n)), jnp.arange(c, min(c + b, n))
+            labels = jnp.where(rows[:, None] == cols[None, :], 1.0, -1.0).astype(img.dtype)
+            total = total - jnp.sum(jax.nn.log_sigmoid(labels * logits))
+    return total / n
+
+
+def test_blocks_check_jits_small_programs_and_runs_unrolled_ones_eagerly() -> None:
+    """Many blocks: jitted when the traced program is small, eager when a loop unrolled.
+
+    Both return (loss, grads), so that an eager call sees concrete arrays, a jitted one
+    tracers.
+    """
+    calls: list[tuple[str, Any, bool]] = []
+    both = jax.value_and_grad(_unrolled_sigmoid, argnums=(0, 1, 2, 3))
+
+    def unrolled(img: Any, txt: Any, scale: Any, bias: Any, block_size: Any = None) -> Any:
+        calls.append(("unrolled", block_size, isinstance(img, jax.core.Tracer)))
+        return both(img, txt, scale, bias, block_size)
+
+    def dense(img: Any, txt: Any, scale: Any, bias: Any, block_size: Any = None) -> Any:
+        """Takes a block size and ignores it: a small program whatever it is."""
+        calls.append(("dense", block_size, isinstance(img, jax.core.Tracer)))
+        return both(img, txt, scale, bias, None)
+
+    for function in (unrolled, dense):
+        report = check(function, loss="sigmoid", backend="jax", dtype="float32", cases=CASES)
+        assert report.passed, _explain(report)
+        assert any(r.check == "blocks" for r in report.results)
+    # random-n7-d3 by block_size 1 and 3: 49 and 9 tiles, each some 40 equations with its
+    # gradient, over MAX_TRACED_EQUATIONS: eager. 6 and 12 (two blocks, one) are jitted, and
+    # the dense program is jitted at every block size.
+    eager = {(name, size) for name, size, traced in calls if not traced and size is not None}
+    assert eager == {("unrolled", 1), ("unrolled", 3)}
+    assert {(name, size) for name, size, traced in calls if traced} >= {
+        ("unrolled", 6),
+        ("unrolled", 12),
+        ("dense", 1),
+        ("dense", 3),
+    }

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pytest
 from portable_siglip.conformance import check, load_cases
+from wrong_impls import half_accumulating_sigmoid
 
 import portable_siglip as ps
 
@@ -26,38 +27,6 @@ class Grads(NamedTuple):
     txt: Any
     scale: Any
     bias: Any
-
-
-def half_accumulating_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
-    """Dense torch sigmoid loss whose every addition of per-pair terms is in the input dtype.
-
-    Each row's terms are added column by column into a vector of the input dtype, then the
-    rows into a scalar of that dtype, as a kernel with a half-precision accumulator does.
-    Gradients are right (float32, then rounded to the dtype): only the loss is wrong.
-    """
-    import torch
-
-    with torch.no_grad():
-        logits = scale * img @ txt.T + bias  # (n, d) @ (d, n) -> (n, n), input dtype
-        n = logits.shape[0]
-        eye = torch.eye(n, dtype=logits.dtype)
-        terms = torch.nn.functional.softplus(-(2 * eye - 1) * logits)
-        rows = torch.zeros(n, dtype=logits.dtype)
-        for j in range(n):
-            rows = rows + terms[:, j]
-        total = torch.zeros((), dtype=logits.dtype)
-        for i in range(n):
-            total = total + rows[i]
-        z = logits.float()
-        G = (torch.sigmoid(z) - eye.float()) / n
-        t = scale.float()
-        grads = Grads(
-            (t * G @ txt.float()).to(img.dtype),
-            (t * G.T @ img.float()).to(img.dtype),
-            (G * (img.float() @ txt.float().T)).sum().to(img.dtype),
-            G.sum().to(img.dtype),
-        )
-    return total / n, grads
 
 
 def dropped_tail_tile_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:

@@ -215,6 +215,72 @@ def test_no_gradient_factor_of_one() -> None:
         assert wrong.code in report.codes, _explain(report)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_accumulation_is_named_in_a_half_run(dtype: str) -> None:
+    """A loss summed in the run's half dtype is named from a simulation of that sum.
+
+    Only the large cases fail (in float16 two of them overflow, with finite gradients):
+    the diagnosis says half precision, not ``unknown`` and not a naive exp.
+    """
+    pytest.importorskip("torch")
+    report = check(
+        wrong_impls.half_accumulating_sigmoid, loss="sigmoid", backend="torch", dtype=dtype
+    )
+    explanation = _explain(report)
+    assert report.codes == {"half-precision"}, explanation
+    (text,) = report.diagnosis
+    assert f"added in {dtype}" in text, explanation
+    assert "running sum per row" in text, explanation
+    assert ("overflows float16" in text) == (dtype == "float16"), explanation
+    assert {r.quantity for r in report.failed} == {"loss"}, explanation
+    assert {r.case for r in report.failed} <= {c.name for c in load_cases() if c.n > 100}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_diagnosis_needs_the_simulated_sum(dtype: str) -> None:
+    """A loss wrong on the large cases in another way is not called a half-precision sum."""
+    torch = pytest.importorskip("torch")
+
+    def off_on_large_cases(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+        """Right on n <= 33, a loss 30% low on the large cases: no half sum gives that."""
+        args = (x.detach().float().numpy() for x in (img, txt, scale, bias))
+        loss, grads = right_impls.numpy_sigmoid_and_grad(*args)
+        factor = 0.7 if img.shape[0] > 100 else 1.0
+        return torch.tensor(float(loss) * factor, dtype=img.dtype), tuple(
+            torch.tensor(g, dtype=img.dtype) for g in grads
+        )
+
+    report = check(off_on_large_cases, loss="sigmoid", backend="torch", dtype=dtype)
+    assert not report.passed
+    assert "half-precision" not in report.codes, _explain(report)
+
+
+def test_a_float64_run_that_overflows_at_float32s_limit_names_both_mistakes() -> None:
+    """float32 compute and a naive exp (as Inf-CL's RingProb): both named, not ``unknown``.
+
+    The loss is non-finite where logits exceed 88.7, not 709.8: the overflow is float32's,
+    and the cases below that limit show float32 rounding.
+    """
+    pytest.importorskip("torch")
+    wrong = wrong_impls.WRONG["float32_naive_logsumexp_softmax"]
+    report = check(wrong.func, loss=wrong.loss, backend=wrong.backend, dtype=wrong.dtype)
+    explanation = _explain(report)
+    assert report.codes == {"non-finite-stress", "float32-compute"}, explanation
+    assert "exp overflows float32" in report.diagnosis[0], explanation
+
+
+def test_correct_bfloat16_losses_pass_without_a_diagnosis() -> None:
+    """The library's loss and an independent one pass a bfloat16 run: no code at all."""
+    pytest.importorskip("torch")
+    import portable_siglip as ps
+
+    for func in (ps.sigmoid_loss_and_grad, right_impls.torch_sigmoid):
+        report = check(func, loss="sigmoid", backend="torch", dtype="bfloat16")
+        assert report.passed, _explain(report)
+        assert not report.codes, _explain(report)
+        assert not report.diagnosis, _explain(report)
+
+
 # ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------

@@ -205,6 +205,25 @@ def naive_logsumexp_softmax(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
     return (image_to_text + text_to_image) / 2
 
 
+def float32_naive_logsumexp_softmax(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Softmax loss with a naive log-sum-exp computed in float32 on float64 inputs.
+
+    Inf-CL's pure-torch ring (``inf_cl/ring.py``, ``RingProb``) casts the features with
+    ``.float()`` and takes ``log(exp(qk).sum())``: in a float64 run that is float32 rounding
+    everywhere, and an overflow wherever a scaled logit exceeds 88.7, float32's exp limit,
+    far below float64's 709.8. Two mistakes, both to be named. Torch, float64, autodiff.
+    """
+    import torch
+
+    img32, txt32, scale32, bias32 = (x.float() for x in (img, txt, scale, bias))
+    logits = scale32 * img32 @ txt32.T + bias32  # (n, d) @ (d, n) -> (n, n), float32
+    positives = torch.diagonal(logits)
+    exp = torch.exp(logits)
+    image_to_text = torch.mean(torch.log(exp.sum(dim=1)) - positives)
+    text_to_image = torch.mean(torch.log(exp.sum(dim=0)) - positives)
+    return ((image_to_text + text_to_image) / 2).double()
+
+
 # ---------------------------------------------------------------------------------------
 # Blocking
 # ---------------------------------------------------------------------------------------
@@ -557,6 +576,41 @@ def half_precision_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
     return (-logsigmoid(labels * logits).sum() / n).float()
 
 
+def half_accumulating_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Dense torch sigmoid loss whose every addition of per-pair terms is in the input dtype.
+
+    Each row's terms are added column by column into a vector of the input dtype, then the
+    rows into a scalar of that dtype, as a kernel with a half-precision accumulator does.
+    It passes every case with n <= 33; in bfloat16 a running sum stops growing once its
+    terms fall below half an ulp of it (the n >= 1023 losses are 55-77% off), and in
+    float16 it overflows where n times the loss exceeds 65504. Gradients are right
+    (float32, then rounded to the dtype): only the loss is wrong. Torch, (loss, grads).
+    """
+    import torch
+
+    with torch.no_grad():
+        logits = scale * img @ txt.T + bias  # (n, d) @ (d, n) -> (n, n), input dtype
+        n = logits.shape[0]
+        eye = torch.eye(n, dtype=logits.dtype)
+        terms = torch.nn.functional.softplus(-(2 * eye - 1) * logits)
+        rows = torch.zeros(n, dtype=logits.dtype)
+        for j in range(n):
+            rows = rows + terms[:, j]
+        total = torch.zeros((), dtype=logits.dtype)
+        for i in range(n):
+            total = total + rows[i]
+        z = logits.float()
+        G = (torch.sigmoid(z) - eye.float()) / n
+        t = scale.float()
+        grads = Grads(
+            (t * G @ txt.float()).to(img.dtype),  # (n, n) @ (n, d) -> (n, d)
+            (t * G.T @ img.float()).to(img.dtype),  # (n, n) @ (n, d) -> (n, d)
+            (G * (img.float() @ txt.float().T)).sum().to(img.dtype),
+            G.sum().to(img.dtype),
+        )
+    return total / n, grads
+
+
 def _tf32(values: np.ndarray) -> np.ndarray:
     """Round float32 values to TF32: 10 explicit mantissa bits, to nearest."""
     bits = np.array(values, dtype=np.float32).view(np.uint32)
@@ -633,6 +687,9 @@ WRONG: dict[str, Wrong] = {
     "naive_logsumexp_softmax": Wrong(
         naive_logsumexp_softmax, "softmax", "torch", "float32", "non-finite-stress"
     ),
+    "float32_naive_logsumexp_softmax": Wrong(
+        float32_naive_logsumexp_softmax, "softmax", "torch", "float64", "non-finite-stress"
+    ),
     "dropped_tail_clamped_chunk_sigmoid": Wrong(
         dropped_tail_clamped_chunk_sigmoid, "sigmoid", "torch", "float64", "tail-block"
     ),
@@ -686,6 +743,12 @@ WRONG: dict[str, Wrong] = {
     ),
     "half_precision_sigmoid": Wrong(
         half_precision_sigmoid, "sigmoid", "torch", "float32", "half-precision"
+    ),
+    "half_accumulating_sigmoid-bfloat16": Wrong(
+        half_accumulating_sigmoid, "sigmoid", "torch", "bfloat16", "half-precision"
+    ),
+    "half_accumulating_sigmoid-float16": Wrong(
+        half_accumulating_sigmoid, "sigmoid", "torch", "float16", "half-precision"
     ),
     "tf32_matmul_sigmoid": Wrong(tf32_matmul_sigmoid, "sigmoid", "numpy", "float32", "tf32-matmul"),
     "raises_on_every_case_sigmoid": Wrong(
