@@ -228,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     parser.add_argument(
+        "--ids",
+        action="store_true",
+        help="judge a loss with several positives per row: the implementation is called as "
+        "f(img, txt, scale, bias, img_ids=..., txt_ids=...) on the golden cases with ids "
+        "(duplicates, m != k; docs/multi-positive.md) (default: the one-to-one cases)",
+    )
+    parser.add_argument(
         "--agreement",
         action="store_true",
         help="instead of checking --impl, run portable_siglip on every installed backend and "
@@ -248,6 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _agreement([args.loss] if args.loss else ["sigmoid", "softmax"], timeout)
         if args.report is not None:
             check_writable(args.report)
+        if args.ids and (args.comm == "mpi" or args.world_size is not None):
+            msg = "`--ids` judges one process: drop `--world-size`/`--comm mpi`"
+            raise UsageError(msg)
+        if args.ids and args.convention != "default":
+            msg = f"`--ids` needs the default convention, got `--convention {args.convention}`"
+            raise UsageError(msg)
         if args.comm == "mpi":
             return _mpi(parser, args, timeout)
         if args.world_size is not None:
@@ -265,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype,
             convention=args.convention,
             timeout=timeout,
+            ids=args.ids,
         )
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)

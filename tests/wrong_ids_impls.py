@@ -1,0 +1,95 @@
+"""Multi-positive losses with one mistake each, for the ids diagnoses of the conformance suite.
+
+Dense NumPy, loss only, called as ``f(img, txt, scale, bias, img_ids=..., txt_ids=...)``.
+Each makes exactly the mistake its name says and is otherwise right (``right_*`` are the
+correct formulas of docs/multi-positive.md, written the same way).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _logits(img: Any, txt: Any, scale: Any, bias: Any) -> np.ndarray:
+    return float(scale) * (np.asarray(img) @ np.asarray(txt).T) + float(bias)
+
+
+def _positive(img_ids: Any, txt_ids: Any) -> np.ndarray:
+    return np.asarray(img_ids)[:, None] == np.asarray(txt_ids)[None, :]
+
+
+def _sigmoid(logits: np.ndarray, positive: np.ndarray) -> Any:
+    labels = np.where(positive, 1.0, -1.0)
+    return np.asarray(np.logaddexp(0.0, -labels * logits).sum() / logits.shape[0])
+
+
+def _softmax(logits: np.ndarray, rows: np.ndarray, cols: np.ndarray, how: str = "mean") -> Any:
+    def direction(z: np.ndarray, mask: np.ndarray) -> float:
+        lse = np.logaddexp.reduce(z, axis=1)
+        if how == "inside":
+            return float(np.mean(lse - np.logaddexp.reduce(np.where(mask, z, -np.inf), axis=1)))
+        if how == "sum":
+            return float(np.mean(np.sum(np.where(mask, lse[:, None] - z, 0.0), axis=1)))
+        mean = np.sum(np.where(mask, z, 0.0), axis=1) / np.sum(mask, axis=1)
+        return float(np.mean(lse - mean))
+
+    return np.asarray((direction(logits, rows) + direction(logits.T, cols.T)) / 2)
+
+
+def _first(positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    m, k = positive.shape
+    rows = np.zeros_like(positive)
+    rows[np.arange(m), np.argmax(positive, axis=1)] = True
+    cols = np.zeros_like(positive)
+    cols[np.argmax(positive, axis=0), np.arange(k)] = True
+    return rows, cols
+
+
+def right_sigmoid(img: Any, txt: Any, scale: Any, bias: Any, *, img_ids: Any, txt_ids: Any) -> Any:
+    return _sigmoid(_logits(img, txt, scale, bias), _positive(img_ids, txt_ids))
+
+
+def right_softmax(img: Any, txt: Any, scale: Any, bias: Any, *, img_ids: Any, txt_ids: Any) -> Any:
+    positive = _positive(img_ids, txt_ids)
+    return _softmax(_logits(img, txt, scale, bias), positive, positive)
+
+
+def sigmoid_ids_ignored(img: Any, txt: Any, scale: Any, bias: Any, **_: Any) -> Any:
+    logits = _logits(img, txt, scale, bias)
+    return _sigmoid(logits, np.eye(*logits.shape, dtype=bool))
+
+
+def softmax_ids_ignored(img: Any, txt: Any, scale: Any, bias: Any, **_: Any) -> Any:
+    logits = _logits(img, txt, scale, bias)
+    eye = np.eye(*logits.shape, dtype=bool)
+    return _softmax(logits, eye, eye)
+
+
+def softmax_log_inside(
+    img: Any, txt: Any, scale: Any, bias: Any, *, img_ids: Any, txt_ids: Any
+) -> Any:
+    positive = _positive(img_ids, txt_ids)
+    return _softmax(_logits(img, txt, scale, bias), positive, positive, how="inside")
+
+
+def softmax_positives_summed(
+    img: Any, txt: Any, scale: Any, bias: Any, *, img_ids: Any, txt_ids: Any
+) -> Any:
+    positive = _positive(img_ids, txt_ids)
+    return _softmax(_logits(img, txt, scale, bias), positive, positive, how="sum")
+
+
+def softmax_first_positive(
+    img: Any, txt: Any, scale: Any, bias: Any, *, img_ids: Any, txt_ids: Any
+) -> Any:
+    rows, cols = _first(_positive(img_ids, txt_ids))
+    return _softmax(_logits(img, txt, scale, bias), rows, cols)
+
+
+def sigmoid_first_positive(
+    img: Any, txt: Any, scale: Any, bias: Any, *, img_ids: Any, txt_ids: Any
+) -> Any:
+    rows, _ = _first(_positive(img_ids, txt_ids))
+    return _sigmoid(_logits(img, txt, scale, bias), rows)
