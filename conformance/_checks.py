@@ -230,6 +230,18 @@ class Runner:
             # arrays, the call and autodiff, so f computes in the dtype it does in production.
             with computing_in("jax", self.dtype):
                 return self._run_jax(self._arrays(img, txt, scale, bias), kwargs)
+        if self.backend == "torch":
+            import torch
+
+            # Autograd on even when the caller runs the suite under torch.no_grad() (or
+            # inference_mode off): a bare loss must be differentiable to be judged.
+            with torch.enable_grad():
+                return self._run_eager(img, txt, scale, bias, kwargs)
+        return self._run_eager(img, txt, scale, bias, kwargs)
+
+    def _run_eager(
+        self, img: Any, txt: Any, scale: float, bias: float, kwargs: dict[str, Any]
+    ) -> Outcome:
         args = self._arrays(img, txt, scale, bias)
         loss, grads = _split(self.function(*args, **kwargs))
         values: dict[str, Any] = {"loss": to_numpy(loss)}

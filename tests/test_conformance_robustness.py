@@ -343,3 +343,18 @@ def test_help_describes_every_option_with_its_default() -> None:
     assert result.returncode == 0
     assert "default: numpy" in _flat(result.stdout)
     assert "default: 60" in _flat(result.stdout)
+
+
+def test_a_bare_torch_loss_is_differentiated_under_no_grad() -> None:
+    """A caller inside torch.no_grad() must not get zero autodiff gradients (and a pass)."""
+    torch = pytest.importorskip("torch")
+
+    def dense(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+        logits = scale * img @ txt.T + bias
+        labels = 2 * torch.eye(img.shape[0], dtype=img.dtype) - 1
+        return -torch.nn.functional.logsigmoid(labels * logits).sum() / img.shape[0]
+
+    with torch.no_grad():
+        report = check(dense, loss="sigmoid", backend="torch")
+    assert report.passed, report.table()
+    assert report.gradients_checked
