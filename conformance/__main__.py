@@ -91,12 +91,17 @@ def print_report(report: Report, *, limit: int = 40) -> None:
     print(report.table(limit=limit))
 
 
-def _agreement(losses: Sequence[str], timeout: float | None = None) -> int:
+def _agreement(
+    losses: Sequence[str], timeout: float | None = None, report: Path | None = None
+) -> int:
     """Run portable_siglip on every installed backend and dtype; print the error matrix.
 
-    The matrix goes to stdout; one progress line per loss and backend goes to stderr.
+    The matrix goes to stdout; one progress line per loss and backend goes to stderr. With
+    `report`, every cell (loss, backend, dtype, passed, worst error / tolerance, diagnosis
+    codes; null where the backend or dtype is missing) is also written there as JSON.
     """
     status = 0
+    cells_out: list[dict[str, Any]] = []
     start = time.monotonic()
     groups = len(losses) * len(BACKENDS)
     for index, loss in enumerate(losses):
@@ -113,7 +118,7 @@ def _agreement(losses: Sequence[str], timeout: float | None = None) -> int:
             cells = []
             for dtype in DTYPES:
                 try:
-                    report = check(
+                    result = check(
                         _default_implementation(loss),
                         loss=loss,
                         backend=backend,
@@ -122,12 +127,27 @@ def _agreement(losses: Sequence[str], timeout: float | None = None) -> int:
                     )
                 except UsageError:
                     cells.append("-")
+                    cells_out.append({"loss": loss, "backend": backend, "dtype": dtype})
                     continue
-                mark = "ok" if report.passed else "FAIL"
-                cells.append(f"{report.worst:.2g} {mark}")
-                status = status or (0 if report.passed else 1)
+                mark = "ok" if result.passed else "FAIL"
+                cells.append(f"{result.worst:.2g} {mark}")
+                cells_out.append(
+                    {
+                        "loss": loss,
+                        "backend": backend,
+                        "dtype": dtype,
+                        "passed": result.passed,
+                        "worst": result.worst,
+                        "codes": sorted(result.codes),
+                    }
+                )
+                status = status or (0 if result.passed else 1)
             print(f"  {backend:18s}" + "".join(f"{cell:>12s}" for cell in cells), flush=True)
     print("  (- : backend not installed or without that dtype; ok: every check passed)")
+    if report is not None:
+        document = {"agreement": cells_out, "passed": status == 0}
+        report.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+        print(f"report written to {report}")
     return status
 
 
@@ -201,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--report",
         type=Path,
         metavar="FILE",
-        help="also write the full report, every check, as JSON to FILE (default: none)",
+        help="also write the full report, every check, as JSON to FILE (with --agreement: "
+        "every cell of the matrix) (default: none)",
     )
     parser.add_argument(
         "--world-size",
@@ -251,10 +272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--loss is required (unless --agreement)")
     timeout = args.timeout or None
     try:
-        if args.agreement:
-            return _agreement([args.loss] if args.loss else ["sigmoid", "softmax"], timeout)
         if args.report is not None:
             check_writable(args.report)
+        if args.agreement:
+            losses = [args.loss] if args.loss else ["sigmoid", "softmax"]
+            return _agreement(losses, timeout, args.report)
         if args.ids and (args.comm == "mpi" or args.world_size is not None):
             msg = "`--ids` judges one process: drop `--world-size`/`--comm mpi`"
             raise UsageError(msg)

@@ -302,6 +302,22 @@ def test_agreement_shows_progress_on_stderr(
     assert "numpy" in captured.out
 
 
+def test_agreement_writes_its_report(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--report with --agreement used to be ignored silently; it now holds every cell."""
+    monkeypatch.setattr(cli, "BACKENDS", ("numpy", "no-such-backend"))
+    monkeypatch.setattr(cli, "DTYPES", ("float64",))
+    out = tmp_path / "agreement.json"
+    assert cli.main(["--agreement", "--loss", "softmax", "--report", str(out)]) == 0
+    cells = json.loads(out.read_text(encoding="utf-8"))["agreement"]
+    assert cells[0]["backend"] == "numpy"
+    assert cells[0]["passed"] is True
+    assert cells[0]["worst"] < 1
+    assert "passed" not in cells[1]  # the missing backend: no verdict
+    assert str(out) in capsys.readouterr().out
+
+
 def test_report_prints_short_and_keeps_the_table() -> None:
     def mean_over_pairs(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
         loss, grads = ps.sigmoid_loss_and_grad(img, txt, scale, bias)
