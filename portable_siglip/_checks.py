@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -306,6 +307,21 @@ def _concrete_value(value: Any) -> float | None:
         return None
 
 
+def _check_alongside(name: str, value: Any, xp: Namespace, device: object) -> None:
+    """Check that the array `name` comes from the library and device of ``img``."""
+    xp_value = array_api_compat.array_namespace(value)
+    if xp_value is not xp:
+        msg = (
+            f"`{name}` must come from the same array library as `img`, got "
+            f"{_namespace_name(xp_value)} and {_namespace_name(xp)}"
+        )
+        raise TypeError(msg)
+    dev = array_api_compat.device(value)
+    if not _same_device(dev, device):
+        msg = f"`{name}` must be on the same device as `img`, got {dev} and {device}"
+        raise ValueError(msg)
+
+
 def _check_scalar(
     name: str, value: Any, xp: Namespace, device: object, *, positive: bool
 ) -> float | Array:
@@ -322,20 +338,10 @@ def _check_scalar(
         if shape != ():
             msg = f"`{name}` must be a Python float or a 0-d array, got an array of shape {shape}"
             raise TypeError(msg)
-        xp_value = array_api_compat.array_namespace(value)
-        if xp_value is not xp:
-            msg = (
-                f"`{name}` must come from the same array library as `img`, got "
-                f"{_namespace_name(xp_value)} and {_namespace_name(xp)}"
-            )
-            raise TypeError(msg)
+        _check_alongside(name, value, xp, device)
         if not xp.isdtype(value.dtype, "real floating"):
             msg = f"`{name}` must have a real floating dtype, got {value.dtype}"
             raise TypeError(msg)
-        dev = array_api_compat.device(value)
-        if not _same_device(dev, device):
-            msg = f"`{name}` must be on the same device as `img`, got {dev} and {device}"
-            raise ValueError(msg)
         concrete = _concrete_value(value)
         if concrete is not None:
             kind = f" (a 0-d {_library(value)} array)"
@@ -367,13 +373,7 @@ def _check_ids(
                 f"`{name}` must be an integer array of the library of `img`, got {_describe(value)}"
             )
             raise TypeError(msg)
-        xp_value = array_api_compat.array_namespace(value)
-        if xp_value is not xp:
-            msg = (
-                f"`{name}` must come from the same array library as `img`, got "
-                f"{_namespace_name(xp_value)} and {_namespace_name(xp)}"
-            )
-            raise TypeError(msg)
+        _check_alongside(name, value, xp, device)
         if not xp.isdtype(value.dtype, "integral"):
             msg = f"`{name}` must have an integer dtype, got {value.dtype}"
             raise TypeError(msg)
@@ -382,10 +382,6 @@ def _check_ids(
                 f"`{name}` must have shape ({rows},), one id per row of `{of}`, got shape "
                 f"{tuple(value.shape)}"
             )
-            raise ValueError(msg)
-        dev = array_api_compat.device(value)
-        if not _same_device(dev, device):
-            msg = f"`{name}` must be on the same device as `img`, got {dev} and {device}"
             raise ValueError(msg)
     return img_ids, txt_ids
 
@@ -406,28 +402,41 @@ def host_ids(ids: Any) -> list[int] | None:
         return None
 
 
-def check_positives(
-    img_ids: list[int], txt_ids: list[int], *, where: str = "", rows: list[str] | None = None
-) -> None:
+def check_positives(img_ids: Sequence[Sequence[int]], txt_ids: Sequence[Sequence[int]]) -> None:
     """Raise ``ValueError`` unless every image id has a text and every text id an image.
 
-    ``img_ids``/``txt_ids`` are the ids of the whole (global) batch; ``rows`` optionally
-    names where each text (image) row lives, for the message.
+    ``img_ids`` and ``txt_ids`` hold the ids of every rank's rows, one sequence per rank (a
+    single one in one process): the check is over the global batch, and the message names
+    the first row without a positive (and its rank, with several).
     """
-    texts, images = set(txt_ids), set(img_ids)
-    for name, ids, others, row, other in (
+    distributed = len(img_ids) > 1
+    images = {value for shard in img_ids for value in shard}
+    texts = {value for shard in txt_ids for value in shard}
+    for name, shards, others, row, other in (
         ("img_ids", img_ids, texts, "image", "text"),
         ("txt_ids", txt_ids, images, "text", "image"),
     ):
-        lonely = [i for i, value in enumerate(ids) if value not in others]
-        if lonely:
-            first = lonely[0]
-            msg = (
-                f"`{name}`: {row} row {first}{where} (id {ids[first]}) has no {other} row with "
-                f"the same id, so it has no positive pair; {len(lonely)} of {len(ids)} {row} "
-                f"rows have none (every id must appear in both `img_ids` and `txt_ids`)"
-            )
-            raise ValueError(msg)
+        lonely = [
+            (rank, i, value)
+            for rank, shard in enumerate(shards)
+            for i, value in enumerate(shard)
+            if value not in others
+        ]
+        if not lonely:
+            continue
+        rank, first, value = lonely[0]
+        total = sum(len(shard) for shard in shards)
+        where, anywhere, batch = (
+            (f" of rank {rank}", " on any rank", " of the global batch")
+            if distributed
+            else ("", "", "")
+        )
+        msg = (
+            f"`{name}`: {row} row {first}{where} (id {value}) has no {other} row with the same "
+            f"id{anywhere}, so it has no positive pair; {len(lonely)} of {total} {row} rows"
+            f"{batch} have none (every id must appear in both `img_ids` and `txt_ids`)"
+        )
+        raise ValueError(msg)
 
 
 def _check_block_size(block_size: Any, n: int, default: int = DEFAULT_BLOCK_SIZE) -> int:
@@ -506,7 +515,7 @@ def prepare(
     if ids is not None and check_ids:
         values = (host_ids(ids[0]), host_ids(ids[1]))
         if values[0] is not None and values[1] is not None:
-            check_positives(values[0], values[1])
+            check_positives([values[0]], [values[1]])
 
     input_dtype = img.dtype
     # Half-precision inputs accumulate in float32; float32 and float64 in themselves. Any

@@ -28,7 +28,7 @@ from typing import Any
 
 import array_api_compat
 
-from ._checks import Problem, host_ids, prepare
+from ._checks import Problem, check_positives, host_ids, prepare
 from ._softmax import merge_lse_pairs
 from ._typing import Array, Namespace
 from .comm import Communicator, Request, check_communicator
@@ -124,28 +124,9 @@ def _check_global_ids(everyone: Sequence[dict[str, Any]]) -> None:
         raise ValueError(msg)
     if not any(given):
         return
-    images = {value for entry in everyone for value in entry["img_ids"]}
-    texts = {value for entry in everyone for value in entry["txt_ids"]}
-    for name, field, others, row, other in (
-        ("img_ids", "img_ids", texts, "image", "text"),
-        ("txt_ids", "txt_ids", images, "text", "image"),
-    ):
-        lonely = [
-            (rank, i, value)
-            for rank, entry in enumerate(everyone)
-            for i, value in enumerate(entry[field])
-            if value not in others
-        ]
-        if lonely:
-            rank, first, value = lonely[0]
-            rows = sum(len(entry[field]) for entry in everyone)
-            msg = (
-                f"`{name}`: {row} row {first} of rank {rank} (id {value}) has no {other} row "
-                f"with the same id on any rank, so it has no positive pair; {len(lonely)} of "
-                f"{rows} {row} rows of the global batch have none (every id must appear in "
-                "both `img_ids` and `txt_ids`)"
-            )
-            raise ValueError(msg)
+    check_positives(
+        [entry["img_ids"] for entry in everyone], [entry["txt_ids"] for entry in everyone]
+    )
 
 
 def _same(a: object, b: object) -> bool:

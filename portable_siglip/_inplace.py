@@ -30,7 +30,7 @@ from typing import Any
 
 import array_api_compat
 
-from ._tilemath import merge_lse, stack_pairs
+from ._tilemath import Pair, add_pairs, merge_pairs, stack_pairs
 from ._tiles import Positives, blocks
 from ._typing import Array, Namespace
 
@@ -205,17 +205,6 @@ def sigmoid_sums(
     return loss, img_acc, txt_acc, bias_sum if grad else None
 
 
-Pair = tuple[Array, Array]
-
-
-def _merge_lse(xp: Namespace, total: Pair | None, part: Pair) -> Pair:
-    return part if total is None else merge_lse(xp, *total, *part)
-
-
-def _add(total: Pair | None, part: Pair) -> Pair:
-    return part if total is None else (total[0] + part[0], total[1] + part[1])
-
-
 def softmax_lse(
     xp: Namespace,
     scaled_img: Array,
@@ -248,23 +237,23 @@ def softmax_lse(
             if mask is not None:  # positive counts and logit sums, before the tile changes
                 nat.multiply(logits, mask, out=work)
                 found = (xp.sum(mask, axis=1, dtype=dtype), xp.sum(work, axis=1))
-                row_found = _add(row_found, found)
+                row_found = add_pairs(row_found, found)
                 found = (xp.sum(mask, axis=0, dtype=dtype), xp.sum(work, axis=0))
-                col_pos[col] = _add(col_pos[col], found)
+                col_pos[col] = add_pairs(col_pos[col], found)
             elif masks.labelled:  # a tile without positives: zero counts and sums
                 none = xp.zeros((row_stop - row_start,), dtype=dtype, device=device)
-                row_found = _add(row_found, (none, none))
+                row_found = add_pairs(row_found, (none, none))
                 none = xp.zeros((col_stop - col_start,), dtype=dtype, device=device)
-                col_pos[col] = _add(col_pos[col], (none, none))
+                col_pos[col] = add_pairs(col_pos[col], (none, none))
             row_max = xp.max(logits, axis=1)  # (b, c) -> (b,)
             nat.subtract(logits, row_max[:, None], out=work)
             nat.exp(work, out=work)
-            row_total = _merge_lse(xp, row_total, (row_max, xp.log(xp.sum(work, axis=1))))
+            row_total = merge_pairs(xp, row_total, (row_max, xp.log(xp.sum(work, axis=1))))
             col_max = xp.max(logits, axis=0)  # (b, c) -> (c,)
             logits -= col_max[None, :]
             nat.exp(logits, out=logits)
             part = (col_max, xp.log(xp.sum(logits, axis=0)))
-            col_lse[col] = _merge_lse(xp, col_lse[col], part)
+            col_lse[col] = merge_pairs(xp, col_lse[col], part)
         assert row_total is not None
         row_lse.append(row_total)
         if row_found is not None:

@@ -37,7 +37,16 @@ from typing import NamedTuple
 import array_api_compat
 
 from . import _inplace, _jaxloops
-from ._tilemath import lse_tile, merge_lse, positive_sums, softmax_grad_tile, stack_pairs
+from ._tilemath import (
+    Pair,
+    add_pairs,
+    lse_tile,
+    merge_lse,
+    merge_pairs,
+    positive_sums,
+    softmax_grad_tile,
+    stack_pairs,
+)
 from ._tiles import Positives, blocks, positive_mask
 from ._typing import Array, Namespace
 
@@ -100,17 +109,6 @@ def lse_excess(xp: Namespace, lse: Array, diag: Array | None = None) -> Array:
     return xp.sum(xp.maximum(lse[:, 0] - target, zero) + lse[:, 1])
 
 
-Pair = tuple[Array, Array]
-
-
-def _merge(xp: Namespace, total: Pair | None, part: Pair) -> Pair:
-    return part if total is None else merge_lse(xp, *total, *part)
-
-
-def _add(total: Pair | None, part: Pair) -> Pair:
-    return part if total is None else (total[0] + part[0], total[1] + part[1])
-
-
 def softmax_lse(
     xp: Namespace,
     scaled_img: Array,
@@ -169,11 +167,11 @@ def softmax_lse(
                 )
                 assert mask is not None
                 counts = positive_sums(xp, logits, mask)
-                row_found = _add(row_found, counts[:2])
-                col_pos[col] = _add(col_pos[col], counts[2:])
+                row_found = add_pairs(row_found, counts[:2])
+                col_pos[col] = add_pairs(col_pos[col], counts[2:])
             row_max, row_log, col_max, col_log = lse_tile(xp, logits)
-            row_total = _merge(xp, row_total, (row_max, row_log))
-            col_lse[col] = _merge(xp, col_lse[col], (col_max, col_log))
+            row_total = merge_pairs(xp, row_total, (row_max, row_log))
+            col_lse[col] = merge_pairs(xp, col_lse[col], (col_max, col_log))
         assert row_total is not None
         row_lse.append(row_total)
         if row_found is not None:

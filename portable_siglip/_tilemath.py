@@ -14,8 +14,11 @@ import array_api_compat
 from ._typing import Array, Namespace
 
 __all__ = [
+    "Pair",
+    "add_pairs",
     "lse_tile",
     "merge_lse",
+    "merge_pairs",
     "positive_sums",
     "sigmoid_tile",
     "softmax_grad_tile",
@@ -68,6 +71,20 @@ def merge_lse(
     """
     top = xp.maximum(max_a, max_b)
     return top, xp.logaddexp((max_a - top) + log_a, (max_b - top) + log_b)
+
+
+#: Two vectors that travel together: ``(M, s)`` of a log-sum-exp, or ``(c, S)`` positive sums.
+Pair = tuple[Array, Array]
+
+
+def merge_pairs(xp: Namespace, total: Pair | None, part: Pair) -> Pair:
+    """:func:`merge_lse` of a running ``(M, s)`` pair (None before the first) and a new one."""
+    return part if total is None else merge_lse(xp, *total, *part)
+
+
+def add_pairs(total: Pair | None, part: Pair) -> Pair:
+    """Add a ``(c, S)`` pair of positive counts and sums to a running one (None: none yet)."""
+    return part if total is None else (total[0] + part[0], total[1] + part[1])
 
 
 def lse_tile(xp: Namespace, logits: Array) -> tuple[Array, Array, Array, Array]:
@@ -131,11 +148,7 @@ def softmax_grad_tile(
     return part
 
 
-def stack_pairs(
-    xp: Namespace,
-    pairs: list[tuple[Array, Array]],
-    extra: list[tuple[Array, Array]] | None = None,
-) -> Array:
+def stack_pairs(xp: Namespace, pairs: list[Pair], extra: list[Pair] | None = None) -> Array:
     """Concatenate per-block ``(M, s)`` vector pairs into one (k, 2) array.
 
     ``extra``: per-block ``(c, S)`` positive counts and sums, appended as columns 2 and 3.
