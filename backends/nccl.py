@@ -3,11 +3,26 @@
 :class:`NCCLComm` moves CuPy arrays and torch CUDA tensors between GPUs with NCCL, with no
 host copy. A torch tensor comes in through DLPack (zero copy) and the result goes back
 as a torch tensor on the same device; bfloat16 tensors travel as their raw 16-bit
-patterns. Start the job with ``mpirun -n W python -m mpi4py script.py`` and build the
-communicator with :meth:`NCCLComm.from_mpi`: rank 0 creates the NCCL unique id, MPI
-broadcasts it, every rank selects its GPU (local rank modulo the device count) and joins
-the NCCL communicator; the small pickled handshake of every loss call
-(``allgather_object``) then goes over MPI.
+patterns.
+
+Every rank needs a GPU of its own (NCCL refuses two ranks on one device), and the ranks
+must agree on an NCCL unique id before they join. Four constructors do both:
+
+- :meth:`NCCLComm.single`: one process, no launcher, no MPI: the id is made locally.
+- :meth:`NCCLComm.from_mpi`: under ``mpirun -n W python -m mpi4py script.py``, rank 0
+  creates the id and MPI broadcasts it; the small pickled handshake of every loss call
+  (``allgather_object``) then goes over MPI.
+- :meth:`NCCLComm.from_torch`: under ``torchrun``, without MPI: the id travels through
+  torch.distributed's key-value store (the default process group's store, or a
+  ``TCPStore`` at ``MASTER_ADDR:MASTER_PORT``).
+- :meth:`NCCLComm.from_store`: any store with ``set``, ``get`` and ``add``, e.g.
+  ``torch.distributed.FileStore`` on a shared file system.
+
+Each rank uses GPU ``local rank % device count`` unless told otherwise. Before any rank
+joins NCCL, the ranks exchange where they are (host name, GPU) over the bootstrap channel
+and all raise the same error when one of them could not choose its GPU, or when several
+share one GPU (:class:`SharedDeviceError`, a ``ValueError``), instead of failing inside
+``ncclCommInitRank``.
 
 Semantics
 ---------
@@ -41,7 +56,9 @@ of the unique id (CuPy >= 14 ``bytes``, CuPy <= 13 tuple of ints), the dtype tab
 the error paths. What needs a GPU, and is tested only where one is present
 (``tests/test_nccl_comm.py``, the ``test_gpu_*`` tests, one rank): the real CuPy runtime
 (pointers, streams, synchronisation, DLPack round trips of torch CUDA tensors), real
-NCCL matching, and several ranks on several GPUs (not yet run anywhere).
+NCCL matching, and several ranks on several GPUs (not yet run anywhere). The store
+bootstrap is tested with real ``torch.distributed`` ``TCPStore`` and ``FileStore`` objects
+on the CPU, and :meth:`NCCLComm.single` with ``mpi4py`` made unimportable.
 
 Examples
 --------
@@ -56,14 +73,19 @@ each rank passing its own shard::
     img = cp.asarray(my_image_features)
     txt = cp.asarray(my_text_features)
     loss = ps.sigmoid_loss(img, txt, 10.0, -10.0, comm=comm)  # the global loss
+
+Under ``torchrun --nproc-per-node 8 script.py``, the same with
+``comm = NCCLComm.from_torch()``; in one process, ``comm = NCCLComm.single()``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -72,7 +94,7 @@ import numpy as np
 
 from portable_siglip.comm import BaseComm, Request
 
-__all__ = ["CupyRuntime", "NCCLComm", "Runtime"]
+__all__ = ["CupyRuntime", "NCCLComm", "Runtime", "SharedDeviceError"]
 
 Array = Any
 
@@ -92,6 +114,49 @@ _DTYPES = {
 }
 _ITEMSIZE = {"bfloat16": 2, "uint32": 4, "uint64": 8}
 
+#: Where the constructors look for this process's rank among the ranks of its node, first
+#: match wins (torchrun, Open MPI, MPICH/Hydra, MVAPICH, Slurm).
+LOCAL_RANK_VARIABLES = (
+    "LOCAL_RANK",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MPI_LOCALRANKID",
+    "MV2_COMM_WORLD_LOCAL_RANK",
+    "SLURM_LOCALID",
+)
+
+#: Prefix of the keys :meth:`NCCLComm.from_store` writes.
+STORE_KEY = "portable_siglip/nccl"
+
+#: Seconds :meth:`NCCLComm.from_torch` waits for the other ranks at its store.
+STORE_TIMEOUT_S = 300.0
+
+
+class SharedDeviceError(ValueError):
+    """Several ranks of one NCCL communicator chose the same GPU.
+
+    NCCL needs one GPU per rank: ``ncclCommInitRank`` fails ("Duplicate GPU detected")
+    when two ranks of a communicator share a device. The constructors of
+    :class:`NCCLComm` raise this on every rank before any of them joins NCCL.
+
+    Attributes
+    ----------
+    device : int
+        The shared GPU, as the lowest of the ranks that share it numbers it.
+    ranks : list of int
+        The ranks that share it.
+    host : str
+        The host they run on.
+    """
+
+    def __init__(self, device: int, ranks: list[int], host: str) -> None:
+        self.device, self.ranks, self.host = device, ranks, host
+        listed = ", ".join(str(rank) for rank in ranks)
+        super().__init__(
+            f"{len(ranks)} ranks share GPU {device} (ranks {listed} on {host}); NCCL needs "
+            "one GPU per rank: give each rank its own GPU, or try several ranks on one GPU "
+            "with MPIComm, TorchDistComm on gloo or ThreadGroup"
+        )
+
 
 class Runtime(Protocol):
     """Where :class:`NCCLComm` finds CuPy: the NCCL binding, memory, streams, devices.
@@ -110,6 +175,14 @@ class Runtime(Protocol):
 
     def use_device(self, device: int) -> None:
         """Make ``device`` current for this thread."""
+        ...
+
+    def device_identity(self, device: int) -> str:
+        """Name GPU ``device`` uniquely on this host (PCI bus id), whatever the process sees.
+
+        Two processes with different ``CUDA_VISIBLE_DEVICES`` number one GPU differently;
+        this tells whether two ranks' devices are the same GPU.
+        """
         ...
 
     def as_device_array(self, x: Array, stream: Any) -> tuple[Array, str, Callable[[Array], Array]]:
@@ -161,6 +234,16 @@ class CupyRuntime:
         import cupy
         from cupy.cuda import nccl
 
+        # Without libnccl, cupy.cuda.nccl imports all the same and only sets available to
+        # False: every later use would fail with an AttributeError.
+        if not getattr(nccl, "available", True):
+            msg = (
+                "cupy's NCCL binding cannot load libnccl, the NCCL library "
+                "(cupy.cuda.nccl.available is False): pip install nvidia-nccl-cu12 or "
+                "nvidia-nccl-cu13 to match cupy's CUDA, or put libnccl.so.2 on "
+                "LD_LIBRARY_PATH"
+            )
+            raise ImportError(msg)
         self._cupy = cupy
         self._nccl = nccl
 
@@ -176,6 +259,13 @@ class CupyRuntime:
     def use_device(self, device: int) -> None:
         """Make ``device`` current (``cupy.cuda.Device(device).use()``)."""
         self._cupy.cuda.Device(device).use()
+
+    def device_identity(self, device: int) -> str:
+        """Return the device's PCI bus id (its index where CuPy cannot tell)."""
+        try:
+            return str(self._cupy.cuda.Device(device).pci_bus_id)
+        except Exception:  # an old CuPy, a driver that does not say
+            return f"index {device}"
 
     def _current_stream(self) -> Any:
         return self._cupy.cuda.get_current_stream()
@@ -379,6 +469,52 @@ class NCCLComm(BaseComm):
             raise ValueError(msg)
 
     @classmethod
+    def single(
+        cls,
+        device: int | None = None,
+        *,
+        stream: Any = None,
+        runtime: Runtime | None = None,
+    ) -> NCCLComm:
+        """Create a one-rank NCCL communicator, with no launcher and no MPI.
+
+        The unique id is made in this process: nothing is imported but CuPy.
+
+        Parameters
+        ----------
+        device : int, optional
+            The GPU; 0 if None.
+        stream : cupy.cuda.Stream, optional
+            As for :class:`NCCLComm`.
+        runtime : Runtime, optional
+            As for :class:`NCCLComm`.
+
+        Returns
+        -------
+        NCCLComm
+            Rank 0 of 1.
+
+        Raises
+        ------
+        ValueError
+            If `device` is not a GPU index here.
+
+        Examples
+        --------
+        Not run as a doctest (it needs a GPU)::
+
+            comm = NCCLComm.single()  # GPU 0
+            loss = ps.sigmoid_loss(img, txt, 10.0, -10.0, comm=comm)
+        """
+        rt: Runtime = CupyRuntime() if runtime is None else runtime
+        chosen = _agree_on_devices([_place(rt, 0 if device is None else device, 0)], 0)
+        rt.use_device(chosen)
+        nccl = rt.nccl
+        made = cls(nccl.NcclCommunicator(1, nccl.get_unique_id(), 0), stream=stream, runtime=rt)
+        made.device = chosen
+        return made
+
+    @classmethod
     def from_mpi(
         cls,
         comm: Any = None,
@@ -389,9 +525,11 @@ class NCCLComm(BaseComm):
     ) -> NCCLComm:
         """Create the NCCL communicator of the ranks of an MPI communicator.
 
-        Rank 0 calls ``nccl.get_unique_id()``, MPI broadcasts the id (pickled, in whatever
-        form this CuPy returns it: ``bytes`` in CuPy >= 14, a tuple of ints before) and
-        every rank calls ``NcclCommunicator(size, id, rank)`` on its device.
+        The ranks allgather where they are (host, GPU) and all raise the same error when
+        one could not choose its GPU or several share one. Then rank 0 calls
+        ``nccl.get_unique_id()``, MPI broadcasts the id (pickled, in whatever form this
+        CuPy returns it: ``bytes`` in CuPy >= 14, a tuple of ints before) and every rank
+        calls ``NcclCommunicator(size, id, rank)`` on its device.
 
         Parameters
         ----------
@@ -407,6 +545,20 @@ class NCCLComm(BaseComm):
         Returns
         -------
         NCCLComm
+
+        Raises
+        ------
+        SharedDeviceError
+            On every rank, when several ranks would share a GPU.
+        ValueError
+            On every rank, when a rank's `device` is not a GPU index there.
+
+        Examples
+        --------
+        Not run as a doctest (it needs MPI and GPUs); under
+        ``mpirun -n 4 python -m mpi4py script.py`` on a node with 4 GPUs::
+
+            comm = NCCLComm.from_mpi()  # rank r on GPU r
         """
         rt: Runtime = CupyRuntime() if runtime is None else runtime
         if comm is None:
@@ -414,23 +566,218 @@ class NCCLComm(BaseComm):
 
             comm = MPI.COMM_WORLD
         rank, size = int(comm.rank), int(comm.size)
-        count = rt.device_count()
-        if device is None:
-            device = _local_rank(comm) % max(count, 1)
-        if isinstance(device, bool) or not isinstance(device, int) or not 0 <= device < count:
-            msg = f"`device` must be a GPU index in 0..{count - 1}, got {device!r}"
-            raise ValueError(msg)
-        rt.use_device(device)
+        # Split_type is collective: every rank that passes no device calls it.
+        local = _local_rank(comm) if device is None else 0
+        placement = _place(rt, device, local)
+        chosen = _agree_on_devices(list(comm.allgather(placement)), rank)
+        rt.use_device(chosen)
         nccl = rt.nccl
         unique_id = nccl.get_unique_id() if rank == 0 else None
         unique_id = comm.bcast(unique_id, root=0)
         nccl_comm = nccl.NcclCommunicator(size, unique_id, rank)
         made = cls(nccl_comm, stream=stream, mpi_comm=comm, runtime=rt)
-        made.device = device
+        made.device = chosen
         return made
 
+    @classmethod
+    def from_store(
+        cls,
+        store: Any,
+        rank: int,
+        size: int,
+        *,
+        device: int | None = None,
+        local_rank: int | None = None,
+        key: str = STORE_KEY,
+        stream: Any = None,
+        runtime: Runtime | None = None,
+    ) -> NCCLComm:
+        """Create the NCCL communicator of `size` ranks that share a key-value store.
+
+        No MPI: every rank publishes where it is (host, GPU) in the store and reads the
+        others', and all raise the same error when one could not choose its GPU or
+        several share one; then rank 0 writes the NCCL unique id and the others read it
+        (``store.get`` waits for it, up to the store's timeout).
+
+        Parameters
+        ----------
+        store : torch.distributed.Store or similar
+            Anything with ``set(key, bytes)``, ``get(key) -> bytes`` (waiting until the key
+            is set) and ``add(key, int) -> int``, shared by the ranks: a
+            ``torch.distributed.TCPStore`` or ``FileStore``, or the default process
+            group's store. Kept as the ``store`` attribute (a ``TCPStore`` server lives as
+            long as its object).
+        rank, size : int
+            This rank and the number of ranks.
+        device : int, optional
+            This rank's GPU; ``local_rank % device_count`` if None.
+        local_rank : int, optional
+            This rank's index among the ranks of its node; if None, from the launcher's
+            environment (``LOCAL_RANK``, ``OMPI_COMM_WORLD_LOCAL_RANK``, ...), else `rank`.
+        key : str
+            Prefix of the keys written. The ranks count their calls in the store, so
+            several communicators can be made through one store, in the same order on
+            every rank.
+        stream : cupy.cuda.Stream, optional
+            As for :class:`NCCLComm`.
+        runtime : Runtime, optional
+            As for :class:`NCCLComm`.
+
+        Returns
+        -------
+        NCCLComm
+
+        Raises
+        ------
+        SharedDeviceError
+            On every rank, when several ranks would share a GPU.
+        ValueError
+            For a bad `rank` or `size`; on every rank, when a rank's `device` is not a
+            GPU index there.
+
+        Examples
+        --------
+        Not run as a doctest (it needs GPUs); each of 2 processes, on a shared file
+        system::
+
+            from torch.distributed import FileStore
+
+            store = FileStore("/shared/job-42.store", 2)
+            comm = NCCLComm.from_store(store, rank, 2)
+        """
+        for name, value in (("rank", rank), ("size", size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                msg = f"`{name}` must be an int, got {type(value).__name__} {value!r}"
+                raise TypeError(msg)
+        if not 0 <= rank < size:
+            msg = f"`rank` must be in 0..{size - 1} for `size` {size}, got {rank}"
+            raise ValueError(msg)
+        rt: Runtime = CupyRuntime() if runtime is None else runtime
+        call = int(store.add(f"{key}/calls/{rank}", 1))  # the same count on every rank
+        prefix = f"{key}/{call}"
+        if local_rank is None:
+            found = _local_rank_from(os.environ, None)
+            local_rank = rank if found is None else found
+        placement = _place(rt, device, local_rank)
+        store.set(f"{prefix}/where/{rank}", json.dumps(placement))
+        placements = [json.loads(_text(store.get(f"{prefix}/where/{r}"))) for r in range(size)]
+        chosen = _agree_on_devices(placements, rank)
+        rt.use_device(chosen)
+        nccl = rt.nccl
+        if rank == 0:
+            unique_id = nccl.get_unique_id()
+            store.set(f"{prefix}/id", json.dumps(_encode_id(unique_id)))
+        else:
+            unique_id = _decode_id(json.loads(_text(store.get(f"{prefix}/id"))))
+        nccl_comm = nccl.NcclCommunicator(size, unique_id, rank)
+        made = cls(nccl_comm, stream=stream, runtime=rt)
+        made.device = chosen
+        made.store = store
+        return made
+
+    @classmethod
+    def from_torch(
+        cls,
+        *,
+        device: int | None = None,
+        stream: Any = None,
+        runtime: Runtime | None = None,
+        environ: Mapping[str, str] | None = None,
+        timeout: float = STORE_TIMEOUT_S,
+    ) -> NCCLComm:
+        """Create the NCCL communicator of a ``torchrun`` job, through torch.distributed's store.
+
+        With an initialised default process group, its store, rank and size are used.
+        Otherwise a ``TCPStore`` is opened at ``MASTER_ADDR:MASTER_PORT`` with ``RANK``
+        and ``WORLD_SIZE`` from the environment: as a client of torchrun's own store when
+        ``TORCHELASTIC_USE_AGENT_STORE=True`` (what torchrun sets), else hosted by rank 0.
+        No process group is initialised and MPI is not used. See :meth:`from_store`.
+
+        Parameters
+        ----------
+        device : int, optional
+            This rank's GPU; ``LOCAL_RANK % device_count`` if None.
+        stream : cupy.cuda.Stream, optional
+            As for :class:`NCCLComm`.
+        runtime : Runtime, optional
+            As for :class:`NCCLComm`.
+        environ : mapping, optional
+            The environment to read; ``os.environ`` if None. When given, the default
+            process group is not looked at.
+        timeout : float
+            Seconds the ranks wait for each other at the store.
+
+        Returns
+        -------
+        NCCLComm
+
+        Raises
+        ------
+        ValueError
+            When neither a process group nor the four variables are there (the message
+            names the missing ones).
+
+        Examples
+        --------
+        Not run as a doctest (it needs GPUs); under
+        ``torchrun --nproc-per-node 8 script.py``::
+
+            comm = NCCLComm.from_torch()  # rank r on GPU LOCAL_RANK
+        """
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        env: Mapping[str, str] = os.environ if environ is None else environ
+        key = f"{STORE_KEY}/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        local = _local_rank_from(env, None)
+        if environ is None and dist.is_available() and dist.is_initialized():
+            store = dist.distributed_c10d._get_default_store()
+            rank, size = int(dist.get_rank()), int(dist.get_world_size())
+        else:
+            names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+            missing = [name for name in names if not env.get(name)]
+            if missing:
+                msg = (
+                    f"NCCLComm.from_torch needs an initialised torch.distributed process "
+                    f"group, or {', '.join(names)} in the environment (torchrun sets them); "
+                    f"missing: {', '.join(missing)}"
+                )
+                raise ValueError(msg)
+            try:
+                rank, size = int(env["RANK"]), int(env["WORLD_SIZE"])
+                port = int(env["MASTER_PORT"])
+            except ValueError:
+                msg = (
+                    "NCCLComm.from_torch: RANK, WORLD_SIZE and MASTER_PORT must be integers, "
+                    f"got {env['RANK']!r}, {env['WORLD_SIZE']!r}, {env['MASTER_PORT']!r}"
+                )
+                raise ValueError(msg) from None
+            agent = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+            store = dist.TCPStore(  # type: ignore[attr-defined]
+                env["MASTER_ADDR"],
+                port,
+                size,
+                is_master=rank == 0 and not agent,
+                timeout=timedelta(seconds=timeout),
+                wait_for_workers=False,
+            )
+        return cls.from_store(
+            store,
+            rank,
+            size,
+            device=device,
+            local_rank=rank if local is None else local,
+            key=key,
+            stream=stream,
+            runtime=runtime,
+        )
+
     device: int | None = None
-    """The GPU chosen by :meth:`from_mpi` (None when wrapping a communicator)."""
+    """The GPU chosen by a constructor (None when wrapping a communicator)."""
+
+    store: Any = None
+    """The store of :meth:`from_store` and :meth:`from_torch` (None otherwise)."""
 
     # --- helpers ---
 
@@ -592,8 +939,76 @@ def _local_rank(comm: Any) -> int:
             return int(node.Get_rank())
         finally:
             node.Free()
-    for name in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK"):
-        value = os.environ.get(name)
-        if value is not None and value.isdigit():
+    found = _local_rank_from(os.environ, None)
+    return int(comm.rank) if found is None else found
+
+
+def _local_rank_from(environ: Mapping[str, str], default: int | None) -> int | None:
+    """Return the node-local rank a launcher exported, else `default`."""
+    for name in LOCAL_RANK_VARIABLES:
+        value = environ.get(name, "")
+        if value.isdigit():
             return int(value)
-    return int(comm.rank)
+    return default
+
+
+def _place(rt: Runtime, device: int | None, local_rank: int) -> dict[str, Any]:
+    """Choose this rank's GPU; return where it is, or why it could not choose (JSON-able).
+
+    Never raises: the ranks exchange what this returns, and decide together.
+    """
+    try:
+        count = int(rt.device_count())
+        if device is None:
+            device = local_rank % max(count, 1)
+        if isinstance(device, bool) or not isinstance(device, int) or not 0 <= device < count:
+            msg = f"`device` must be a GPU index in 0..{count - 1}, got {device!r}"
+            raise ValueError(msg)
+        identity = getattr(rt, "device_identity", None)
+        gpu = identity(device) if identity is not None else f"index {device}"
+    except Exception as error:  # no driver, a bad index, ...
+        return {"error": str(error) or type(error).__name__, "kind": type(error).__name__}
+    return {"host": socket.gethostname(), "gpu": str(gpu), "device": device}
+
+
+def _agree_on_devices(placements: list[dict[str, Any]], rank: int) -> int:
+    """Return this rank's GPU, or raise what every rank raises alike.
+
+    A rank that could not choose its GPU fails every rank (its own error on it, a
+    ``ValueError`` naming it on the others); ranks that share a GPU raise
+    :class:`SharedDeviceError` on every rank.
+    """
+    failed = [(r, p) for r, p in enumerate(placements) if "error" in p]
+    if failed:
+        mine = placements[rank]
+        if "error" in mine:
+            raise (TypeError if mine["kind"] == "TypeError" else ValueError)(mine["error"])
+        first, what = failed[0]
+        msg = f"rank {first} could not choose its GPU: {what['error']}"
+        raise ValueError(msg)
+    sharing: dict[tuple[str, str], list[int]] = {}
+    for r, placement in enumerate(placements):
+        sharing.setdefault((placement["host"], placement["gpu"]), []).append(r)
+    for (host, _), ranks in sharing.items():
+        if len(ranks) > 1:
+            raise SharedDeviceError(int(placements[ranks[0]]["device"]), ranks, host)
+    return int(placements[rank]["device"])
+
+
+def _text(value: Any) -> str:
+    """Return a store's value as text (torch's stores return bytes)."""
+    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+
+
+def _encode_id(unique_id: Any) -> dict[str, Any]:
+    """Encode the NCCL unique id as JSON: ``bytes`` (CuPy >= 14) or ints (CuPy <= 13)."""
+    if isinstance(unique_id, bytes | bytearray):
+        return {"bytes": bytes(unique_id).hex()}
+    return {"ints": [int(value) for value in unique_id]}
+
+
+def _decode_id(encoded: dict[str, Any]) -> Any:
+    """Undo :func:`_encode_id`, giving the id back in the form CuPy made it."""
+    if "bytes" in encoded:
+        return bytes.fromhex(encoded["bytes"])
+    return tuple(int(value) for value in encoded["ints"])

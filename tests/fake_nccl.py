@@ -389,6 +389,9 @@ class FakeRuntime:
         with self._lock:
             self.used_devices[threading.current_thread().name] = device
 
+    def device_identity(self, device: int) -> str:
+        return f"0000:{device + 1:02x}:00.0"  # a PCI bus id per device, as CuPy gives it
+
     def as_device_array(self, x: Any, stream: Any) -> tuple[Any, str, Callable[[Any], Any]]:
         if not isinstance(x, np.ndarray):
             msg = f"fake runtime: NumPy arrays stand for device arrays, got {type(x).__name__}"

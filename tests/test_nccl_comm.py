@@ -7,14 +7,19 @@ device arrays; it keeps NCCL's matching, group and collective rules. The tests a
 
 from __future__ import annotations
 
+import socket
+import sys
+import types
+from datetime import timedelta
 from itertools import accumulate
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from fake_nccl import FakeNccl, FakeNcclError, FakeRuntime, run_ranks
 from helpers import assert_close, pairs, to_numpy
-from portable_siglip.backends.nccl import NCCLComm, _nccl_dtype
+from portable_siglip.backends.nccl import CupyRuntime, NCCLComm, SharedDeviceError, _nccl_dtype
 from test_distributed import (
     BIAS,
     LOSS,
@@ -27,6 +32,7 @@ from test_distributed import (
     expected_bytes,
 )
 
+from portable_siglip import _doctor
 from portable_siglip.comm import Communicator, check_communicator
 
 WORLDS = [1, 2, 3, 4]
@@ -213,27 +219,39 @@ def test_loss_alone_and_float32(loss: str, strategy: str) -> None:
 
 
 class FakeMPI:
-    """The part of an mpi4py communicator that ``from_mpi`` uses, for ranks as threads."""
+    """The part of an mpi4py communicator that ``from_mpi`` uses, for ranks as threads.
+
+    Each collective call of a rank is matched with the same-numbered call of the others.
+    """
 
     def __init__(self, shared: dict[str, Any], rank: int, size: int) -> None:
         self.shared, self.rank, self.size = shared, rank, size
+        self.calls = 0
+
+    def _slot(self) -> dict[Any, Any]:
+        self.calls += 1
+        slot: dict[Any, Any] = self.shared.setdefault(("call", self.calls), {})
+        return slot
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
         box = self.shared
         with box["cond"]:
+            slot = self._slot()
             if self.rank == root:
+                slot["value"] = obj
                 box["value"] = obj
                 box["cond"].notify_all()
-            assert box["cond"].wait_for(lambda: "value" in box, timeout=10)
-            return box["value"]
+            assert box["cond"].wait_for(lambda: "value" in slot, timeout=10)
+            return slot["value"]
 
     def allgather(self, obj: Any) -> list[Any]:
         box = self.shared
         with box["cond"]:
-            box.setdefault("gather", {})[self.rank] = obj
+            slot = self._slot()
+            slot[self.rank] = obj
             box["cond"].notify_all()
-            assert box["cond"].wait_for(lambda: len(box["gather"]) == self.size, timeout=10)
-            return [box["gather"][r] for r in range(self.size)]
+            assert box["cond"].wait_for(lambda: len(slot) == self.size, timeout=10)
+            return [slot[r] for r in range(self.size)]
 
 
 @pytest.mark.parametrize("id_form", ["bytes", "tuple"])
@@ -244,7 +262,7 @@ def test_from_mpi_bootstrap(id_form: str, world: int, monkeypatch: pytest.Monkey
     for name in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     nccl = FakeNccl(id_form=id_form)
-    runtime = FakeRuntime(nccl, devices=2)
+    runtime = FakeRuntime(nccl, devices=4)
     shared: dict[str, Any] = {"cond": threading.Condition()}
 
     def call(rank: int) -> tuple[Any, ...]:
@@ -264,12 +282,12 @@ def test_from_mpi_bootstrap(id_form: str, world: int, monkeypatch: pytest.Monkey
     sent = shared["value"]
     assert isinstance(sent, bytes if id_form == "bytes" else tuple)
     for rank, (got_rank, size, device, comm_id, total, objects) in enumerate(results):
-        assert (got_rank, size, device) == (rank, world, rank % 2)
+        assert (got_rank, size, device) == (rank, world, rank)
         assert comm_id is sent or comm_id == sent  # unchanged
         assert type(comm_id) is type(sent)
         np.testing.assert_array_equal(total, np.full(2, float(world)))
         assert objects == list(range(world))
-    assert runtime.used_devices == {f"fake-rank-{r}": r % 2 for r in range(world)}
+    assert runtime.used_devices == {f"fake-rank-{r}": r for r in range(world)}
 
 
 def test_from_mpi_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -294,6 +312,250 @@ def test_fake_rejects_the_other_id_form() -> None:
         FakeNccl(id_form="tuple").NcclCommunicator(1, tuple(range(10)), 0)
     with pytest.raises(TypeError, match="commId must be bytes"):
         FakeNccl(id_form="bytes").NcclCommunicator(1, tuple(range(128)), 0)
+
+
+# --- bootstrap without MPI: one process, a store, torchrun's environment ---
+
+
+def outcomes(size: int, fn: Any, nccl: FakeNccl) -> list[Any]:
+    """Call ``fn(rank)`` on ``size`` threads; return each rank's result or exception."""
+
+    def caught(rank: int) -> Any:
+        try:
+            return fn(rank)
+        except Exception as error:
+            return error
+
+    return run_ranks(size, caught, nccl)
+
+
+def test_single_needs_no_mpi(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # any import of mpi4py raises
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", None)
+    nccl = FakeNccl()
+    runtime = FakeRuntime(nccl, devices=2)
+    comm = NCCLComm.single(runtime=runtime)
+    assert (comm.rank, comm.size, comm.device, comm.mpi_comm) == (0, 1, 0, None)
+    assert nccl.unique_ids_made == 1
+    detail, data = _doctor.exercise(comm, np.asarray)
+    assert data["schedules"] == 6, detail
+    assert NCCLComm.single(1, runtime=runtime).device == 1
+    with pytest.raises(ValueError, match=r"`device` must be a GPU index in 0\.\.1, got 2"):
+        NCCLComm.single(2, runtime=runtime)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def tcp_stores(world: int) -> list[Any]:
+    """A TCPStore server (rank 0) and its clients (the other ranks), as torchrun has them."""
+    dist = pytest.importorskip("torch.distributed")
+    timeout = timedelta(seconds=20)
+    server = dist.TCPStore("127.0.0.1", 0, world, True, timeout, wait_for_workers=False)
+    clients = [
+        dist.TCPStore("127.0.0.1", server.port, world, False, timeout) for _ in range(world - 1)
+    ]
+    return [server, *clients]
+
+
+def file_stores(world: int, path: Path) -> list[Any]:
+    dist = pytest.importorskip("torch.distributed")
+    return [dist.FileStore(str(path), world) for _ in range(world)]
+
+
+@pytest.mark.parametrize("kind", ["tcp", "file"])
+@pytest.mark.parametrize("id_form", ["bytes", "tuple"])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_from_store_bootstrap(kind: str, id_form: str, world: int, tmp_path: Path) -> None:
+    stores = tcp_stores(world) if kind == "tcp" else file_stores(world, tmp_path / "store")
+    nccl = FakeNccl(id_form=id_form)
+    runtime = FakeRuntime(nccl, devices=4)
+
+    def call(rank: int) -> tuple[Any, ...]:
+        # Two communicators through one store, made in the same order on every rank.
+        first = NCCLComm.from_store(stores[rank], rank, world, local_rank=rank, runtime=runtime)
+        second = NCCLComm.from_store(stores[rank], rank, world, device=3 - rank, runtime=runtime)
+        return first, second, first.allreduce(np.ones(2)), second.allgather_object(rank)
+
+    results = run_ranks(world, call, nccl)
+    assert nccl.unique_ids_made == 2  # rank 0, once per communicator
+    for rank, (first, second, total, objects) in enumerate(results):
+        assert (first.rank, first.size, first.device) == (rank, world, rank)
+        assert (second.rank, second.size, second.device) == (rank, world, 3 - rank)
+        assert first.store is stores[rank]
+        assert first.mpi_comm is None
+        assert first.nccl_comm.comm_id != second.nccl_comm.comm_id
+        assert type(first.nccl_comm.comm_id) is (bytes if id_form == "bytes" else tuple)
+        np.testing.assert_array_equal(total, np.full(2, float(world)))
+        assert objects == list(range(world))
+
+
+def test_from_store_runs_every_schedule() -> None:
+    world = 3
+    stores = tcp_stores(world)
+    nccl = FakeNccl()
+    runtime = FakeRuntime(nccl, devices=world)
+
+    def call(rank: int) -> tuple[str, dict[str, Any]]:
+        comm = NCCLComm.from_store(stores[rank], rank, world, runtime=runtime)
+        return _doctor.exercise(comm, np.asarray)
+
+    for _, data in run_ranks(world, call, nccl):
+        assert (data["ranks"], data["schedules"]) == (world, 6)
+
+
+def torchrun_environ(rank: int, world: int, port: int, **extra: str) -> dict[str, str]:
+    return {
+        "TORCHELASTIC_RUN_ID": "test",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(rank),
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("agent_store", [True, False])
+def test_from_torch_bootstrap_from_the_environment(agent_store: bool) -> None:
+    """torchrun's agent hosts the store (all ranks clients), or rank 0 hosts it."""
+    dist = pytest.importorskip("torch.distributed")
+    world = 3
+    agent = None
+    if agent_store:  # what torchrun's agent runs, and says so to its workers
+        agent = dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=20))
+        port, extra = agent.port, {"TORCHELASTIC_USE_AGENT_STORE": "True"}
+    else:
+        port, extra = free_port(), {}
+    nccl = FakeNccl()
+    runtime = FakeRuntime(nccl, devices=world)
+
+    def call(rank: int) -> tuple[int, int, int | None, Any]:
+        environ = torchrun_environ(rank, world, port, **extra)
+        comm = NCCLComm.from_torch(runtime=runtime, environ=environ, timeout=20)
+        return comm.rank, comm.size, comm.device, comm.allreduce(np.ones(1))
+
+    for rank, (got_rank, size, device, total) in enumerate(run_ranks(world, call, nccl)):
+        assert (got_rank, size, device) == (rank, world, rank)
+        assert total.tolist() == [float(world)]
+    if agent is not None:
+        assert agent.get("portable_siglip/nccl/attempt_0/calls/0") == b"1"
+
+
+def test_from_torch_uses_the_default_process_group() -> None:
+    dist = pytest.importorskip("torch.distributed")
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        comm = NCCLComm.from_torch(runtime=FakeRuntime(FakeNccl()))
+        assert (comm.rank, comm.size, comm.device) == (0, 1, 0)
+        assert comm.store.add("portable_siglip/nccl/attempt_0/calls/0", 0) == 1
+    finally:
+        dist.destroy_process_group()
+
+
+def test_from_torch_names_the_missing_variables() -> None:
+    pytest.importorskip("torch.distributed")
+    with pytest.raises(ValueError, match=r"missing: MASTER_ADDR, MASTER_PORT$"):
+        NCCLComm.from_torch(
+            runtime=FakeRuntime(FakeNccl()), environ={"RANK": "0", "WORLD_SIZE": "1"}
+        )
+    environ = torchrun_environ(0, 1, 1234, RANK="x")
+    with pytest.raises(ValueError, match=r"must be integers, got 'x'"):
+        NCCLComm.from_torch(runtime=FakeRuntime(FakeNccl()), environ=environ)
+
+
+def test_from_store_rejects_a_bad_rank() -> None:
+    with pytest.raises(ValueError, match=r"`rank` must be in 0\.\.1 for `size` 2, got 2"):
+        NCCLComm.from_store(object(), 2, 2, runtime=FakeRuntime(FakeNccl()))
+    with pytest.raises(TypeError, match=r"`size` must be an int, got str '2'"):
+        NCCLComm.from_store(object(), 0, "2", runtime=FakeRuntime(FakeNccl()))  # type: ignore[arg-type]
+
+
+# --- ranks that share a GPU, or cannot choose one: one error on every rank, before NCCL ---
+
+
+def mpi_bootstrap(world: int, devices: int, **options: Any) -> tuple[FakeNccl, Any]:
+    import threading
+
+    nccl = FakeNccl()
+    runtime = FakeRuntime(nccl, devices=devices)
+    shared: dict[str, Any] = {"cond": threading.Condition()}
+
+    def call(rank: int) -> Any:
+        device = options.get("device")
+        device = device(rank) if callable(device) else device
+        return NCCLComm.from_mpi(FakeMPI(shared, rank, world), device=device, runtime=runtime)
+
+    return nccl, call
+
+
+@pytest.mark.parametrize("how", ["mpi", "store"])
+def test_ranks_sharing_a_gpu_fail_alike_before_nccl(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ranks on a one-GPU machine: NCCL would fail in ncclCommInitRank ("Duplicate GPU")."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    world = 2
+    if how == "mpi":
+        nccl, call = mpi_bootstrap(world, devices=1)
+    else:
+        stores = tcp_stores(world)
+        nccl = FakeNccl()
+        runtime = FakeRuntime(nccl, devices=1)
+
+        def call(rank: int) -> Any:
+            return NCCLComm.from_store(stores[rank], rank, world, runtime=runtime)
+
+    errors = outcomes(world, call, nccl)
+    for error in errors:
+        assert isinstance(error, ValueError)
+        assert isinstance(error, SharedDeviceError), error
+        assert str(error).startswith("2 ranks share GPU 0 (ranks 0, 1 on ")
+        assert "NCCL needs one GPU per rank" in str(error)
+        assert (error.device, error.ranks) == (0, [0, 1])
+    assert nccl.unique_ids_made == 0  # nobody went on to NCCL
+
+
+def test_ranks_on_distinct_gpus_of_a_shared_machine_pass() -> None:
+    nccl, call = mpi_bootstrap(3, devices=4, device=lambda rank: 3 - rank)
+    assert [comm.device for comm in run_ranks(3, call, nccl)] == [3, 2, 1]
+    nccl, call = mpi_bootstrap(3, devices=4, device=lambda rank: [0, 2, 0][rank])
+    errors = outcomes(3, call, nccl)
+    assert all(isinstance(e, SharedDeviceError) and e.ranks == [0, 2] for e in errors), errors
+
+
+def test_a_rank_without_its_gpu_fails_every_rank() -> None:
+    nccl, call = mpi_bootstrap(3, devices=2, device=lambda rank: [0, 1, 5][rank])
+    errors = outcomes(3, call, nccl)
+    assert [type(e) for e in errors] == [ValueError] * 3, errors
+    assert str(errors[2]) == "`device` must be a GPU index in 0..1, got 5"
+    for error in errors[:2]:
+        assert (
+            str(error)
+            == "rank 2 could not choose its GPU: `device` must be a GPU index in 0..1, got 5"
+        )
+    assert nccl.unique_ids_made == 0
+
+
+def test_missing_libnccl_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cupy.cuda.nccl`` imports without libnccl; it only sets ``available = False``."""
+    cupy, cuda, binding = (
+        types.ModuleType(name) for name in ("cupy", "cupy.cuda", "cupy.cuda.nccl")
+    )
+    binding.available = False  # type: ignore[attr-defined]
+    cuda.nccl = binding  # type: ignore[attr-defined]
+    cupy.cuda = cuda  # type: ignore[attr-defined]
+    for module in (cupy, cuda, binding):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    with pytest.raises(ImportError, match=r"cannot load libnccl, the NCCL library"):
+        CupyRuntime()
+    with pytest.raises(ImportError, match=r"nvidia-nccl-cu12 or nvidia-nccl-cu13"):
+        NCCLComm.single()
+    binding.available = True  # type: ignore[attr-defined]
+    assert CupyRuntime().nccl is binding
 
 
 # --- dtypes and layouts ---
