@@ -12,6 +12,14 @@ the ring exchanges (``isendrecv``, all the traffic of the bidir/shift/ring sched
 the collectives (``allreduce``, ``allgather``, ``bcast``: the reduce and gather
 schedules and the final scalar sums) and JAX arrays always go through host memory.
 
+Half precision travels as it is. float16 is a NumPy dtype; bfloat16 (torch's, or the
+ml_dtypes one of NumPy, CuPy and JAX arrays) is not one MPI or plain NumPy knows, so its raw
+16-bit patterns travel as ``uint16`` and the receiving side rebuilds the dtype from the
+array it passed in (the one it sends, or the local one of a ``bcast``): the values arrive
+bit for bit. ``allreduce`` sums half-precision arrays in float32 (MPI adds float32 values)
+and rounds the sum to the input's dtype once, to nearest even, so W ranks' rounding errors
+do not add up.
+
 Examples
 --------
 >>> import numpy as np
@@ -54,18 +62,94 @@ def _is_host(x: Array) -> bool:
         return False
 
 
+def _dtype_name(dtype: Any) -> str:
+    """Return the dtype's bare name: ``"float16"`` for NumPy's and torch's float16 alike."""
+    return str(dtype).rpartition(".")[2]
+
+
+def _is_bfloat16(dtype: Any) -> bool:
+    """Return whether `dtype` is bfloat16: torch's, or ml_dtypes' (NumPy, CuPy, JAX)."""
+    return _dtype_name(dtype) == "bfloat16"
+
+
+def _contiguous(host: Any) -> np.ndarray:
+    """Return a C-contiguous NumPy array of ``host``'s shape (0-d stays 0-d)."""
+    host = np.asarray(host)
+    return host if host.flags.c_contiguous else np.ascontiguousarray(host).reshape(host.shape)
+
+
+def _bfloat16_bits(x: Array) -> np.ndarray:
+    """Return a bfloat16 array of any library as its bit patterns: host, uint16, C order."""
+    if array_api_compat.is_torch_array(x):
+        import torch
+
+        # NumPy has no bfloat16 and torch refuses to export one: reinterpret it first.
+        bits = x.detach().view(torch.int16).to("cpu").numpy()
+        return _contiguous(bits).view(np.uint16)
+    return _contiguous(to_host(x)).view(np.uint16)  # ml_dtypes' NumPy bfloat16
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 bit patterns (``uint16``) to float32, exactly.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> bfloat16_to_float32(np.array([0x3F80, 0xC040, 0x7F80], dtype=np.uint16))
+    array([ 1., -3., inf], dtype=float32)
+    """
+    wide = np.asarray(bits, dtype=np.uint16).astype(np.uint32)
+    return np.asarray(wide << np.uint32(16)).view(np.float32)
+
+
+def float32_to_bfloat16(values: np.ndarray) -> np.ndarray:
+    """Round float32 values to the nearest bfloat16, ties to even; return its bit patterns.
+
+    Overflow gives infinities, NaNs stay NaN (quiet, sign kept), as in torch and ml_dtypes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> bits = float32_to_bfloat16(np.array([1.0, 1.00390625, 1.01171875], dtype=np.float32))
+    >>> bfloat16_to_float32(bits)  # 1 + 2^-8 ties to 1 (even), 1 + 3 * 2^-8 to 1 + 2^-6
+    array([1.      , 1.      , 1.015625], dtype=float32)
+    """
+    values = np.asarray(values, dtype=np.float32)
+    flat = np.ascontiguousarray(values).reshape(-1)  # arrays: uint32 addition wraps silently
+    bits = flat.view(np.uint32)
+    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))) >> 16
+    out = rounded.astype(np.uint16)
+    nan = np.isnan(flat)
+    out[nan] = (bits[nan] >> 16).astype(np.uint16) | np.uint16(0x0040)
+    return out.reshape(values.shape)
+
+
 def _to_host(x: Array) -> np.ndarray:
-    """Return a C-contiguous NumPy view of ``x`` where possible, else a host copy."""
+    """Return a C-contiguous NumPy view of ``x`` where possible, else a host copy.
+
+    bfloat16 arrays come back as their bit patterns (``uint16``); :func:`_like` rebuilds them.
+    """
+    if _is_bfloat16(x.dtype):
+        return _bfloat16_bits(x)
     if _is_host(x) and not isinstance(x, np.ndarray):
         try:
-            return np.ascontiguousarray(np.from_dlpack(x))
+            return _contiguous(np.from_dlpack(x))
         except (BufferError, RuntimeError, TypeError, ValueError):
             pass  # e.g. a torch tensor that requires grad, or a dtype NumPy lacks
-    return np.ascontiguousarray(to_host(x))
+    return _contiguous(to_host(x))
 
 
 def _like(host: np.ndarray, like: Array) -> Array:
-    """``host`` as an array of ``like``'s namespace and device."""
+    """``host`` as an array of ``like``'s namespace and device.
+
+    bfloat16 bit patterns (``uint16``, from :func:`_to_host`) become ``like``'s bfloat16.
+    """
+    if _is_bfloat16(like.dtype) and host.dtype == np.uint16:
+        if array_api_compat.is_torch_array(like):
+            import torch
+
+            return torch.from_numpy(host.view(np.int16)).view(torch.bfloat16).to(like.device)
+        host = host.view(like.dtype)  # NumPy, CuPy and JAX: ml_dtypes' NumPy bfloat16
     if isinstance(like, np.ndarray):
         return host
     xp = array_api_compat.array_namespace(like)
@@ -81,6 +165,35 @@ def _synchronise(x: Array) -> None:
         import torch
 
         torch.cuda.current_stream(x.device).synchronize()
+
+
+def _bits_view(x: Array) -> Array:
+    """Return a device array as MPI can take it: bfloat16 viewed as int16, without a copy."""
+    if not _is_bfloat16(x.dtype):
+        return x
+    if array_api_compat.is_torch_array(x):
+        import torch
+
+        return x.view(torch.int16)
+    return x.view(np.int16)  # CuPy: ml_dtypes' NumPy bfloat16
+
+
+def _widened(host: np.ndarray, like: Array) -> np.ndarray:
+    """``host`` (from :func:`_to_host` of ``like``) in float32 if it is half precision."""
+    if _is_bfloat16(like.dtype):
+        return bfloat16_to_float32(host)
+    if host.dtype == np.float16:
+        return host.astype(np.float32)
+    return host
+
+
+def _narrowed(total: np.ndarray, like: Array) -> np.ndarray:
+    """Undo :func:`_widened`: round a float32 sum once to ``like``'s half dtype (host form)."""
+    if _is_bfloat16(like.dtype):
+        return float32_to_bfloat16(total)
+    if _dtype_name(like.dtype) == "float16":
+        return total.astype(np.float16)
+    return total
 
 
 def _as_bytes(buffer: np.ndarray) -> list[Any]:
@@ -154,9 +267,9 @@ class MPIComm(BaseComm):
             xp = array_api_compat.array_namespace(send)
             device = array_api_compat.device(send)
             recvbuf = xp.empty(tuple(shape), dtype=send.dtype, device=device)
-            requests = [
-                self.comm.Irecv(recvbuf, source=source, tag=tag),
-                self.comm.Isend(send, dest=dest, tag=tag),
+            requests = [  # bfloat16 as int16 views: the bits travel, recvbuf receives them
+                self.comm.Irecv(_bits_view(recvbuf), source=source, tag=tag),
+                self.comm.Isend(_bits_view(send), dest=dest, tag=tag),
             ]
             request = _MPIRequest(requests, recvbuf, send, direct=True)
             request._sendbuf = send
@@ -172,12 +285,17 @@ class MPIComm(BaseComm):
         return request
 
     def allreduce(self, x: Array) -> Array:
-        """Return the elementwise sum over ranks (``MPI_Allreduce``)."""
+        """Return the elementwise sum over ranks (``MPI_Allreduce``).
+
+        float16 and bfloat16 arrays are summed in float32 and the sum is rounded to their
+        dtype once (MPI has no half-precision sum, and a sum in half precision would round
+        at every rank).
+        """
         self._count(x)
-        host = _to_host(x)
+        host = _widened(_to_host(x), x)
         out = np.empty_like(host)
         self.comm.Allreduce(host, out, op=MPI.SUM)
-        return _like(out, x)
+        return _like(_narrowed(out, x), x)
 
     def allgather(self, x: Array) -> list[Array]:
         """Return every rank's ``x`` in rank order (``MPI_Allgatherv``; leading dims may differ)."""

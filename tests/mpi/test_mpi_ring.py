@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import assert_close, dtype_of, on_backend, pairs, to_numpy
+from helpers import assert_close, dtype_of, on_backend, pairs, skip_without_mpi, to_numpy
 
 import portable_siglip as ps
 from portable_siglip._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
 
-MPI = pytest.importorskip("mpi4py.MPI")
+skip_without_mpi()  # mpi4py without an MPI library raises RuntimeError, not ImportError
+from mpi4py import MPI  # noqa: E402 - needs MPI
 from portable_siglip.backends.mpi import MPIComm  # noqa: E402 - needs mpi4py
 
 LOSS_AND_GRAD = {"sigmoid": ps.sigmoid_loss_and_grad, "softmax": ps.softmax_loss_and_grad}
