@@ -369,18 +369,29 @@ def softmax_loss(
 
 
 class _TorchRequest:
-    """Keeps a posted exchange's buffers alive until ``wait()``."""
+    """Keeps a posted exchange's buffers alive until ``wait()``; ``device``: where it lands."""
 
-    def __init__(self, works: list[Any], recv: torch.Tensor, send: torch.Tensor) -> None:
+    def __init__(
+        self,
+        works: list[Any],
+        recv: torch.Tensor,
+        send: torch.Tensor,
+        device: torch.device | None = None,
+    ) -> None:
         self._works = works
         self._recv = recv
         self._send: torch.Tensor | None = send
+        self._device = device
 
     def wait(self) -> torch.Tensor:
         for work in self._works:
             work.wait()
         self._send = None
-        return self._recv
+        return self._recv if self._device is None else self._recv.to(self._device)
+
+
+def _is_half(tensor: torch.Tensor) -> bool:
+    return tensor.dtype in (torch.float16, torch.bfloat16)
 
 
 class TorchDistComm(BaseComm):
@@ -393,6 +404,11 @@ class TorchDistComm(BaseComm):
 
     Ring exchanges are ``batch_isend_irecv`` pairs; ``allgather`` pads uneven shards to
     the longest, and the handshake uses ``all_gather_object``.
+
+    On a gloo group, CUDA tensors travel through host memory (gloo has no GPU send, receive
+    or all-gather): each one is copied to the host, exchanged, and copied back to its
+    device, so several ranks can share one GPU. float16 and bfloat16 travel as they are;
+    ``allreduce`` sums them in float32 and rounds the sum to their dtype once.
 
     Parameters
     ----------
@@ -428,9 +444,17 @@ class TorchDistComm(BaseComm):
         self.group = group
         self.rank = int(dist.get_rank(group))
         self.size = int(dist.get_world_size(group))
+        #: gloo moves host tensors only: device tensors are staged through the host.
+        self.host_staging = str(dist.get_backend(group)) == "gloo"
 
     def _global(self, rank: int) -> int:
         return rank if self.group is None else int(dist.get_global_rank(self.group, rank))
+
+    def _staged(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.device | None]:
+        """Return ``x`` as the group can move it, and the device to bring results back to."""
+        if self.host_staging and x.device.type != "cpu":
+            return x.detach().to("cpu"), x.device
+        return x, None
 
     def isendrecv(
         self, send: Any, dest: int, source: int, shape: tuple[int, ...], *, tag: int = 0
@@ -445,19 +469,27 @@ class TorchDistComm(BaseComm):
                 msg = f"expected shape {tuple(shape)}, received {tuple(send.shape)} from itself"
                 raise ValueError(msg)
             return _TorchRequest([], send.clone(), send)
+        send, home = self._staged(send)
         recv = torch.empty(tuple(shape), dtype=send.dtype, device=send.device)
         ops = [
             dist.P2POp(dist.irecv, recv, self._global(source), self.group, tag),
             dist.P2POp(dist.isend, send, self._global(dest), self.group, tag),
         ]
-        return _TorchRequest(dist.batch_isend_irecv(ops), recv, send)
+        return _TorchRequest(dist.batch_isend_irecv(ops), recv, send, home)
 
     def allreduce(self, x: Any) -> Any:
-        """Return the elementwise sum over ranks (``all_reduce``)."""
+        """Return the elementwise sum over ranks (``all_reduce``).
+
+        float16 and bfloat16 tensors are summed in float32 and the sum is rounded to their
+        dtype once, as :class:`~portable_siglip.backends.mpi.MPIComm` does.
+        """
         self._count(x)
-        out = x.clone().contiguous()
+        staged, home = self._staged(x)
+        out = staged.to(torch.float32) if _is_half(x) else staged.clone()
+        out = out.contiguous()
         dist.all_reduce(out, group=self.group)
-        return out
+        out = out.to(x.dtype)
+        return out if home is None else out.to(home)
 
     def allgather(self, x: Any) -> list[Any]:
         """Return every rank's ``x`` in rank order (leading dims may differ)."""
@@ -467,11 +499,14 @@ class TorchDistComm(BaseComm):
             msg = f"allgather: the ranks' arrays differ beyond the first axis: {shapes}"
             raise ValueError(msg)
         longest = max(shape[0] if shape else 1 for shape in shapes)
-        padded = x.new_zeros((longest, *x.shape[1:])) if x.ndim else x.clone()
+        staged, home = self._staged(x)
+        padded = staged.new_zeros((longest, *x.shape[1:])) if x.ndim else staged.clone()
         if x.ndim:
-            padded[: x.shape[0]] = x
+            padded[: x.shape[0]] = staged
         parts = [torch.empty_like(padded) for _ in shapes]
         dist.all_gather(parts, padded, group=self.group)
+        if home is not None:
+            parts = [part.to(home) for part in parts]
         return [
             part[: shape[0]] if shape else part for part, shape in zip(parts, shapes, strict=True)
         ]
@@ -480,9 +515,10 @@ class TorchDistComm(BaseComm):
         """Return the root's ``x`` (``broadcast``); other ranks pass one of its shape and dtype."""
         if self.rank == root:
             self._count(x)
-        out = x.clone().contiguous()
+        staged, home = self._staged(x)
+        out = staged.clone().contiguous()
         dist.broadcast(out, src=self._global(root), group=self.group)
-        return out
+        return out if home is None else out.to(home)
 
     def allgather_object(self, obj: object) -> list[Any]:
         """Return every rank's picklable ``obj`` in rank order (``all_gather_object``)."""
