@@ -7,7 +7,10 @@ device arrays; it keeps NCCL's matching, group and collective rules. The tests a
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
 import sys
 import types
 from datetime import timedelta
@@ -465,6 +468,68 @@ def test_from_torch_names_the_missing_variables() -> None:
     environ = torchrun_environ(0, 1, 1234, RANK="x")
     with pytest.raises(ValueError, match=r"must be integers, got 'x'"):
         NCCLComm.from_torch(runtime=FakeRuntime(FakeNccl()), environ=environ)
+
+
+TORCHRUN_SCRIPT = """
+import json, os, sys
+from portable_siglip.backends.nccl import NCCLComm
+
+class Communicator:  # what NCCL would join: it keeps the id it was given
+    def __init__(self, size, unique_id, rank):
+        self.unique_id, self._size, self._rank = unique_id, size, rank
+    def rank_id(self):
+        return self._rank
+    def size(self):
+        return self._size
+
+class Nccl:
+    NcclCommunicator = Communicator
+    def get_unique_id(self):
+        return os.urandom(128)
+
+class Runtime:  # a node with argv[1] GPUs
+    nccl = Nccl()
+    def device_count(self):
+        return int(sys.argv[1])
+    def use_device(self, device):
+        pass
+    def device_identity(self, device):
+        return f"gpu-{device}"
+
+try:
+    comm = NCCLComm.from_torch(runtime=Runtime())
+    out = {"rank": comm.rank, "device": comm.device, "id": comm.nccl_comm.unique_id.hex()}
+except ValueError as error:
+    out = {"error": f"{type(error).__name__}: {error}"}
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gpus", [3, 1])
+def test_from_torch_under_a_real_torchrun(gpus: int, tmp_path: Path) -> None:
+    """Three processes started by torchrun agree on rank 0's id through torchrun's store."""
+    pytest.importorskip("torch.distributed")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside this Python")
+    script = tmp_path / "bootstrap.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    command = [str(torchrun), "--standalone", "--nproc-per-node", "3", str(script), str(gpus)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "OMPI_"))}
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=180, env=env, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line[7:] for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    results = sorted((json.loads(line) for line in lines), key=lambda r: r.get("rank", 0))
+    assert len(results) == 3, result.stdout + result.stderr
+    if gpus == 3:
+        assert [(r["rank"], r["device"]) for r in results] == [(0, 0), (1, 1), (2, 2)]
+        assert len({r["id"] for r in results}) == 1  # rank 0's random id reached every rank
+    else:
+        for r in results:
+            assert r["error"].startswith("SharedDeviceError: 3 ranks share GPU 0 (ranks 0, 1, 2")
 
 
 def test_from_store_rejects_a_bad_rank() -> None:
