@@ -243,6 +243,7 @@ def _bridge(
     strategy: object,
     img_ids: object = None,
     txt_ids: object = None,
+    precision: object = None,
 ) -> jax.Array:
     """Evaluate one loss through a ``custom_vjp`` built for this call's static arguments."""
     # Looked up at call time, so the core functions are the ones of the package now.
@@ -250,7 +251,12 @@ def _bridge(
     loss_and_grad: Callable[..., tuple[Array, _core.Gradients]] = getattr(
         _core, f"{loss}_loss_and_grad"
     )
-    options: dict[str, Any] = {"block_size": block_size, "comm": comm, "strategy": strategy}
+    options: dict[str, Any] = {
+        "block_size": block_size,
+        "comm": comm,
+        "strategy": strategy,
+        "precision": precision,
+    }
     labelled = not (img_ids is None and txt_ids is None)
     if not (_is_array(img) and _is_array(txt)) or (
         labelled and not (_is_array(img_ids) and _is_array(txt_ids))
@@ -338,6 +344,7 @@ def sigmoid_loss(
     strategy: str = "bidir",
     img_ids: Array | None = None,
     txt_ids: Array | None = None,
+    precision: str | None = None,
 ) -> jax.Array:
     """SigLIP sigmoid loss, differentiable by JAX through its analytic gradients.
 
@@ -369,6 +376,11 @@ def sigmoid_loss(
         :func:`portable_siglip.sigmoid_loss`: pairs with equal ids are positives and m may
         differ from k. Not differentiated. Under ``jax.jit`` their values cannot be
         checked: a row whose id has no match gives a NaN loss.
+    precision : {"fast", "exact"}, optional
+        GEMM operands for bfloat16/float16 features, as in
+        :func:`portable_siglip.sigmoid_loss`: "fast" (default) multiplies them in the
+        features' dtype with ``preferred_element_type=float32``. float32 features always
+        run at ``precision=HIGHEST`` (no TF32 on GPUs).
 
     Returns
     -------
@@ -406,6 +418,7 @@ def sigmoid_loss(
         strategy=strategy,
         img_ids=img_ids,
         txt_ids=txt_ids,
+        precision=precision,
     )
 
 
@@ -420,6 +433,7 @@ def softmax_loss(
     strategy: str = "ring",
     img_ids: Array | None = None,
     txt_ids: Array | None = None,
+    precision: str | None = None,
 ) -> jax.Array:
     """CLIP softmax loss, differentiable by JAX through its analytic gradients.
 
@@ -444,6 +458,8 @@ def softmax_loss(
         Distributed schedule, ignored without ``comm``.
     img_ids, txt_ids : jax.Array or numpy.ndarray, optional
         Integer ids of the rows, as in :func:`sigmoid_loss`.
+    precision : {"fast", "exact"}, optional
+        As for :func:`sigmoid_loss`.
 
     Returns
     -------
@@ -479,4 +495,5 @@ def softmax_loss(
         strategy=strategy,
         img_ids=img_ids,
         txt_ids=txt_ids,
+        precision=precision,
     )

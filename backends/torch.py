@@ -189,6 +189,7 @@ def _evaluate(
     ddp: bool,
     img_ids: Any = None,
     txt_ids: Any = None,
+    precision: str | None = None,
 ) -> torch.Tensor:
     ddp = _check_ddp(ddp)
     scale = _as_scalar(scale)
@@ -199,10 +200,11 @@ def _evaluate(
         "strategy": strategy,
         "img_ids": img_ids,
         "txt_ids": txt_ids,
+        "precision": precision,
     }
     device_type = img.device.type if isinstance(img, torch.Tensor) else "cpu"
-    # The loss runs its own precision policy (half inputs accumulate in float32): an
-    # enclosing autocast must not lower the precision of its GEMMs.
+    # The loss runs its own precision policy (half inputs accumulate in float32, `precision`
+    # chooses the GEMM operands): an enclosing autocast must not change its GEMMs.
     with _without_autocast(device_type):
         if _needs_graph(img, txt, scale, bias):
             options = {"core": core, "ddp": ddp}
@@ -226,6 +228,7 @@ def sigmoid_loss(
     ddp: bool = False,
     img_ids: torch.Tensor | None = None,
     txt_ids: torch.Tensor | None = None,
+    precision: str | None = None,
 ) -> torch.Tensor:
     """SigLIP sigmoid loss that torch autograd differentiates, with flat memory in backward.
 
@@ -256,6 +259,9 @@ def sigmoid_loss(
         Integer ids of the image rows (m,) and text rows (k,), as in
         :func:`portable_siglip.sigmoid_loss`: pairs with equal ids are positives, and
         ``img`` and ``txt`` may then have different row counts.
+    precision : {"fast", "exact"}, optional
+        GEMM operands for bfloat16/float16 features, as in
+        :func:`portable_siglip.sigmoid_loss`: "fast" (default) runs them on tensor cores.
 
     Returns
     -------
@@ -291,6 +297,7 @@ def sigmoid_loss(
         ddp=ddp,
         img_ids=img_ids,
         txt_ids=txt_ids,
+        precision=precision,
     )
 
 
@@ -306,6 +313,7 @@ def softmax_loss(
     ddp: bool = False,
     img_ids: torch.Tensor | None = None,
     txt_ids: torch.Tensor | None = None,
+    precision: str | None = None,
 ) -> torch.Tensor:
     """CLIP softmax loss that torch autograd differentiates, with flat memory in backward.
 
@@ -330,6 +338,8 @@ def softmax_loss(
         Gradient convention with ``comm``, as in :func:`sigmoid_loss`.
     img_ids, txt_ids : torch.Tensor, optional
         Integer ids of the rows, as in :func:`sigmoid_loss`.
+    precision : {"fast", "exact"}, optional
+        GEMM operands for half-precision features, as in :func:`sigmoid_loss`.
 
     Returns
     -------
@@ -365,6 +375,7 @@ def softmax_loss(
         ddp=ddp,
         img_ids=img_ids,
         txt_ids=txt_ids,
+        precision=precision,
     )
 
 
@@ -593,6 +604,14 @@ def _check_block_size(owner: str, block_size: object) -> int | None:
         raise type(error)(f"{owner}: {error}") from None
 
 
+def _check_precision(owner: str, precision: object) -> str | None:
+    """Run the core's check of ``precision`` at construction, the module named in front."""
+    try:
+        return _checks._check_precision(precision)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{owner}: {error}") from None
+
+
 class _ContrastiveLoss(nn.Module):
     """What the two modules share: their options, ``forward`` and ``repr``."""
 
@@ -608,12 +627,14 @@ class _ContrastiveLoss(nn.Module):
         allowed: tuple[str, ...],
         block_size: int | None,
         ddp: bool,
+        precision: str | None = None,
     ) -> None:
         super().__init__()
         self.comm = _check_options(owner, comm, rank, world_size, strategy, allowed)
         self.strategy = strategy
         self.block_size = _check_block_size(owner, block_size)
         self.ddp = _check_ddp(ddp)
+        self.precision = _check_precision(owner, precision)
         self.rank = self.comm.rank if self.comm is not None else 0
         self.world_size = self.comm.size if self.comm is not None else 1
 
@@ -664,6 +685,7 @@ class _ContrastiveLoss(nn.Module):
             ddp=self.ddp,
             img_ids=img_ids,
             txt_ids=txt_ids,
+            precision=self.precision,
         )
         return {"contrastive_loss": loss} if output_dict else loss
 
@@ -671,7 +693,7 @@ class _ContrastiveLoss(nn.Module):
         """Say how the module is configured."""
         return (
             f"world_size={self.world_size}, strategy={self.strategy!r}, "
-            f"block_size={self.block_size}, ddp={self.ddp}"
+            f"block_size={self.block_size}, ddp={self.ddp}, precision={self.precision!r}"
         )
 
 
@@ -700,6 +722,10 @@ class SigLipLoss(_ContrastiveLoss):
     ddp : bool
         True (default): gradients for DDP's gradient averaging; False: exact gradients of
         the global loss on every rank. Only matters with W > 1 ranks.
+    precision : {"fast", "exact"}, optional
+        GEMM operands for bfloat16/float16 features: "fast" (None, the default) feeds
+        them in the features' dtype with float32 accumulation (tensor cores), "exact" in
+        float32 (:func:`portable_siglip.sigmoid_loss`). float32/float64 ignore it.
 
     Examples
     --------
@@ -724,6 +750,7 @@ class SigLipLoss(_ContrastiveLoss):
         strategy: str | None = None,
         block_size: int | None = None,
         ddp: bool = True,
+        precision: str | None = None,
     ) -> None:
         _check_dist_impl(dist_impl)
         super().__init__(
@@ -735,6 +762,7 @@ class SigLipLoss(_ContrastiveLoss):
             SIGMOID_STRATEGIES,
             block_size,
             ddp,
+            precision,
         )
         self.cache_labels = cache_labels
 
@@ -763,6 +791,10 @@ class ClipLoss(_ContrastiveLoss):
     ddp : bool
         True (default): gradients for DDP's gradient averaging; False: exact gradients of
         the global loss on every rank. Only matters with W > 1 ranks.
+    precision : {"fast", "exact"}, optional
+        GEMM operands for bfloat16/float16 features: "fast" (None, the default) feeds
+        them in the features' dtype with float32 accumulation (tensor cores), "exact" in
+        float32 (:func:`portable_siglip.sigmoid_loss`). float32/float64 ignore it.
 
     Examples
     --------
@@ -787,9 +819,18 @@ class ClipLoss(_ContrastiveLoss):
         strategy: str = "ring",
         block_size: int | None = None,
         ddp: bool = True,
+        precision: str | None = None,
     ) -> None:
         super().__init__(
-            "ClipLoss", comm, rank, world_size, strategy, SOFTMAX_STRATEGIES, block_size, ddp
+            "ClipLoss",
+            comm,
+            rank,
+            world_size,
+            strategy,
+            SOFTMAX_STRATEGIES,
+            block_size,
+            ddp,
+            precision,
         )
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad

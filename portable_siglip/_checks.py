@@ -22,6 +22,7 @@ from typing import Any
 
 import array_api_compat
 
+from ._precision import PRECISIONS, Gemm, make_gemm
 from ._typing import Array, Namespace
 
 __all__ = [
@@ -123,6 +124,10 @@ class Problem:
         Dtype the gradient of ``scale``/``bias`` is returned in.
     block_size : int
         Tile edge, at most ``n``.
+    precision : {"fast", "exact"}
+        The precision policy of the tile GEMMs; "exact" for float32 and float64 inputs.
+    gemm : Gemm
+        How the tile GEMMs take their operands (:mod:`._precision`).
     """
 
     xp: Namespace
@@ -138,9 +143,11 @@ class Problem:
     scale_dtype: Any
     bias_dtype: Any
     block_size: int
+    gemm: Gemm
     k: int = 0
     img_ids: Array | None = None
     txt_ids: Array | None = None
+    precision: str = "exact"
 
     @property
     def labelled(self) -> bool:
@@ -185,6 +192,19 @@ def _float_bits(xp: Namespace, dtype: Any) -> int:
     except (TypeError, ValueError):  # a library without finfo for this dtype: judge by name
         name = str(dtype)
         return 16 if "16" in name else 64 if "64" in name else 32
+
+
+def _real_floating(xp: Namespace, dtype: Any) -> bool:
+    """Whether ``dtype`` is a real floating dtype, ml_dtypes' bfloat16 included.
+
+    NumPy and CuPy arrays can hold ml_dtypes' ``bfloat16`` (CuPy 14 imports torch bfloat16
+    tensors through DLPack as such when ml_dtypes is installed); ``isdtype`` raises
+    TypeError on it, as on every dtype the standard does not know.
+    """
+    try:
+        return bool(xp.isdtype(dtype, "real floating"))
+    except TypeError:
+        return str(dtype) == "bfloat16"
 
 
 def _check_layout(name: str, value: Any) -> None:
@@ -233,9 +253,7 @@ def _check_features(img: Any, txt: Any, *, paired: bool = True) -> Namespace:
         if len(shape) != 2:
             msg = f"`{name}` must be 2-D with shape (n, d), got shape {shape}"
             raise ValueError(msg)
-        if not xp.isdtype(value.dtype, "real floating") or (
-            _float_bits(xp, value.dtype) < min(_FLOAT_BITS)
-        ):
+        if not _real_floating(xp, value.dtype) or (_float_bits(xp, value.dtype) < min(_FLOAT_BITS)):
             msg = (
                 f"`{name}` must have a real floating dtype (float16, bfloat16, float32 "
                 f"or float64), got {value.dtype}"
@@ -339,7 +357,7 @@ def _check_scalar(
             msg = f"`{name}` must be a Python float or a 0-d array, got an array of shape {shape}"
             raise TypeError(msg)
         _check_alongside(name, value, xp, device)
-        if not xp.isdtype(value.dtype, "real floating"):
+        if not _real_floating(xp, value.dtype):
             msg = f"`{name}` must have a real floating dtype, got {value.dtype}"
             raise TypeError(msg)
         concrete = _concrete_value(value)
@@ -466,6 +484,19 @@ def _check_strategy(strategy: object, allowed: tuple[str, ...], loss: str) -> st
     return strategy
 
 
+def _check_precision(precision: object) -> str | None:
+    """Check ``precision``: None (the default for the dtype) or one of :data:`PRECISIONS`."""
+    if precision is None:
+        return None
+    if not isinstance(precision, str):
+        msg = f"`precision` must be a string, one of {PRECISIONS}, got {_describe(precision)}"
+        raise TypeError(msg)
+    if precision not in PRECISIONS:
+        msg = f"`precision` must be one of {PRECISIONS} (or None), got {precision!r}"
+        raise ValueError(msg)
+    return precision
+
+
 def prepare(
     img: Any,
     txt: Any,
@@ -478,12 +509,13 @@ def prepare(
     img_ids: object = None,
     txt_ids: object = None,
     check_ids: bool = True,
+    precision: object = None,
 ) -> Problem:
     """Validate the arguments of a public loss function and cast them for the arithmetic.
 
     Parameters
     ----------
-    img, txt, scale, bias, block_size, strategy, img_ids, txt_ids
+    img, txt, scale, bias, block_size, strategy, img_ids, txt_ids, precision
         The public arguments, as received (``comm`` is checked by the caller).
     loss : {"sigmoid", "softmax"}
         Which loss is being called (selects the allowed strategies).
@@ -512,6 +544,7 @@ def prepare(
     size = _check_block_size(block_size, max(n, k), default_block_size(img))
     allowed = SIGMOID_STRATEGIES if loss == "sigmoid" else SOFTMAX_STRATEGIES
     _check_strategy(strategy, allowed, loss)
+    chosen = _check_precision(precision)
     if ids is not None and check_ids:
         values = (host_ids(ids[0]), host_ids(ids[1]))
         if values[0] is not None and values[1] is not None:
@@ -523,6 +556,10 @@ def prepare(
     # numpy's longdouble with float64 accuracy (its results are cast back to longdouble).
     bits = _float_bits(xp, input_dtype)
     compute_dtype = xp.float64 if bits >= 64 else xp.float32
+    # "fast" (the default for half inputs) rounds the GEMM operands to the input dtype, so
+    # that GPUs multiply them on tensor cores; wider inputs always compute exactly.
+    policy = (chosen or "fast") if bits == 16 else "exact"
+    gemm = make_gemm(xp, img, compute_dtype, input_dtype if policy == "fast" else None)
 
     def cast(value: Any) -> Any:
         if isinstance(value, float):
@@ -549,4 +586,6 @@ def prepare(
         k=k,
         img_ids=None if ids is None else ids[0],
         txt_ids=None if ids is None else ids[1],
+        precision=policy,
+        gemm=gemm,
     )

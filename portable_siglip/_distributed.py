@@ -148,12 +148,13 @@ def setup(
     grad: bool,
     img_ids: object = None,
     txt_ids: object = None,
+    precision: object = None,
 ) -> tuple[Problem, Ring | None]:
     """Validate a call; with a communicator, agree with the other ranks before any exchange.
 
     Every rank validates its own arguments, then all ranks swap a summary (one
     ``allgather_object``). If any rank's arguments are invalid, or the ranks disagree on
-    the loss, whether gradients are wanted, the strategy, d, dtype, scale or bias, or
+    the loss, whether gradients are wanted, the strategy, d, dtype, precision, scale or bias, or
     whether ids are passed, every rank raises the same error, naming the rank and the
     parameter, so no rank is left waiting in an exchange. With ids, the ranks swap them too,
     so that a row without a positive anywhere in the global batch is refused everywhere.
@@ -176,6 +177,7 @@ def setup(
             loss=loss,
             img_ids=img_ids,
             txt_ids=txt_ids,
+            precision=precision,
         )
         return single, None
     checked = check_communicator(comm)
@@ -193,6 +195,7 @@ def setup(
             loss=loss,
             img_ids=img_ids,
             txt_ids=txt_ids,
+            precision=precision,
             check_ids=False,
         )
         summary = {
@@ -200,6 +203,7 @@ def setup(
             "loss": loss,
             "gradients": grad,
             "strategy": strategy,
+            "precision": problem.precision,
             "d": problem.d,
             "dtype": str(problem.input_dtype),
             "n": problem.n,
@@ -229,7 +233,7 @@ def setup(
                 f" (ranks {listed} are invalid)" if len(failed) > 1 else ""
             )
         raise (TypeError if kind == "TypeError" else ValueError)(text) from local_error
-    for name in ("loss", "gradients", "strategy", "d", "dtype", "scale", "bias"):
+    for name in ("loss", "gradients", "strategy", "d", "dtype", "precision", "scale", "bias"):
         values = [entry[name] for entry in everyone]
         if not all(_same(value, values[0]) for value in values):
             what = {

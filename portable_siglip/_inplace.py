@@ -30,6 +30,7 @@ from typing import Any
 
 import array_api_compat
 
+from ._precision import Gemm
 from ._tilemath import Pair, add_pairs, merge_pairs, stack_pairs
 from ._tiles import Positives, blocks
 from ._typing import Array, Namespace
@@ -74,6 +75,61 @@ class _Tiles:
 
     def view(self, index: int, rows: int, cols: int) -> Array:
         return self._flat[index][: rows * cols].reshape(rows, cols)
+
+
+class _Operands:
+    """The GEMM operands of one kernel call under its :class:`Gemm` policy.
+
+    With exact operands everything is the float32 (float64) tile itself. With ``"fast"`` the
+    gradient factor of each tile is rounded to the half dtype through one reusable half
+    buffer: kept there for a native half GEMM (torch on CUDA), or copied back over the tile
+    otherwise (the same numbers through a float32 GEMM).
+    """
+
+    def __init__(self, xp: Namespace, nat: Any, gemm: Gemm, size: int, device: Any) -> None:
+        self.nat = nat
+        self.gemm = gemm
+        self._half = (
+            xp.empty((size * size,), dtype=gemm.half, device=device) if gemm.rounds else None
+        )
+
+    def matrix(self, x: Array) -> Array:
+        """Return an (n, d) matrix of the compute dtype as a GEMM operand."""
+        return self.gemm.operand(x)
+
+    def _copy(self, target: Array, source: Array) -> None:
+        if hasattr(target, "copy_"):
+            target.copy_(source)
+        else:
+            self.nat.copyto(target, source, casting="unsafe")
+
+    def factor(self, tile: Array) -> Array:
+        """Return the (b, c) gradient factor ``tile`` as a GEMM operand (may overwrite it)."""
+        if self._half is None:
+            return tile
+        half = self._half[: tile.shape[0] * tile.shape[1]].reshape(tile.shape)
+        self._copy(half, tile)
+        if self.gemm.native:
+            return half
+        self._copy(tile, half)
+        return tile
+
+    def product(self, a: Array, b: Array, out: Array) -> None:
+        """``out = a @ b`` of two operands, in the dtype of ``out``."""
+        if self.gemm.native:
+            self.nat.mm(a, b, out_dtype=out.dtype, out=out)
+        else:
+            self.nat.matmul(a, b, out=out)
+
+    def add_product(self, acc: Array, a: Array, b: Array, step: Array, first: bool) -> None:
+        """``acc += a @ b`` (``acc = a @ b`` when ``first``) of two operands."""
+        if not self.gemm.native:
+            _add_product(self.nat, acc, a, b, step, first)
+        elif first:
+            self.product(a, b, acc)
+        else:
+            self.product(a, b, step)
+            acc += step
 
 
 def _add_product(nat: Any, acc: Array, a: Array, b: Array, step: Array, first: bool) -> None:
@@ -147,6 +203,7 @@ def sigmoid_sums(
     positives: Positives,
     block_size: int,
     grad: bool,
+    gemm: Gemm,
 ) -> tuple[Array, Array | None, Array | None, Array | None]:
     """In-place twin of :func:`portable_siglip._sigmoid.sigmoid_sums`; same arguments and sums."""
     nat = _native(xp)
@@ -156,6 +213,8 @@ def sigmoid_sums(
     zero = xp.zeros((), dtype=dtype, device=device)
     tiles = _Tiles(xp, min(block_size, max(m, k)), 2, dtype, device)
     masks = _Masks(xp, nat, min(block_size, max(m, k)), positives, device)
+    ops = _Operands(xp, nat, gemm, min(block_size, max(m, k)), device)
+    img_ops, txt_ops = ops.matrix(scaled_img), ops.matrix(txt)
     loss = zero
     bias_sum = zero
     img_acc: Array = None
@@ -166,12 +225,12 @@ def sigmoid_sums(
         txt_acc = xp.empty((k, d), dtype=dtype, device=device)
         step = xp.empty((min(block_size, max(m, k)), d), dtype=dtype, device=device)
     for row, (row_start, row_stop) in enumerate(blocks(m, block_size)):
-        img_rows = scaled_img[row_start:row_stop, :]
+        img_rows = img_ops[row_start:row_stop, :]
         for col, (col_start, col_stop) in enumerate(blocks(k, block_size)):
-            txt_cols = txt[col_start:col_stop, :]
+            txt_cols = txt_ops[col_start:col_stop, :]
             u = tiles.view(0, row_stop - row_start, col_stop - col_start)
             work = tiles.view(1, row_stop - row_start, col_stop - col_start)
-            nat.matmul(img_rows, txt_cols.T, out=u)  # (b, d) @ (d, c) -> (b, c)
+            ops.product(img_rows, txt_cols.T, u)  # (b, d) @ (d, c) -> (b, c)
             u += bias
             on_diagonal = positives is True and row_start == col_start
             mask = masks.tile((row_start, row_stop), (col_start, col_stop))
@@ -198,9 +257,12 @@ def sigmoid_sums(
             bias_sum = bias_sum + xp.sum(u)
             rows = row_stop - row_start
             cols = col_stop - col_start
-            _add_product(nat, img_acc[row_start:row_stop, :], u, txt_cols, step[:rows, :], col == 0)
-            _add_product(
-                nat, txt_acc[col_start:col_stop, :], u.T, img_rows, step[:cols, :], row == 0
+            factor = ops.factor(u)
+            ops.add_product(
+                img_acc[row_start:row_stop, :], factor, txt_cols, step[:rows, :], col == 0
+            )
+            ops.add_product(
+                txt_acc[col_start:col_stop, :], factor.T, img_rows, step[:cols, :], row == 0
             )
     return loss, img_acc, txt_acc, bias_sum if grad else None
 
@@ -212,6 +274,7 @@ def softmax_lse(
     *,
     block_size: int,
     positives: tuple[Array, Array] | None = None,
+    gemm: Gemm,
 ) -> tuple[Array, Array]:
     """In-place twin of :func:`portable_siglip._softmax.softmax_lse`; returns (rows, cols)."""
     nat = _native(xp)
@@ -220,19 +283,21 @@ def softmax_lse(
     device = array_api_compat.device(scaled_img)
     tiles = _Tiles(xp, min(block_size, max(m, k)), 2, dtype, device)
     masks = _Masks(xp, nat, min(block_size, max(m, k)), positives or False, device)
+    ops = _Operands(xp, nat, gemm, 0, device)
+    img_ops, txt_ops = ops.matrix(scaled_img), ops.matrix(txt)
     col_blocks = list(blocks(k, block_size))
     col_lse: list[Pair | None] = [None] * len(col_blocks)
     col_pos: list[Pair | None] = [None] * len(col_blocks)
     row_lse: list[Pair] = []
     row_pos: list[Pair] = []
     for row_start, row_stop in blocks(m, block_size):
-        img_rows = scaled_img[row_start:row_stop, :]
+        img_rows = img_ops[row_start:row_stop, :]
         row_total: Pair | None = None
         row_found: Pair | None = None
         for col, (col_start, col_stop) in enumerate(col_blocks):
             logits = tiles.view(0, row_stop - row_start, col_stop - col_start)
             work = tiles.view(1, row_stop - row_start, col_stop - col_start)
-            nat.matmul(img_rows, txt[col_start:col_stop, :].T, out=logits)
+            ops.product(img_rows, txt_ops[col_start:col_stop, :].T, logits)
             mask = masks.tile((row_start, row_stop), (col_start, col_stop))
             if mask is not None:  # positive counts and logit sums, before the tile changes
                 nat.multiply(logits, mask, out=work)
@@ -275,6 +340,7 @@ def softmax_grad_sums(
     positives: Positives,
     block_size: int,
     col_weight: float = 1.0,
+    gemm: Gemm,
 ) -> tuple[Array, Array]:
     """In-place twin of :func:`portable_siglip._softmax.softmax_grad_sums`."""
     nat = _native(xp)
@@ -284,6 +350,8 @@ def softmax_grad_sums(
     size = min(block_size, max(m, k))
     tiles = _Tiles(xp, size, 2, dtype, device)
     masks = _Masks(xp, nat, size, positives, device)
+    ops = _Operands(xp, nat, gemm, size, device)
+    img_ops, txt_ops = ops.matrix(scaled_img), ops.matrix(txt)
     if not isinstance(positives, bool):  # what a positive (i, j) subtracts: 1/c_i + w/c_j
         row_minus, col_minus = 1.0 / row_lse[:, 2], col_weight / col_lse[:, 2]
     img_acc = xp.empty((m, d), dtype=dtype, device=device)
@@ -292,13 +360,13 @@ def softmax_grad_sums(
     row_top, row_log = row_lse[:, 0], row_lse[:, 1]
     col_top, col_log = col_lse[:, 0], col_lse[:, 1]
     for row, (row_start, row_stop) in enumerate(blocks(m, block_size)):
-        img_rows = scaled_img[row_start:row_stop, :]
+        img_rows = img_ops[row_start:row_stop, :]
         top, log = row_top[row_start:row_stop, None], row_log[row_start:row_stop, None]
         for col, (col_start, col_stop) in enumerate(blocks(k, block_size)):
-            txt_cols = txt[col_start:col_stop, :]
+            txt_cols = txt_ops[col_start:col_stop, :]
             part = tiles.view(0, row_stop - row_start, col_stop - col_start)
             work = tiles.view(1, row_stop - row_start, col_stop - col_start)
-            nat.matmul(img_rows, txt_cols.T, out=part)  # (b, d) @ (d, c) -> (b, c)
+            ops.product(img_rows, txt_cols.T, part)  # (b, d) @ (d, c) -> (b, c)
             # exp((Z - M) - s), in this order: M + s would round to ulp(M) (see _softmax).
             nat.subtract(part, top, out=work)
             work -= log
@@ -323,10 +391,11 @@ def softmax_grad_sums(
                 flat[:: part.shape[1] + 1] -= 2
             rows = row_stop - row_start
             cols = col_stop - col_start
-            _add_product(
-                nat, img_acc[row_start:row_stop, :], part, txt_cols, step[:rows, :], col == 0
+            factor = ops.factor(part)
+            ops.add_product(
+                img_acc[row_start:row_stop, :], factor, txt_cols, step[:rows, :], col == 0
             )
-            _add_product(
-                nat, txt_acc[col_start:col_stop, :], part.T, img_rows, step[:cols, :], row == 0
+            ops.add_product(
+                txt_acc[col_start:col_stop, :], factor.T, img_rows, step[:cols, :], row == 0
             )
     return img_acc, txt_acc

@@ -27,6 +27,7 @@ from typing import Any
 
 import array_api_compat
 
+from ._precision import Gemm
 from ._tilemath import lse_tile, merge_lse, positive_sums, sigmoid_tile, softmax_grad_tile
 from ._typing import Array, Namespace
 
@@ -169,6 +170,7 @@ def sigmoid_sums(
     positives: Any,
     block_size: int,
     grad: bool,
+    gemm: Gemm,
 ) -> tuple[Array, Array | None, Array | None, Array | None]:
     """Jax-loop twin of :func:`portable_siglip._sigmoid.sigmoid_sums`; same arguments and sums."""
     import jax.numpy as jnp
@@ -180,22 +182,24 @@ def sigmoid_sums(
     img = grid.pad(scaled_img, grid.row_tiles * grid.rows)
     texts = grid.pad(txt, grid.col_tiles * grid.cols)
     zero = jnp.zeros((), dtype=scaled_img.dtype)
+    img_ops, txt_ops = gemm.operand(img), gemm.operand(texts)
 
     def body(tile: Array, carry: tuple[Array, ...]) -> tuple[Array, ...]:
         row_start, col_start = grid.starts(tile)
-        rows = _slice(img, row_start, grid.rows)
-        cols = _slice(texts, col_start, grid.cols)
-        logits = rows @ cols.T + bias  # (b, d) @ (d, c) -> (b, c)
+        rows = _slice(img_ops, row_start, grid.rows)
+        cols = _slice(txt_ops, col_start, grid.cols)
+        logits = gemm.matmul(rows, cols.T) + bias  # (b, d) @ (d, c) -> (b, c)
         valid, mask = grid.masks(row_start, col_start)
         tile_loss, part = sigmoid_tile(jnp, logits, mask, grad=grad, valid=valid)
         if part is None:
             return (carry[0] + tile_loss,)
         loss, bias_sum, img_acc, txt_acc = carry
+        factor = gemm.operand(part)
         return (
             loss + tile_loss,
             bias_sum + jnp.sum(part),
-            _add_rows(img_acc, row_start, part @ cols),  # (b, c) @ (c, d) -> (b, d)
-            _add_rows(txt_acc, col_start, part.T @ rows),  # (c, b) @ (b, d) -> (c, d)
+            _add_rows(img_acc, row_start, gemm.matmul(factor, cols)),  # (b, c) @ (c, d) -> (b, d)
+            _add_rows(txt_acc, col_start, gemm.matmul(factor.T, rows)),  # (c, b) @ (b, d)
         )
 
     axes = _varying(scaled_img, txt, bias, positives)
@@ -213,6 +217,7 @@ def softmax_lse(
     *,
     block_size: int,
     positives: tuple[Array, Array] | None = None,
+    gemm: Gemm,
 ) -> tuple[Array, Array]:
     """Jax-loop twin of :func:`portable_siglip._softmax.softmax_lse`; returns (rows, cols)."""
     import jax.numpy as jnp
@@ -229,6 +234,7 @@ def softmax_lse(
     # ids the positive count and logit sum. Padded rows end as NaN and are cut off.
     row_init = jnp.zeros((img.shape[0], columns), dtype=dtype).at[:, 0].set(-jnp.inf)
     col_init = jnp.zeros((texts.shape[0], columns), dtype=dtype).at[:, 0].set(-jnp.inf)
+    img_ops, txt_ops = gemm.operand(img), gemm.operand(texts)
 
     def merged(acc: Array, start: Array, top: Array, log: Array, extra: Any) -> Array:
         current = lax.dynamic_slice_in_dim(acc, start, top.shape[0])
@@ -241,7 +247,8 @@ def softmax_lse(
     def body(tile: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
         row_acc, col_acc = carry
         row_start, col_start = grid.starts(tile)
-        logits = _slice(img, row_start, grid.rows) @ _slice(texts, col_start, grid.cols).T
+        rows, cols = _slice(img_ops, row_start, grid.rows), _slice(txt_ops, col_start, grid.cols)
+        logits = gemm.matmul(rows, cols.T)  # (b, d) @ (d, c) -> (b, c)
         valid, mask = grid.masks(row_start, col_start)
         row_max, row_log, col_max, col_log = lse_tile(jnp, jnp.where(valid, logits, -jnp.inf))
         row_extra = col_extra = None
@@ -266,6 +273,7 @@ def softmax_grad_sums(
     positives: Any,
     block_size: int,
     col_weight: float = 1.0,
+    gemm: Gemm,
 ) -> tuple[Array, Array]:
     """Jax-loop twin of :func:`portable_siglip._softmax.softmax_grad_sums`."""
     import jax.numpy as jnp
@@ -281,13 +289,14 @@ def softmax_grad_sums(
     labelled = isinstance(positives, tuple)
     if labelled:  # what a positive (i, j) subtracts: 1/c_i + w/c_j (padding: inf, masked)
         row_minus, col_minus = 1.0 / rows_lse[:, 2], col_weight / cols_lse[:, 2]
+    img_ops, txt_ops = gemm.operand(img), gemm.operand(texts)
 
     def body(tile: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
         img_acc, txt_acc = carry
         row_start, col_start = grid.starts(tile)
-        rows = _slice(img, row_start, grid.rows)
-        cols = _slice(texts, col_start, grid.cols)
-        logits = rows @ cols.T  # (b, d) @ (d, c) -> (b, c)
+        rows = _slice(img_ops, row_start, grid.rows)
+        cols = _slice(txt_ops, col_start, grid.cols)
+        logits = gemm.matmul(rows, cols.T)  # (b, d) @ (d, c) -> (b, c)
         valid, mask = grid.masks(row_start, col_start)
         own = _slice(rows_lse, row_start, grid.rows)
         other = _slice(cols_lse, col_start, grid.cols)
@@ -307,9 +316,10 @@ def softmax_grad_sums(
             col_weight=col_weight,
             valid=valid,
         )
+        factor = gemm.operand(part)
         return (
-            _add_rows(img_acc, row_start, part @ cols),  # (b, c) @ (c, d) -> (b, d)
-            _add_rows(txt_acc, col_start, part.T @ rows),  # (c, b) @ (b, d) -> (c, d)
+            _add_rows(img_acc, row_start, gemm.matmul(factor, cols)),  # (b, c) @ (c, d) -> (b, d)
+            _add_rows(txt_acc, col_start, gemm.matmul(factor.T, rows)),  # (c, b) @ (b, d)
         )
 
     axes = _varying(scaled_img, txt, row_lse, col_lse, positives)

@@ -6,9 +6,9 @@ from typing import Any, NamedTuple
 
 from ._checks import Problem
 from ._distributed import Ring, circulate, global_sums, setup
+from ._precision import full_precision
 from ._sigmoid import sigmoid_sums
 from ._softmax import (
-    diagonal_logits,
     lse_excess,
     merge_lse_pairs,
     softmax_grad_sums,
@@ -133,6 +133,7 @@ def _sigmoid(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
             positives=_home_positives(problem),
             block_size=problem.block_size,
             grad=grad,
+            gemm=problem.gemm,
         )
         if not grad:
             return sums.loss / problem.n, None
@@ -151,6 +152,7 @@ def _sigmoid(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
             positives=_block_positives(problem, home, block),
             block_size=problem.block_size,
             grad=grad,
+            gemm=problem.gemm,
         )
         state.loss = state.loss + part.loss
         if not grad:
@@ -183,12 +185,20 @@ def _softmax(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
     scaled_img = _scaled_img(problem)
     labelled = problem.labelled
     # The diagonal logits Z_ii (without ids); with ids the first pass sums the positives.
-    diag = None if labelled else diagonal_logits(xp, scaled_img, problem.txt)
+    # (From the operands the GEMMs see, so that both passes agree on every logit.)
+    diag = None if labelled else problem.gemm.vecdot(scaled_img, problem.txt)
     ids = (problem.img_ids, problem.txt_ids) if labelled else None
     zero = xp.zeros((), dtype=problem.compute_dtype, device=problem.device)
     if ring is None:
         weight = problem.n / problem.k
-        lse = softmax_lse(xp, scaled_img, problem.txt, block_size=problem.block_size, positives=ids)
+        lse = softmax_lse(
+            xp,
+            scaled_img,
+            problem.txt,
+            block_size=problem.block_size,
+            positives=ids,
+            gemm=problem.gemm,
+        )
         total = lse_excess(xp, lse.rows, diag) + weight * lse_excess(xp, lse.cols, diag)
         norm = 2.0 * problem.n
         if not grad:
@@ -202,6 +212,7 @@ def _softmax(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
             positives=_home_positives(problem),
             block_size=problem.block_size,
             col_weight=weight,
+            gemm=problem.gemm,
         )
         scale_sum = _scale_sum(problem, img_acc)
         grads = _finish(problem, img_acc, txt_acc, scale_sum, zero, norm)
@@ -213,7 +224,12 @@ def _softmax(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
     def first(home: Any, block: tuple[Array, ...]) -> tuple[Array, ...]:
         visiting = (problem.img_ids, block[1]) if labelled else None
         part = softmax_lse(
-            xp, scaled_img, block[0], block_size=problem.block_size, positives=visiting
+            xp,
+            scaled_img,
+            block[0],
+            block_size=problem.block_size,
+            positives=visiting,
+            gemm=problem.gemm,
         )
         rows = state.rows
         state.rows = part.rows if rows is None else merge_lse_pairs(xp, rows, part.rows)
@@ -241,6 +257,7 @@ def _softmax(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
             positives=_block_positives(problem, home, block),
             block_size=problem.block_size,
             col_weight=weight,
+            gemm=problem.gemm,
         )
         state.add_img(img_part)
         return (txt_part,)
@@ -264,6 +281,7 @@ def sigmoid_loss(
     strategy: str = "bidir",
     img_ids: Array | None = None,
     txt_ids: Array | None = None,
+    precision: str | None = None,
 ) -> Array:
     r"""SigLIP sigmoid loss of n image-text pairs, evaluated blockwise.
 
@@ -309,6 +327,13 @@ def sigmoid_loss(
         docs/multi-positive.md). The loss is then divided by the number of image rows m
         (of the global batch with ``comm``; ids are global labels there). Every id must
         appear on both sides, else ``ValueError``. Unique ids give the diagonal loss.
+    precision : {"fast", "exact"}, optional
+        For float16/bfloat16 features: "fast" (the default) feeds every GEMM operands in
+        the input dtype (``t * img`` and each tile's gradient factor rounded to it) with
+        float32 accumulation, so that a GPU runs them on tensor cores; "exact" feeds them
+        float32 values. Elementwise work, sums and accumulators are float32 either way.
+        float32 and float64 features ignore it: they always compute at full precision
+        (no TF32). docs/conventions.md shows the errors of both.
 
     Returns
     -------
@@ -361,8 +386,10 @@ def sigmoid_loss(
         grad=False,
         img_ids=img_ids,
         txt_ids=txt_ids,
+        precision=precision,
     )
-    return _sigmoid(problem, ring, grad=False)[0]
+    with full_precision(problem.xp, problem.img):
+        return _sigmoid(problem, ring, grad=False)[0]
 
 
 def sigmoid_loss_and_grad(
@@ -376,6 +403,7 @@ def sigmoid_loss_and_grad(
     strategy: str = "bidir",
     img_ids: Array | None = None,
     txt_ids: Array | None = None,
+    precision: str | None = None,
 ) -> tuple[Array, Gradients]:
     r"""SigLIP sigmoid loss and its exact gradients, from one blockwise pass.
 
@@ -394,7 +422,7 @@ def sigmoid_loss_and_grad(
 
     Parameters
     ----------
-    img, txt, scale, bias, block_size, comm, strategy, img_ids, txt_ids
+    img, txt, scale, bias, block_size, comm, strategy, img_ids, txt_ids, precision
         As for :func:`sigmoid_loss`.
 
     Returns
@@ -461,8 +489,10 @@ def sigmoid_loss_and_grad(
         grad=True,
         img_ids=img_ids,
         txt_ids=txt_ids,
+        precision=precision,
     )
-    loss, grads = _sigmoid(problem, ring, grad=True)
+    with full_precision(problem.xp, problem.img):
+        loss, grads = _sigmoid(problem, ring, grad=True)
     assert grads is not None
     return loss, grads
 
@@ -478,6 +508,7 @@ def softmax_loss(
     strategy: str = "ring",
     img_ids: Array | None = None,
     txt_ids: Array | None = None,
+    precision: str | None = None,
 ) -> Array:
     r"""CLIP softmax (InfoNCE) loss, symmetric over both directions, evaluated blockwise.
 
@@ -513,6 +544,9 @@ def softmax_loss(
         cross-entropy against the uniform distribution over the row's (column's) positives,
         averaged over its own rows: ``(1/m) sum_i (lse_j Z_ij - mean_{j in P_i} Z_ij)`` and
         ``(1/k) sum_j (lse_i Z_ij - mean_{i in Q_j} Z_ij)``, halved.
+    precision : {"fast", "exact"}, optional
+        As for :func:`sigmoid_loss`: half-precision GEMM operands ("fast", the default for
+        float16/bfloat16 features) or float32 ones ("exact").
 
     Returns
     -------
@@ -553,8 +587,10 @@ def softmax_loss(
         grad=False,
         img_ids=img_ids,
         txt_ids=txt_ids,
+        precision=precision,
     )
-    return _softmax(problem, ring, grad=False)[0]
+    with full_precision(problem.xp, problem.img):
+        return _softmax(problem, ring, grad=False)[0]
 
 
 def softmax_loss_and_grad(
@@ -568,6 +604,7 @@ def softmax_loss_and_grad(
     strategy: str = "ring",
     img_ids: Array | None = None,
     txt_ids: Array | None = None,
+    precision: str | None = None,
 ) -> tuple[Array, Gradients]:
     r"""CLIP softmax loss and its exact gradients, in two blockwise passes.
 
@@ -578,7 +615,7 @@ def softmax_loss_and_grad(
 
     Parameters
     ----------
-    img, txt, scale, bias, block_size, comm, strategy, img_ids, txt_ids
+    img, txt, scale, bias, block_size, comm, strategy, img_ids, txt_ids, precision
         As for :func:`softmax_loss`.
 
     Returns
@@ -624,7 +661,9 @@ def softmax_loss_and_grad(
         grad=True,
         img_ids=img_ids,
         txt_ids=txt_ids,
+        precision=precision,
     )
-    loss, grads = _softmax(problem, ring, grad=True)
+    with full_precision(problem.xp, problem.img):
+        loss, grads = _softmax(problem, ring, grad=True)
     assert grads is not None
     return loss, grads

@@ -16,11 +16,12 @@ gradient need a single pass, and no tile outlives its iteration.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import array_api_compat
 
 from . import _inplace, _jaxloops
+from ._precision import Gemm
 from ._tilemath import sigmoid_tile
 from ._tiles import Positives, blocks, positive_mask
 from ._typing import Array, Namespace
@@ -52,6 +53,7 @@ def sigmoid_sums(
     positives: Positives,
     block_size: int,
     grad: bool,
+    gemm: Gemm | None = None,
 ) -> SigmoidSums:
     """Sum the sigmoid loss (and its gradient pieces) over all tiles of ``scaled_img @ txt.T``.
 
@@ -73,24 +75,25 @@ def sigmoid_sums(
         Tile edge.
     grad : bool
         Whether to accumulate the gradient pieces as well as the loss.
+    gemm : Gemm, optional
+        The GEMMs' operand policy (:mod:`._precision`); None: exact operands.
 
     Returns
     -------
     SigmoidSums
         The unnormalised sums; the caller divides by n.
     """
+    gemm = gemm or Gemm(xp, scaled_img.dtype)
+    options: dict[str, Any] = {
+        "positives": positives,
+        "block_size": block_size,
+        "grad": grad,
+        "gemm": gemm,
+    }
     if _inplace.enabled(xp, scaled_img, txt, bias):
-        return SigmoidSums(
-            *_inplace.sigmoid_sums(
-                xp, scaled_img, txt, bias, positives=positives, block_size=block_size, grad=grad
-            )
-        )
+        return SigmoidSums(*_inplace.sigmoid_sums(xp, scaled_img, txt, bias, **options))
     if _jaxloops.enabled(xp, scaled_img, txt, bias, positives):
-        return SigmoidSums(
-            *_jaxloops.sigmoid_sums(
-                scaled_img, txt, bias, positives=positives, block_size=block_size, grad=grad
-            )
-        )
+        return SigmoidSums(*_jaxloops.sigmoid_sums(scaled_img, txt, bias, **options))
     m, k = scaled_img.shape[0], txt.shape[0]
     dtype = scaled_img.dtype
     device = array_api_compat.device(scaled_img)
@@ -99,12 +102,13 @@ def sigmoid_sums(
     bias_sum = zero
     img_acc_blocks: list[Array] = []
     txt_acc_blocks: list[Array | None] = [None] * len(range(0, k, block_size))
+    img_ops, txt_ops = gemm.operand(scaled_img), gemm.operand(txt)
     for row_start, row_stop in blocks(m, block_size):
-        img_rows = scaled_img[row_start:row_stop, :]
+        img_rows = img_ops[row_start:row_stop, :]
         img_acc: Array | None = None
         for col, (col_start, col_stop) in enumerate(blocks(k, block_size)):
-            txt_cols = txt[col_start:col_stop, :]
-            logits = xp.matmul(img_rows, txt_cols.T) + bias  # (b, d) @ (d, c) -> (b, c)
+            txt_cols = txt_ops[col_start:col_stop, :]
+            logits = gemm.matmul(img_rows, txt_cols.T) + bias  # (b, d) @ (d, c) -> (b, c)
             mask = positive_mask(
                 xp, positives, (row_start, row_stop), (col_start, col_stop), device
             )
@@ -113,9 +117,10 @@ def sigmoid_sums(
             if part is None:
                 continue
             bias_sum = bias_sum + xp.sum(part)
-            step = xp.matmul(part, txt_cols)  # (b, c) @ (c, d) -> (b, d)
+            factor = gemm.operand(part)
+            step = gemm.matmul(factor, txt_cols)  # (b, c) @ (c, d) -> (b, d)
             img_acc = step if img_acc is None else img_acc + step
-            back = xp.matmul(part.T, img_rows)  # (c, b) @ (b, d) -> (c, d)
+            back = gemm.matmul(factor.T, img_rows)  # (c, b) @ (b, d) -> (c, d)
             previous = txt_acc_blocks[col]
             txt_acc_blocks[col] = back if previous is None else previous + back
         if grad:

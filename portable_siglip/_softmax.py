@@ -32,11 +32,12 @@ mean positive logit replaces ``Z_ii``), and the second pass subtracts ``1/c_i`` 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import array_api_compat
 
 from . import _inplace, _jaxloops
+from ._precision import Gemm
 from ._tilemath import (
     Pair,
     add_pairs,
@@ -52,7 +53,6 @@ from ._typing import Array, Namespace
 
 __all__ = [
     "SoftmaxLse",
-    "diagonal_logits",
     "lse_excess",
     "merge_lse",
     "merge_lse_pairs",
@@ -73,11 +73,6 @@ class SoftmaxLse(NamedTuple):
 
     rows: Array
     cols: Array
-
-
-def diagonal_logits(xp: Namespace, scaled_img: Array, txt: Array) -> Array:
-    """Return ``Z_ii = (t * img_i) . txt_i``: shape (n, d), (n, d) -> (n,)."""
-    return xp.vecdot(scaled_img, txt)
 
 
 def merge_lse_pairs(xp: Namespace, a: Array, b: Array) -> Array:
@@ -116,6 +111,7 @@ def softmax_lse(
     *,
     block_size: int,
     positives: tuple[Array, Array] | None = None,
+    gemm: Gemm | None = None,
 ) -> SoftmaxLse:
     """First pass: row and column log-sum-exp of ``scaled_img @ txt.T``, as ``(M, s)`` pairs.
 
@@ -132,6 +128,8 @@ def softmax_lse(
     positives : (row_ids, col_ids), optional
         Ids of the rows and columns; with them the positives of every row and column are
         counted and their logits summed in the same pass.
+    gemm : Gemm, optional
+        The GEMMs' operand policy (:mod:`._precision`); None: exact operands.
 
     Returns
     -------
@@ -140,14 +138,12 @@ def softmax_lse(
         logit ``M`` and ``s = log sum exp(Z - M)`` over the k columns (m rows); with
         ``positives``, (m, 4) and (k, 4) with the count and logit sum of the positives.
     """
+    gemm = gemm or Gemm(xp, scaled_img.dtype)
+    options: dict[str, Any] = {"block_size": block_size, "positives": positives, "gemm": gemm}
     if _inplace.enabled(xp, scaled_img, txt):
-        return SoftmaxLse(
-            *_inplace.softmax_lse(xp, scaled_img, txt, block_size=block_size, positives=positives)
-        )
+        return SoftmaxLse(*_inplace.softmax_lse(xp, scaled_img, txt, **options))
     if _jaxloops.enabled(xp, scaled_img, txt, positives):
-        return SoftmaxLse(
-            *_jaxloops.softmax_lse(scaled_img, txt, block_size=block_size, positives=positives)
-        )
+        return SoftmaxLse(*_jaxloops.softmax_lse(scaled_img, txt, **options))
     m, k = scaled_img.shape[0], txt.shape[0]
     device = array_api_compat.device(scaled_img)
     col_blocks = list(blocks(k, block_size))
@@ -155,12 +151,14 @@ def softmax_lse(
     col_pos: list[Pair | None] = [None] * len(col_blocks)
     row_lse: list[Pair] = []
     row_pos: list[Pair] = []
+    img_ops, txt_ops = gemm.operand(scaled_img), gemm.operand(txt)
     for row_start, row_stop in blocks(m, block_size):
-        img_rows = scaled_img[row_start:row_stop, :]
+        img_rows = img_ops[row_start:row_stop, :]
         row_total: Pair | None = None
         row_found: Pair | None = None
         for col, (col_start, col_stop) in enumerate(col_blocks):
-            logits = xp.matmul(img_rows, txt[col_start:col_stop, :].T)  # (b, d) @ (d, c) -> (b, c)
+            txt_cols = txt_ops[col_start:col_stop, :]
+            logits = gemm.matmul(img_rows, txt_cols.T)  # (b, d) @ (d, c) -> (b, c)
             if positives is not None:
                 mask = positive_mask(
                     xp, positives, (row_start, row_stop), (col_start, col_stop), device
@@ -193,6 +191,7 @@ def softmax_grad_sums(
     positives: Positives,
     block_size: int,
     col_weight: float = 1.0,
+    gemm: Gemm | None = None,
 ) -> tuple[Array, Array]:
     """Second pass: accumulate ``P @ txt`` and ``P.T @ scaled_img`` with ``P = 2n * G``.
 
@@ -218,33 +217,25 @@ def softmax_grad_sums(
     col_weight : float
         Weight of the column softmax relative to the row softmax: ``m / k`` of the global
         batch with ids (each direction is a mean over its own rows), 1 without.
+    gemm : Gemm, optional
+        The GEMMs' operand policy (:mod:`._precision`); None: exact operands.
 
     Returns
     -------
     img_acc, txt_acc : array
         ``P @ txt`` of shape (m, d) and ``P.T @ scaled_img`` of shape (k, d).
     """
+    gemm = gemm or Gemm(xp, scaled_img.dtype)
+    options: dict[str, Any] = {
+        "positives": positives,
+        "block_size": block_size,
+        "col_weight": col_weight,
+        "gemm": gemm,
+    }
     if _inplace.enabled(xp, scaled_img, txt):
-        return _inplace.softmax_grad_sums(
-            xp,
-            scaled_img,
-            txt,
-            row_lse,
-            col_lse,
-            positives=positives,
-            block_size=block_size,
-            col_weight=col_weight,
-        )
+        return _inplace.softmax_grad_sums(xp, scaled_img, txt, row_lse, col_lse, **options)
     if _jaxloops.enabled(xp, scaled_img, txt, row_lse, col_lse, positives):
-        return _jaxloops.softmax_grad_sums(
-            scaled_img,
-            txt,
-            row_lse,
-            col_lse,
-            positives=positives,
-            block_size=block_size,
-            col_weight=col_weight,
-        )
+        return _jaxloops.softmax_grad_sums(scaled_img, txt, row_lse, col_lse, **options)
     m, k = scaled_img.shape[0], txt.shape[0]
     device = array_api_compat.device(scaled_img)
     col_blocks = list(blocks(k, block_size))
@@ -255,13 +246,14 @@ def softmax_grad_sums(
     labelled = not isinstance(positives, bool)
     if labelled:  # what a positive (i, j) subtracts: 1/c_i + w/c_j
         row_minus, col_minus = 1.0 / row_lse[:, 2], col_weight / col_lse[:, 2]
+    img_ops, txt_ops = gemm.operand(scaled_img), gemm.operand(txt)
     for row_start, row_stop in blocks(m, block_size):
-        img_rows = scaled_img[row_start:row_stop, :]
+        img_rows = img_ops[row_start:row_stop, :]
         top, log = row_top[row_start:row_stop, None], row_log[row_start:row_stop, None]
         img_acc: Array | None = None
         for col, (col_start, col_stop) in enumerate(col_blocks):
-            txt_cols = txt[col_start:col_stop, :]
-            logits = xp.matmul(img_rows, txt_cols.T)  # (b, d) @ (d, c) -> (b, c)
+            txt_cols = txt_ops[col_start:col_stop, :]
+            logits = gemm.matmul(img_rows, txt_cols.T)  # (b, d) @ (d, c) -> (b, c)
             # softmax_rows + softmax_cols as exp((Z - M) - s); both exponents are <= 0 up to
             # rounding. Z - M first: a difference of two logits, exact where it matters.
             cols = slice(col_start, col_stop)
@@ -280,9 +272,10 @@ def softmax_grad_sums(
                 minus,
                 col_weight=col_weight,
             )
-            step = xp.matmul(part, txt_cols)  # (b, c) @ (c, d) -> (b, d)
+            factor = gemm.operand(part)
+            step = gemm.matmul(factor, txt_cols)  # (b, c) @ (c, d) -> (b, d)
             img_acc = step if img_acc is None else img_acc + step
-            back = xp.matmul(part.T, img_rows)  # (c, b) @ (b, d) -> (c, d)
+            back = gemm.matmul(factor.T, img_rows)  # (c, b) @ (b, d) -> (c, d)
             previous = txt_acc[col]
             txt_acc[col] = back if previous is None else previous + back
         img_acc_blocks.append(img_acc)

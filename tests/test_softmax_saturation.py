@@ -37,6 +37,8 @@ UNIT = {"float32": 2.0**-24, "float16": 2.0**-11}
 #: every softmax entry is exactly 0 or 1). Before the fix the ratio was 1e5 or more.
 FACTOR, ROUNDOFFS = 4.0, 4.0
 
+#: The float32 arithmetic is judged here ("exact"); "fast" rounds ``t * img`` to float16,
+#: which overflows at these sizes (tests/test_precision.py covers "fast").
 #: (dtype, t, target max|Z|): the issue's float32 repro (t = 1, the size in the features) and
 #: a float16 one at CLIP's t = 1/0.07. float16 features are at most 65504 and the gradients
 #: (about t max|features|) must stay finite in float16 too, so the size is split between t
@@ -104,7 +106,7 @@ def test_gradients_at_large_logits_match_a_dense_evaluation(
     img, img_np = on_backend(xp, img_np, dtype)
     txt, txt_np = on_backend(xp, txt_np, dtype)
     assert abs(np.max(np.abs(t * img_np @ txt_np.T)) / target - 1) < 1e-2
-    loss, grads = ps.softmax_loss_and_grad(img, txt, t, block_size=block_size)
+    loss, grads = ps.softmax_loss_and_grad(img, txt, t, block_size=block_size, precision="exact")
     assert grads.img.dtype == dtype_of(xp, dtype)
     check_against_dense(grads.img, grads.txt, img_np, txt_np, t, dtype)
     truth = softmax_reference(img_np, txt_np, t, 0.0)
@@ -128,7 +130,13 @@ def test_distributed_gradients_at_large_logits(
     def rank_call(comm: ThreadComm) -> Any:
         rows = slice(edges[comm.rank], edges[comm.rank + 1])
         return ps.softmax_loss_and_grad(
-            img[rows, :], txt[rows, :], t, block_size=2, comm=comm, strategy=strategy
+            img[rows, :],
+            txt[rows, :],
+            t,
+            block_size=2,
+            comm=comm,
+            strategy=strategy,
+            precision="exact",
         )
 
     results = ThreadGroup(len(SHARDS), timeout=60.0).run(rank_call)

@@ -1,0 +1,201 @@
+"""The precision policy of the tile GEMMs: which operands they take, and full float32 matmuls.
+
+Every loop (:mod:`._sigmoid`, :mod:`._softmax`, :mod:`._inplace`, :mod:`._jaxloops`) holds its
+inputs, elementwise work and accumulators in the compute dtype (float32, or float64 for float64
+inputs). What differs between ``precision="exact"`` and ``"fast"`` is only what the GEMMs
+multiply (docs/conventions.md, "Precision"):
+
+* ``"exact"``: the compute-dtype values themselves;
+* ``"fast"`` (float16/bfloat16 inputs only): every operand rounded once to the input dtype: the
+  features (exact already), ``t * img``, and each tile's gradient factor ``G`` before the two
+  gradient GEMMs. Products accumulate in float32 and come out in float32. Where the library can
+  multiply half operands into float32 itself (torch on CUDA through ``out_dtype``, jax through
+  ``preferred_element_type``), the operands are half arrays and the GEMM runs on tensor cores;
+  elsewhere (numpy, cupy, torch on the host) they are float32 arrays holding the rounded values,
+  which gives the same numbers.
+
+:func:`full_precision` makes float32 GEMMs full float32 on every backend: jax's default on GPUs
+is TF32 (jax#18934), and torch's is TF32 when a user set
+``torch.set_float32_matmul_precision("high")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+
+from ._typing import Array, Namespace
+
+__all__ = ["PRECISIONS", "Gemm", "full_precision", "make_gemm"]
+
+#: The accepted values of ``precision=``.
+PRECISIONS = ("fast", "exact")
+
+#: (device type, dtype name) pairs where torch's ``out_dtype`` GEMM failed: use float32 there.
+_NO_NATIVE: set[tuple[str, str]] = set()
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """How the tile GEMMs of one evaluation take their operands.
+
+    Attributes
+    ----------
+    xp : namespace
+        Array-API namespace of the arrays.
+    compute : dtype
+        The dtype of the loops' inputs, tiles and accumulators.
+    half : dtype or None
+        The dtype the operands are rounded to (``"fast"`` with half inputs), or None:
+        operands in ``compute``.
+    native : bool
+        Whether the operands are half arrays multiplied into ``compute`` by the library
+        itself (tensor cores); otherwise they are ``compute`` arrays.
+    """
+
+    xp: Namespace
+    compute: Any
+    half: Any = None
+    native: bool = False
+
+    @property
+    def rounds(self) -> bool:
+        """Whether the operands are rounded to a half dtype (``"fast"``)."""
+        return self.half is not None
+
+    def operand(self, x: Array) -> Array:
+        """Return ``x`` (compute dtype) as a GEMM operand: rounded to ``half`` when fast."""
+        if self.half is None:
+            return x
+        rounded = self.xp.astype(x, self.half)
+        return rounded if self.native else self.xp.astype(rounded, self.compute)
+
+    def vecdot(self, a: Array, b: Array) -> Array:
+        """Return the row-wise dot products of ``a`` and ``b`` as the GEMMs would form them.
+
+        (n, d), (n, d) -> (n,), in the compute dtype, from the same operands as the tile
+        GEMMs, so that a logit formed here and in a tile agree.
+        """
+        a, b = self.operand(a), self.operand(b)
+        if not self.native:
+            return self.xp.vecdot(a, b)
+        if array_api_compat.is_jax_namespace(self.xp):
+            import jax.numpy as jnp
+
+            # Half operands, not their float32 round trip: under jit XLA may drop a
+            # float32 -> half -> float32 pair (excess precision) and skip the rounding.
+            return jnp.einsum("ij,ij->i", a, b, preferred_element_type=self.compute)
+        # Half to float32 is exact, so the products are those of the GEMM.
+        return self.xp.vecdot(self.xp.astype(a, self.compute), self.xp.astype(b, self.compute))
+
+    def matmul(self, a: Array, b: Array) -> Array:
+        """Return ``a @ b`` of two operands, in the compute dtype (2-D arrays)."""
+        if not self.native:
+            return self.xp.matmul(a, b)
+        if array_api_compat.is_jax_namespace(self.xp):
+            import jax.numpy as jnp
+
+            # Explicitly DEFAULT: the enclosing full_precision() would otherwise ask for the
+            # float32 algorithm, which gives the same products without tensor cores.
+            return jnp.matmul(a, b, precision="default", preferred_element_type=self.compute)
+        import torch
+
+        return torch.mm(a, b, out_dtype=self.compute)
+
+
+def _torch_native(x: Array, half: Any, compute: Any) -> bool:
+    """Whether torch multiplies ``half`` operands into ``compute`` on the device of ``x``.
+
+    ``torch.mm(..., out_dtype=torch.float32)`` exists for half operands on CUDA (torch >= 2.8);
+    the host has no such kernel. Tried once per device type and dtype on a 1 x 1 product.
+    """
+    import torch
+
+    kind = x.device.type
+    if kind == "cpu" or (kind, str(half)) in _NO_NATIVE:
+        return False
+    try:
+        probe = torch.ones((1, 1), dtype=half, device=x.device)
+        out = torch.empty((1, 1), dtype=compute, device=x.device)
+        torch.mm(probe, probe, out_dtype=compute, out=out)  # both forms the loops use
+        torch.mm(probe, probe, out_dtype=compute)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, NotImplementedError, TypeError):
+        _NO_NATIVE.add((kind, str(half)))
+        return False
+    return True
+
+
+def make_gemm(xp: Namespace, like: Array, compute: Any, half: Any) -> Gemm:
+    """Return the :class:`Gemm` of arrays like ``like``; ``half`` None means exact operands."""
+    if half is None:
+        return Gemm(xp, compute)
+    if array_api_compat.is_jax_namespace(xp):
+        return Gemm(xp, compute, half, native=True)
+    if array_api_compat.is_torch_namespace(xp):
+        return Gemm(xp, compute, half, native=_torch_native(like, half, compute))
+    return Gemm(xp, compute, half)
+
+
+_torch_lock = threading.Lock()
+_torch_users = 0
+_torch_saved: str | None = None
+
+
+@contextlib.contextmanager
+def _torch_highest() -> Iterator[None]:
+    """Hold torch's float32 matmul precision at "highest" (shared by concurrent threads)."""
+    global _torch_users, _torch_saved
+    import torch
+
+    with _torch_lock:
+        if _torch_users == 0:
+            current = torch.get_float32_matmul_precision()
+            _torch_saved = None if current == "highest" else current
+            if _torch_saved is not None:
+                torch.set_float32_matmul_precision("highest")
+        _torch_users += 1
+    try:
+        yield
+    finally:
+        with _torch_lock:
+            _torch_users -= 1
+            if _torch_users == 0 and _torch_saved is not None:
+                torch.set_float32_matmul_precision(_torch_saved)
+                _torch_saved = None
+
+
+@contextlib.contextmanager
+def full_precision(xp: Namespace, like: Array) -> Iterator[None]:
+    """Run float32 GEMMs at full float32 precision inside this block (no TF32).
+
+    jax: ``jax.default_matmul_precision("highest")`` (a trace-time setting, so it also holds
+    under ``jit``). torch on a GPU: ``torch.set_float32_matmul_precision("highest")`` while
+    the loss runs, restored afterwards (only when the user had lowered it). Other
+    libraries have no reduced float32 GEMM by default.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.ones((2, 2), dtype=np.float32)
+    >>> with full_precision(array_api_compat.array_namespace(x), x):
+    ...     print(float((x @ x)[0, 0]))
+    2.0
+    """
+    if array_api_compat.is_jax_namespace(xp):
+        import jax
+
+        with jax.default_matmul_precision("highest"):
+            yield
+        return
+    if array_api_compat.is_torch_namespace(xp) and getattr(like, "is_cuda", False):
+        with _torch_highest():
+            yield
+        return
+    yield
