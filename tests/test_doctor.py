@@ -13,6 +13,7 @@ import doctest
 import importlib.util
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -22,12 +23,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import mpi_usable
 
 import portable_siglip as ps
 from portable_siglip import _cli, _devices, _doctor
 
 SECTIONS = {"inventory", "agreement", "transports", "block_size"}
-HAVE = {name: importlib.util.find_spec(name) is not None for name in ("mpi4py", "torch")}
+#: mpi4py counts only with an MPI library it can load: without one the doctor skips it.
+HAVE = {"mpi4py": mpi_usable(), "torch": importlib.util.find_spec("torch") is not None}
 
 #: Items that need a GPU, by section.
 GPU_ITEMS = {
@@ -249,6 +252,58 @@ def test_exercise_passes_on_nccl_comm_over_the_fake(world: int) -> None:
 
     details = on_fake(world, lambda comm: _doctor.exercise(comm, np.asarray))
     assert all(data["ranks"] == world and data["schedules"] == 6 for _, data in details)
+
+
+def test_mpi4py_without_its_library_is_skipped_not_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The GPU host's mpi4py has no libmpi: the doctor says so and does not fail."""
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py is not installed")
+    monkeypatch.setenv("MPI4PY_LIBMPI", "/nonexistent/libmpi.so")  # the workers inherit it
+    for name, check in (
+        ("mpi4py", _doctor._mpi4py),
+        ("MPIComm (COMM_SELF)", lambda: _doctor.transport_mpi(60)),
+    ):
+        item = _doctor.run_check(name, check)
+        assert item.status == "skipped", item
+        assert "mpi4py installed, no MPI library (" in item.detail, item.detail
+
+
+@pytest.mark.parametrize("missing", ["mpi4py", "mpi4py.MPI"])
+def test_nccl_check_needs_no_mpi(missing: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without mpi4py, or with mpi4py and no MPI library, NCCLComm is made by single()."""
+    from fake_nccl import FakeNccl, FakeRuntime
+
+    monkeypatch.setitem(sys.modules, missing, None)  # importing it raises ImportError
+    comm, how = _doctor.nccl_bootstrap(FakeRuntime(FakeNccl()))
+    assert how == "single(), without MPI"
+    assert (comm.rank, comm.size, comm.device, comm.mpi_comm) == (0, 1, 0, None)
+    _, data = _doctor.exercise(comm, np.asarray)
+    assert data["schedules"] == 6
+
+
+@pytest.mark.parametrize("preset", [None, "true"])
+def test_doctor_keeps_jax_from_preallocating_the_gpus(
+    preset: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch, cupy and jax share the GPUs in the doctor: jax must not take 75% of each."""
+    seen: list[str | None] = []
+
+    def check() -> tuple[str, dict[str, Any]]:
+        seen.append(os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"))
+        return "looked", {}
+
+    if preset is None:
+        monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    else:
+        monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", preset)
+    monkeypatch.setattr(_doctor, "inventory_checks", lambda: [("jax", check)])
+    monkeypatch.setattr(_doctor, "agreement_checks", lambda: [])
+    monkeypatch.setattr(_doctor, "transport_checks", lambda timeout: [])
+    status, out = run_doctor("--quick")
+    assert status == 0, out
+    assert seen == ["false" if preset is None else preset]  # the user's value is kept
 
 
 def test_docstring_examples_run() -> None:
