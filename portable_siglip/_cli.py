@@ -14,19 +14,27 @@ then sharded independently. ``--device`` puts the arrays on a GPU
 roofline (see :mod:`portable_siglip.bench`); ``doctor`` checks this machine
 (:mod:`._doctor`).
 
-Exit status: 0 success, 1 verification failed, 2 invalid arguments or missing library.
-Under MPI every rank exits with the same status; an unexpected error on any rank aborts
-the whole job (``MPI_Abort``) instead of leaving the other ranks waiting.
+Exit status: 0 success, 1 verification failed or an internal error, 2 invalid arguments
+or missing library. ``run`` checks every option it hands to the loss, so an exception
+from inside a run (a ``TypeError`` deep in a library included) is reported as an internal
+error, with its traceback, not as a usage error. Under MPI every rank exits with the same
+status; an unexpected error on any rank aborts the whole job (``MPI_Abort``) instead of
+leaving the other ranks waiting.
+
+``run`` sets ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` unless the user set it or the backend
+is jax (:func:`limit_jax_preallocation`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 import traceback
 import tracemalloc
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 from . import _launch, _losses, _memory
@@ -34,7 +42,10 @@ from ._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
 from ._devices import Device, parse_device, place, resolve_device
 from ._interop import BACKENDS, DTYPES, UsageError, load_backend, to_numpy
 
-__all__ = ["main"]
+__all__ = ["JAX_PREALLOCATE", "limit_jax_preallocation", "main"]
+
+#: jax's switch for taking 75% of a GPU's memory when it first uses the GPU.
+JAX_PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
 
 
 #: Rows per generator chunk of ``random_pairs``: any shard regenerates only its chunks.
@@ -230,6 +241,64 @@ def build_parser() -> argparse.ArgumentParser:
 
     _doctor.add_arguments(doctor)
     return parser
+
+
+def limit_jax_preallocation(backend: str, environ: MutableMapping[str, str] | None = None) -> bool:
+    """Keep jax from taking most of a GPU that another array library computes on.
+
+    jax preallocates 75% of a GPU's memory when it first uses it. A run whose backend is
+    torch or cupy does not compute with jax, but jax may still start on the same GPU in the
+    process (a library that imports it, a check that runs it) and would leave the backend a
+    quarter of the memory. So, unless the backend is jax (which then owns the GPU and gains
+    from its pool) or the user set the variable, this sets ``XLA_PYTHON_CLIENT_PREALLOCATE``
+    to ``"false"``: jax then allocates what it uses, when it uses it. jax reads the variable
+    when it first starts a GPU client, so this must run before that; ``run`` calls it first.
+
+    Parameters
+    ----------
+    backend : str
+        The array library the run computes with (``--backend``).
+    environ : mutable mapping of str to str, optional
+        The environment to change; ``os.environ`` by default.
+
+    Returns
+    -------
+    bool
+        Whether the variable was set.
+
+    Examples
+    --------
+    >>> env = {}
+    >>> limit_jax_preallocation("torch", env), env
+    (True, {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'})
+    >>> limit_jax_preallocation("jax", {})  # jax owns the GPU: its pool is its own
+    False
+    >>> limit_jax_preallocation("cupy", {JAX_PREALLOCATE: "true"})  # the user's choice stays
+    False
+    """
+    environ = os.environ if environ is None else environ
+    if backend == "jax" or JAX_PREALLOCATE in environ:
+        return False
+    environ[JAX_PREALLOCATE] = "false"
+    return True
+
+
+def _check_values(args: argparse.Namespace) -> None:
+    """Refuse the ``run`` option values that the losses would refuse, as usage errors.
+
+    Every other argument ``run`` hands to the loss it makes itself (arrays, ids, block size
+    and strategy checked above), so after this a ``TypeError`` or ``ValueError`` from inside
+    the run is an internal error, not the user's.
+    """
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        msg = (
+            f"`scale` must be the positive multiplier t = exp(t') applied to the logits, a "
+            f"finite number > 0, got {args.scale:g}"
+        )
+        raise UsageError(msg)
+    if args.loss == "sigmoid" and not math.isfinite(args.bias):
+        msg = f"`bias` must be finite, got {args.bias:g}"
+        raise UsageError(msg)
 
 
 def _import_numpy() -> Any:
@@ -517,6 +586,7 @@ def _run(args: argparse.Namespace, comm: Any = None, device: Device | None = Non
     device = Device("cpu") if device is None else device
     xp, dtype = load_backend(args.backend, args.dtype)
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    _check_values(args)
     if args.batch < size:
         msg = f"`batch`: the global batch ({args.batch}) must have a row for each of {size} ranks"
         raise UsageError(msg)
@@ -767,6 +837,8 @@ def main(argv: Sequence[str] | None = None, *, comm: Any = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "run":
+        limit_jax_preallocation(args.backend)
     transport = "none"
     try:
         if args.command == "run":
@@ -785,20 +857,64 @@ def main(argv: Sequence[str] | None = None, *, comm: Any = None) -> int:
         from .bench import cli as bench_cli
 
         return bench_cli.main(args)
-    except (UsageError, TypeError, ValueError) as error:
-        # Invalid input is found on every rank alike (the losses agree before exchanging),
-        # so every rank exits with status 2 and rank 0 says why.
-        if comm is None or comm.rank == 0:
-            print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
-        _launch.disconnect(transport, barrier=False)
-        return 2
-    except BaseException:
-        abort = getattr(comm, "abort", None) or _launch.mpi_abort()
-        if abort is None or comm is None or comm.size == 1:
-            raise
-        # One rank failing must end the job: the others may be waiting for its messages.
-        print(f"{parser.prog}: rank {comm.rank} failed; aborting all ranks", file=sys.stderr)
-        traceback.print_exc()
-        sys.stderr.flush()
-        abort(1)
+    except UsageError as error:
+        return _usage_error(parser, args, comm, transport, error)
+    except Exception as error:
+        if args.command == "run":
+            # run checked every option it was given: this is a bug, not the user's input.
+            return _internal_error(parser, comm, transport, error)
+        if isinstance(error, TypeError | ValueError):  # bench and doctor check as they go
+            return _usage_error(parser, args, comm, transport, error)
+        _abort_job(parser, comm)
         raise
+    except BaseException:
+        _abort_job(parser, comm)
+        raise
+
+
+def _usage_error(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    comm: Any,
+    transport: str,
+    error: Exception,
+) -> int:
+    """Say what was wrong with the input on rank 0 and return status 2."""
+    # Invalid input is found on every rank alike (the losses agree before exchanging),
+    # so every rank exits with status 2 and rank 0 says why.
+    if comm is None or comm.rank == 0:
+        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
+    _launch.disconnect(transport, barrier=False)
+    return 2
+
+
+def _internal_error(
+    parser: argparse.ArgumentParser, comm: Any, transport: str, error: Exception
+) -> int:
+    """Report an exception from inside ``run`` as an internal error: traceback, status 1."""
+    several = comm is not None and comm.size > 1
+    where = f"rank {comm.rank}: " if several else ""
+    traceback.print_exc()
+    print(
+        f"{parser.prog} run: {where}internal error: {type(error).__name__}: {error}\n"
+        "  (not a problem with the options: a failure inside portable_siglip or a library "
+        "it calls; the traceback is above)",
+        file=sys.stderr,
+        flush=True,
+    )
+    _abort_job(parser, comm, printed=True)
+    _launch.disconnect(transport, barrier=False)
+    return 1
+
+
+def _abort_job(parser: argparse.ArgumentParser, comm: Any, *, printed: bool = False) -> None:
+    """End every rank of a multi-rank job at once, if the transport can (``MPI_Abort``)."""
+    abort = getattr(comm, "abort", None) or _launch.mpi_abort()
+    if abort is None or comm is None or comm.size == 1:
+        return
+    # One rank failing must end the job: the others may be waiting for its messages.
+    print(f"{parser.prog}: rank {comm.rank} failed; aborting all ranks", file=sys.stderr)
+    if not printed:
+        traceback.print_exc()
+    sys.stderr.flush()
+    abort(1)

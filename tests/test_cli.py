@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import subprocess
 import sys
 from typing import Any
@@ -204,3 +205,102 @@ def test_strategy_of_the_other_loss_is_a_usage_error(capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert "`strategy` for the sigmoid loss must be one of" in err
     assert "no effect" not in err
+
+
+@pytest.fixture
+def no_jax_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset XLA_PYTHON_CLIENT_PREALLOCATE for the test; restored afterwards."""
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+
+
+@pytest.mark.parametrize("error", [TypeError, ValueError, RuntimeError])
+def test_error_inside_a_run_is_an_internal_error(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    no_jax_setting: None,
+    error: type[Exception],
+) -> None:
+    # What MPIComm raised when it staged bfloat16 through NumPy: a library's fault, not the
+    # user's, so not exit 2 with "error: ...", which reads as a mistake in the options.
+    def fails(*args: Any, **kwargs: Any) -> Any:
+        raise error("Got unsupported ScalarType BFloat16")
+
+    monkeypatch.setattr(_losses, "sigmoid_loss_and_grad", fails)
+    assert _cli.main(["run", *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert f"run: internal error: {error.__name__}: Got unsupported ScalarType BFloat16" in err
+    assert "not a problem with the options" in err
+    assert "Traceback (most recent call last)" in err
+    assert "in fails" in err  # the traceback reaches where it was raised
+    assert "run: error:" not in err
+
+
+def test_error_in_verify_is_an_internal_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, no_jax_setting: None
+) -> None:
+    def fails(*args: Any, **kwargs: Any) -> Any:
+        raise TypeError("cannot convert")
+
+    monkeypatch.setattr(_cli, "to_numpy", fails)
+    assert _cli.main(["run", *SMALL, "--verify"]) == 1
+    assert "run: internal error: TypeError: cannot convert" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--scale", "nan"], "`scale` must be the positive multiplier t = exp(t')"),
+        (["--scale=-inf"], "`scale` must be the positive multiplier t = exp(t')"),
+        (["--scale=-2"], "a finite number > 0, got -2"),
+        (["--bias", "inf"], "`bias` must be finite, got inf"),
+        (["--bias", "nan"], "`bias` must be finite, got nan"),
+    ],
+)
+def test_values_the_loss_refuses_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert _cli.main(["run", *SMALL, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert "internal error" not in err
+
+
+def test_softmax_ignores_the_bias() -> None:
+    assert _cli.main(["run", "--loss", "softmax", *SMALL, "--bias", "nan"]) == 0
+
+
+def test_jax_preallocation_is_limited_unless_jax_owns_the_gpu() -> None:
+    env: dict[str, str] = {}
+    assert _cli.limit_jax_preallocation("torch", env)
+    assert env == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    for backend in ("numpy", "cupy", "array_api_strict"):
+        assert _cli.limit_jax_preallocation(backend, env := {})
+        assert env[_cli.JAX_PREALLOCATE] == "false"
+    assert not _cli.limit_jax_preallocation("jax", env := {})
+    assert env == {}
+    assert not _cli.limit_jax_preallocation("cupy", env := {_cli.JAX_PREALLOCATE: "true"})
+    assert env == {_cli.JAX_PREALLOCATE: "true"}  # the user's setting stays
+
+
+def test_run_sets_jax_preallocation_in_its_process() -> None:
+    # A fresh process, without the variable: `run` on numpy sets it, `run` on jax does not.
+    code = (
+        "import os, sys\n"
+        "from portable_siglip import _cli\n"
+        "status = _cli.main(['run', '--backend', 'numpy', '--batch', '8', '--dim', '4'])\n"
+        "print('status', status, 'env', os.environ.get(_cli.JAX_PREALLOCATE))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != _cli.JAX_PREALLOCATE}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert "status 0 env false" in result.stdout
+    jax_run = code.replace("'numpy'", "'jax'")
+    if importlib.util.find_spec("jax") is not None:
+        result = subprocess.run(
+            [sys.executable, "-c", jax_run], capture_output=True, text=True, timeout=120, env=env
+        )
+        assert result.returncode == 0, result.stderr
+        assert "status 0 env None" in result.stdout
