@@ -10,8 +10,8 @@ builds its communicator:
   initialises itself (gloo for host tensors, NCCL for CUDA tensors): under ``torchrun`` from
   its environment variables; under ``mpirun`` rank 0 picks a free port and mpi4py broadcasts
   its address (or ``MASTER_ADDR``/``MASTER_PORT`` are used when set). When the ranks of a
-  node outnumber its GPUs (NCCL needs one GPU per rank), gloo, with the CUDA tensors staged
-  through host memory (:class:`HostStagedComm`);
+  node outnumber its GPUs (NCCL needs one GPU per rank), gloo even for CUDA tensors, which
+  ``TorchDistComm`` then stages through host memory;
 - ``nccl``: :class:`~portable_siglip.backends.nccl.NCCLComm`, rank r on GPU
   ``local_rank % device_count``: by hand (one process) ``NCCLComm.single()``, no MPI; under
   ``mpirun`` ``NCCLComm.from_mpi()``; under ``torchrun`` ``NCCLComm.from_torch()``, the NCCL
@@ -36,12 +36,10 @@ from typing import Any
 
 from ._devices import Device, cuda_device_count
 from ._interop import UsageError
-from .comm import BaseComm, Request
 
 __all__ = [
     "COMMS",
     "MPI_LAUNCH_VARIABLES",
-    "HostStagedComm",
     "choose",
     "connect",
     "disconnect",
@@ -317,7 +315,7 @@ def _mpi_rendezvous() -> tuple[int, int, str]:
     address, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
     try:
         from mpi4py import MPI
-    except ImportError:
+    except (ImportError, RuntimeError):  # no mpi4py, or mpi4py without libmpi
         rank, size = _first_int(_MPI_RANK, env), _first_int(_MPI_SIZE, env)
         if rank is None or size is None or not (address and port):
             msg = (
@@ -354,13 +352,13 @@ def _torch_comm(device: Device, environ: dict[str, str] | None = None) -> Any:
     """Initialise torch.distributed (gloo on the host, NCCL on CUDA) and wrap it.
 
     When the ranks of this node outnumber its GPUs, NCCL cannot run (one GPU per rank):
-    gloo then moves the CUDA tensors through host memory (:class:`HostStagedComm`).
+    gloo then moves the CUDA tensors, through host memory (``TorchDistComm`` stages them).
     """
     bridge = _import("portable_siglip.backends.torch", "torch")
     import torch
     import torch.distributed as dist
 
-    backend, staged = torch_backend(device, environ)
+    backend, _ = torch_backend(device, environ)
     if device.is_cuda:
         torch.cuda.set_device(device.index or 0)
     # A rank that never arrives (or dies) ends the wait with an error, not a hang.
@@ -378,86 +376,4 @@ def _torch_comm(device: Device, environ: dict[str, str] | None = None) -> Any:
             dist.init_process_group(
                 backend, init_method=address, rank=0, world_size=1, timeout=timeout
             )
-    comm = bridge.TorchDistComm()
-    return HostStagedComm(comm) if staged else comm
-
-
-class _StagedRequest:
-    """An exchange of host copies; ``wait()`` brings the received array to the device."""
-
-    def __init__(self, request: Request, like: Any) -> None:
-        self._request = request
-        self._like: Any = like
-        self._result: Any = None
-
-    def wait(self) -> Any:
-        if self._like is not None:
-            self._result = _to_device(self._request.wait(), self._like)
-            self._like = None
-        return self._result
-
-
-def _to_host(x: Any) -> Any:
-    """Return a host copy of a torch tensor on a GPU (the tensor itself on the host)."""
-    return x.cpu() if getattr(x, "is_cuda", False) else x
-
-
-def _to_device(host: Any, like: Any) -> Any:
-    """Return `host` on the device of `like` (as it is when `like` lives on the host)."""
-    return host.to(like.device) if getattr(like, "is_cuda", False) else host
-
-
-class HostStagedComm(BaseComm):
-    """A communicator that moves torch CUDA tensors through host memory.
-
-    For a transport that cannot move GPU memory, here torch.distributed's gloo, which has no
-    CUDA send/recv: every array is copied to the host before it is handed over, and what
-    comes back is copied to the device of the array that went in. ``run --comm torch`` uses
-    it when the ranks of a node outnumber its GPUs, where NCCL cannot run.
-
-    Parameters
-    ----------
-    inner : Communicator
-        The transport for host tensors.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from portable_siglip.comm import ThreadGroup
-    >>> ThreadGroup(2).run(lambda c: HostStagedComm(c).allreduce(np.ones(2)).tolist())
-    [[2.0, 2.0], [2.0, 2.0]]
-    """
-
-    def __init__(self, inner: Any) -> None:
-        super().__init__()
-        self.inner = inner
-        self.rank, self.size = int(inner.rank), int(inner.size)
-
-    def isendrecv(
-        self, send: Any, dest: int, source: int, shape: tuple[int, ...], *, tag: int = 0
-    ) -> Request:
-        """Exchange host copies (see :meth:`Communicator.isendrecv`)."""
-        self._count(send)
-        return _StagedRequest(
-            self.inner.isendrecv(_to_host(send), dest, source, shape, tag=tag), send
-        )
-
-    def allreduce(self, x: Any) -> Any:
-        """Sum host copies over the ranks; the sum on `x`'s device."""
-        self._count(x)
-        return _to_device(self.inner.allreduce(_to_host(x)), x)
-
-    def allgather(self, x: Any) -> list[Any]:
-        """Gather host copies; every part on `x`'s device."""
-        self._count(x)
-        return [_to_device(part, x) for part in self.inner.allgather(_to_host(x))]
-
-    def bcast(self, x: Any, root: int = 0) -> Any:
-        """Broadcast the root's host copy; the result on `x`'s device."""
-        if self.rank == root:
-            self._count(x)
-        return _to_device(self.inner.bcast(_to_host(x), root), x)
-
-    def allgather_object(self, obj: object) -> list[Any]:
-        """Gather picklable objects through the inner transport."""
-        return list(self.inner.allgather_object(obj))
+    return bridge.TorchDistComm()  # on gloo, it stages CUDA tensors through the host
