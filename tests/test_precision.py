@@ -272,3 +272,17 @@ def test_jax_bridge_takes_precision(loss_name: str) -> None:
         got = jax.jit(lambda a, b, p=precision: function(a, b, 10.0, -10.0, precision=p))(img, txt)
         want = LOSS[loss_name](img, txt, 10.0, -10.0, precision=precision)
         assert relative_error(got, to_numpy(want)) <= 1e-6, precision
+
+
+@pytest.mark.parametrize("precision", ["fast", "exact"])
+def test_run_verify_with_precision(capsys: pytest.CaptureFixture[str], precision: str) -> None:
+    pytest.importorskip("torch")
+    from portable_siglip._cli import main
+
+    argv = ["run", "--backend", "torch", "--dtype", "bfloat16", "--batch", "300", "--dim", "32"]
+    status = main([*argv, "--block-size", "128", "--precision", precision, "--verify"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert f"precision={precision}" in out
+    assert "verify: ok" in out
+    assert ("rounded operand" in out) == (precision == "fast")
