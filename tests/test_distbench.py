@@ -7,7 +7,6 @@ The MPI test needs mpi4py and an ``mpirun``; without them it skips, except under
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import mpi_usable
 
 from portable_siglip.bench import distributed
 from portable_siglip.bench.cli import add_arguments, main
@@ -29,7 +29,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def require_mpi() -> None:
     missing = []
-    if importlib.util.find_spec("mpi4py") is None:
+    if not mpi_usable():
         missing.append("mpi4py")
     if distributed.find_mpirun() is None:
         missing.append("mpirun")

