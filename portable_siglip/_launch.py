@@ -159,9 +159,11 @@ def shared_gpu_message(ranks: int, device: int | None) -> str:
 def choose(choice: str, backend: str, device: Device, environ: dict[str, str] | None = None) -> str:
     """Resolve ``--comm`` into ``"none"``, ``"mpi"``, ``"torch"`` or ``"nccl"``.
 
-    ``auto``: under ``mpirun``, NCCL for CUDA arrays that NCCLComm moves (cupy, torch) and
-    MPI otherwise; under ``torchrun``, torch.distributed; by hand, one process. An explicit
-    choice is checked against the arrays it has to move.
+    ``auto``: under ``mpirun``, NCCL for CUDA arrays that NCCLComm moves (cupy, torch) when
+    each rank of the node can have a GPU of its own, and MPI otherwise (several ranks on one
+    GPU, which NCCL refuses, go through MPI's host staging); under ``torchrun``,
+    torch.distributed; by hand, one process. An explicit choice is checked against the
+    arrays it has to move.
 
     Raises
     ------
@@ -188,7 +190,10 @@ def choose(choice: str, backend: str, device: Device, environ: dict[str, str] | 
         if started_by == "torchrun":
             choice = "torch"
         elif started_by == "mpirun":
-            choice = "nccl" if device.is_cuda and backend in ("torch", "cupy") else "mpi"
+            choice = "mpi"
+            if device.is_cuda and backend in ("torch", "cupy"):
+                count, _ = cuda_device_count("cupy")
+                choice = "nccl" if count == 0 or local_size(environ) <= count else "mpi"
         else:
             return "none"
     if choice == "torch" and backend != "torch":

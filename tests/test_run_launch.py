@@ -170,6 +170,16 @@ def test_auto_under_mpirun_with_cuda_arrays_is_nccl(monkeypatch: pytest.MonkeyPa
         _launch.choose("nccl", "torch", Device("cpu"), MPIRUN)
 
 
+def test_auto_under_mpirun_with_more_ranks_than_gpus_is_mpi(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """NCCL refuses two ranks on one GPU: auto takes MPI (host staging) on such a node."""
+    monkeypatch.setattr(_launch, "cuda_device_count", lambda backend: (1, None))
+    for local, expected in (("1", "nccl"), ("2", "mpi")):
+        environ = {**MPIRUN, "OMPI_COMM_WORLD_LOCAL_SIZE": local}
+        assert _launch.choose("auto", "torch", Device("cuda", 0), environ) == expected
+
+
 def test_local_rank_from_each_launcher() -> None:
     assert _launch.local_rank({"OMPI_COMM_WORLD_LOCAL_RANK": "3"}) == 3
     assert _launch.local_rank({"MPI_LOCALRANKID": "2"}) == 2
