@@ -286,3 +286,19 @@ def test_run_verify_with_precision(capsys: pytest.CaptureFixture[str], precision
     assert f"precision={precision}" in out
     assert "verify: ok" in out
     assert ("rounded operand" in out) == (precision == "fast")
+
+
+@pytest.mark.parametrize("loss_fn", ["sigmoid_loss", "softmax_loss"])
+def test_autocast_leaves_fast_unchanged(loss_fn: str) -> None:
+    # Autocast is off inside the loss: "fast" rounds exactly the operands it documents,
+    # whatever region it is called from.
+    torch = pytest.importorskip("torch")
+    from portable_siglip.backends import torch as bridge
+
+    gen = torch.Generator().manual_seed(5)
+    img = torch.randn(24, 16, generator=gen, dtype=torch.bfloat16) / 4
+    txt = torch.randn(24, 16, generator=gen, dtype=torch.bfloat16) / 4
+    outside = getattr(bridge, loss_fn)(img, txt, 3.0, -1.0, block_size=8)
+    with torch.autocast("cpu", dtype=torch.float16):
+        inside = getattr(bridge, loss_fn)(img, txt, 3.0, -1.0, block_size=8)
+    assert inside.item() == outside.item()
