@@ -130,13 +130,19 @@ STORE_KEY = "portable_siglip/nccl"
 #: Seconds :meth:`NCCLComm.from_torch` waits for the other ranks at its store.
 STORE_TIMEOUT_S = 300.0
 
+#: Set to 1 on every rank, NCCL 2.30 and later let several ranks share one GPU; the
+#: constructors then let them through.
+MULTI_RANK_GPU = "NCCL_MULTI_RANK_GPU_ENABLE"
+
 
 class SharedDeviceError(ValueError):
     """Several ranks of one NCCL communicator chose the same GPU.
 
     NCCL needs one GPU per rank: ``ncclCommInitRank`` fails ("Duplicate GPU detected")
-    when two ranks of a communicator share a device. The constructors of
-    :class:`NCCLComm` raise this on every rank before any of them joins NCCL.
+    when two ranks of a communicator share a device (before NCCL 2.30, or without
+    ``NCCL_MULTI_RANK_GPU_ENABLE=1``). The constructors of :class:`NCCLComm` raise this on
+    every rank before any of them joins NCCL, unless every rank sharing the GPU set that
+    variable to 1.
 
     Attributes
     ----------
@@ -154,7 +160,8 @@ class SharedDeviceError(ValueError):
         super().__init__(
             f"{len(ranks)} ranks share GPU {device} (ranks {listed} on {host}); NCCL needs "
             "one GPU per rank: give each rank its own GPU, or try several ranks on one GPU "
-            "with MPIComm, TorchDistComm on gloo or ThreadGroup"
+            "with MPIComm, TorchDistComm on gloo or ThreadGroup (NCCL 2.30 and later allow "
+            f"it with {MULTI_RANK_GPU}=1 on every rank)"
         )
 
 
@@ -968,7 +975,8 @@ def _place(rt: Runtime, device: int | None, local_rank: int) -> dict[str, Any]:
         gpu = identity(device) if identity is not None else f"index {device}"
     except Exception as error:  # no driver, a bad index, ...
         return {"error": str(error) or type(error).__name__, "kind": type(error).__name__}
-    return {"host": socket.gethostname(), "gpu": str(gpu), "device": device}
+    shared = os.environ.get(MULTI_RANK_GPU, "") == "1"
+    return {"host": socket.gethostname(), "gpu": str(gpu), "device": device, "shared": shared}
 
 
 def _agree_on_devices(placements: list[dict[str, Any]], rank: int) -> int:
@@ -976,7 +984,8 @@ def _agree_on_devices(placements: list[dict[str, Any]], rank: int) -> int:
 
     A rank that could not choose its GPU fails every rank (its own error on it, a
     ``ValueError`` naming it on the others); ranks that share a GPU raise
-    :class:`SharedDeviceError` on every rank.
+    :class:`SharedDeviceError` on every rank, unless each of them has set
+    ``NCCL_MULTI_RANK_GPU_ENABLE=1`` (NCCL 2.30 and later run several ranks on one GPU then).
     """
     failed = [(r, p) for r, p in enumerate(placements) if "error" in p]
     if failed:
@@ -990,7 +999,7 @@ def _agree_on_devices(placements: list[dict[str, Any]], rank: int) -> int:
     for r, placement in enumerate(placements):
         sharing.setdefault((placement["host"], placement["gpu"]), []).append(r)
     for (host, _), ranks in sharing.items():
-        if len(ranks) > 1:
+        if len(ranks) > 1 and not all(placements[r].get("shared") for r in ranks):
             raise SharedDeviceError(int(placements[ranks[0]]["device"]), ranks, host)
     return int(placements[rank]["device"])
 

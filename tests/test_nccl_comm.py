@@ -584,6 +584,21 @@ def test_ranks_sharing_a_gpu_fail_alike_before_nccl(
     assert nccl.unique_ids_made == 0  # nobody went on to NCCL
 
 
+def test_ranks_may_share_a_gpu_where_nccl_is_told_it_may(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """NCCL >= 2.30 runs several ranks on one GPU with NCCL_MULTI_RANK_GPU_ENABLE=1."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("NCCL_MULTI_RANK_GPU_ENABLE", "1")
+    nccl, call = mpi_bootstrap(2, devices=1)
+    assert [comm.device for comm in run_ranks(2, call, nccl)] == [0, 0]
+    monkeypatch.setenv("NCCL_MULTI_RANK_GPU_ENABLE", "0")
+    nccl, call = mpi_bootstrap(2, devices=1)
+    errors = outcomes(2, call, nccl)
+    assert all(isinstance(error, SharedDeviceError) for error in errors), errors
+    assert "NCCL_MULTI_RANK_GPU_ENABLE=1 on every rank" in str(errors[0])
+
+
 def test_ranks_on_distinct_gpus_of_a_shared_machine_pass() -> None:
     nccl, call = mpi_bootstrap(3, devices=4, device=lambda rank: 3 - rank)
     assert [comm.device for comm in run_ranks(3, call, nccl)] == [3, 2, 1]
