@@ -42,7 +42,7 @@ from ._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
 from ._devices import Device, parse_device, place, resolve_device
 from ._interop import BACKENDS, DTYPES, UsageError, load_backend, to_numpy
 
-__all__ = ["JAX_PREALLOCATE", "limit_jax_preallocation", "main"]
+__all__ = ["JAX_PREALLOCATE", "limit_jax_preallocation", "load_run_backend", "main"]
 
 #: jax's switch for taking 75% of a GPU's memory when it first uses the GPU.
 JAX_PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
@@ -291,6 +291,38 @@ def limit_jax_preallocation(backend: str, environ: MutableMapping[str, str] | No
     return True
 
 
+def load_run_backend(backend: str, dtype: str) -> tuple[Any, Any]:
+    """:func:`~portable_siglip._interop.load_backend` for ``run``, with NumPy's bfloat16.
+
+    NumPy has no bfloat16 of its own; the losses take arrays of ml_dtypes' bfloat16, so
+    ``run --backend numpy --dtype bfloat16`` uses it when ml_dtypes is installed (it comes
+    with jax). Without it, the usage error says what to install.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> load_run_backend("numpy", "float32")[1] is np.float32
+    True
+    """
+    try:
+        return load_backend(backend, dtype)
+    except UsageError:
+        if backend != "numpy" or dtype != "bfloat16":
+            raise
+        xp, _ = load_backend(backend, "float32")
+        try:
+            import ml_dtypes
+        except ImportError:
+            msg = (
+                "`dtype`: backend 'numpy' has no dtype 'bfloat16' without ml_dtypes: "
+                "pip install ml-dtypes"
+            )
+            raise UsageError(msg) from None
+        import numpy
+
+        return xp, numpy.dtype(ml_dtypes.bfloat16)
+
+
 def _check_values(args: argparse.Namespace) -> None:
     """Refuse the ``run`` option values that the losses would refuse, as usage errors.
 
@@ -505,7 +537,7 @@ def shard(n: int, size: int, rank: int) -> tuple[int, int]:
 
 def _placement(args: argparse.Namespace) -> tuple[Device, str]:
     """Resolve ``--device`` and ``--comm``: where the arrays live and which transport."""
-    load_backend(args.backend, args.dtype)  # a missing library or dtype is said first
+    load_run_backend(args.backend, args.dtype)  # a missing library or dtype is said first
     try:
         asked = None if args.device is None else parse_device(args.device)
     except ValueError as error:
@@ -592,7 +624,7 @@ def _batch_shape(args: argparse.Namespace) -> tuple[int, int, int, int, float]:
 def _run(args: argparse.Namespace, comm: Any = None, device: Device | None = None) -> int:
     np = _import_numpy()
     device = Device("cpu") if device is None else device
-    xp, dtype = load_backend(args.backend, args.dtype)
+    xp, dtype = load_run_backend(args.backend, args.dtype)
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
     _check_values(args)
     if args.batch < size:

@@ -94,8 +94,29 @@ def test_missing_backend_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_missing_dtype_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("array_api_strict")
+    assert _cli.main(["run", *SMALL, "--backend", "array_api_strict", "--dtype", "float16"]) == 2
+    assert "backend 'array_api_strict' has no dtype 'float16'" in capsys.readouterr().err
+
+
+def test_numpy_bfloat16_is_ml_dtypes(capsys: pytest.CaptureFixture[str]) -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    np = pytest.importorskip("numpy")
+    assert _cli.load_run_backend("numpy", "bfloat16")[1] == np.dtype(ml_dtypes.bfloat16)
+    assert _cli.main(["run", *SMALL, "--dtype", "bfloat16", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "backend=numpy" in out
+    assert "dtype=bfloat16" in out
+    assert "verify: ok" in out
+
+
+def test_numpy_bfloat16_without_ml_dtypes_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # import ml_dtypes raises ImportError
     assert _cli.main(["run", *SMALL, "--dtype", "bfloat16"]) == 2
-    assert "backend 'numpy' has no dtype 'bfloat16'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "backend 'numpy' has no dtype 'bfloat16' without ml_dtypes: pip install ml-dtypes" in err
 
 
 def test_module_entry_point() -> None:

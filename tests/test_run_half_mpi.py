@@ -21,11 +21,12 @@ from portable_siglip import _launch
 
 SMALL = ("--batch", "203", "--dim", "16", "--block-size", "17")
 CASES = [
-    (1, "sigmoid", "bfloat16"),
-    (2, "sigmoid", "bfloat16"),
-    (2, "softmax", "bfloat16"),
-    (2, "sigmoid", "float16"),
-    (3, "softmax", "float16"),
+    (1, "torch", "sigmoid", "bfloat16"),
+    (2, "torch", "sigmoid", "bfloat16"),
+    (2, "torch", "softmax", "bfloat16"),
+    (2, "torch", "sigmoid", "float16"),
+    (3, "torch", "softmax", "float16"),
+    (2, "numpy", "sigmoid", "bfloat16"),  # ml_dtypes' bfloat16
 ]
 
 
@@ -53,11 +54,13 @@ def environment() -> dict[str, str]:
 IDS = ["-".join(map(str, case)) for case in CASES]
 
 
-@pytest.mark.parametrize(("world", "loss", "dtype"), CASES, ids=IDS)
-def test_half_precision_run_over_mpi_verifies(world: int, loss: str, dtype: str) -> None:
-    pytest.importorskip("torch")
+@pytest.mark.parametrize(("world", "backend", "loss", "dtype"), CASES, ids=IDS)
+def test_half_precision_run_over_mpi_verifies(
+    world: int, backend: str, loss: str, dtype: str
+) -> None:
+    pytest.importorskip("torch" if backend == "torch" else "ml_dtypes")
     skip_without_mpi()
-    run = ["-m", "portable_siglip", "run", "--backend", "torch", "--comm", "mpi", "--verify"]
+    run = ["-m", "portable_siglip", "run", "--backend", backend, "--comm", "mpi", "--verify"]
     command = [mpirun(), "-n", str(world), sys.executable, *run, "--loss", loss, "--dtype", dtype]
     try:
         result = subprocess.run(
