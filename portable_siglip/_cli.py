@@ -567,34 +567,14 @@ def _synchronise(values: Sequence[Any]) -> None:
 
 
 class _DeviceMemory:
-    """Peak memory of one call on a GPU, from the array library's allocator."""
+    """Peak memory of one call on a GPU, from the array library's allocator (:mod:`._memory`)."""
 
     def __init__(self, backend: str, device: Device) -> None:
-        self.backend, self.device, self.before = backend, device, 0
-        if backend == "torch":
-            import torch
-
-            torch.cuda.synchronize(str(device))
-            torch.cuda.reset_peak_memory_stats(str(device))
-            self.before = int(torch.cuda.memory_allocated(str(device)))
-        elif backend == "cupy":
-            import cupy
-
-            self.before = int(cupy.get_default_memory_pool().total_bytes())
+        self.start = _memory.reset_device_peak(backend, device.index)
 
     def peak(self) -> tuple[int, str]:
-        if self.backend == "torch":
-            import torch
-
-            high = int(torch.cuda.max_memory_allocated(str(self.device)))
-            note = "torch CUDA allocator: max_memory_allocated during the call minus before it"
-            return max(0, high - self.before), note
-        if self.backend == "cupy":
-            import cupy
-
-            grown = int(cupy.get_default_memory_pool().total_bytes()) - self.before
-            return max(0, grown), "growth of cupy's memory pool during the call (an upper bound)"
-        return 0, f"not measured: {self.backend} exposes no allocator peak on the GPU"
+        peak, note = _memory.device_peak_bytes(self.start)
+        return (0 if peak is None else peak), note
 
 
 def _measure_peak(exact: bool, rss_before: int | None, reset: bool) -> tuple[int, str]:

@@ -395,3 +395,80 @@ def test_bad_positives_per_row_is_a_usage_error(capsys: pytest.CaptureFixture[st
     args.positives_per_row = 0
     assert main(args) == 2
     assert "`--positives-per-row` must be a positive integer" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- --compare-precision
+
+
+def test_compare_precision_runs_both_options_side_by_side(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("ml_dtypes")  # numpy's bfloat16
+    np = pytest.importorskip("numpy")
+    out = tmp_path / "precision.json"
+    argv = ["--compare-precision", "--backends", "numpy,torch", "--sizes", "48", "--dim", "8"]
+    assert main(parse([*argv, "--repeats", "2", "--block-size", "16", "--json", str(out)])) == 0
+    printed = capsys.readouterr().out
+    assert "exact/fast" in printed
+    report = json.loads(out.read_text())
+    assert report["errors"] == []
+    assert report["config"]["dtypes"] == ["bfloat16"]
+    rows = report["rows"]
+    assert [(r["backend"], r["loss"], r["precision"]) for r in rows] == [
+        (backend, loss, precision)
+        for backend in ("numpy", "torch")
+        for loss in ("sigmoid", "softmax")
+        for precision in ("fast", "exact")
+    ]
+    for fast, exact in zip(rows[::2], rows[1::2], strict=True):
+        for row in (fast, exact):
+            assert (row["dtype"], row["n"], row["d"]) == ("bfloat16", 48, 8)
+            assert row["skipped"] is None
+            assert row["error"] is None
+            assert len(row["times_s"]) == 2
+            assert row["median_s"] > 0
+            assert row["exact_over_fast"] == pytest.approx(exact["median_s"] / fast["median_s"])
+        # exact computes the rounded inputs in float32; fast rounds its gradient GEMMs'
+        # operands to bfloat16. Both return bfloat16 gradients (2^-9 relative rounding).
+        assert exact["loss_rel_error"] < 1e-5
+        assert fast["loss_rel_error"] < 2e-3
+        for row in (fast, exact):
+            assert 0 < row["grad_rel_error"] < 2e-2
+    # The errors are measured against an independent float64 evaluation of the same inputs.
+    from portable_siglip.bench import common, precision
+
+    img, txt = precision.half_inputs(
+        "numpy", *common.make_inputs("numpy", 48, 8, "float32", 0), "bfloat16"
+    )
+    import portable_siglip as ps
+
+    value, _ = ps.sigmoid_loss_and_grad(img, txt, 10.0, -10.0, block_size=16, precision="exact")
+    img64, txt64 = np.asarray(img, dtype=np.float64), np.asarray(txt, dtype=np.float64)
+    logits = 10.0 * img64 @ txt64.T - 10.0
+    labels = 2 * np.eye(48) - 1
+    golden = float(np.logaddexp(0, -labels * logits).sum() / 48)
+    assert rows[1]["loss_rel_error"] == pytest.approx(
+        abs(float(value) - golden) / golden, abs=1e-12
+    )
+
+
+def test_compare_precision_takes_half_dtypes_only(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(parse(["--compare-precision", "--dtype", "float32"])) == 2
+    assert "`--compare-precision` compares half-precision inputs" in capsys.readouterr().err
+    assert main(parse(["--compare-precision", "--profile"])) == 2
+    assert "`--profile` and `--compare-precision` exclude each other" in capsys.readouterr().err
+
+
+def test_compare_precision_rounds_alike_in_numpy_and_torch() -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("ml_dtypes")
+    np = pytest.importorskip("numpy")
+    from portable_siglip.bench import common, precision
+
+    base = common.make_inputs("numpy", 64, 16, "float32", 3)
+    for dtype in ("bfloat16", "float16"):
+        (a, _), (b, _) = (precision.half_inputs(k, *base, dtype) for k in ("numpy", "torch"))
+        assert str(a.dtype) == dtype
+        assert b.dtype == getattr(torch, dtype)
+        np.testing.assert_array_equal(a.astype(np.float32), b.float().numpy())

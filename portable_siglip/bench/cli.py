@@ -1,9 +1,10 @@
 """The ``bench`` command: its options, and the dispatch to the benchmark they ask for.
 
 ``python -m portable_siglip bench`` runs the sweep (:mod:`portable_siglip.bench.sweep`);
-``--frameworks``, ``--distributed`` and ``--profile``, which exclude each other, run
-:mod:`~portable_siglip.bench.frameworks`, :mod:`~portable_siglip.bench.distributed` and
-:mod:`~portable_siglip.bench.profile` instead. ``--device cuda`` (or ``cuda:N``) runs
+``--frameworks``, ``--distributed``, ``--profile`` and ``--compare-precision``, which
+exclude each other, run :mod:`~portable_siglip.bench.frameworks`,
+:mod:`~portable_siglip.bench.distributed`, :mod:`~portable_siglip.bench.profile` and
+:mod:`~portable_siglip.bench.precision` instead. ``--device cuda`` (or ``cuda:N``) runs
 :mod:`~portable_siglip.bench.gpu`, after checking that the GPU is there. Each is imported
 only when it runs.
 """
@@ -23,12 +24,20 @@ from .common import (
     GPU_DTYPES,
     LOSSES,
     comma_list,
+    nonnegative_float_arg,
     positive_float_arg,
     positive_int,
     positive_int_arg,
 )
 
 __all__ = ["add_arguments", "main"]
+
+#: The modes that replace the sweep, as their option names; they exclude each other.
+MODES = ("distributed", "frameworks", "profile", "compare_precision")
+
+#: What ``--dtype`` accepts: the sweep's dtypes, bfloat16 (the GPU benchmark and
+#: ``--compare-precision``) and float16 (``--compare-precision``).
+ANY_DTYPES = (*GPU_DTYPES, "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,21 +76,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dtype",
-        type=comma_list("--dtype", str, GPU_DTYPES),
+        type=comma_list("--dtype", str, ANY_DTYPES),
         default=None,
         help="feature dtype: float32 (default) or float64; with --device cuda a "
-        "comma-separated list among float32, float64 and bfloat16 (default: "
-        "float32,bfloat16). bfloat16 is for the GPU benchmark only",
+        "comma-separated list among bfloat16, float32 and float64 (default: "
+        "bfloat16,float32); with --compare-precision among bfloat16 and float16 (default: "
+        "bfloat16). bfloat16 is for the GPU benchmark and --compare-precision only",
     )
     parser.add_argument(
         "--device",
         default="cpu",
         metavar="{cpu,cuda,cuda:N}",
         help="where the benchmark runs (default: cpu, the CPU benchmarks). cuda or cuda:N "
-        "runs the GPU benchmark instead (see portable_siglip.bench.gpu): torch CUDA and "
-        "cupy against the same run's GEMM roofline, siglip-kernel, open_clip and dense "
-        "autograd; default n = 16384,65536,262144, d = 1152, --dtype float32,bfloat16. "
+        "runs the GPU benchmark instead (see portable_siglip.bench.gpu): ours on torch CUDA "
+        "(precision fast and exact) and cupy against the same run's GEMM floor, a "
+        "torch.compile'd dense loss, dense autograd, open_clip and siglip-kernel; default "
+        "n = 8192,16384,32768,65536, d = 768, --dtype bfloat16,float32, --time-budget 170. "
         "Without a GPU it is a usage error",
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=nonnegative_float_arg,
+        default=None,
+        metavar="SECONDS",
+        help="with --device cuda: skip, with the reason, every case that would take the run "
+        "past SECONDS (default 170; 0: no limit)",
+    )
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="with --device cuda: leave out the torch.compile'd dense loss",
     )
     parser.add_argument(
         "--losses",
@@ -98,8 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats",
         type=positive_int_arg,
-        default=3,
-        help="timed runs per case after one warm-up; the median is reported",
+        default=None,
+        help="timed runs per case after one warm-up; the median is reported (default 3; "
+        "with --device cuda 5 up to n = 16384, 3 at 32768, 2 above)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--json", metavar="FILE", default=None, help="write all results here")
@@ -141,6 +166,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="split the time of our call into tile GEMMs and the rest, against the roofline "
         "(numpy and torch; default n = 8192, d = 768; see portable_siglip.bench.profile)",
+    )
+    parser.add_argument(
+        "--compare-precision",
+        action="store_true",
+        help="time precision='fast' against 'exact' on half-precision inputs, side by "
+        "side, with each one's error against float64 (numpy and torch; default "
+        "--dtype bfloat16, n = 4096, d = 768; see portable_siglip.bench.precision)",
     )
     group = parser.add_argument_group(
         "distributed",
@@ -198,28 +230,43 @@ def _is_gpu(args: argparse.Namespace) -> bool:
 
 
 def _resolve_dims(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill in the per-mode defaults of ``--sizes``, ``--dims``, ``--dim`` and ``--dtype``.
+    """Fill in the per-mode defaults of the grid, ``--repeats`` and ``--time-budget``.
 
-    With ``--device cuda`` (``args.device`` already resolved), ``--dtype`` becomes a list;
-    otherwise one dtype of :data:`~portable_siglip.bench.common.DTYPES`.
+    The grid: ``--sizes``, ``--dims``, ``--dim`` and ``--dtype``.
+
+    With ``--device cuda`` (``args.device`` already resolved) or ``--compare-precision``,
+    ``--dtype`` becomes a list; otherwise one dtype of
+    :data:`~portable_siglip.bench.common.DTYPES`.
 
     Raises
     ------
     UsageError
-        For a list of dtypes, or bfloat16, on the CPU.
+        For a list of dtypes, or a half-precision dtype, in a CPU benchmark that takes one.
     """
     from .sweep import DEFAULT_DIMS, DEFAULT_SIZES
 
     values = vars(args)
-    sweep = not (values.get("distributed") or values.get("frameworks"))
+    compare = bool(values.get("compare_precision"))
+    sweep = not (values.get("distributed") or values.get("frameworks") or compare)
     dim = values.get("dim")
-    updates: dict[str, Any] = {"dtype": _resolve_dtype(values.get("dtype"), _is_gpu(args))}
+    updates: dict[str, Any] = {
+        "dtype": _resolve_dtype(values.get("dtype"), _is_gpu(args), compare),
+        "repeats": values.get("repeats") or (None if _is_gpu(args) else 3),
+    }
     if _is_gpu(args):
         from .gpu import DEFAULT_DIM as GPU_DIM
         from .gpu import DEFAULT_SIZES as GPU_SIZES
+        from .gpu import DEFAULT_TIME_BUDGET_S
 
         updates["sizes"] = values.get("sizes") or list(GPU_SIZES)
         updates["dims"] = values.get("dims") or [dim or GPU_DIM]
+        budget = values.get("time_budget")
+        updates["time_budget"] = DEFAULT_TIME_BUDGET_S if budget is None else budget
+    elif compare:
+        from .precision import DEFAULT_SIZES as COMPARE_SIZES
+
+        updates["sizes"] = values.get("sizes") or list(COMPARE_SIZES)
+        updates["dims"] = values.get("dims") or [dim or DEFAULT_DIM]
     elif values.get("profile"):
         updates["sizes"] = values.get("sizes") or [8192]
         updates["dims"] = values.get("dims") or [dim or DEFAULT_DIM]
@@ -233,20 +280,37 @@ def _resolve_dims(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**{**values, **updates})
 
 
-def _resolve_dtype(value: Any, gpu: bool) -> Any:
-    """``--dtype``: a list for the GPU benchmark (default float32, bfloat16), else one dtype."""
+def _resolve_dtype(value: Any, gpu: bool, compare: bool = False) -> Any:
+    """Resolve ``--dtype``: a list for the GPU benchmark and ``--compare-precision``.
+
+    The GPU benchmark's default is bfloat16, float32; ``--compare-precision``'s bfloat16;
+    the other benchmarks take one dtype (default float32).
+    """
     if isinstance(value, str):
         value = [part.strip() for part in value.split(",") if part.strip()]
     if gpu:
         from .gpu import DEFAULT_DTYPES
 
         return list(value) if value else list(DEFAULT_DTYPES)
+    if compare:
+        from .precision import HALF_DTYPES
+
+        value = list(value) if value else ["bfloat16"]
+        wrong = [d for d in value if d not in HALF_DTYPES]
+        if wrong:
+            msg = (
+                "`--compare-precision` compares half-precision inputs: `--dtype` among "
+                f"{', '.join(HALF_DTYPES)}, got {','.join(wrong)}"
+            )
+            raise UsageError(msg)
+        return value
     if not value:
         return "float32"
-    if "bfloat16" in value:
+    half = [d for d in value if d not in DTYPES]
+    if half:
         msg = (
-            "`--dtype bfloat16` is for the GPU benchmark only (--device cuda); the CPU "
-            f"benchmarks take one of {', '.join(DTYPES)}"
+            f"`--dtype {half[0]}` is for the GPU benchmark (--device cuda) and "
+            f"--compare-precision only; the CPU benchmarks take one of {', '.join(DTYPES)}"
         )
         raise UsageError(msg)
     if len(value) > 1:
@@ -303,10 +367,11 @@ def main(args: argparse.Namespace) -> int:
         ``--device cuda``, :func:`portable_siglip.bench.distributed.main` with
         ``args.distributed``, :func:`portable_siglip.bench.frameworks.main` with
         ``args.frameworks``, :func:`portable_siglip.bench.profile.main` with
-        ``args.profile``, else :func:`portable_siglip.bench.sweep.main` (0 when every case
+        ``args.profile``, :func:`portable_siglip.bench.precision.main` with
+        ``args.compare_precision``, else :func:`portable_siglip.bench.sweep.main` (0 when every case
         ran, 1 when some case failed, 2 for invalid options).
     """
-    modes = [m for m in ("distributed", "frameworks", "profile") if getattr(args, m, False)]
+    modes = [m.replace("_", "-") for m in MODES if getattr(args, m, False)]
     if len(modes) > 1:
         print(
             f"bench: error: `--{modes[0]}` and `--{modes[1]}` exclude each other", file=sys.stderr
@@ -341,6 +406,10 @@ def main(args: argparse.Namespace) -> int:
         from . import profile
 
         return profile.main(args)
+    if getattr(args, "compare_precision", False):
+        from . import precision
+
+        return precision.main(args)
     from . import sweep
 
     return sweep.main(args)

@@ -42,6 +42,7 @@ __all__ = [
     "machine_info",
     "make_inputs",
     "mib",
+    "nonnegative_float_arg",
     "positive_float_arg",
     "positive_int",
     "positive_int_arg",
@@ -54,6 +55,7 @@ __all__ = [
     "timed",
     "torch_leaves",
     "wait_ready",
+    "write_json_atomic",
     "write_report",
 ]
 
@@ -136,6 +138,18 @@ def positive_float_arg(text: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         msg = f"must be a positive number, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def nonnegative_float_arg(text: str) -> float:
+    """Read a finite number >= 0, as an argparse ``type``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        msg = f"must be a number >= 0, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
     return value
 
@@ -460,11 +474,26 @@ def print_load_after(machine: dict[str, Any]) -> None:
     print(f"load average after: {load}; total {machine['wall_s']:.0f} s")
 
 
+def write_json_atomic(path: str | os.PathLike[str], report: dict[str, Any]) -> None:
+    """Write ``report`` as indented JSON to ``path`` all at once, or not at all.
+
+    The text goes to a temporary file beside ``path``, which then replaces it
+    (:func:`os.replace`), so a reader, or a run killed mid-write, never sees half a file.
+    """
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_report(path: str | os.PathLike[str] | None, report: dict[str, Any]) -> None:
     """Write a benchmark's report as indented JSON to ``path`` and say so; None: nothing."""
     if path is None:
         return
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(path, report)
     print(f"results written to {path}")
 
 
