@@ -203,10 +203,11 @@ def sigmoid_sums(
     positives: Positives,
     block_size: int,
     grad: bool,
-    gemm: Gemm,
+    gemm: Gemm | None = None,
 ) -> tuple[Array, Array | None, Array | None, Array | None]:
     """In-place twin of :func:`portable_siglip._sigmoid.sigmoid_sums`; same arguments and sums."""
     nat = _native(xp)
+    gemm = gemm or Gemm(xp, scaled_img.dtype)
     m, k, d = scaled_img.shape[0], txt.shape[0], scaled_img.shape[1]
     dtype = scaled_img.dtype
     device = array_api_compat.device(scaled_img)
@@ -274,10 +275,11 @@ def softmax_lse(
     *,
     block_size: int,
     positives: tuple[Array, Array] | None = None,
-    gemm: Gemm,
+    gemm: Gemm | None = None,
 ) -> tuple[Array, Array]:
     """In-place twin of :func:`portable_siglip._softmax.softmax_lse`; returns (rows, cols)."""
     nat = _native(xp)
+    gemm = gemm or Gemm(xp, scaled_img.dtype)
     m, k = scaled_img.shape[0], txt.shape[0]
     dtype = scaled_img.dtype
     device = array_api_compat.device(scaled_img)
@@ -340,10 +342,11 @@ def softmax_grad_sums(
     positives: Positives,
     block_size: int,
     col_weight: float = 1.0,
-    gemm: Gemm,
+    gemm: Gemm | None = None,
 ) -> tuple[Array, Array]:
     """In-place twin of :func:`portable_siglip._softmax.softmax_grad_sums`."""
     nat = _native(xp)
+    gemm = gemm or Gemm(xp, scaled_img.dtype)
     m, k, d = scaled_img.shape[0], txt.shape[0], scaled_img.shape[1]
     dtype = scaled_img.dtype
     device = array_api_compat.device(scaled_img)

@@ -302,3 +302,52 @@ def test_autocast_leaves_fast_unchanged(loss_fn: str) -> None:
     with torch.autocast("cpu", dtype=torch.float16):
         inside = getattr(bridge, loss_fn)(img, txt, 3.0, -1.0, block_size=8)
     assert inside.item() == outside.item()
+
+
+@pytest.mark.parametrize(("library", "dtype"), [("torch", "bfloat16"), ("numpy", "float16")])
+def test_fast_in_place_kernels_equal_the_reference_loops(
+    monkeypatch: pytest.MonkeyPatch, library: str, dtype: str
+) -> None:
+    # The in-place numpy/torch kernels round the same operands as the array-API loops: their
+    # float32 sums agree to float32 rounding, and differ from the exact operands' sums.
+    import array_api_compat
+
+    from portable_siglip import _inplace, _sigmoid, _softmax
+    from portable_siglip._precision import make_gemm
+
+    module = pytest.importorskip(library)
+    rng = np.random.default_rng(12)
+    img_np, txt_np = pairs(rng, 13, 7)
+    img = module.asarray((9.0 * img_np).astype(np.float32))
+    txt = module.asarray(txt_np.astype(np.float32))
+    xp = array_api_compat.array_namespace(img)
+    gemm = make_gemm(xp, img, xp.float32, getattr(xp, dtype))
+    assert gemm.rounds
+    assert not gemm.native
+    options = {"positives": True, "block_size": 5}
+    fast = [
+        *_inplace.sigmoid_sums(xp, img, txt, -4.0, grad=True, gemm=gemm, **options)[1:3],
+        *_inplace.softmax_grad_sums(
+            xp,
+            img,
+            txt,
+            *_inplace.softmax_lse(xp, img, txt, block_size=5, gemm=gemm),
+            gemm=gemm,
+            **options,
+        ),
+    ]
+    monkeypatch.setenv("PORTABLE_SIGLIP_FAST_PATHS", "0")
+    lse = _softmax.softmax_lse(xp, img, txt, block_size=5, gemm=gemm)
+    slow = [
+        *_sigmoid.sigmoid_sums(xp, img, txt, -4.0, grad=True, gemm=gemm, **options)[1:3],
+        *_softmax.softmax_grad_sums(xp, img, txt, *lse, gemm=gemm, **options),
+    ]
+    exact = [
+        *_sigmoid.sigmoid_sums(xp, img, txt, -4.0, grad=True, **options)[1:3],
+        *_softmax.softmax_grad_sums(
+            xp, img, txt, *_softmax.softmax_lse(xp, img, txt, block_size=5), **options
+        ),
+    ]
+    for index, (got, want, unrounded) in enumerate(zip(fast, slow, exact, strict=True)):
+        assert relative_error(to_numpy(got), to_numpy(want)) <= 1e-6, index
+        assert relative_error(to_numpy(unrounded), to_numpy(want)) >= 1e-5, index
