@@ -16,9 +16,13 @@ bring in the others.
     worker is the MPI job (``python -m mpi4py -m portable_siglip.bench.distributed``).
 :mod:`~portable_siglip.bench.profile`
     ``bench --profile``: the time of one call split into tile GEMMs and the rest.
+:mod:`~portable_siglip.bench.precision`
+    ``bench --compare-precision``: ``precision="fast"`` against ``"exact"`` on
+    half-precision inputs, side by side, with each one's error against float64.
 :mod:`~portable_siglip.bench.gpu`
-    ``bench --device cuda``: forward + gradient on a GPU, ours (torch, cupy) against the
-    run's GEMM roofline, siglip-kernel, open_clip and the dense autograd loss.
+    ``bench --device cuda``: forward + gradient on a GPU, ours (torch fast and exact, cupy)
+    against the run's GEMM floor, a ``torch.compile``'d dense loss, dense autograd,
+    open_clip and siglip-kernel, within a time budget.
 :mod:`~portable_siglip.bench.memprobe`
     The peak extra memory of one sweep case, in a process of its own
     (``python -m portable_siglip.bench.memprobe``).
