@@ -80,39 +80,29 @@ class _Tiles:
 class _Operands:
     """The GEMM operands of one kernel call under its :class:`Gemm` policy.
 
-    With exact operands everything is the float32 (float64) tile itself. With ``"fast"`` the
-    gradient factor of each tile is rounded to the half dtype through one reusable half
-    buffer: kept there for a native half GEMM (torch on CUDA), or copied back over the tile
-    otherwise (the same numbers through a float32 GEMM).
+    With exact operands, and with ``"fast"`` on the host, the gradient factor is the float32
+    (float64) tile itself. With ``"fast"`` and a native half GEMM (torch on CUDA) it is rounded
+    to the half dtype into one reusable half buffer, which the two gradient GEMMs read.
     """
 
     def __init__(self, xp: Namespace, nat: Any, gemm: Gemm, size: int, device: Any) -> None:
         self.nat = nat
         self.gemm = gemm
         self._half = (
-            xp.empty((size * size,), dtype=gemm.half, device=device) if gemm.rounds else None
+            xp.empty((size * size,), dtype=gemm.half, device=device) if gemm.native else None
         )
 
     def matrix(self, x: Array) -> Array:
         """Return an (n, d) matrix of the compute dtype as a GEMM operand."""
         return self.gemm.operand(x)
 
-    def _copy(self, target: Array, source: Array) -> None:
-        if hasattr(target, "copy_"):
-            target.copy_(source)
-        else:
-            self.nat.copyto(target, source, casting="unsafe")
-
     def factor(self, tile: Array) -> Array:
-        """Return the (b, c) gradient factor ``tile`` as a GEMM operand (may overwrite it)."""
+        """Return the (b, c) gradient factor ``tile`` as a GEMM operand."""
         if self._half is None:
             return tile
         half = self._half[: tile.shape[0] * tile.shape[1]].reshape(tile.shape)
-        self._copy(half, tile)
-        if self.gemm.native:
-            return half
-        self._copy(tile, half)
-        return tile
+        half.copy_(tile)  # torch only: the native half GEMM
+        return half
 
     def product(self, a: Array, b: Array, out: Array) -> None:
         """``out = a @ b`` of two operands, in the dtype of ``out``."""

@@ -194,7 +194,7 @@ def sigmoid_sums(
         if part is None:
             return (carry[0] + tile_loss,)
         loss, bias_sum, img_acc, txt_acc = carry
-        factor = gemm.operand(part)
+        factor = gemm.factor(part)
         return (
             loss + tile_loss,
             bias_sum + jnp.sum(part),
@@ -316,7 +316,7 @@ def softmax_grad_sums(
             col_weight=col_weight,
             valid=valid,
         )
-        factor = gemm.operand(part)
+        factor = gemm.factor(part)
         return (
             _add_rows(img_acc, row_start, gemm.matmul(factor, cols)),  # (b, c) @ (c, d) -> (b, d)
             _add_rows(txt_acc, col_start, gemm.matmul(factor.T, rows)),  # (c, b) @ (b, d)

@@ -50,8 +50,10 @@ class Gradients(NamedTuple):
 
 
 def _scaled_img(problem: Problem) -> Array:
-    # Fold t into the image rows once (O(n d)) so every tile is one GEMM plus the bias.
-    return problem.img * problem.scale
+    # Fold t into the image rows once (O(n d)) so every tile is one GEMM plus the bias. With
+    # precision "fast" this is the one rounding of an operand the host loops see: the texts
+    # are half values already (docs/conventions.md, "Precision").
+    return problem.gemm.rounded(problem.img * problem.scale)
 
 
 def _finish(
@@ -328,10 +330,10 @@ def sigmoid_loss(
         (of the global batch with ``comm``; ids are global labels there). Every id must
         appear on both sides, else ``ValueError``. Unique ids give the diagonal loss.
     precision : {"fast", "exact"}, optional
-        For float16/bfloat16 features: "fast" (the default) feeds every GEMM operands in
-        the input dtype (``t * img`` and each tile's gradient factor rounded to it) with
-        float32 accumulation, so that a GPU runs them on tensor cores; "exact" feeds them
-        float32 values. Elementwise work, sums and accumulators are float32 either way.
+        For float16/bfloat16 features: "fast" (the default) feeds the GEMMs operands in
+        the input dtype (``t * img`` rounded to it once; on a GPU also each tile's gradient
+        factor) with float32 accumulation, so that a GPU runs them on tensor cores; "exact"
+        feeds them float32 values. Elementwise work, sums and accumulators are float32 either way.
         float32 and float64 features ignore it: they always compute at full precision
         (no TF32). docs/conventions.md shows the errors of both.
 

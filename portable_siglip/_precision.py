@@ -6,13 +6,14 @@ inputs). What differs between ``precision="exact"`` and ``"fast"`` is only what 
 multiply (docs/conventions.md, "Precision"):
 
 * ``"exact"``: the compute-dtype values themselves;
-* ``"fast"`` (float16/bfloat16 inputs only): every operand rounded once to the input dtype: the
-  features (exact already), ``t * img``, and each tile's gradient factor ``G`` before the two
-  gradient GEMMs. Products accumulate in float32 and come out in float32. Where the library can
-  multiply half operands into float32 itself (torch on CUDA through ``out_dtype``, jax through
-  ``preferred_element_type``), the operands are half arrays and the GEMM runs on tensor cores;
-  elsewhere (numpy, cupy, torch on the host) they are float32 arrays holding the rounded values,
-  which gives the same numbers.
+* ``"fast"`` (float16/bfloat16 inputs only): the features (exact already) and ``t * img`` are
+  rounded once to the input dtype. Where the library multiplies half operands into float32
+  itself (torch on CUDA through ``out_dtype``, jax through ``preferred_element_type``), they are
+  half arrays, each tile's gradient factor ``G`` is rounded to the input dtype before the two
+  gradient GEMMs, and the GEMMs run on tensor cores. Elsewhere (numpy, cupy, torch on the host)
+  the GEMMs are float32 GEMMs of float32 arrays holding the rounded features, and ``G`` stays
+  float32: rounding it there would cost a pass over every tile and buy no speed. Products
+  accumulate in float32 and come out in float32 in every case.
 
 :func:`full_precision` makes float32 GEMMs full float32 on every backend: jax's default on GPUs
 is TF32 (jax#18934), and torch's is TF32 when a user set
@@ -68,18 +69,33 @@ class Gemm:
         """Whether the operands are rounded to a half dtype (``"fast"``)."""
         return self.half is not None
 
-    def operand(self, x: Array) -> Array:
-        """Return ``x`` (compute dtype) as a GEMM operand: rounded to ``half`` when fast."""
+    def factor(self, tile: Array) -> Array:
+        """Return a tile's gradient factor as a GEMM operand: half only for a native GEMM."""
+        return self.xp.astype(tile, self.half) if self.native else tile
+
+    def rounded(self, x: Array) -> Array:
+        """Return ``x`` rounded to ``half`` when fast, in the compute dtype (once per call).
+
+        The loops take ``t * img`` so rounded, and the texts, which are half values already:
+        their operands are then exactly representable in ``half``.
+        """
         if self.half is None:
             return x
-        rounded = self.xp.astype(x, self.half)
-        return rounded if self.native else self.xp.astype(rounded, self.compute)
+        return self.xp.astype(self.xp.astype(x, self.half), self.compute)
+
+    def operand(self, x: Array) -> Array:
+        """Return ``x``, whose values :meth:`rounded` holds, as a GEMM operand.
+
+        A half array for a native GEMM (an exact cast), else ``x`` itself.
+        """
+        return self.xp.astype(x, self.half) if self.native else x
 
     def vecdot(self, a: Array, b: Array) -> Array:
         """Return the row-wise dot products of ``a`` and ``b`` as the GEMMs would form them.
 
         (n, d), (n, d) -> (n,), in the compute dtype, from the same operands as the tile
-        GEMMs, so that a logit formed here and in a tile agree.
+        GEMMs (``a`` and ``b`` as the loops receive them), so that a logit formed here and in
+        a tile agree.
         """
         a, b = self.operand(a), self.operand(b)
         if not self.native:

@@ -117,7 +117,7 @@ def sigmoid_sums(
             if part is None:
                 continue
             bias_sum = bias_sum + xp.sum(part)
-            factor = gemm.operand(part)
+            factor = gemm.factor(part)
             step = gemm.matmul(factor, txt_cols)  # (b, c) @ (c, d) -> (b, d)
             img_acc = step if img_acc is None else img_acc + step
             back = gemm.matmul(factor.T, img_rows)  # (c, b) @ (b, d) -> (c, d)

@@ -272,7 +272,7 @@ def softmax_grad_sums(
                 minus,
                 col_weight=col_weight,
             )
-            factor = gemm.operand(part)
+            factor = gemm.factor(part)
             step = gemm.matmul(factor, txt_cols)  # (b, c) @ (c, d) -> (b, d)
             img_acc = step if img_acc is None else img_acc + step
             back = gemm.matmul(factor.T, img_rows)  # (c, b) @ (b, d) -> (c, d)
