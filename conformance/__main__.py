@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=DTYPES,
         default="float64",
-        help="dtype of the inputs; sets the tolerance (default: %(default)s)",
+        help="dtype of the inputs; sets the tolerance (float16 and bfloat16: at most twice the "
+        "error of a naive dense loss in that dtype, docs/conformance.md) (default: %(default)s)",
     )
     parser.add_argument(
         "--convention",

@@ -7,7 +7,7 @@ Shared by the runner (:mod:`._checks`), which fills a :class:`Report`, and the d
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,14 +16,20 @@ from ._cases import Case
 __all__ = [
     "CONVENTIONS",
     "FLOOR",
+    "HALF_DTYPES",
     "LOGIT_SCALE_FREE",
     "QUANTITIES",
+    "RULE_FACTOR",
+    "RULE_FLOOR",
     "TOLERANCE",
     "CheckResult",
     "Outcome",
     "Report",
+    "check_bound",
     "natural_scale",
+    "off_by",
     "relative_error",
+    "rule_bound",
     "tolerance_for",
 ]
 
@@ -36,8 +42,24 @@ QUANTITIES = ("loss", "img", "txt", "scale", "bias")
 #: to cancellation where P_ii is near 1, so correct float32 code reaches a few 1e-4. The
 #: mistakes the suite looks for are O(1) relative errors, far above every tolerance.
 #: float16 and bfloat16 cover gradients rounded to the half dtype (2^-11, 2^-8) by code
-#: that accumulates in float32, with room for code that keeps half-precision logits.
+#: that accumulates in float32, with room for code that keeps half-precision logits; they
+#: bound the invariants, the ids runs and the golden checks whose naive reference is not
+#: finite. The other golden checks of a half run follow FlashAttention's rule (`rule_bound`).
 TOLERANCE = {"float64": 1e-9, "float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
+
+#: The dtypes whose golden checks follow FlashAttention's rule instead of `TOLERANCE`: each
+#: check's error must be at most ``RULE_FACTOR`` times the error of a naive dense loss run in
+#: the same dtype on the same inputs (:mod:`._naive`), plus ``RULE_FLOOR[dtype]``
+#: (docs/conformance.md, "Half precision: FlashAttention's rule").
+HALF_DTYPES = ("float16", "bfloat16")
+
+#: How much worse than the naive reference a half-precision implementation may be.
+RULE_FACTOR = 2.0
+
+#: The rule's small absolute floor, in units of the normwise relative error: one ulp of the
+#: dtype at 1 (2^-10 for float16, 2^-7 for bfloat16), what returning a correctly computed
+#: value in the half dtype may cost where the naive reference happens to be exact.
+RULE_FLOOR = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
 
 #: A quantity is compared absolutely below this fraction of its natural scale (see
 #: :func:`natural_scale`): saturated cases have gradients of 1e-4 that any float32 code
@@ -76,6 +98,11 @@ class CheckResult:
         Whether it met it.
     message : str
         What went wrong, when something did.
+    naive : float or None
+        In a float16 or bfloat16 run, the error of the naive reference on the same check
+        (a dense loss computed in the run's dtype, :mod:`._naive`), from which `tolerance`
+        is derived; ``inf`` where that reference is not finite (the dtype's fixed
+        tolerance applies then). None in float32 and float64 runs.
     """
 
     check: str
@@ -85,6 +112,7 @@ class CheckResult:
     tolerance: float
     passed: bool
     message: str = ""
+    naive: float | None = None
 
 
 def _quantity_label(result: CheckResult) -> str:
@@ -100,6 +128,23 @@ def _error_cell(result: CheckResult) -> str:
     if result.message.startswith("shape"):
         return "shape"
     return "non-finite" if result.message == "non-finite values" else "raised"
+
+
+def _naive_cell(result: CheckResult) -> str:
+    """Fill the naive column: the naive reference's error of a half-precision check."""
+    if result.naive is None:
+        return ""
+    return f"{result.naive:.2e}" if math.isfinite(result.naive) else "non-finite"
+
+
+def _columns(rows: Sequence[tuple[str, ...]], last: int) -> list[str]:
+    """Lay out `rows` in columns, the cells after the first `last` ones unpadded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(last)]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:last], widths, strict=True)]
+        lines.append("  " + "  ".join([*cells, *row[last:]]).rstrip())
+    return lines
 
 
 def _group_failures(failed: list[CheckResult]) -> list[list[CheckResult]]:
@@ -207,8 +252,49 @@ class Report:
         """Summarise in one line: verdict, counts, worst failure, diagnosis codes."""
         return "<Report " + "; ".join(line.strip() for line in self._summary()) + ">"
 
+    @property
+    def half_rule(self) -> bool:
+        """Whether the golden checks were judged by FlashAttention's rule (half precision)."""
+        return any(result.naive is not None for result in self.results)
+
+    def rule_table(self) -> list[str]:
+        """Return, for a half-precision run, each quantity's check nearest its bound.
+
+        One row per quantity: the golden check with the largest error / bound, its error,
+        the naive reference's error and the bound (``2 x naive + floor``, or the fixed
+        tolerance where the naive reference is not finite). Empty for other runs.
+        """
+        judged = [r for r in self.results if r.naive is not None]
+        if not judged:
+            return []
+        rows = [("quantity", "case", "error", "naive", "bound", "error/bound")]
+        for quantity in QUANTITIES:
+            mine = [r for r in judged if r.quantity == quantity]
+            if not mine:
+                continue
+            worst = max(mine, key=lambda r: r.error / r.tolerance if r.tolerance else math.inf)
+            ratio = worst.error / worst.tolerance if worst.tolerance else math.inf
+            rows.append(
+                (
+                    _quantity_label(worst),
+                    worst.case,
+                    _error_cell(worst),
+                    _naive_cell(worst),
+                    f"{worst.tolerance:.2e}",
+                    f"{ratio:.2f}",
+                )
+            )
+        lines = [
+            f"half precision: error <= 2 x naive {self.dtype} loss's error + floor; per "
+            "quantity, the check nearest its bound:"
+        ]
+        return lines + _columns(rows, len(rows[0]))
+
     def table(self, limit: int | None = None) -> str:
         """Return the full text report: header, notes, verdict, failed checks, diagnosis.
+
+        In a half-precision run the failed checks show the naive reference's error beside
+        their bound, and :meth:`rule_table` follows the verdict.
 
         Parameters
         ----------
@@ -225,44 +311,43 @@ class Report:
             lines.append(
                 f"PASSED: {len(self.results)} checks; worst error {self.worst:.2g} x its tolerance"
             )
+            lines += self.rule_table()
             return "\n".join(lines)
         lines.append(f"FAILED: {len(failed)} of {len(self.results)} checks")
         groups = _group_failures(failed)
         shown = groups if limit is None else groups[:limit]
-        rows = [("check", "case", "quantity", "error", "tolerance", "what")]
+        half = self.half_rule
+        header = ("check", "case", "quantity", "error", "bound" if half else "tolerance")
+        rows = [(*header, "naive", "what") if half else (*header, "what")]
         for group in shown:
             first = group[0]
             if len(group) == 1:
-                rows.append(
-                    (
-                        first.check,
-                        first.case,
-                        _quantity_label(first),
-                        _error_cell(first),
-                        f"{first.tolerance:.1e}",
-                        first.message[:80],
-                    )
+                cells = (
+                    first.check,
+                    first.case,
+                    _quantity_label(first),
+                    _error_cell(first),
+                    f"{first.tolerance:.1e}",
                 )
+                naive = (_naive_cell(first),) if half else ()
+                rows.append((*cells, *naive, first.message[:80]))
                 continue
             cases = list(dict.fromkeys(r.case for r in group))
             quantities = list(dict.fromkeys(_quantity_label(r) for r in group))
-            rows.append(
-                (
-                    ",".join(dict.fromkeys(r.check for r in group)),
-                    f"{len(cases)} cases",
-                    "all" if len(quantities) == len(QUANTITIES) else ",".join(quantities),
-                    _error_cell(first),
-                    "",
-                    f"{first.message[:160]} ({len(group)} checks, on: {', '.join(cases)})",
-                )
+            cells = (
+                ",".join(dict.fromkeys(r.check for r in group)),
+                f"{len(cases)} cases",
+                "all" if len(quantities) == len(QUANTITIES) else ",".join(quantities),
+                _error_cell(first),
+                "",
             )
-        widths = [max(len(row[i]) for row in rows) for i in range(5)]
-        for row in rows:
-            cells = [cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)]
-            lines.append("  " + "  ".join(cells) + "  " + row[5])
+            message = f"{first.message[:160]} ({len(group)} checks, on: {', '.join(cases)})"
+            rows.append((*cells, *(("",) if half else ()), message))
+        lines += _columns(rows, len(rows[0]) - 1)
         hidden = sum(len(group) for group in groups[len(shown) :])
         if hidden:
             lines.append(f"  ... and {hidden} more (see --report)")
+        lines += self.rule_table()
         lines.append("diagnosis:")
         lines += [f"  {line}" for line in self.diagnosis]
         for exception in self.exceptions:
@@ -288,7 +373,11 @@ class Report:
             "diagnosis": [{"code": c, "message": m} for c, m in self.findings],
             "exceptions": [dict(exception) for exception in self.exceptions],
             "results": [
-                {**asdict(r), "error": r.error if math.isfinite(r.error) else None}
+                {
+                    **asdict(r),
+                    "error": r.error if math.isfinite(r.error) else None,
+                    "naive": r.naive if r.naive is None or math.isfinite(r.naive) else None,
+                }
                 for r in self.results
             ],
         }
@@ -339,6 +428,46 @@ def natural_scale(case: Case, quantity: str) -> float:
 def tolerance_for(dtype: str, case: Case) -> float:
     """Tolerance of every check on `case` for inputs of `dtype`."""
     return TOLERANCE[dtype] * max(1.0, case.max_abs_logit / LOGIT_SCALE_FREE)
+
+
+def rule_bound(naive_error: float, dtype: str) -> float:
+    """Return the bound of a half-precision check whose naive reference is off by `naive_error`.
+
+    ``RULE_FACTOR * naive_error + RULE_FLOOR[dtype]``; ``inf`` for a non-finite naive error
+    (the check then falls back to the dtype's fixed tolerance, :func:`tolerance_for`).
+
+    Examples
+    --------
+    >>> rule_bound(0.01, "bfloat16") == 0.02 + 2**-7
+    True
+    """
+    if not math.isfinite(naive_error):
+        return math.inf
+    return RULE_FACTOR * naive_error + RULE_FLOOR[dtype]
+
+
+def check_bound(
+    tolerance: float, naive: Mapping[str, float] | None, quantity: str, dtype: str
+) -> tuple[float, float | None]:
+    """Return the bound of one check and the naive reference's error behind it (or None).
+
+    Without `naive` (float32, float64, the invariants) the bound is `tolerance`. In a
+    half-precision golden check it is FlashAttention's :func:`rule_bound`, or `tolerance`
+    where the naive reference is not finite.
+    """
+    if naive is None:
+        return tolerance, None
+    bound = rule_bound(naive[quantity], dtype)
+    return (bound if math.isfinite(bound) else tolerance), naive[quantity]
+
+
+def off_by(error: float, bound: float, naive: float | None) -> str:
+    """Return the message of a finite error above its bound."""
+    if naive is None:
+        return f"off by {error:.2e} (tolerance {bound:.1e})"
+    if not math.isfinite(naive):
+        return f"off by {error:.2e} (tolerance {bound:.1e}: the naive reference is not finite)"
+    return f"off by {error:.2e} (bound {bound:.2e} = 2 x the naive reference's {naive:.2e} + floor)"
 
 
 def relative_error(actual: Any, expected: Any, floor: float = FLOOR) -> float:
