@@ -16,6 +16,7 @@ from typing import Any
 from portable_siglip._reference import dense_logit_gradient
 
 from ._cases import Case
+from ._naive import LOGIT_ORDERS, naive_values, round_half
 from ._report import (
     CONVENTIONS,
     FLOOR,
@@ -756,29 +757,26 @@ def _diagnose_softplus_threshold(
 HALF_MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38}
 
 #: ``(the order of a running sum, whether the rows' (columns') sums are added in the half
-#: dtype too)``: the accumulation orders a half-precision accumulator is predicted with.
+#: dtype too)``: the accumulation orders of per-pair terms a half-precision accumulator is
+#: predicted with.
 HALF_ORDERS = (("row", True), ("column", True), ("row", False), ("column", False))
 
-#: ``(case name, order)`` -> the per-row (or per-column) sums of one diagnosis, in float32.
+#: Tile sizes of a tiled loss whose running total of tile sums is in the half dtype (square
+#: tiles, visited row by row or column by column; float32 inside each tile).
+HALF_TILES = (16, 32, 64, 128, 256, 512, 1024)
+
+#: ``(case name, dtype, order)`` -> the per-row (or per-column) sums of one diagnosis, in float32.
 _HALF_SUMS: dict[tuple[str, str, str], Any] = {}
 
+#: ``(case name, dtype)`` -> ``{(tile order, tile size): loss}`` of one diagnosis.
+_HALF_TILE_LOSSES: dict[tuple[str, str], dict[tuple[str, int], float]] = {}
 
-def _round_half(values: Any, dtype: str) -> Any:
-    """Round float32 `values` to `dtype` (float16 or bfloat16), to nearest even, as float32.
 
-    Adding two half values in float32 and rounding the sum is the half-precision addition
-    (the float32 sum is exact or far from a half tie), which is what a CPU does with them.
-    """
+def _sigmoid_terms(case: Case) -> Any:
+    """Return the n^2 per-pair terms ``softplus(-l_ij Z_ij)`` of `case`, in float64."""
     import numpy as np
 
-    values = np.asarray(values, dtype=np.float32)
-    if dtype == "float16":
-        with np.errstate(over="ignore"):
-            return values.astype(np.float16).astype(np.float32)
-    bits = values.view(np.uint32).astype(np.uint64)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # to nearest, ties to even
-    rounded = bits.astype(np.uint32).view(np.float32)
-    return np.where(np.isnan(values), values, rounded)
+    return np.logaddexp(0.0, (1.0 - 2.0 * np.eye(case.n)) * _logits(case))  # (n, n)
 
 
 def _half_partial_sums(case: Case, dtype: str, order: str) -> Any:
@@ -793,13 +791,12 @@ def _half_partial_sums(case: Case, dtype: str, order: str) -> Any:
     key = (case.name, dtype, order)
     if key not in _HALF_SUMS:
         n = case.n
-        terms = np.logaddexp(0.0, (1.0 - 2.0 * np.eye(n)) * _logits(case))  # (n, n)
-        terms = _round_half(terms, dtype)
+        terms = round_half(_sigmoid_terms(case), dtype)
         # One row of `addends` per step of the running sums: column j (row j) of the terms.
         addends = terms if order == "column" else np.ascontiguousarray(terms.T)
         sums = np.zeros(n, dtype=np.float32)
         for addend in addends:
-            sums = _round_half(sums + addend, dtype)
+            sums = round_half(sums + addend, dtype)
         _HALF_SUMS[key] = sums
     return _HALF_SUMS[key]
 
@@ -810,27 +807,104 @@ def _half_sigmoid_loss(case: Case, dtype: str, order: str, half_total: bool) -> 
 
     sums = _half_partial_sums(case, dtype, order)
     if not half_total:
-        return float(_round_half(np.float32(sums.astype(np.float64).sum()), dtype)) / case.n
+        return float(round_half(np.float32(sums.astype(np.float64).sum()), dtype)) / case.n
     total = np.float32(0.0)
     for value in sums:
-        total = _round_half(total + value, dtype)
+        total = round_half(total + value, dtype)
     return float(total) / case.n
 
 
+def _half_tile_losses(case: Case, dtype: str) -> dict[tuple[str, int], float]:
+    """Return the sigmoid loss of `case` summed tile by tile into a half-precision total.
+
+    For every tile size of :data:`HALF_TILES` below n and both tile orders (``"tile rows"``:
+    the tiles of the first block of image rows first; ``"tile columns"``), each tile's terms
+    are summed in float32, the sum rounded to `dtype` and added into a running total of
+    `dtype`; the loss is the total over n, rounded. All the running sums advance together,
+    one tile a step.
+    """
+    import numpy as np
+
+    key = (case.name, dtype)
+    if key in _HALF_TILE_LOSSES:
+        return _HALF_TILE_LOSSES[key]
+    n = case.n
+    terms = _sigmoid_terms(case)
+    labels: list[tuple[str, int]] = []
+    sequences = []
+    for block in HALF_TILES:
+        if block >= n:
+            continue  # one tile: its sum is rounded once, which is not a half accumulation
+        blocks = -(-n // block)
+        padded = np.zeros((blocks * block, blocks * block))
+        padded[:n, :n] = terms
+        sums = padded.reshape(blocks, block, blocks, block).sum(axis=(1, 3))  # (tiles, tiles)
+        sums = round_half(sums.astype(np.float32), dtype)
+        for order, grid in (("tile rows", sums), ("tile columns", sums.T)):
+            labels.append((order, block))
+            sequences.append(grid.ravel())
+    losses: dict[tuple[str, int], float] = {}
+    if sequences:
+        addends = np.zeros((max(len(seq) for seq in sequences), len(sequences)), np.float32)
+        for column, seq in enumerate(sequences):
+            addends[: len(seq), column] = seq  # a finished sum adds zeros: it stays put
+        totals = np.zeros(len(sequences), dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for step in addends:
+                totals = round_half(totals + step, dtype)
+            result = round_half(totals / np.float32(n), dtype)
+        losses = {label: float(value) for label, value in zip(labels, result, strict=True)}
+    _HALF_TILE_LOSSES[key] = losses
+    return losses
+
+
+def _half_hypotheses(dtype: str) -> list[tuple[str, Callable[[Case], float]]]:
+    """Return ``(description, predicted loss of a case)`` of every half accumulator looked for."""
+    hypotheses: list[tuple[str, Callable[[Case], float]]] = []
+    for order, half_total in HALF_ORDERS:
+        total = dtype if half_total else "float32"
+        hypotheses.append(
+            (
+                f"its n^2 per-pair terms added in {dtype} (a running sum per {order}, then "
+                f"over the {order}s in {total})",
+                lambda case, o=order, h=half_total: _half_sigmoid_loss(case, dtype, o, h),  # type: ignore[misc]
+            )
+        )
+    for block in HALF_TILES:
+        for order in ("tile rows", "tile columns"):
+            hypotheses.append(
+                (
+                    f"its {block} x {block} tiles' float32 sums added into a {dtype} running "
+                    f"total (tile after tile, by {order})",
+                    lambda case, o=order, b=block: _half_tile_losses(case, dtype).get(  # type: ignore[misc]
+                        (o, b), math.nan
+                    ),
+                )
+            )
+    return hypotheses
+
+
 def _diagnose_half_accumulation(
-    report: Report, loss: str, cases: Sequence[Case], outcomes: dict[str, Outcome], factor: Any
+    report: Report,
+    loss: str,
+    cases: Sequence[Case],
+    outcomes: dict[str, Outcome],
+    factor: Any,
+    bound: Callable[[Case], float],
 ) -> list[Finding]:
-    """Name a sigmoid loss whose per-pair terms are added in the run's half dtype.
+    """Name a sigmoid loss whose per-pair terms or tile sums are added in the run's half dtype.
 
     In a float16 or bfloat16 run, the loss is predicted by simulating such an accumulator
-    from the case's inputs, in each of a few orders (a running sum per row, or per column;
-    the rows' sums then added in the half dtype, or in float32). An order is named when the
-    loss is the only quantity that fails, every failed case's loss matches its prediction
-    within the tolerance, every case whose prediction is more than twice the tolerance off
-    the golden matches it too (so the cases that pass are those where the half sum is still
-    accurate: the small ones), and there is at least one such case. A half sum stops growing
-    once its terms fall below half an ulp of it, so its error grows with n; in float16 it
-    overflows (65504) where n times the loss is larger, which is then no naive ``exp``.
+    from the case's inputs: the n^2 terms added one by one (a running sum per row, or per
+    column; the rows' sums then added in the half dtype, or in float32), or a tiled loss's
+    float32 tile sums added into a half total (:data:`HALF_TILES`, two tile orders). A
+    hypothesis is named when the loss is the only quantity that fails, every failed case's
+    loss matches its prediction within the check's bound (`bound`), every case whose
+    prediction is more than twice that bound off the golden matches it too (so the cases
+    that pass are those where the half sum is still accurate: the small ones), and there is
+    at least one such case. A half sum stops growing once its terms fall below half an ulp
+    of it, so its error grows with n; in float16 it overflows (65504) where n times the loss
+    is larger, which is then no naive ``exp``.
     """
     import numpy as np
 
@@ -842,7 +916,7 @@ def _diagnose_half_accumulation(
         return []
     # The failed cases first, smallest first: a mismatch there ends the search cheaply.
     ordered = sorted(cases, key=lambda c: (c.name not in failed, c.n))
-    for order, half_total in HALF_ORDERS:
+    for description, predict in _half_hypotheses(report.dtype):
         evidence = 0  # cases whose prediction is distinct from the golden, and matched
         for case in ordered:
             outcome = outcomes[case.name]
@@ -850,30 +924,71 @@ def _diagnose_half_accumulation(
             if got is None or np.ndim(got) != 0:
                 break
             with np.errstate(over="ignore", invalid="ignore"):
-                predicted = _half_sigmoid_loss(case, report.dtype, order, half_total)
+                predicted = predict(case)
+                if math.isnan(predicted):  # not simulated here (one tile): no evidence
+                    if case.name in failed:
+                        break
+                    continue
                 predicted *= factor(case)
             want = case.goldens[loss].loss * factor(case)
-            tolerance = tolerance_for(report.dtype, case)
+            window = bound(case)
             floor = FLOOR * natural_scale(case, "loss")
             if not math.isfinite(predicted):  # the half sum overflows: so must the loss
                 if np.isfinite(got) or np.sign(got) != np.sign(predicted):
                     break
                 evidence += 1
                 continue
-            distinct = relative_error(predicted, want, floor) > 2 * tolerance
+            distinct = relative_error(predicted, want, floor) > 2 * window
             explain = case.name in failed or distinct
-            if explain and relative_error(got, predicted, floor) > tolerance:
+            if explain and relative_error(got, predicted, floor) > window:
                 break
             evidence += distinct
         else:
             if evidence:
-                return [_half_accumulation_finding(report, cases, order, half_total)]
+                return [_half_accumulation_finding(report, cases, description)]
     return []
 
 
-def _half_accumulation_finding(
-    report: Report, cases: Sequence[Case], order: str, half_total: bool
-) -> Finding:
+def _diagnose_half_overflow(
+    report: Report, loss: str, cases: Sequence[Case], outcomes: dict[str, Outcome], factor: Any
+) -> list[Finding]:
+    """Name a sigmoid loss whose sum of n^2 terms is held in float16 and overflows.
+
+    A dense ``terms.sum() / n`` in float16 accumulates in float32 but rounds the sum to
+    float16: it is infinite exactly where n times the loss exceeds 65504, with finite
+    gradients, and right elsewhere. Named when the loss is the only quantity that fails and
+    fails exactly on those cases, there as infinite.
+    """
+    import numpy as np
+
+    if loss != "sigmoid" or report.dtype != "float16":
+        return []
+    golden = [r for r in report.results if r.check == "golden"]
+    failed = {r.case for r in golden if not r.passed}
+    if not failed or any(r.quantity != "loss" for r in golden if not r.passed):
+        return []
+    limit = HALF_MAX["float16"]
+    overflowing = {c.name for c in cases if abs(c.goldens[loss].loss * factor(c)) * c.n > limit}
+    if failed != overflowing:
+        return []
+    for name in failed:
+        got = outcomes[name].values.get("loss")
+        if got is None or np.all(np.isfinite(got)):
+            return []
+    names = ", ".join(sorted(failed, key=lambda name: [c.name for c in cases].index(name)))
+    return [
+        (
+            "half-precision",
+            f"the loss is infinite exactly where n times it, the sum of the n^2 per-pair "
+            f"terms, exceeds float16's largest value {limit:.6g} ({names}), and right "
+            "elsewhere, with finite gradients: the sum is held in float16 (a dense "
+            "terms.sum() / n on float16 terms, or a float16 accumulator); divide by n "
+            "before the sum is rounded (sum in float32, or mean(...) * n)",
+        )
+    ]
+
+
+def _half_accumulation_finding(report: Report, cases: Sequence[Case], description: str) -> Finding:
     """Return the ``half-precision`` finding of a half-precision accumulator."""
     dtype = report.dtype
     sizes = {c.name: c.n for c in cases}
@@ -886,11 +1001,9 @@ def _half_accumulation_finding(
         f"{e:.1e} at n={n}" if math.isfinite(e) else f"inf at n={n}" for n, e in errors[:6]
     )
     more = f" and {len(errors) - 6} more" if len(errors) > 6 else ""
-    total = dtype if half_total else "float32"
     text = (
-        f"the loss matches its n^2 per-pair terms added in {dtype}, simulated from the "
-        f"inputs (a running sum per {order}, then over the {order}s in {total}): the loss is "
-        f"off by {shown}{more} and right on every case with n < {errors[0][0]}"
+        f"the loss matches {description}, simulated from the inputs: the loss is off by "
+        f"{shown}{more} and right on every case with n < {errors[0][0]}"
     )
     if any(not math.isfinite(e) for _, e in errors):
         text += (
@@ -904,6 +1017,113 @@ def _half_accumulation_finding(
         "accumulator, or .float() the terms before the sum) and cast the result"
     )
     return ("half-precision", text)
+
+
+def _check_bounds(report: Report) -> Callable[[Case, str], float]:
+    """Return the bound of each golden check of `report`, by case and quantity.
+
+    In a float16 or bfloat16 run that is the check's own bound (FlashAttention's rule,
+    :mod:`._naive`), in the others, and for a check the report lacks, the dtype's tolerance.
+    """
+    bounds = {(r.case, r.quantity): r.tolerance for r in report.results if r.check == "golden"}
+
+    def bound(case: Case, quantity: str) -> float:
+        return bounds.get((case.name, quantity), tolerance_for(report.dtype, case))
+
+    return bound
+
+
+#: How many times its bound a loss named ``half-precision-logits`` may miss by on a case
+#: where the simulated operation-by-operation loss is right.
+HALF_LOGITS_MISS = 4.0
+
+
+def _diagnose_half_logits(
+    report: Report,
+    loss: str,
+    cases: Sequence[Case],
+    outcomes: dict[str, Outcome],
+    factor: Any,
+    bound: Callable[[Case, str], float],
+) -> list[Finding]:
+    """Name a dense loss computed in the half dtype operation by operation.
+
+    The naive reference that bounds a half-precision run keeps float32 inside each framework
+    kernel (:mod:`._naive`, ``fused``). A dense loss whose kernels round inside too (the sum
+    of exponentials of a log-softmax rounded to bfloat16 before its log, as torch's CPU
+    kernels and jax's ``log_softmax`` do) loses the small losses of saturated cases: its loss
+    is predicted by the same reference with every operation rounded (``fused=False``), in
+    either logit order. Named when the loss matches that prediction, within the loss
+    check's bound, on every case where the prediction is more than twice that bound off the
+    golden (at least one), and every other case whose loss failed misses its bound by less
+    than :data:`HALF_LOGITS_MISS` times (a summation order that differs from the
+    simulation's).
+    """
+    import numpy as np
+
+    golden = [r for r in report.results if r.check == "golden"]
+    failed = {r.case for r in golden if not r.passed and r.quantity == "loss"}
+    failed_any = {r.case for r in golden if not r.passed}
+    if not failed_any:
+        return []
+    for order in LOGIT_ORDERS:
+        evidence: list[tuple[int, float]] = []
+        for case in cases:
+            outcome = outcomes[case.name]
+            got = outcome.values.get("loss") if outcome.error is None else None
+            if got is None or np.ndim(got) != 0:
+                break
+            predicted = float(naive_values(case, loss, report.dtype, order, fused=False)["loss"])
+            want = case.goldens[loss].loss * factor(case)
+            predicted *= factor(case)
+            floor = FLOOR * natural_scale(case, "loss")
+            window = bound(case, "loss")
+            if not math.isfinite(predicted):
+                continue  # the prediction overflows: no evidence either way
+            distinct = relative_error(predicted, want, floor) > 2 * window
+            if distinct and relative_error(got, predicted, floor) > window:
+                break
+            # Where the prediction is right, a failure must be a rounding-sized miss.
+            miss = relative_error(got, want, floor) > HALF_LOGITS_MISS * window
+            if case.name in failed and not distinct and miss:
+                break
+            if distinct:
+                evidence.append((case.n, relative_error(got, want, floor)))
+        else:
+            if evidence:
+                return [_half_logits_finding(report, loss, failed_any, evidence, order)]
+    return []
+
+
+def _half_logits_finding(
+    report: Report,
+    loss: str,
+    failed: set[str],
+    evidence: list[tuple[int, float]],
+    order: str,
+) -> Finding:
+    """Return the ``half-precision-logits`` finding."""
+    dtype = report.dtype
+    worst = max(
+        (r for r in report.results if r.check == "golden" and not r.passed),
+        key=lambda r: r.error / r.tolerance if r.tolerance > 0 else math.inf,
+    )
+    label = "loss" if worst.quantity == "loss" else f"grads.{worst.quantity}"
+    logits = "t * img @ txt.T + b" if order == "features" else "(img @ txt.T) * t + b"
+    inner = "log_softmax's sum of exponentials" if loss == "softmax" else "logsigmoid"
+    text = (
+        f"the loss matches a dense loss computed in {dtype} operation by operation "
+        f"(logits {logits} in {dtype}, and inside the {inner} every step rounded to {dtype}), "
+        f"simulated from the inputs, on the {len(evidence)} cases where that differs from the "
+        f"golden (off by up to {max(e for _, e in evidence):.1e}); {len(failed)} cases fail, "
+        f"worst {worst.case} {label} at {worst.error:.1e} against a bound of "
+        f"{worst.tolerance:.1e} (2 x the error of a naive {dtype} loss that keeps float32 "
+        "inside each kernel, + floor). Small losses and gradients of saturated cases are "
+        "lost to the rounding: compute the loss from float32 logits (logits.float()) and "
+        "cast it, or use precision='fast', whose GEMMs take half operands and whose "
+        "elementwise work and sums stay float32"
+    )
+    return ("half-precision-logits", text)
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -1013,6 +1233,7 @@ def diagnose(
     finally:
         _SIMS.clear()
         _HALF_SUMS.clear()
+        _HALF_TILE_LOSSES.clear()
 
 
 def _diagnose(
@@ -1027,6 +1248,16 @@ def _diagnose(
     def factor(case: Case) -> float:
         return scale(case.n)
 
+    bound = _check_bounds(report)
+    if report.dtype in HALF_MAX:
+        # A simulated half-precision sum is the strongest evidence there is: tried first, so
+        # that a looser hypothesis (clamped logits, whose window is a few tolerances) does
+        # not take its place.
+        half = _diagnose_half_accumulation(
+            report, loss, cases, outcomes, factor, lambda case: bound(case, "loss")
+        ) or _diagnose_half_overflow(report, loss, cases, outcomes, factor)
+        if half:
+            return half
     findings = _diagnose_raised(report, cases, outcomes)
     findings += _diagnose_per_row(loss, cases, outcomes, factor)
     overflow, overflowed = _diagnose_non_finite(cases, outcomes, report.dtype)
@@ -1040,16 +1271,12 @@ def _diagnose(
     if "scale-as-log" in {code for code, _ in findings}:
         # exp(scale) overflows by itself on large scales: not a naive softplus or lse.
         findings = [f for f in findings if f[0] != "non-finite-stress"]
-    if {code for code, _ in findings} <= {"non-finite-stress"}:
-        # A float16 sum that overflows is non-finite on the stress cases too: the simulated
-        # half-precision sum says whether that, not a naive exp, explains the failures.
-        half = _diagnose_half_accumulation(report, loss, cases, outcomes, factor)
-        if half:
-            findings = half
     if not findings or {code for code, _ in findings} <= {"zero-scale-grad", "zero-bias-grad"}:
         findings += _diagnose_tail_block(report, cases)
     if not findings and loss == "sigmoid":
         findings += _diagnose_softplus_threshold(report, cases, outcomes, factor)
+    if not findings and report.dtype in HALF_MAX:
+        findings += _diagnose_half_logits(report, loss, cases, outcomes, factor, bound)
     if not findings:
         findings += _diagnose_precision(report, cases)
     elif {code for code, _ in findings} == {"non-finite-stress"}:
