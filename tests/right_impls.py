@@ -10,7 +10,9 @@ portable_siglip, so that a bug shared with the library cannot hide here:
 - ``numpy_sigmoid``, ``numpy_softmax``: loss only (the suite can check the value alone).
 
 Half-precision inputs are computed in float32 and the results cast back, as mixed-precision
-training code does. Framework imports happen inside the functions, so that this module
+training code does; ``torch_sigmoid_half_logits`` instead computes in the half dtype, as
+open_clip's ``SigLipLoss`` does on half inputs (the naive loss FlashAttention's rule measures
+a half-precision run against). Framework imports happen inside the functions, so that this module
 imports without torch or jax and can be loaded by path by the conformance command line.
 """
 
@@ -64,6 +66,24 @@ def torch_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
     # softplus(-x) = -log sigmoid(x), stable for any |x|
     loss = -logsigmoid(labels * logits).sum() / n
     return loss.to(img.dtype)
+
+
+def torch_sigmoid_half_logits(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """open_clip's ``SigLipLoss`` on half inputs: logits, terms and sum in the input dtype.
+
+    ``-logsigmoid(labels * (t * img @ txt.T + b)).sum() / n`` with every tensor in the
+    input dtype: the naive dense loss of a half-precision run, which FlashAttention's rule
+    accepts in bfloat16 (its error is the naive reference's, within the factor 2). In
+    float16 its sum overflows 65504 on the two large cases where n times the loss is larger,
+    and the suite fails it there.
+    """
+    import torch
+    from torch.nn.functional import logsigmoid
+
+    logits = scale * img @ txt.T + bias  # (n, d) @ (d, n) -> (n, n), input dtype
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, dtype=logits.dtype) - 1
+    return -logsigmoid(labels * logits).sum() / n
 
 
 def torch_softmax(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
@@ -187,6 +207,9 @@ RIGHT: dict[str, Right] = {
     "torch_sigmoid-float32": Right(torch_sigmoid, "sigmoid", "torch", "float32", True),
     "torch_sigmoid-bfloat16": Right(torch_sigmoid, "sigmoid", "torch", "bfloat16", True),
     "torch_softmax-bfloat16": Right(torch_softmax, "softmax", "torch", "bfloat16", True),
+    "torch_sigmoid_half_logits-bfloat16": Right(
+        torch_sigmoid_half_logits, "sigmoid", "torch", "bfloat16", True
+    ),
     "jax_sigmoid-float64": Right(jax_sigmoid, "sigmoid", "jax", "float64", True),
     "jax_softmax-float64": Right(jax_softmax, "softmax", "jax", "float64", True),
     "jax_softmax-float32": Right(jax_softmax, "softmax", "jax", "float32", True),

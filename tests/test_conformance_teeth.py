@@ -47,6 +47,7 @@ MEANINGFUL: dict[str, tuple[str, ...]] = {
     "softplus-threshold": ("softplus",),
     "float32-compute": ("float32",),
     "half-precision": ("bfloat16", "half"),
+    "half-precision-logits": ("bfloat16", "float16", "half"),
     "tf32-matmul": ("tf32",),
     "raises": ("raised",),
 }
