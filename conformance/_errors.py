@@ -23,7 +23,15 @@ from typing import Any
 from ._cases import Case, load_cases
 from ._checks import Runner
 from ._naive import naive_errors
-from ._report import FLOOR, HALF_DTYPES, QUANTITIES, natural_scale, relative_error, rule_bound
+from ._report import (
+    FLOOR,
+    HALF_DTYPES,
+    QUANTITIES,
+    check_bound,
+    natural_scale,
+    relative_error,
+    tolerance_for,
+)
 
 __all__ = ["LARGEST", "case_errors", "error_table", "main"]
 
@@ -67,7 +75,8 @@ def case_errors(
         ``{label: {quantity: error}}`` for each implementation (``inf`` where it raised or
         returned non-finite values; a gradient it did not return is missing), and in a
         float16 or bfloat16 run also ``"naive"`` (the naive reference's error) and
-        ``"bound"`` (``2 x naive + floor``, ``inf`` where the naive reference is not finite).
+        ``"bound"`` (``2 x naive + floor``; the dtype's fixed tolerance where the naive
+        reference is not finite, as in :func:`check`).
 
     Examples
     --------
@@ -101,7 +110,8 @@ def case_errors(
     if dtype in HALF_DTYPES:
         naive = naive_errors(chosen, loss, dtype)
         table["naive"] = dict(naive)
-        table["bound"] = {q: rule_bound(error, dtype) for q, error in naive.items()}
+        tolerance = tolerance_for(dtype, chosen)
+        table["bound"] = {q: check_bound(tolerance, naive, q, dtype)[0] for q in naive}
     return table
 
 

@@ -372,3 +372,9 @@ def test_case_errors_compares_implementations_with_the_naive_reference() -> None
     assert len(text.splitlines()) == 6
     with pytest.raises(ValueError, match="`case`"):
         case_errors(functions, loss="softmax", case="no-such-case")
+    # float16: the naive sigmoid sum overflows at n = 2049; the bound is then the tolerance.
+    functions = {"fast": _library("sigmoid", "fast")}
+    errors = case_errors(functions, loss="sigmoid", backend="torch", dtype="float16")
+    assert math.isinf(errors["naive"]["loss"])
+    assert errors["bound"]["loss"] == tolerance_for("float16", CASES["large-n2049-d256-t118-b-13"])
+    assert errors["fast"]["loss"] <= errors["bound"]["loss"]
