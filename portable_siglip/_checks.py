@@ -317,8 +317,10 @@ def _concrete_value(value: Any) -> float | None:
     jax tracers (under ``jit``/``grad``) and torch meta or fake tensors carry no value; their
     checks are left to the caller. Reading a device array's value waits for it (one sync).
     """
-    if array_api_compat.is_torch_array(value) and value.device.type == "meta":
-        return None
+    if array_api_compat.is_torch_array(value):
+        if value.device.type == "meta":
+            return None
+        value = value.detach()  # float() of a tensor that requires grad warns
     try:
         return float(value)
     except Exception:  # a tracer or another abstract value: nothing to check

@@ -329,3 +329,14 @@ def test_fast_in_place_kernels_equal_the_reference_loops(
         got, want = to_numpy(getattr(grads, field)), to_numpy(getattr(ref_grads, field))
         # float32 sums in another order, then one rounding to the output dtype each.
         assert relative_error(got, want) <= 2.0**-8, field
+
+
+def test_a_scale_that_requires_grad_is_checked_without_a_warning() -> None:
+    # Reading the value of a tensor that requires grad warns; under warnings-as-errors the
+    # check swallowed that and skipped itself, so a negative scale went through.
+    torch = pytest.importorskip("torch")
+    img = torch.eye(3, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="`scale` must be the positive multiplier"):
+        ps.sigmoid_loss(img, img, torch.tensor(-1.0, requires_grad=True), -5.0)
+    loss = ps.sigmoid_loss(img, img, torch.tensor(10.0, requires_grad=True), -5.0)
+    assert float(loss.detach()) == pytest.approx(3 * np.log1p(np.exp(-5.0)), rel=1e-6)
