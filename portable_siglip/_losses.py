@@ -53,7 +53,7 @@ def _scaled_img(problem: Problem) -> Array:
     # Fold t into the image rows once (O(n d)) so every tile is one GEMM plus the bias. With
     # precision "fast" this is the one rounding of an operand the host loops see: the texts
     # are half values already (docs/conventions.md, "Precision").
-    return problem.gemm.rounded(problem.img * problem.scale)
+    return problem.gemm.rounded(problem.img * problem.scale, owned=True)
 
 
 def _finish(

@@ -73,13 +73,20 @@ class Gemm:
         """Return a tile's gradient factor as a GEMM operand: half only for a native GEMM."""
         return self.xp.astype(tile, self.half) if self.native else tile
 
-    def rounded(self, x: Array) -> Array:
+    def rounded(self, x: Array, *, owned: bool = False) -> Array:
         """Return ``x`` rounded to ``half`` when fast, in the compute dtype (once per call).
 
         The loops take ``t * img`` so rounded, and the texts, which are half values already:
-        their operands are then exactly representable in ``half``.
+        their operands are then exactly representable in ``half``. ``owned``: ``x`` is a
+        temporary of the caller's, which NumPy may round in place (half the time of two
+        ``astype``, which each allocate and fault in a fresh array).
         """
         if self.half is None:
+            return x
+        if owned and array_api_compat.is_numpy_namespace(self.xp) and type(x).__module__ == "numpy":
+            import numpy
+
+            numpy.copyto(x, x.astype(self.half), casting="unsafe")
             return x
         return self.xp.astype(self.xp.astype(x, self.half), self.compute)
 
