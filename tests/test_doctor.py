@@ -276,6 +276,10 @@ def test_nccl_check_needs_no_mpi(missing: str, monkeypatch: pytest.MonkeyPatch) 
     from fake_nccl import FakeNccl, FakeRuntime
 
     monkeypatch.setitem(sys.modules, missing, None)  # importing it raises ImportError
+    if missing == "mpi4py.MPI" and "mpi4py" in sys.modules and sys.modules["mpi4py"] is not None:
+        # Once another test has imported mpi4py.MPI, `from mpi4py import MPI` finds it as
+        # an attribute of the package, whatever sys.modules says.
+        monkeypatch.delattr(sys.modules["mpi4py"], "MPI", raising=False)
     comm, how = _doctor.nccl_bootstrap(FakeRuntime(FakeNccl()))
     assert how == "single(), without MPI"
     assert (comm.rank, comm.size, comm.device, comm.mpi_comm) == (0, 1, 0, None)
