@@ -37,8 +37,8 @@ __all__ = ["PRECISIONS", "Gemm", "full_precision", "make_gemm"]
 #: The accepted values of ``precision=``.
 PRECISIONS = ("fast", "exact")
 
-#: (device type, dtype name) pairs where torch's ``out_dtype`` GEMM failed: use float32 there.
-_NO_NATIVE: set[tuple[str, str]] = set()
+#: Whether torch's ``out_dtype`` GEMM works, per (device type, dtype name): probed once.
+_NATIVE: dict[tuple[str, str], bool] = {}
 
 
 @dataclass(frozen=True)
@@ -137,24 +137,28 @@ def _torch_native(x: Array, half: Any, compute: Any) -> bool:
     """Whether torch multiplies ``half`` operands into ``compute`` on the device of ``x``.
 
     ``torch.mm(..., out_dtype=torch.float32)`` exists for half operands on CUDA (torch >= 2.8);
-    the host has no such kernel. Tried once per device type and dtype on a 1 x 1 product.
+    the host has no such kernel. Tried once per device type and dtype on a 1 x 1 product;
+    where it fails, the operands are float32 copies of the rounded values (the same numbers).
     """
     import torch
 
     kind = x.device.type
-    if kind == "cpu" or (kind, str(half)) in _NO_NATIVE:
+    if kind == "cpu":
         return False
-    try:
-        probe = torch.ones((1, 1), dtype=half, device=x.device)
-        out = torch.empty((1, 1), dtype=compute, device=x.device)
-        torch.mm(probe, probe, out_dtype=compute, out=out)  # both forms the loops use
-        torch.mm(probe, probe, out_dtype=compute)
-    except torch.OutOfMemoryError:
-        raise
-    except (RuntimeError, NotImplementedError, TypeError):
-        _NO_NATIVE.add((kind, str(half)))
-        return False
-    return True
+    key = (kind, str(half))
+    if key not in _NATIVE:
+        try:
+            probe = torch.ones((1, 1), dtype=half, device=x.device)
+            out = torch.empty((1, 1), dtype=compute, device=x.device)
+            torch.mm(probe, probe, out_dtype=compute, out=out)  # both forms the loops use
+            torch.mm(probe, probe, out_dtype=compute)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError, TypeError):
+            _NATIVE[key] = False
+        else:
+            _NATIVE[key] = True
+    return _NATIVE[key]
 
 
 def make_gemm(xp: Namespace, like: Array, compute: Any, half: Any) -> Gemm:

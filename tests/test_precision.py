@@ -340,3 +340,56 @@ def test_a_scale_that_requires_grad_is_checked_without_a_warning() -> None:
         ps.sigmoid_loss(img, img, torch.tensor(-1.0, requires_grad=True), -5.0)
     loss = ps.sigmoid_loss(img, img, torch.tensor(10.0, requires_grad=True), -5.0)
     assert float(loss.detach()) == pytest.approx(3 * np.log1p(np.exp(-5.0)), rel=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fast", "exact"])
+def test_native_half_gemms_on_torch_meta_tensors(
+    monkeypatch: pytest.MonkeyPatch, loss_name: str, precision: str
+) -> None:
+    # The CUDA path (half operands, torch.mm(..., out_dtype=float32) into float32 tiles and
+    # accumulators) traced on torch's meta device, which has that kernel's shape rules: it
+    # runs every call of the path without a GPU and checks shapes and dtypes.
+    torch = pytest.importorskip("torch")
+    calls: list[tuple[Any, ...]] = []
+    original = torch.mm
+
+    def spy(a: Any, b: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append((a.dtype, b.dtype, kwargs.get("out_dtype")))
+        return original(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", spy)
+    img = torch.empty(10, 8, dtype=torch.bfloat16, device="meta")
+    txt = torch.empty(10, 8, dtype=torch.bfloat16, device="meta")
+    loss, grads = LOSS_AND_GRAD[loss_name](img, txt, 10.0, -10.0, block_size=4, precision=precision)
+    assert (loss.dtype, loss.device.type) == (torch.float32, "meta")
+    assert (grads.img.dtype, grads.img.shape) == (torch.bfloat16, img.shape)
+    assert (grads.txt.dtype, grads.txt.shape) == (torch.bfloat16, txt.shape)
+    native = [call for call in calls if call[2] is not None]
+    if precision == "exact":
+        assert native == []
+    else:  # 3 GEMMs a tile (sigmoid) or 1 + 3 (softmax), 3 x 3 tiles
+        assert len(native) >= 9 * (3 if loss_name == "sigmoid" else 4)
+        assert all(call == (torch.bfloat16, torch.bfloat16, torch.float32) for call in native)
+
+
+def test_without_a_half_gemm_fast_falls_back_to_float32_gemms(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A torch build or device without mm(..., out_dtype=) must not fail the first GPU run:
+    # the probe finds out once, and the loops multiply float32 copies of the same values.
+    torch = pytest.importorskip("torch")
+    from portable_siglip import _precision
+
+    original = torch.mm
+
+    def no_out_dtype(a: Any, b: Any, *args: Any, **kwargs: Any) -> Any:
+        if "out_dtype" in kwargs:
+            raise NotImplementedError("aten::mm.dtype_out is not available here")
+        return original(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(_precision, "_NATIVE", {})
+    monkeypatch.setattr(torch, "mm", no_out_dtype)
+    img = torch.empty(10, 8, dtype=torch.bfloat16, device="meta")
+    loss, grads = ps.softmax_loss_and_grad(img, img, 10.0, block_size=4)
+    assert (loss.dtype, grads.img.dtype) == (torch.float32, torch.bfloat16)
+    assert _precision._NATIVE == {("meta", "torch.bfloat16"): False}
