@@ -124,8 +124,6 @@ class Problem:
         Dtype the gradient of ``scale``/``bias`` is returned in.
     block_size : int
         Tile edge, at most ``n``.
-    precision : {"fast", "exact"}
-        The precision policy of the tile GEMMs; "exact" for float32 and float64 inputs.
     gemm : Gemm
         How the tile GEMMs take their operands (:mod:`._precision`).
     """
@@ -147,7 +145,11 @@ class Problem:
     k: int = 0
     img_ids: Array | None = None
     txt_ids: Array | None = None
-    precision: str = "exact"
+
+    @property
+    def precision(self) -> str:
+        """The GEMM policy in force: "fast" (half operands) or "exact" (always for wide inputs)."""
+        return "fast" if self.gemm.rounds else "exact"
 
     @property
     def labelled(self) -> bool:
@@ -588,6 +590,5 @@ def prepare(
         k=k,
         img_ids=None if ids is None else ids[0],
         txt_ids=None if ids is None else ids[1],
-        precision=policy,
         gemm=gemm,
     )

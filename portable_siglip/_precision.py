@@ -106,17 +106,16 @@ class Gemm:
         GEMMs (``a`` and ``b`` as the loops receive them), so that a logit formed here and in
         a tile agree.
         """
-        a, b = self.operand(a), self.operand(b)
-        if not self.native:
+        if not (self.native and array_api_compat.is_jax_namespace(self.xp)):
+            # The values the GEMMs multiply, exactly (a half times a half is exact in float32).
             return self.xp.vecdot(a, b)
-        if array_api_compat.is_jax_namespace(self.xp):
-            import jax.numpy as jnp
+        import jax.numpy as jnp
 
-            # Half operands, not their float32 round trip: under jit XLA may drop a
-            # float32 -> half -> float32 pair (excess precision) and skip the rounding.
-            return jnp.einsum("ij,ij->i", a, b, preferred_element_type=self.compute)
-        # Half to float32 is exact, so the products are those of the GEMM.
-        return self.xp.vecdot(self.xp.astype(a, self.compute), self.xp.astype(b, self.compute))
+        # Half operands, not their float32 round trip: under jit XLA may drop a
+        # float32 -> half -> float32 pair (excess precision) and skip the rounding.
+        return jnp.einsum(
+            "ij,ij->i", self.operand(a), self.operand(b), preferred_element_type=self.compute
+        )
 
     def matmul(self, a: Array, b: Array) -> Array:
         """Return ``a @ b`` of two operands, in the compute dtype (2-D arrays)."""
