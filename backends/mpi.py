@@ -42,7 +42,7 @@ import array_api_compat
 import numpy as np
 from mpi4py import MPI
 
-from portable_siglip._interop import to_host
+from portable_siglip._interop import bfloat16_to_float32, float32_to_bfloat16, to_host
 from portable_siglip.comm import BaseComm, Request
 
 __all__ = ["MPIComm"]
@@ -87,41 +87,6 @@ def _bfloat16_bits(x: Array) -> np.ndarray:
         bits = x.detach().view(torch.int16).to("cpu").numpy()
         return _contiguous(bits).view(np.uint16)
     return _contiguous(to_host(x)).view(np.uint16)  # ml_dtypes' NumPy bfloat16
-
-
-def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
-    """Widen bfloat16 bit patterns (``uint16``) to float32, exactly.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> bfloat16_to_float32(np.array([0x3F80, 0xC040, 0x7F80], dtype=np.uint16))
-    array([ 1., -3., inf], dtype=float32)
-    """
-    wide = np.asarray(bits, dtype=np.uint16).astype(np.uint32)
-    return np.asarray(wide << np.uint32(16)).view(np.float32)
-
-
-def float32_to_bfloat16(values: np.ndarray) -> np.ndarray:
-    """Round float32 values to the nearest bfloat16, ties to even; return its bit patterns.
-
-    Overflow gives infinities, NaNs stay NaN (quiet, sign kept), as in torch and ml_dtypes.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> bits = float32_to_bfloat16(np.array([1.0, 1.00390625, 1.01171875], dtype=np.float32))
-    >>> bfloat16_to_float32(bits)  # 1 + 2^-8 ties to 1 (even), 1 + 3 * 2^-8 to 1 + 2^-6
-    array([1.      , 1.      , 1.015625], dtype=float32)
-    """
-    values = np.asarray(values, dtype=np.float32)
-    flat = np.ascontiguousarray(values).reshape(-1)  # arrays: uint32 addition wraps silently
-    bits = flat.view(np.uint32)
-    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))) >> 16
-    out = rounded.astype(np.uint16)
-    nan = np.isnan(flat)
-    out[nan] = (bits[nan] >> 16).astype(np.uint16) | np.uint16(0x0040)
-    return out.reshape(values.shape)
 
 
 def _to_host(x: Array) -> np.ndarray:
@@ -181,7 +146,7 @@ def _bits_view(x: Array) -> Array:
 def _widened(host: np.ndarray, like: Array) -> np.ndarray:
     """``host`` (from :func:`_to_host` of ``like``) in float32 if it is half precision."""
     if _is_bfloat16(like.dtype):
-        return bfloat16_to_float32(host)
+        return np.asarray(bfloat16_to_float32(host))
     if host.dtype == np.float16:
         return host.astype(np.float32)
     return host
@@ -190,7 +155,7 @@ def _widened(host: np.ndarray, like: Array) -> np.ndarray:
 def _narrowed(total: np.ndarray, like: Array) -> np.ndarray:
     """Undo :func:`_widened`: round a float32 sum once to ``like``'s half dtype (host form)."""
     if _is_bfloat16(like.dtype):
-        return float32_to_bfloat16(total)
+        return np.asarray(float32_to_bfloat16(total))
     if _dtype_name(like.dtype) == "float16":
         return total.astype(np.float16)
     return total

@@ -38,6 +38,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from portable_siglip._interop import bfloat16_to_float32, float32_to_bfloat16
+
 from ._cases import Case
 from ._report import FLOOR, natural_scale, relative_error
 
@@ -90,18 +92,7 @@ def round_half(values: Any, dtype: str) -> Any:
         pass
     else:
         return values.astype(bfloat16).astype(np.float32)
-    bits = values.view(np.uint32)
-    # To nearest, ties to even, on the bits. No finite value or infinity wraps around in
-    # uint32 (the largest, 0xFF800000 for -inf, stays below 2^32 - 0x8000); NaNs may, and
-    # are put back.
-    rounded = (bits >> 16) & np.uint32(1)
-    rounded += np.uint32(0x7FFF)
-    rounded += bits
-    rounded &= np.uint32(0xFFFF0000)
-    nan = np.isnan(values)
-    if nan.any():
-        rounded[nan] = bits[nan]
-    return rounded.view(np.float32)
+    return bfloat16_to_float32(float32_to_bfloat16(values))
 
 
 def _unchanged(values: Any) -> Any:

@@ -14,8 +14,10 @@ __all__ = [
     "BACKENDS",
     "DTYPES",
     "UsageError",
+    "bfloat16_to_float32",
     "check_writable",
     "computing_in",
+    "float32_to_bfloat16",
     "load_backend",
     "to_host",
     "to_numpy",
@@ -173,3 +175,42 @@ def check_writable(path: Any, option: str = "--report") -> None:
         raise UsageError(msg) from None
     if not existed:
         path.unlink(missing_ok=True)
+
+
+def bfloat16_to_float32(bits: Any) -> Any:
+    """Widen bfloat16 bit patterns (``uint16``) to float32, exactly.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> bfloat16_to_float32(np.array([0x3F80, 0xC040, 0x7F80], dtype=np.uint16))
+    array([ 1., -3., inf], dtype=float32)
+    """
+    import numpy as np
+
+    wide = np.asarray(bits, dtype=np.uint16).astype(np.uint32)
+    return np.asarray(wide << np.uint32(16)).view(np.float32)
+
+
+def float32_to_bfloat16(values: Any) -> Any:
+    """Round float32 values to the nearest bfloat16, ties to even; return its bit patterns.
+
+    Overflow gives infinities, NaNs stay NaN (quiet, sign kept), as in torch and ml_dtypes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> bits = float32_to_bfloat16(np.array([1.0, 1.00390625, 1.01171875], dtype=np.float32))
+    >>> bfloat16_to_float32(bits)  # 1 + 2^-8 ties to 1 (even), 1 + 3 * 2^-8 to 1 + 2^-6
+    array([1.      , 1.      , 1.015625], dtype=float32)
+    """
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float32)
+    flat = np.ascontiguousarray(values).reshape(-1)  # arrays: uint32 addition wraps silently
+    bits = flat.view(np.uint32)
+    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))) >> 16
+    out = rounded.astype(np.uint16)
+    nan = np.isnan(flat)
+    out[nan] = (bits[nan] >> 16).astype(np.uint16) | np.uint16(0x0040)
+    return out.reshape(values.shape)
