@@ -29,6 +29,7 @@ __all__ = [
     "GOLDENS_PATH",
     "Case",
     "Golden",
+    "Sizes",
     "inputs_sha256",
     "load_cases",
     "pairs",
@@ -76,8 +77,24 @@ class Golden:
         return value[list(self.rows)]
 
 
+class Sizes:
+    """``n`` and ``d`` of a case's ``img`` (n, d), for the dataclasses that hold one."""
+
+    img: Any
+
+    @property
+    def n(self) -> int:
+        """Number of pairs (of image rows, with ids)."""
+        return int(self.img.shape[0])
+
+    @property
+    def d(self) -> int:
+        """Feature dimension."""
+        return int(self.img.shape[1])
+
+
 @dataclass(frozen=True)
-class Case:
+class Case(Sizes):
     """One golden case.
 
     Attributes
@@ -115,19 +132,9 @@ class Case:
     txt_ids: Any = None
 
     @property
-    def n(self) -> int:
-        """Number of pairs (of image rows, with ids)."""
-        return int(self.img.shape[0])
-
-    @property
     def k(self) -> int:
         """Number of text rows (``n`` without ids)."""
         return int(self.txt.shape[0])
-
-    @property
-    def d(self) -> int:
-        """Feature dimension."""
-        return int(self.img.shape[1])
 
 
 #: Smallest magnitude kept by :func:`to_grid` (float16's smallest normal number).

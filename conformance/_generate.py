@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ._cases import GOLDENS_PATH, inputs_sha256, normalise, pairs, to_grid
+from ._cases import GOLDENS_PATH, Sizes, inputs_sha256, normalise, pairs, to_grid
 
 __all__ = [
     "DIGITS",
@@ -72,7 +72,7 @@ Matrix = list[list[Any]]  # rows of mpmath.mpf
 
 
 @dataclass(frozen=True)
-class CaseInputs:
+class CaseInputs(Sizes):
     """The inputs of one golden case, before its outputs are computed.
 
     Attributes
@@ -93,16 +93,6 @@ class CaseInputs:
     scale: float
     bias: float
     tags: tuple[str, ...]
-
-    @property
-    def n(self) -> int:
-        """Number of pairs."""
-        return int(self.img.shape[0])
-
-    @property
-    def d(self) -> int:
-        """Feature dimension."""
-        return int(self.img.shape[1])
 
 
 def _mpmath() -> Any:
@@ -554,10 +544,6 @@ def _rows_times(
             carry += np.where(big, (total - new) + term, (term - new) + total)
             total = new
     return total + carry, np.abs(W) @ np.abs(X)
-
-
-def _condition(value: float, magnitude: float) -> float:
-    return magnitude / abs(value) if value else math.inf
 
 
 def _large_gradients(
