@@ -41,6 +41,7 @@ RUNS = "float32,bfloat16:fast,bfloat16:exact"
 DEFAULT_PACKAGES = (
     "portable_siglip",
     "portable_siglip.bench",
+    "portable_siglip.cli",
     "portable_siglip.backends",
     "portable_siglip.conformance",
 )

@@ -1,5 +1,5 @@
-"""``python -m portable_siglip``: see :mod:`portable_siglip._cli`."""
+"""``python -m portable_siglip``: see :mod:`portable_siglip.cli`."""
 
-from ._cli import main
+from .cli._commands import main
 
 raise SystemExit(main())

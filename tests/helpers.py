@@ -152,7 +152,7 @@ def launcher_environment() -> dict[str, str]:
     """This process's environment for a child ``mpirun``/``torchrun``: Open MPI as root and
     oversubscribed, one BLAS thread, and none of the launcher variables this test process may
     itself run under."""
-    from portable_siglip import _launch
+    from portable_siglip.cli import _launch
 
     env = dict(os.environ)
     env.update(

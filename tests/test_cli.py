@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from portable_siglip import _cli, _losses
+from portable_siglip import _losses
+from portable_siglip.cli import _commands as _cli
 
 SMALL = ["--batch", "300", "--dim", "16", "--block-size", "64"]
 
@@ -308,7 +309,7 @@ def test_run_sets_jax_preallocation_in_its_process() -> None:
     # A fresh process, without the variable: `run` on numpy sets it, `run` on jax does not.
     code = (
         "import os, sys\n"
-        "from portable_siglip import _cli\n"
+        "from portable_siglip.cli import _commands as _cli\n"
         "status = _cli.main(['run', '--backend', 'numpy', '--batch', '8', '--dim', '4'])\n"
         "print('status', status, 'env', os.environ.get(_cli.JAX_PREALLOCATE))\n"
     )

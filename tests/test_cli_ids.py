@@ -1,6 +1,6 @@
 """``run --captions-per-image K --duplicate-rate P``: several positives per row from the CLI.
 
-The batch builder (:func:`portable_siglip._cli.random_batch`) is checked for what its help
+The batch builder (:func:`portable_siglip.cli._commands.random_batch`) is checked for what its help
 promises (shapes, ids on both sides, duplicated captions copied, shards that are rows of
 the whole batch), and the loss on its batch against a dense float64 evaluation of the
 multi-positive formulas written here, independently of the package: the losses by loops
@@ -21,7 +21,8 @@ import pytest
 from helpers import skip_without_mpi
 
 import portable_siglip as ps
-from portable_siglip import _cli, _launch
+from portable_siglip.cli import _commands as _cli
+from portable_siglip.cli import _launch
 
 SMALL = ["--batch", "120", "--dim", "16", "--block-size", "32"]
 

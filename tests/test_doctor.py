@@ -26,7 +26,8 @@ import pytest
 from helpers import mpi_usable
 
 import portable_siglip as ps
-from portable_siglip import _cli, _devices, _doctor
+from portable_siglip.cli import _commands as _cli
+from portable_siglip.cli import _devices, _doctor
 
 SECTIONS = {"inventory", "agreement", "transports", "block_size"}
 #: mpi4py counts only with an MPI library it can load: without one the doctor skips it.
@@ -317,7 +318,7 @@ def test_docstring_examples_run() -> None:
 
 
 def test_import_does_not_load_the_doctor() -> None:
-    code = "import sys, portable_siglip; print('portable_siglip._doctor' in sys.modules)"
+    code = "import sys, portable_siglip; print('portable_siglip.cli._doctor' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )

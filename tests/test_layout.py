@@ -1,4 +1,6 @@
-"""The package's import structure: no circles; the core imports no benchmark and no framework.
+"""The package's layout and import structure: no circles; the tools (the command line in
+``portable_siglip/cli/``, the benchmarks in ``portable_siglip/bench/``) stand apart from the
+core, which imports no tool and no framework.
 
 Read from the source with ``ast``, without importing anything, so a violation is found even
 on a path no other test executes. Every ``import`` statement counts, also one inside a
@@ -25,17 +27,20 @@ SOURCES = {
 #: Array and transport libraries the core must not import when it is imported.
 FRAMEWORKS = {"numpy", "torch", "jax", "jaxlib", "cupy", "mpi4py", "array_api_strict"}
 
-#: Modules of `portable_siglip` that are tools, not the core: the command line, its device
-#: and launcher helpers, doctor and the benchmarks. Everything else in `portable_siglip/` is
-#: the core.
+#: Modules of `portable_siglip` that are tools, not the core: ``python -m portable_siglip``,
+#: the command line (with its device and launcher helpers and doctor) and the benchmarks.
+#: Everything else in `portable_siglip/` is the core.
 TOOLS = (
     "portable_siglip.__main__",
-    "portable_siglip._cli",
-    "portable_siglip._devices",
-    "portable_siglip._doctor",
-    "portable_siglip._launch",
+    "portable_siglip.cli",
     "portable_siglip.bench",
 )
+
+#: Words in a module's name that say it is a tool, so it belongs in one of the `TOOLS`.
+TOOL_WORDS = ("cli", "command", "doctor", "launch", "device", "bench")
+
+#: Where the command-line modules stood before `portable_siglip/cli/` held them.
+FORMER_TOOLS = ("_cli", "_doctor", "_launch", "_devices")
 
 #: Third-party libraries each bridge may import at module level: its own, and numpy.
 BRIDGE_IMPORTS = {
@@ -144,7 +149,11 @@ def is_core(name: str) -> bool:
         ("portable_siglip.backends", "portable_siglip.conformance")
     ):
         return False
-    return not any(name == tool or name.startswith(tool + ".") for tool in TOOLS)
+    return not is_tool(name)
+
+
+def is_tool(name: str) -> bool:
+    return any(name == tool or name.startswith(tool + ".") for tool in TOOLS)
 
 
 def test_the_walker_sees_the_package() -> None:
@@ -156,6 +165,12 @@ def test_the_walker_sees_the_package() -> None:
     assert "portable_siglip.comm" in graph["portable_siglip._distributed"]
     assert "portable_siglip" in graph["portable_siglip.backends.torch"]
     assert any(name.startswith("portable_siglip.bench.") for name in graph)
+    assert "portable_siglip.cli._doctor" in graph["portable_siglip.cli._commands"]
+    assert "portable_siglip._losses" in graph["portable_siglip.cli._commands"]
+    assert is_core("portable_siglip._losses")
+    assert is_core("portable_siglip.comm")
+    assert not is_core("portable_siglip.cli._launch")
+    assert not is_core("portable_siglip.__main__")
 
 
 def test_circles_are_found() -> None:
@@ -169,14 +184,37 @@ def test_no_import_circle() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if is_core(n)))
-def test_core_imports_no_benchmark_and_no_framework(name: str) -> None:
+def test_core_imports_no_tool(name: str) -> None:
+    # Not even lazily: the command line and the benchmarks may import the core, never the
+    # other way round.
+    for target, line, _ in imports(name):
+        where = f"{MODULES[name].relative_to(ROOT)}:{line}"
+        assert not is_tool(target), f"{where} imports the tool {target}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if is_core(n)))
+def test_core_imports_no_framework(name: str) -> None:
     for target, line, level in imports(name):
         where = f"{MODULES[name].relative_to(ROOT)}:{line}"
-        assert not target.startswith("portable_siglip.bench"), f"{where} imports {target}"
         # Lazy imports of numpy or torch inside the in-place kernels are how the core
         # serves those arrays; at import time, none is allowed.
         if level:
             assert target.split(".")[0] not in FRAMEWORKS, f"{where} imports {target}"
+
+
+def test_the_package_root_holds_no_tool() -> None:
+    root = SOURCES["portable_siglip"]
+    for former in FORMER_TOOLS:
+        assert not (root / f"{former}.py").exists(), f"{former}.py belongs in portable_siglip/cli/"
+    named_as_tools = [
+        name
+        for name in MODULES
+        if name.startswith("portable_siglip.")
+        and any(word in name.rpartition(".")[2] for word in TOOL_WORDS)
+    ]
+    assert "portable_siglip.cli._doctor" in named_as_tools  # the word test sees the tools
+    misplaced = [name for name in named_as_tools if is_core(name)]
+    assert not misplaced, f"tools outside portable_siglip/cli/ and bench/: {misplaced}"
 
 
 @pytest.mark.parametrize("name", sorted(BRIDGE_IMPORTS))

@@ -35,7 +35,7 @@ from test_distributed import (
     expected_bytes,
 )
 
-from portable_siglip import _doctor
+from portable_siglip.cli import _doctor
 from portable_siglip.comm import Communicator, check_communicator
 
 WORLDS = [1, 2, 3, 4]

@@ -278,7 +278,7 @@ def test_jax_bridge_takes_precision(loss_name: str) -> None:
 @pytest.mark.parametrize("precision", ["fast", "exact"])
 def test_run_verify_with_precision(capsys: pytest.CaptureFixture[str], precision: str) -> None:
     pytest.importorskip("torch")
-    from portable_siglip._cli import main
+    from portable_siglip.cli._commands import main
 
     argv = ["run", "--backend", "torch", "--dtype", "bfloat16", "--batch", "300", "--dim", "32"]
     status = main([*argv, "--block-size", "128", "--precision", precision, "--verify"])

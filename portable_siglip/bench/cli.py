@@ -15,8 +15,8 @@ import argparse
 import sys
 from typing import Any
 
-from .._devices import Device, parse_device, resolve_device
 from .._interop import UsageError
+from ..cli._devices import Device, parse_device, resolve_device
 from .common import (
     BACKENDS,
     DEFAULT_DIM,

@@ -37,10 +37,11 @@ import tracemalloc
 from collections.abc import MutableMapping, Sequence
 from typing import Any
 
-from . import _launch, _losses, _memory
-from ._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
+from .. import _losses, _memory
+from .._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
+from .._interop import BACKENDS, DTYPES, UsageError, load_backend, to_numpy
+from . import _launch
 from ._devices import Device, parse_device, place, resolve_device
-from ._interop import BACKENDS, DTYPES, UsageError, load_backend, to_numpy
 
 __all__ = ["JAX_PREALLOCATE", "limit_jax_preallocation", "load_run_backend", "main"]
 
@@ -232,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "one run (docs/benchmarks.md).",
         formatter_class=HelpFormatter,
     )
-    from .bench import cli as bench_cli
+    from ..bench import cli as bench_cli
 
     bench_cli.add_arguments(bench)
     doctor_help = "check this machine: libraries, GPUs, our losses on each, transports"
@@ -810,7 +811,7 @@ def _verify(
     grads: Any,
     ids: tuple[Any, Any] | None = None,
 ) -> int:
-    from ._reference import dense_loss_and_grad, dense_loss_and_grad_with_ids
+    from .._reference import dense_loss_and_grad, dense_loss_and_grad_with_ids
 
     bias = args.bias if args.loss == "sigmoid" else 0.0
 
@@ -897,7 +898,7 @@ def main(argv: Sequence[str] | None = None, *, comm: Any = None) -> int:
             from . import _doctor
 
             return _doctor.main(args)
-        from .bench import cli as bench_cli
+        from ..bench import cli as bench_cli
 
         return bench_cli.main(args)
     except UsageError as error:

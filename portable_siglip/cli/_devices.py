@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from ._interop import UsageError
+from .._interop import UsageError
 
 __all__ = [
     "Device",

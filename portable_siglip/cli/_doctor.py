@@ -25,8 +25,8 @@ The doctor runs torch, cupy and jax in one process, on the same GPUs: it sets
 ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (unless it is set already) before jax starts, so
 that jax does not take 75% of each GPU's memory for its pool.
 
-Run as ``python -m portable_siglip._doctor --transport NAME`` this module is the worker that
-checks one transport in its own process and prints its result as one JSON line.
+Run as ``python -m portable_siglip.cli._doctor --transport NAME`` this module is the worker
+that checks one transport in its own process and prints its result as one JSON line.
 
 Every library is imported inside the function that needs it, and ``import portable_siglip``
 does not import this module.
@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._interop import UsageError, check_writable
+from .._interop import UsageError, check_writable
 
 __all__ = ["add_arguments", "exercise", "main", "nccl_bootstrap", "run_worker"]
 
@@ -446,8 +446,8 @@ def _agree(backend: str, device: Any) -> tuple[str, dict[str, Any]]:
 
     import portable_siglip
 
+    from .._interop import load_backend, to_numpy
     from ._devices import place
-    from ._interop import load_backend, to_numpy
 
     # By name: the conformance package installs from another folder (pyproject's package-dir).
     load_cases = importlib.import_module("portable_siglip.conformance").load_cases
@@ -583,8 +583,8 @@ def exercise(comm: Any, make: Callable[[Any], Any]) -> tuple[str, dict[str, Any]
 
     import portable_siglip
 
-    from ._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
-    from ._interop import to_numpy
+    from .._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
+    from .._interop import to_numpy
 
     rank, size = comm.rank, comm.size
     after, before = (rank + 1) % size, (rank - 1) % size
@@ -664,7 +664,7 @@ def exercise(comm: Any, make: Callable[[Any], Any]) -> tuple[str, dict[str, Any]
 def _worker_env() -> dict[str, str]:
     """Return this environment with the folder of this copy of the package first on the path."""
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
 
@@ -736,7 +736,7 @@ def _exit_text(code: int) -> str:
 
 def _worker_result(name: str, timeout: float) -> tuple[str, dict[str, Any]]:
     """Run worker `name` in a process of its own; turn its result into a check's."""
-    command = [sys.executable, "-m", "portable_siglip._doctor", "--transport", name]
+    command = [sys.executable, "-m", "portable_siglip.cli._doctor", "--transport", name]
     result = run_worker(command, timeout)
     if result["status"] == SKIPPED:
         raise SkipError(result["detail"])
@@ -785,7 +785,7 @@ def transport_threads(timeout: float) -> tuple[str, dict[str, Any]]:
     """``ThreadGroup(2)`` with NumPy arrays, in this process: the baseline."""
     import numpy as np
 
-    from .comm import ThreadGroup
+    from ..comm import ThreadGroup
 
     results = ThreadGroup(2, timeout=timeout).run(lambda comm: exercise(comm, np.asarray))
     return results[0]
@@ -974,7 +974,7 @@ WORKERS: dict[str, Check] = {
 def _worker_main(argv: Sequence[str] | None = None) -> int:
     """Check one transport and print its result as one JSON line (the worker's entry)."""
     parser = argparse.ArgumentParser(
-        prog="python -m portable_siglip._doctor",
+        prog="python -m portable_siglip.cli._doctor",
         description="The doctor's worker: check one transport in this process.",
     )
     parser.add_argument("--transport", choices=sorted(WORKERS), required=True, help="what")
@@ -1011,9 +1011,9 @@ def _probe(backend: str, device: Any) -> tuple[str, dict[str, Any]]:
 
     import portable_siglip
 
-    from ._checks import default_block_size
+    from .._checks import default_block_size
+    from .._interop import load_backend
     from ._devices import place
-    from ._interop import load_backend
 
     kind = "cuda" if device.is_cuda else "cpu"
     n, d = PROBE_GPU if device.is_cuda else PROBE_CPU

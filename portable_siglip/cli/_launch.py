@@ -34,8 +34,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .._interop import UsageError
 from ._devices import Device, cuda_device_count
-from ._interop import UsageError
 
 __all__ = [
     "COMMS",
