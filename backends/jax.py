@@ -66,7 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import portable_siglip as _core
-from portable_siglip.comm import BaseComm
+from portable_siglip.comm import BaseComm, Communicator
 
 __all__ = ["AxisComm", "sigmoid_loss", "softmax_loss"]
 
@@ -211,7 +211,7 @@ class AxisComm(BaseComm):
         return f"AxisComm({self.axis_name!r})"
 
 
-def _refuse_traced_comm(comm: object, *arrays: object) -> None:
+def _refuse_traced_comm(comm: Communicator | None, *arrays: object) -> None:
     """Raise if the call is distributed and any of ``arrays`` is a tracer."""
     if comm is None or isinstance(comm, AxisComm):
         return
@@ -239,7 +239,7 @@ def _bridge(
     bias: object,
     *,
     block_size: object,
-    comm: object,
+    comm: Communicator | None,
     strategy: object,
     img_ids: object = None,
     txt_ids: object = None,
@@ -340,7 +340,7 @@ def sigmoid_loss(
     bias: float | Array | None,
     *,
     block_size: int | None = None,
-    comm: object = None,
+    comm: Communicator | None = None,
     strategy: str = "bidir",
     img_ids: Array | None = None,
     txt_ids: Array | None = None,
@@ -429,7 +429,7 @@ def softmax_loss(
     bias: float | Array | None = None,
     *,
     block_size: int | None = None,
-    comm: object = None,
+    comm: Communicator | None = None,
     strategy: str = "ring",
     img_ids: Array | None = None,
     txt_ids: Array | None = None,

@@ -1,5 +1,9 @@
 """NCCL communicator over CuPy's binding (``cupy.cuda.nccl``), for ``comm=`` of every loss.
 
+**Experimental: not yet run on a GPU.** Everything here is tested on the CPU against a fake
+of CuPy's NCCL binding (see "Verification" below); the GPU tests are written but have not
+run on a GPU yet (docs/gpu.md lists what only a GPU can show).
+
 :class:`NCCLComm` moves CuPy arrays and torch CUDA tensors between GPUs with NCCL, with no
 host copy. A torch tensor comes in through DLPack (zero copy) and the result goes back
 as a torch tensor on the same device; bfloat16 tensors travel as their raw 16-bit
@@ -59,6 +63,15 @@ the error paths. What needs a GPU, and is tested only where one is present
 NCCL matching, and several ranks on several GPUs (not yet run anywhere). The store
 bootstrap is tested with real ``torch.distributed`` ``TCPStore`` and ``FileStore`` objects
 on the CPU, and :meth:`NCCLComm.single` with ``mpi4py`` made unimportable.
+
+Public surface
+--------------
+:class:`NCCLComm` is the communicator; :class:`SharedDeviceError` is what its
+constructors raise when ranks share a GPU. :class:`Runtime` is the seam between
+:class:`NCCLComm` and CuPy (``runtime=``): :class:`CupyRuntime`, the default, is the real
+one, and the tests implement it on NumPy arrays (``tests/fake_nccl.py``). Implement it to
+drive :class:`NCCLComm` from another CUDA array library with an NCCL binding of the same
+interface as ``cupy.cuda.nccl``. Every name with a leading underscore is internal.
 
 Examples
 --------
@@ -152,6 +165,19 @@ class SharedDeviceError(ValueError):
         The ranks that share it.
     host : str
         The host they run on.
+
+    Examples
+    --------
+    What every rank of a job whose ranks 0 and 1 both chose GPU 0 raises (from
+    ``NCCLComm.from_mpi()`` and the other constructors, which need GPUs); a ``ValueError``,
+    so code that already handles bad arguments catches it:
+
+    >>> from portable_siglip.backends.nccl import SharedDeviceError
+    >>> error = SharedDeviceError(0, [0, 1], "node-a")
+    >>> isinstance(error, ValueError), error.device, error.ranks, error.host
+    (True, 0, [0, 1], 'node-a')
+    >>> print(str(error).partition(";")[0])
+    2 ranks share GPU 0 (ranks 0, 1 on node-a)
     """
 
     def __init__(self, device: int, ranks: list[int], host: str) -> None:
@@ -168,7 +194,23 @@ class SharedDeviceError(ValueError):
 class Runtime(Protocol):
     """Where :class:`NCCLComm` finds CuPy: the NCCL binding, memory, streams, devices.
 
-    :class:`CupyRuntime` is the real one; the tests pass a fake that works on NumPy.
+    An extension point: :class:`CupyRuntime` is the real one (the default of every
+    ``runtime=``); the tests pass a fake that works on NumPy arrays, with a thread-backed
+    stand-in for the NCCL binding (``tests/fake_nccl.py``, a complete implementation to
+    start from). Another CUDA array library could implement it too, given an NCCL binding
+    with the interface of ``cupy.cuda.nccl`` (``NcclCommunicator``, ``get_unique_id``,
+    ``groupStart``/``groupEnd`` and the ``NCCL_*`` dtype constants).
+
+    Examples
+    --------
+    Skipped as a doctest: it needs a GPU, CuPy and libnccl. The runtime is passed to the
+    constructors of :class:`NCCLComm`; ``runtime=None`` makes a :class:`CupyRuntime`:
+
+    >>> from portable_siglip.backends.nccl import CupyRuntime, NCCLComm
+    >>> runtime = CupyRuntime()  # doctest: +SKIP
+    >>> comm = NCCLComm.single(runtime=runtime)  # doctest: +SKIP
+    >>> comm.runtime is runtime  # doctest: +SKIP
+    True
     """
 
     @property
@@ -235,7 +277,22 @@ class Runtime(Protocol):
 
 
 class CupyRuntime:
-    """The real :class:`Runtime`: CuPy, its NCCL binding and torch through DLPack."""
+    """The real :class:`Runtime`: CuPy, its NCCL binding and torch through DLPack.
+
+    Raises
+    ------
+    ImportError
+        When CuPy is missing, or its NCCL binding cannot load libnccl.
+
+    Examples
+    --------
+    Skipped as a doctest: it needs a GPU, CuPy and libnccl.
+
+    >>> from portable_siglip.backends.nccl import CupyRuntime
+    >>> runtime = CupyRuntime()  # doctest: +SKIP
+    >>> runtime.device_count() >= 1, runtime.nccl.get_version() > 0  # doctest: +SKIP
+    (True, True)
+    """
 
     def __init__(self) -> None:
         import cupy
@@ -426,6 +483,10 @@ class _NCCLRequest:
 class NCCLComm(BaseComm):
     """A :class:`portable_siglip.comm.Communicator` over an NCCL communicator (CuPy).
 
+    **Experimental: not yet run on a GPU.** It is tested on the CPU against a fake of CuPy's
+    NCCL binding (the module docstring says what that covers and docs/gpu.md what only a
+    GPU can show); its GPU tests have not run on a GPU yet.
+
     Parameters
     ----------
     nccl_comm : cupy.cuda.nccl.NcclCommunicator
@@ -448,6 +509,21 @@ class NCCLComm(BaseComm):
         Payload bytes this rank has handed to NCCL so far.
     nccl_comm, mpi_comm, stream
         As passed.
+
+    Examples
+    --------
+    Skipped as a doctest: it needs a GPU, CuPy and libnccl. One process, one GPU; under
+    ``mpirun`` or ``torchrun``, :meth:`from_mpi` or :meth:`from_torch` instead, each rank
+    passing its own shard:
+
+    >>> import cupy as cp  # doctest: +SKIP
+    >>> import portable_siglip as ps
+    >>> from portable_siglip.backends.nccl import NCCLComm
+    >>> comm = NCCLComm.single()  # doctest: +SKIP
+    >>> img = cp.eye(3)  # doctest: +SKIP
+    >>> loss = ps.sigmoid_loss(img, img, 10.0, -5.0, comm=comm)  # doctest: +SKIP
+    >>> print(f"{float(loss):.6f}")  # doctest: +SKIP
+    0.020146
     """
 
     def __init__(

@@ -540,7 +540,7 @@ class TorchDistComm(BaseComm):
 
 def _check_options(
     owner: str,
-    comm: object,
+    comm: Communicator | None,
     rank: object,
     world_size: object,
     strategy: object,

@@ -16,6 +16,15 @@ This module holds the transports that need no external library:
 transport (NCCL, gloo, ...) implements the same protocol, usually by subclassing
 :class:`BaseComm`, and is accepted by every loss through ``comm=``.
 
+Public surface
+--------------
+Users pass :class:`SelfComm`, the :class:`ThreadComm` ranks of a :class:`ThreadGroup`, or a
+communicator of the backends, and catch :class:`RankFailedError`. The extension points,
+for a transport of your own (docs/distributed.md, "Adding a transport"), are
+:class:`Communicator` (what ``comm=`` accepts), :class:`Request` (what ``isendrecv``
+returns) and :class:`BaseComm` (the base class that supplies ``bytes_sent``, ``sendrecv``
+and ``repr``). Every name with a leading underscore is internal.
+
 Examples
 --------
 >>> import numpy as np
@@ -54,16 +63,64 @@ __all__ = [
     "ThreadGroup",
 ]
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 class RankFailedError(RuntimeError):
-    """Another rank of the group failed, so this rank's pending operation cannot finish."""
+    """Another rank of the group failed, so this rank's pending operation cannot finish.
+
+    Raised by the pending exchange or collective of every other rank of a
+    :class:`ThreadGroup` as soon as one rank raises, naming that rank and its error, so
+    no rank waits for the timeout. :meth:`ThreadGroup.run` then re-raises the first
+    error, not the resulting ``RankFailedError`` s.
+
+    Examples
+    --------
+    >>> from portable_siglip.comm import RankFailedError, ThreadGroup
+    >>> seen = []
+    >>> def rank_main(comm):
+    ...     if comm.rank == 1:
+    ...         raise KeyError("rank 1 lost its data")
+    ...     try:
+    ...         comm.allgather_object("ready")  # waits for rank 1, which has failed
+    ...     except RankFailedError as error:
+    ...         seen.append(str(error))
+    ...         raise
+    >>> try:
+    ...     ThreadGroup(2).run(rank_main)
+    ... except KeyError as error:
+    ...     print("run() raised", repr(error))
+    run() raised KeyError('rank 1 lost its data')
+    >>> waited, _, why = seen[0].partition(": ")  # what rank 0's RankFailedError says
+    >>> print(waited)
+    rank 0 gave up waiting for the other ranks' allgather_object
+    >>> print(why)
+    rank 1 failed with KeyError('rank 1 lost its data')
+    """
 
 
 @runtime_checkable
 class Request(Protocol):
-    """A posted non-blocking exchange; ``wait()`` completes it and returns what arrived."""
+    """A posted non-blocking exchange; ``wait()`` completes it and returns what arrived.
+
+    :meth:`Communicator.isendrecv` returns one; a transport's own request class needs
+    only ``wait()``, called once (the losses wait for every request they post).
+
+    Examples
+    --------
+    Rank r sends its number to rank r + 1 and receives from rank r - 1, round a ring of
+    three; both exchanges are posted before either is waited for:
+
+    >>> import numpy as np
+    >>> from portable_siglip.comm import Request, ThreadGroup
+    >>> def rank_main(comm):
+    ...     right, left = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
+    ...     request = comm.isendrecv(np.array([comm.rank]), right, left, (1,))
+    ...     assert isinstance(request, Request)
+    ...     return int(request.wait()[0])
+    >>> ThreadGroup(3).run(rank_main)
+    [2, 0, 1]
+    """
 
     def wait(self) -> Array:
         """Block until both the send and the receive are complete; return the received array."""
@@ -77,6 +134,20 @@ class Communicator(Protocol):
     Every method is collective or paired: all ranks call the same methods in the same
     order (the losses guarantee it). Arrays go in and come out in the namespace, device
     and dtype of the array passed in.
+
+    The type of every loss's ``comm=``. The protocol is structural and runtime checkable:
+    any object with these members is accepted, whatever its class; subclassing
+    :class:`BaseComm` is the short way to write one (its example is a complete transport).
+
+    Examples
+    --------
+    >>> from portable_siglip.comm import Communicator, SelfComm, ThreadGroup
+    >>> isinstance(SelfComm(), Communicator)
+    True
+    >>> ThreadGroup(2).run(lambda comm: isinstance(comm, Communicator))
+    [True, True]
+    >>> isinstance(object(), Communicator)
+    False
     """
 
     @property
@@ -130,7 +201,51 @@ class BaseComm:
     """Convenience base for transports: a byte counter and ``sendrecv`` from ``isendrecv``.
 
     Subclasses set ``rank`` and ``size`` and implement ``isendrecv``, ``allreduce``,
-    ``allgather``, ``bcast`` and ``allgather_object``.
+    ``allgather``, ``bcast`` and ``allgather_object`` (the semantics are those of
+    :class:`Communicator`; docs/distributed.md, "Adding a transport", has them in full).
+    They call ``self._count(array)`` for every payload they hand to the transport, which
+    adds its bytes to ``bytes_sent``. The built-in transports (:class:`SelfComm`,
+    :class:`ThreadComm`, ``MPIComm``, ``NCCLComm``, ``TorchDistComm``, ``AxisComm``) are
+    all subclasses.
+
+    Examples
+    --------
+    A complete transport for one process, whose every message comes back to rank 0:
+
+    >>> import numpy as np
+    >>> import portable_siglip as ps
+    >>> from portable_siglip.comm import BaseComm
+    >>> class Ready:
+    ...     def __init__(self, value):
+    ...         self.value = value
+    ...     def wait(self):
+    ...         return self.value
+    >>> class Loopback(BaseComm):
+    ...     rank, size = 0, 1
+    ...     def isendrecv(self, send, dest, source, shape, *, tag=0):
+    ...         self._count(send)
+    ...         return Ready(send.copy())
+    ...     def allreduce(self, x):
+    ...         self._count(x)
+    ...         return x.copy()
+    ...     def allgather(self, x):
+    ...         self._count(x)
+    ...         return [x.copy()]
+    ...     def bcast(self, x, root=0):
+    ...         self._count(x)
+    ...         return x.copy()
+    ...     def allgather_object(self, obj):
+    ...         return [obj]
+    >>> comm = Loopback()
+    >>> comm
+    Loopback(rank=0, size=1)
+    >>> comm.sendrecv(np.arange(3.0), 0, 0, (3,))  # BaseComm's: isendrecv(...).wait()
+    array([0., 1., 2.])
+    >>> comm.bytes_sent  # three float64 values
+    24
+    >>> img = np.eye(3)
+    >>> print(f"{float(ps.sigmoid_loss(img, img, 10.0, -5.0, comm=comm)):.6f}")
+    0.020146
     """
 
     rank: int
@@ -304,7 +419,23 @@ class _ThreadRequest:
 
 
 class ThreadComm(BaseComm):
-    """One rank of a :class:`ThreadGroup`; created by :meth:`ThreadGroup.run`."""
+    """One rank of a :class:`ThreadGroup`; created by :meth:`ThreadGroup.run`.
+
+    Not constructed directly: :meth:`ThreadGroup.run` hands one to each rank's function.
+    Its operations are those of :class:`Communicator`; each waits at most the group's
+    ``timeout`` for its peers, and raises :class:`RankFailedError` at once when another
+    rank has failed. ``allreduce`` adds in rank order, so every rank gets the same bits.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from portable_siglip.comm import ThreadGroup
+    >>> def rank_main(comm):
+    ...     total = comm.allreduce(np.array([comm.rank + 1.0]))
+    ...     return repr(comm), float(total[0])
+    >>> ThreadGroup(2).run(rank_main)
+    [('ThreadComm(rank=0, size=2)', 3.0), ('ThreadComm(rank=1, size=2)', 3.0)]
+    """
 
     def __init__(self, hub: _Hub, rank: int) -> None:
         super().__init__()
@@ -414,7 +545,7 @@ class ThreadGroup:
         self.size = size
         self.timeout = float(timeout)
 
-    def run(self, fn: Callable[[ThreadComm], T]) -> list[T]:
+    def run(self, fn: Callable[[ThreadComm], _T]) -> list[_T]:
         """Call ``fn(comm)`` on every rank at once; return the results in rank order.
 
         Raises

@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import importlib.util
+import inspect
 import subprocess
 import sys
 
@@ -49,6 +50,31 @@ def test_import_pulls_in_no_framework() -> None:
     assert result.stdout.strip() == "", f"imported at import time: {result.stdout.strip()}"
 
 
+#: The backend modules, each skipped where its library is missing. nccl imports no CuPy
+#: until a communicator is made; its examples that need a GPU are marked +SKIP.
+BACKENDS = [
+    pytest.param(
+        "portable_siglip.backends.mpi",
+        marks=pytest.mark.skipif(
+            not mpi_usable(), reason="MPI is not usable (mpi4py or its MPI library missing)"
+        ),
+    ),
+    pytest.param(
+        "portable_siglip.backends.torch",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("torch") is None, reason="torch is not installed"
+        ),
+    ),
+    pytest.param(
+        "portable_siglip.backends.jax",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("jax") is None, reason="jax is not installed"
+        ),
+    ),
+    "portable_siglip.backends.nccl",
+]
+
+
 @pytest.mark.parametrize(
     "module",
     [
@@ -56,24 +82,7 @@ def test_import_pulls_in_no_framework() -> None:
         "portable_siglip._losses",
         "portable_siglip.comm",
         "portable_siglip.cli._commands",
-        pytest.param(
-            "portable_siglip.backends.mpi",
-            marks=pytest.mark.skipif(
-                not mpi_usable(), reason="MPI is not usable (mpi4py or its MPI library missing)"
-            ),
-        ),
-        pytest.param(
-            "portable_siglip.backends.torch",
-            marks=pytest.mark.skipif(
-                importlib.util.find_spec("torch") is None, reason="torch is not installed"
-            ),
-        ),
-        pytest.param(
-            "portable_siglip.backends.jax",
-            marks=pytest.mark.skipif(
-                importlib.util.find_spec("jax") is None, reason="jax is not installed"
-            ),
-        ),
+        *BACKENDS,
         "portable_siglip._tiles",
         "portable_siglip._reference",
     ],
@@ -82,3 +91,14 @@ def test_docstring_examples_run(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), verbose=False)
     assert result.attempted > 0, f"{module} has no examples"
     assert result.failed == 0
+
+
+@pytest.mark.parametrize("module", ["portable_siglip.comm", *BACKENDS])
+def test_every_public_name_has_examples(module: str) -> None:
+    imported = importlib.import_module(module)
+    missing = [
+        name
+        for name in imported.__all__
+        if "\nExamples\n--------\n" not in (inspect.getdoc(getattr(imported, name)) or "")
+    ]
+    assert missing == [], f"{module}: no Examples section in the docstrings of {missing}"
