@@ -579,6 +579,82 @@ def exercise(comm: Any, make: Callable[[Any], Any]) -> tuple[str, dict[str, Any]
     >>> details[0][0].startswith("isendrecv")
     True
     """
+    problems = _collective_problems(comm, make)
+    sharded, schedules, worst = _sharded_problems(comm, make)
+    problems += sharded
+    # Last, so that a transport left broken by a failed exchange has checked the rest.
+    problems += _ring_problems(comm, make)
+    data = {
+        "ranks": comm.size,
+        "schedules": schedules,
+        "worst_relative_difference": worst,
+    }
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise BrokenError("; ".join(problems[:3]) + more, {**data, "problems": problems})
+    detail = (
+        f"isendrecv, allreduce, allgather, bcast, allgather_object; {schedules} schedules "
+        f"at W = {comm.size} equal one process (worst difference {worst:.1e})"
+    )
+    return detail, data
+
+
+def _exchanged() -> Any:
+    """Return the 3 x 4 float64 array that :func:`exercise` exchanges, before adding a rank."""
+    import numpy as np
+
+    return np.arange(12.0).reshape(3, 4)
+
+
+def _unequal(what: str, got: Any, want: Any) -> list[str]:
+    """Return ``[what returned wrong values]`` unless `got` holds exactly `want`, else ``[]``."""
+    import numpy as np
+
+    from .._interop import to_numpy
+
+    value = to_numpy(got)
+    if value.shape != want.shape or not np.array_equal(value, want):
+        return [f"{what} returned wrong values"]
+    return []
+
+
+def _collective_problems(comm: Any, make: Callable[[Any], Any]) -> list[str]:
+    """Check ``allreduce``, ``allgather`` of uneven shards, ``bcast``, ``allgather_object``.
+
+    Returns
+    -------
+    list of str
+        What each operation that returned something unexpected did wrong.
+    """
+    import numpy as np
+
+    rank, size = comm.rank, comm.size
+    base = _exchanged()
+    total = size * base + size * (size - 1) / 2
+    problems = _unequal("allreduce", comm.allreduce(make(base + rank)), total)
+    parts = comm.allgather(make(np.full((rank + 1, 4), float(rank))))
+    if len(parts) != size:
+        problems.append(f"allgather returned {len(parts)} parts for {size} ranks")
+    else:
+        for index, part in enumerate(parts):
+            want = np.full((index + 1, 4), float(index))
+            problems += _unequal(f"allgather (part {index})", part, want)
+    problems += _unequal("bcast", comm.bcast(make(base + rank), root=0), base)
+    if comm.allgather_object({"rank": rank}) != [{"rank": r} for r in range(size)]:
+        problems.append("allgather_object returned wrong objects")
+    return problems
+
+
+def _sharded_problems(comm: Any, make: Callable[[Any], Any]) -> tuple[list[str], int, float]:
+    """Compare both losses, every schedule, sharded over `comm`, with one process's call.
+
+    Returns
+    -------
+    problems, schedules, worst
+        What differed by more than ``SHARDED_RTOL`` (or had the wrong shape), how many
+        schedules ran, and the worst relative difference of any output (inf if one was
+        not finite).
+    """
     import numpy as np
 
     import portable_siglip
@@ -587,30 +663,11 @@ def exercise(comm: Any, make: Callable[[Any], Any]) -> tuple[str, dict[str, Any]
     from .._interop import to_numpy
 
     rank, size = comm.rank, comm.size
-    after, before = (rank + 1) % size, (rank - 1) % size
-    base = np.arange(12.0).reshape(3, 4)
-    problems: list[str] = []
-
-    def expect(what: str, got: Any, want: Any) -> None:
-        value = to_numpy(got)
-        if value.shape != want.shape or not np.array_equal(value, want):
-            problems.append(f"{what} returned wrong values")
-
-    expect("allreduce", comm.allreduce(make(base + rank)), size * base + size * (size - 1) / 2)
-    parts = comm.allgather(make(np.full((rank + 1, 4), float(rank))))
-    if len(parts) != size:
-        problems.append(f"allgather returned {len(parts)} parts for {size} ranks")
-    else:
-        for index, part in enumerate(parts):
-            expect(f"allgather (part {index})", part, np.full((index + 1, 4), float(index)))
-    expect("bcast", comm.bcast(make(base + rank), root=0), base)
-    if comm.allgather_object({"rank": rank}) != [{"rank": r} for r in range(size)]:
-        problems.append("allgather_object returned wrong objects")
-
     rng = np.random.default_rng(7)
     n, d = 12, 8
     img, txt = rng.standard_normal((n, d)), rng.standard_normal((n, d))
     rows = slice(n * rank // size, n * (rank + 1) // size)
+    problems: list[str] = []
     worst = 0.0
     schedules = 0
     for loss, strategies in (("sigmoid", SIGMOID_STRATEGIES), ("softmax", SOFTMAX_STRATEGIES)):
@@ -629,36 +686,50 @@ def exercise(comm: Any, make: Callable[[Any], Any]) -> tuple[str, dict[str, Any]
                 comm=comm,
                 strategy=strategy,
             )
-            names = ("loss", "grads.img", "grads.txt", "grads.scale", "grads.bias")
-            values = [got_loss, *got]
-            for name, value, reference in zip(names, values, expected, strict=True):
-                actual = to_numpy(value)
-                scale = max(float(np.max(np.abs(reference), initial=0.0)), 1e-300)
-                if actual.shape != reference.shape:
-                    problems.append(f"{loss} {strategy} {name}: shape {actual.shape}")
-                    continue
-                error = float(np.max(np.abs(actual - reference), initial=0.0)) / scale
-                worst = max(worst, error) if np.isfinite(error) else float("inf")
-                if not error <= SHARDED_RTOL:
-                    problems.append(
-                        f"{loss} {strategy} {name} differs from one process by {error:.1e}"
-                    )
-    # Last, so that a transport left broken by a failed exchange has checked the rest.
-    got = comm.isendrecv(make(base + rank), after, before, (3, 4)).wait()
-    expect("isendrecv", got, base + before)
-    data = {
-        "ranks": size,
-        "schedules": schedules,
-        "worst_relative_difference": worst,
-    }
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise BrokenError("; ".join(problems[:3]) + more, {**data, "problems": problems})
-    detail = (
-        f"isendrecv, allreduce, allgather, bcast, allgather_object; {schedules} schedules "
-        f"at W = {size} equal one process (worst difference {worst:.1e})"
-    )
-    return detail, data
+            found, error = _differences(f"{loss} {strategy}", [got_loss, *got], expected)
+            problems += found
+            worst = max(worst, error) if np.isfinite(error) else float("inf")
+    return problems, schedules, worst
+
+
+def _differences(
+    label: str, values: Sequence[Any], expected: Sequence[Any]
+) -> tuple[list[str], float]:
+    """Compare a loss and its four gradients with one process's, relative to its largest entry.
+
+    Returns
+    -------
+    problems, worst
+        What differed by more than ``SHARDED_RTOL`` or had the wrong shape, and the worst
+        relative difference of the outputs whose shape was right (inf if one was not finite).
+    """
+    import numpy as np
+
+    from .._interop import to_numpy
+
+    problems: list[str] = []
+    worst = 0.0
+    names = ("loss", "grads.img", "grads.txt", "grads.scale", "grads.bias")
+    for name, value, reference in zip(names, values, expected, strict=True):
+        actual = to_numpy(value)
+        scale = max(float(np.max(np.abs(reference), initial=0.0)), 1e-300)
+        if actual.shape != reference.shape:
+            problems.append(f"{label} {name}: shape {actual.shape}")
+            continue
+        error = float(np.max(np.abs(actual - reference), initial=0.0)) / scale
+        worst = max(worst, error) if np.isfinite(error) else float("inf")
+        if not error <= SHARDED_RTOL:
+            problems.append(f"{label} {name} differs from one process by {error:.1e}")
+    return problems, worst
+
+
+def _ring_problems(comm: Any, make: Callable[[Any], Any]) -> list[str]:
+    """Check a ring exchange: each rank sends to the next and receives from the previous."""
+    rank, size = comm.rank, comm.size
+    after, before = (rank + 1) % size, (rank - 1) % size
+    base = _exchanged()
+    got = comm.isendrecv(make(base + rank), after, before, base.shape).wait()
+    return _unequal("isendrecv", got, base + before)
 
 
 def _worker_env() -> dict[str, str]:
