@@ -34,16 +34,18 @@ import sys
 import time
 import traceback
 import tracemalloc
-from collections.abc import MutableMapping, Sequence
-from typing import Any
+from collections.abc import Callable, MutableMapping, Sequence
+from typing import Any, TypeVar
 
 from .. import _losses, _memory
 from .._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
 from .._interop import BACKENDS, DTYPES, UsageError, load_backend, to_numpy
 from . import _launch
-from ._devices import Device, parse_device, place, resolve_device
+from ._devices import Device, parse_device, place, resolve_device, wait_until_computed
 
 __all__ = ["JAX_PREALLOCATE", "limit_jax_preallocation", "load_run_backend", "main"]
+
+_Number = TypeVar("_Number", int, float)
 
 #: jax's switch for taking 75% of a GPU's memory when it first uses the GPU.
 JAX_PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
@@ -69,34 +71,34 @@ VERIFY_RTOL = {
 }
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _checked(
+    convert: Callable[[str], _Number],
+    accept: Callable[[_Number], bool],
+    wanted: str,
+    shown: str = "",
+) -> Callable[[str], _Number]:
+    """Return an argparse ``type``: `convert` the text, then refuse what `accept` rejects.
+
+    Either error says "expected `wanted`, got ...": the text as typed when it does not
+    convert, else the value, formatted with the format spec `shown`.
+    """
+
+    def parse(text: str) -> _Number:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {value:{shown}}")
+        return value
+
+    return parse
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value:g}")
-    return value
+_positive_int = _checked(int, lambda value: value > 0, "a positive integer")
+_nonnegative_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
+# The comparison also refuses nan.
+_rate = _checked(float, lambda value: 0.0 <= value < 1.0, "a number in [0, 1)", "g")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -549,24 +551,6 @@ def _placement(args: argparse.Namespace) -> tuple[Device, str]:
     return device, _launch.choose(args.comm, args.backend, device)
 
 
-def _synchronise(values: Sequence[Any]) -> None:
-    """Wait until lazy or asynchronous backends have finished computing `values`."""
-    for value in values:
-        block = getattr(value, "block_until_ready", None)
-        if block is not None:
-            block()
-    import array_api_compat
-
-    if any(array_api_compat.is_cupy_array(v) for v in values):
-        import cupy
-
-        cupy.cuda.get_current_stream().synchronize()
-    if any(array_api_compat.is_torch_array(v) and v.is_cuda for v in values):
-        import torch
-
-        torch.cuda.synchronize()
-
-
 class _DeviceMemory:
     """Peak memory of one call on a GPU, from the array library's allocator (:mod:`._memory`)."""
 
@@ -648,7 +632,7 @@ def _run(args: argparse.Namespace, comm: Any = None, device: Device | None = Non
     bias = args.bias if args.loss == "sigmoid" else None
 
     exact_memory = args.backend == "numpy"  # NumPy reports its allocations to tracemalloc
-    _synchronise([img, txt])
+    wait_until_computed([img, txt])
     if comm is not None:
         comm.allgather_object(None)  # start together, so times measure the call itself
     if exact_memory:
@@ -668,7 +652,7 @@ def _run(args: argparse.Namespace, comm: Any = None, device: Device | None = Non
         precision=args.precision,
         **ids,  # only with --captions-per-image > 1 or --duplicate-rate > 0
     )
-    _synchronise([loss, *grads])
+    wait_until_computed([loss, *grads])
     seconds = time.perf_counter() - start
     if on_gpu is not None:
         peak, memory_note = on_gpu.peak()

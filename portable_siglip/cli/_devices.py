@@ -9,6 +9,7 @@ message says what was looked for and not found, so the command line exits 2 with
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ __all__ = [
     "parse_device",
     "place",
     "resolve_device",
+    "wait_until_computed",
 ]
 
 #: Backends whose arrays can live on a CUDA device, and the one that can live nowhere else.
@@ -226,3 +228,34 @@ def place(backend: str, xp: Any, values: Any, dtype: Any, device: Device) -> Any
             xp.asarray(values, dtype=dtype), jax.devices(platform)[device.index or 0]
         )
     return xp.asarray(values, dtype=dtype)
+
+
+def wait_until_computed(values: Sequence[Any]) -> None:
+    """Wait until lazy or asynchronous backends have finished computing `values`.
+
+    jax arrays are waited for one by one; cupy's current stream and each CUDA device that
+    holds one of the torch tensors are synchronised.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> wait_until_computed([np.ones(2)])  # numpy computes eagerly: returns at once
+    """
+    import array_api_compat
+
+    for value in values:
+        ready = getattr(value, "block_until_ready", None)
+        if ready is not None:
+            ready()
+    if any(array_api_compat.is_cupy_array(v) for v in values):
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()
+    torch_devices = {
+        v.device for v in values if array_api_compat.is_torch_array(v) and v.is_cuda
+    }
+    if torch_devices:
+        import torch
+
+        for torch_device in torch_devices:
+            torch.cuda.synchronize(torch_device)

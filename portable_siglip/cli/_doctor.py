@@ -1059,24 +1059,6 @@ def _worker_main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------- block size
 
 
-def _wait(values: Sequence[Any]) -> None:
-    """Wait until asynchronous backends have computed `values`."""
-    import array_api_compat
-
-    for value in values:
-        ready = getattr(value, "block_until_ready", None)
-        if ready is not None:
-            ready()
-    if any(array_api_compat.is_cupy_array(v) for v in values):
-        import cupy
-
-        cupy.cuda.get_current_stream().synchronize()
-    if any(array_api_compat.is_torch_array(v) and v.is_cuda for v in values):
-        import torch
-
-        torch.cuda.synchronize(values[0].device)
-
-
 def _probe(backend: str, device: Any) -> tuple[str, dict[str, Any]]:
     import numpy as np
 
@@ -1084,7 +1066,7 @@ def _probe(backend: str, device: Any) -> tuple[str, dict[str, Any]]:
 
     from .._checks import default_block_size
     from .._interop import load_backend
-    from ._devices import place
+    from ._devices import place, wait_until_computed
 
     kind = "cuda" if device.is_cuda else "cpu"
     n, d = PROBE_GPU if device.is_cuda else PROBE_CPU
@@ -1104,7 +1086,7 @@ def _probe(backend: str, device: Any) -> tuple[str, dict[str, Any]]:
         with _on(backend, device):
             start = time.perf_counter()
             loss, grads = function(img, txt, 10.0, -10.0, block_size=block)
-            _wait([loss, *grads])
+            wait_until_computed([loss, *grads])
             return time.perf_counter() - start
 
     once(default)  # warm-up: first-call costs (allocation, kernel loading) are not timed
