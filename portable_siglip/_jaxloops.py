@@ -3,7 +3,7 @@
 The array-API loops of :mod:`._sigmoid` and :mod:`._softmax` are Python ``for`` loops: under
 ``jax.jit`` every tile is traced once and unrolled into the program, so the program and its
 compile time grow with ``(n / block_size)^2`` (44 s at n = 16384, b = 256). Here the same
-tile bodies (:mod:`._tilemath`) run inside one ``lax.fori_loop`` over all tiles: the program
+tile formulas (:mod:`._tilemath`) run inside one ``lax.fori_loop`` over all tiles: the program
 holds one tile, whatever the batch.
 
 Tiles have a fixed shape inside a jax loop, so the rows and columns are padded with zeros up
@@ -28,7 +28,7 @@ from typing import Any
 import array_api_compat
 
 from ._precision import Gemm
-from ._tilemath import lse_tile, merge_lse, positive_sums, sigmoid_tile, softmax_grad_tile
+from ._tilemath import Ops, lse_tile, merge_lse, positive_sums, sigmoid_tile, softmax_grad_tile
 from ._typing import Array, Namespace
 
 __all__ = ["enabled", "sigmoid_sums", "softmax_grad_sums", "softmax_lse"]
@@ -190,7 +190,7 @@ def sigmoid_sums(
         cols = _slice(txt_ops, col_start, grid.cols)
         logits = gemm.matmul(rows, cols.T) + bias  # (b, d) @ (d, c) -> (b, c)
         valid, mask = grid.masks(row_start, col_start)
-        tile_loss, part = sigmoid_tile(jnp, logits, mask, grad=grad, valid=valid)
+        tile_loss, part = sigmoid_tile(Ops(jnp), logits, mask, grad=grad, valid=valid)
         if part is None:
             return (carry[0] + tile_loss,)
         loss, bias_sum, img_acc, txt_acc = carry
@@ -250,10 +250,10 @@ def softmax_lse(
         rows, cols = _slice(img_ops, row_start, grid.rows), _slice(txt_ops, col_start, grid.cols)
         logits = gemm.matmul(rows, cols.T)  # (b, d) @ (d, c) -> (b, c)
         valid, mask = grid.masks(row_start, col_start)
-        row_max, row_log, col_max, col_log = lse_tile(jnp, jnp.where(valid, logits, -jnp.inf))
+        row_max, row_log, col_max, col_log = lse_tile(Ops(jnp), jnp.where(valid, logits, -jnp.inf))
         row_extra = col_extra = None
         if mask is not None:
-            counts = positive_sums(jnp, logits, mask & valid)
+            counts = positive_sums(Ops(jnp), logits, mask & valid)
             row_extra, col_extra = counts[:2], counts[2:]
         row_acc = merged(row_acc, row_start, row_max, row_log, row_extra)
         col_acc = merged(col_acc, col_start, col_max, col_log, col_extra)
@@ -300,14 +300,14 @@ def softmax_grad_sums(
         valid, mask = grid.masks(row_start, col_start)
         own = _slice(rows_lse, row_start, grid.rows)
         other = _slice(cols_lse, col_start, grid.cols)
-        minus: float | Array = 2.0
+        minus: float | tuple[Array, Array] = 2.0
         if labelled:
             minus = (
-                _slice(row_minus, row_start, grid.rows)[:, None]
-                + _slice(col_minus, col_start, grid.cols)[None, :]
+                _slice(row_minus, row_start, grid.rows)[:, None],
+                _slice(col_minus, col_start, grid.cols)[None, :],
             )
         part = softmax_grad_tile(
-            jnp,
+            Ops(jnp),
             logits,
             (own[:, 0:1], own[:, 1:2]),
             (other[None, :, 0], other[None, :, 1]),

@@ -7,23 +7,23 @@ diagonal, or equal ids), ``-1`` elsewhere (Zhai et al., ICCV 2023, Sec. 3), writ
     L    = (1/n) * sum_ij softplus(u_ij)
     dL/dZ = G = (1/n) * (-l) * sigmoid(u) = (sigmoid(Z) - P) / n
 
-with ``P`` the 0/1 mask of the positives and ``n`` the number of image rows.
-
-and the chain rule through ``Z`` gives the four gradients (see docs/math.md). Every tile
-yields its share of the loss and of all four gradients at once, so the loss and the
-gradient need a single pass, and no tile outlives its iteration.
+with ``P`` the 0/1 mask of the positives and ``n`` the number of image rows. The chain
+rule through ``Z`` gives the four gradients (see docs/math.md). Every tile yields its share
+of the loss and of all four gradients at once, so the loss and the gradient need a single
+pass, and no tile outlives its iteration. What a tile contributes is computed by
+:func:`._tilemath.sigmoid_tile`; the loop below only walks the tiles, over fresh arrays or
+over the reusable buffers of :mod:`._inplace`, and arrays jax is tracing take the
+``fori_loop`` of :mod:`._jaxloops`.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
-import array_api_compat
+from typing import NamedTuple
 
 from . import _inplace, _jaxloops
 from ._precision import Gemm
 from ._tilemath import sigmoid_tile
-from ._tiles import Positives, blocks, positive_mask
+from ._tiles import Positives, blocks
 from ._typing import Array, Namespace
 
 __all__ = ["SigmoidSums", "sigmoid_sums"]
@@ -84,52 +84,45 @@ def sigmoid_sums(
         The unnormalised sums; the caller divides by n.
     """
     gemm = gemm or Gemm(xp, scaled_img.dtype)
-    options: dict[str, Any] = {
-        "positives": positives,
-        "block_size": block_size,
-        "grad": grad,
-        "gemm": gemm,
-    }
-    if _inplace.enabled(xp, scaled_img, txt, bias):
-        return SigmoidSums(*_inplace.sigmoid_sums(xp, scaled_img, txt, bias, **options))
     if _jaxloops.enabled(xp, scaled_img, txt, bias, positives):
-        return SigmoidSums(*_jaxloops.sigmoid_sums(scaled_img, txt, bias, **options))
-    m, k = scaled_img.shape[0], txt.shape[0]
-    dtype = scaled_img.dtype
-    device = array_api_compat.device(scaled_img)
-    zero = xp.zeros((), dtype=dtype, device=device)
-    loss = zero
-    bias_sum = zero
-    img_acc_blocks: list[Array] = []
-    txt_acc_blocks: list[Array | None] = [None] * len(range(0, k, block_size))
-    img_ops, txt_ops = gemm.operand(scaled_img), gemm.operand(txt)
-    for row_start, row_stop in blocks(m, block_size):
-        img_rows = img_ops[row_start:row_stop, :]
-        img_acc: Array | None = None
-        for col, (col_start, col_stop) in enumerate(blocks(k, block_size)):
-            txt_cols = txt_ops[col_start:col_stop, :]
-            logits = gemm.matmul(img_rows, txt_cols.T) + bias  # (b, d) @ (d, c) -> (b, c)
-            mask = positive_mask(
-                xp, positives, (row_start, row_stop), (col_start, col_stop), device
+        return SigmoidSums(
+            *_jaxloops.sigmoid_sums(
+                scaled_img,
+                txt,
+                bias,
+                positives=positives,
+                block_size=block_size,
+                grad=grad,
+                gemm=gemm,
             )
-            tile_loss, part = sigmoid_tile(xp, logits, mask, grad=grad)
+        )
+    space = _inplace.workspace(
+        xp, scaled_img, txt, bias, positives=positives, block_size=block_size, gemm=gemm
+    )
+    ops = space.ops
+    m, k, d = scaled_img.shape[0], txt.shape[0], scaled_img.shape[1]
+    row_blocks, col_blocks = list(blocks(m, block_size)), list(blocks(k, block_size))
+    loss = bias_sum = ops.zero(scaled_img)
+    img_acc = space.accumulator(m, d, len(row_blocks))
+    txt_acc = space.accumulator(k, d, len(col_blocks))
+    img_ops, txt_ops = space.operand(scaled_img), space.operand(txt)
+    for row, rows in enumerate(row_blocks):
+        img_rows = img_ops[rows[0] : rows[1], :]
+        for col, cols in enumerate(col_blocks):
+            txt_cols = txt_ops[cols[0] : cols[1], :]
+            logits = space.logits(img_rows, txt_cols)  # (b, d) @ (d, c) -> (b, c)
+            logits = ops.add(logits, bias, out=logits)
+            work = space.work(*logits.shape)
+            tile_loss, part = sigmoid_tile(
+                ops, logits, space.mask(rows, cols), grad=grad, work=work
+            )
             loss = loss + tile_loss
             if part is None:
                 continue
             bias_sum = bias_sum + xp.sum(part)
-            factor = gemm.factor(part)
-            step = gemm.matmul(factor, txt_cols)  # (b, c) @ (c, d) -> (b, d)
-            img_acc = step if img_acc is None else img_acc + step
-            back = gemm.matmul(factor.T, img_rows)  # (c, b) @ (b, d) -> (c, d)
-            previous = txt_acc_blocks[col]
-            txt_acc_blocks[col] = back if previous is None else previous + back
-        if grad:
-            img_acc_blocks.append(img_acc)
+            factor = space.factor(part)
+            img_acc.add(row, rows, factor, txt_cols)  # (b, c) @ (c, d) -> (b, d)
+            txt_acc.add(col, cols, factor.T, img_rows)  # (c, b) @ (b, d) -> (c, d)
     if not grad:
         return SigmoidSums(loss, None, None, None)
-    return SigmoidSums(
-        loss,
-        xp.concat(img_acc_blocks, axis=0),
-        xp.concat(txt_acc_blocks, axis=0),
-        bias_sum,
-    )
+    return SigmoidSums(loss, img_acc.result(), txt_acc.result(), bias_sum)

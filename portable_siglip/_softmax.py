@@ -48,7 +48,7 @@ from ._tilemath import (
     softmax_grad_tile,
     stack_pairs,
 )
-from ._tiles import Positives, blocks, positive_mask
+from ._tiles import Positives, Workspace, blocks
 from ._typing import Array, Namespace
 
 __all__ = [
@@ -78,8 +78,8 @@ class SoftmaxLse(NamedTuple):
 def merge_lse_pairs(xp: Namespace, a: Array, b: Array) -> Array:
     """:func:`merge_lse` of two (k, 2) pair arrays (column 0 ``M``, column 1 ``s``).
 
-    (k, 4) arrays (with ids) merge their first two columns so and add the other two (the
-    positive counts and positive-logit sums).
+    (k, 4) arrays (with ids) merge their first two columns the same way and add the other
+    two (the positive counts and positive-logit sums).
     """
     pair = xp.stack(merge_lse(xp, a[:, 0], a[:, 1], b[:, 0], b[:, 1]), axis=1)
     if a.shape[1] == 2:
@@ -139,35 +139,33 @@ def softmax_lse(
         ``positives``, (m, 4) and (k, 4) with the count and logit sum of the positives.
     """
     gemm = gemm or Gemm(xp, scaled_img.dtype)
-    options: dict[str, Any] = {"block_size": block_size, "positives": positives, "gemm": gemm}
-    if _inplace.enabled(xp, scaled_img, txt):
-        return SoftmaxLse(*_inplace.softmax_lse(xp, scaled_img, txt, **options))
     if _jaxloops.enabled(xp, scaled_img, txt, positives):
-        return SoftmaxLse(*_jaxloops.softmax_lse(scaled_img, txt, **options))
-    m, k = scaled_img.shape[0], txt.shape[0]
-    device = array_api_compat.device(scaled_img)
-    col_blocks = list(blocks(k, block_size))
+        return SoftmaxLse(
+            *_jaxloops.softmax_lse(
+                scaled_img, txt, block_size=block_size, positives=positives, gemm=gemm
+            )
+        )
+    space = _inplace.workspace(
+        xp, scaled_img, txt, positives=positives or False, block_size=block_size, gemm=gemm
+    )
+    col_blocks = list(blocks(txt.shape[0], block_size))
     col_lse: list[Pair | None] = [None] * len(col_blocks)
     col_pos: list[Pair | None] = [None] * len(col_blocks)
     row_lse: list[Pair] = []
     row_pos: list[Pair] = []
-    img_ops, txt_ops = gemm.operand(scaled_img), gemm.operand(txt)
-    for row_start, row_stop in blocks(m, block_size):
-        img_rows = img_ops[row_start:row_stop, :]
+    img_ops, txt_ops = space.operand(scaled_img), space.operand(txt)
+    for rows in blocks(scaled_img.shape[0], block_size):
+        img_rows = img_ops[rows[0] : rows[1], :]
         row_total: Pair | None = None
         row_found: Pair | None = None
-        for col, (col_start, col_stop) in enumerate(col_blocks):
-            txt_cols = txt_ops[col_start:col_stop, :]
-            logits = gemm.matmul(img_rows, txt_cols.T)  # (b, d) @ (d, c) -> (b, c)
-            if positives is not None:
-                mask = positive_mask(
-                    xp, positives, (row_start, row_stop), (col_start, col_stop), device
-                )
-                assert mask is not None
-                counts = positive_sums(xp, logits, mask)
+        for col, cols in enumerate(col_blocks):
+            logits = space.logits(img_rows, txt_ops[cols[0] : cols[1], :])  # (b, c)
+            work = space.work(*logits.shape)
+            if space.labelled:  # positive counts and logit sums, before the tile changes
+                counts = _positive_counts(space, logits, space.mask(rows, cols), work)
                 row_found = add_pairs(row_found, counts[:2])
                 col_pos[col] = add_pairs(col_pos[col], counts[2:])
-            row_max, row_log, col_max, col_log = lse_tile(xp, logits)
+            row_max, row_log, col_max, col_log = lse_tile(space.ops, logits, work)
             row_total = merge_pairs(xp, row_total, (row_max, row_log))
             col_lse[col] = merge_pairs(xp, col_lse[col], (col_max, col_log))
         assert row_total is not None
@@ -179,6 +177,17 @@ def softmax_lse(
         return SoftmaxLse(stack_pairs(xp, row_lse), stack_pairs(xp, lse_cols))
     pos_cols = [pair for pair in col_pos if pair is not None]
     return SoftmaxLse(stack_pairs(xp, row_lse, row_pos), stack_pairs(xp, lse_cols, pos_cols))
+
+
+def _positive_counts(
+    space: Workspace, logits: Array, mask: Any, work: Array | None
+) -> tuple[Array, Array, Array, Array]:
+    """:func:`positive_sums` of a tile, or zeros for a tile the workspace found none in."""
+    if mask is not None:
+        return positive_sums(space.ops, logits, mask, work)
+    rows = space.ops.xp.zeros((logits.shape[0],), dtype=logits.dtype, device=space.device)
+    cols = space.ops.xp.zeros((logits.shape[1],), dtype=logits.dtype, device=space.device)
+    return rows, rows, cols, cols
 
 
 def softmax_grad_sums(
@@ -226,57 +235,62 @@ def softmax_grad_sums(
         ``P @ txt`` of shape (m, d) and ``P.T @ scaled_img`` of shape (k, d).
     """
     gemm = gemm or Gemm(xp, scaled_img.dtype)
-    options: dict[str, Any] = {
-        "positives": positives,
-        "block_size": block_size,
-        "col_weight": col_weight,
-        "gemm": gemm,
-    }
-    if _inplace.enabled(xp, scaled_img, txt):
-        return _inplace.softmax_grad_sums(xp, scaled_img, txt, row_lse, col_lse, **options)
     if _jaxloops.enabled(xp, scaled_img, txt, row_lse, col_lse, positives):
-        return _jaxloops.softmax_grad_sums(scaled_img, txt, row_lse, col_lse, **options)
-    m, k = scaled_img.shape[0], txt.shape[0]
-    device = array_api_compat.device(scaled_img)
-    col_blocks = list(blocks(k, block_size))
-    txt_acc: list[Array | None] = [None] * len(col_blocks)
-    img_acc_blocks: list[Array] = []
-    row_top, row_log = row_lse[:, 0], row_lse[:, 1]
-    col_top, col_log = col_lse[:, 0], col_lse[:, 1]
-    labelled = not isinstance(positives, bool)
-    if labelled:  # what a positive (i, j) subtracts: 1/c_i + w/c_j
-        row_minus, col_minus = 1.0 / row_lse[:, 2], col_weight / col_lse[:, 2]
-    img_ops, txt_ops = gemm.operand(scaled_img), gemm.operand(txt)
-    for row_start, row_stop in blocks(m, block_size):
-        img_rows = img_ops[row_start:row_stop, :]
-        top, log = row_top[row_start:row_stop, None], row_log[row_start:row_stop, None]
-        img_acc: Array | None = None
-        for col, (col_start, col_stop) in enumerate(col_blocks):
-            txt_cols = txt_ops[col_start:col_stop, :]
-            logits = gemm.matmul(img_rows, txt_cols.T)  # (b, d) @ (d, c) -> (b, c)
-            # softmax_rows + softmax_cols as exp((Z - M) - s); both exponents are <= 0 up to
-            # rounding. Z - M first: a difference of two logits, exact where it matters.
-            cols = slice(col_start, col_stop)
-            mask = positive_mask(
-                xp, positives, (row_start, row_stop), (col_start, col_stop), device
-            )
-            minus: float | Array = 2.0
-            if mask is not None and labelled:
-                minus = row_minus[row_start:row_stop, None] + col_minus[None, cols]
+        return _jaxloops.softmax_grad_sums(
+            scaled_img,
+            txt,
+            row_lse,
+            col_lse,
+            positives=positives,
+            block_size=block_size,
+            col_weight=col_weight,
+            gemm=gemm,
+        )
+    space = _inplace.workspace(
+        xp, scaled_img, txt, positives=positives, block_size=block_size, gemm=gemm
+    )
+    m, k, d = scaled_img.shape[0], txt.shape[0], scaled_img.shape[1]
+    row_blocks, col_blocks = list(blocks(m, block_size)), list(blocks(k, block_size))
+    img_acc = space.accumulator(m, d, len(row_blocks))
+    txt_acc = space.accumulator(k, d, len(col_blocks))
+    minus = _Minus(row_lse, col_lse, col_weight, labelled=space.labelled)
+    img_ops, txt_ops = space.operand(scaled_img), space.operand(txt)
+    for row, rows in enumerate(row_blocks):
+        img_rows = img_ops[rows[0] : rows[1], :]
+        own = (row_lse[rows[0] : rows[1], 0:1], row_lse[rows[0] : rows[1], 1:2])  # (b, 1) each
+        for col, cols in enumerate(col_blocks):
+            txt_cols = txt_ops[cols[0] : cols[1], :]
+            logits = space.logits(img_rows, txt_cols)  # (b, d) @ (d, c) -> (b, c)
             part = softmax_grad_tile(
-                xp,
+                space.ops,
                 logits,
-                (top, log),
-                (col_top[None, cols], col_log[None, cols]),
-                mask,
-                minus,
+                own,
+                (col_lse[None, cols[0] : cols[1], 0], col_lse[None, cols[0] : cols[1], 1]),
+                space.mask(rows, cols),
+                minus.tile(rows, cols),
                 col_weight=col_weight,
+                work=space.work(*logits.shape),
             )
-            factor = gemm.factor(part)
-            step = gemm.matmul(factor, txt_cols)  # (b, c) @ (c, d) -> (b, d)
-            img_acc = step if img_acc is None else img_acc + step
-            back = gemm.matmul(factor.T, img_rows)  # (c, b) @ (b, d) -> (c, d)
-            previous = txt_acc[col]
-            txt_acc[col] = back if previous is None else previous + back
-        img_acc_blocks.append(img_acc)
-    return xp.concat(img_acc_blocks, axis=0), xp.concat(txt_acc, axis=0)
+            factor = space.factor(part)
+            img_acc.add(row, rows, factor, txt_cols)  # (b, c) @ (c, d) -> (b, d)
+            txt_acc.add(col, cols, factor.T, img_rows)  # (c, b) @ (b, d) -> (c, d)
+    return img_acc.result(), txt_acc.result()
+
+
+class _Minus:
+    """What a positive (i, j) of the gradient tile subtracts: 2 without ids, 1/c_i + w/c_j with.
+
+    With ids, ``c`` are the rows' and columns' positive counts (column 2 of the pairs) and
+    ``w`` the column weight; a tile gets the pair of slices (b, 1) and (1, c).
+    """
+
+    def __init__(self, row_lse: Array, col_lse: Array, col_weight: float, *, labelled: bool):
+        self._labelled = labelled
+        if labelled:
+            self._rows, self._cols = 1.0 / row_lse[:, 2], col_weight / col_lse[:, 2]
+
+    def tile(self, rows: tuple[int, int], cols: tuple[int, int]) -> float | Pair:
+        """Return ``minus`` of :func:`softmax_grad_tile` for tile (rows, cols)."""
+        if not self._labelled:
+            return 2.0
+        return self._rows[rows[0] : rows[1], None], self._cols[None, cols[0] : cols[1]]

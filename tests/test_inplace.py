@@ -1,8 +1,9 @@
-"""The in-place tile kernels against the reference tile loops, and when they apply.
+"""The tile loops over in-place buffers against the same loops over fresh arrays.
 
 The conformance, golden and gradient tests already run every backend through the public
-functions, with the kernels on (numpy, torch) and off (numpy_readonly, torch_reference).
-These tests pin the kernels themselves: the same sums as the reference loops on shapes the
+functions, with the buffers on (numpy, torch) and off (numpy_readonly, torch_reference).
+These tests pin the in-place workspace (:mod:`portable_siglip._inplace`) and the in-place
+steps of the tile formulas (:class:`portable_siglip._tilemath.InplaceOps`) themselves: the same sums as the reference loops on shapes the
 public functions reach only through the ring (row and column shards of different lengths,
 no positives), at logits far outside the usual range, and without the temporaries the
 reference loops allocate.
@@ -63,6 +64,23 @@ def _reference(monkeypatch: pytest.MonkeyPatch, function: Any, *args: Any, **kwa
         return function(*args, **kwargs)
 
 
+def _inplace_run(monkeypatch: pytest.MonkeyPatch, function: Any, *args: Any, **kwargs: Any) -> Any:
+    """``function`` with the in-place workspace on; asserts the loop really takes it."""
+    chosen: list[Any] = []
+    real = _inplace.workspace
+
+    def spy(*a: Any, **k: Any) -> Any:
+        chosen.append(real(*a, **k))
+        return chosen[-1]
+
+    with monkeypatch.context() as patch:
+        patch.delenv(ENV, raising=False)
+        patch.setattr(_inplace, "workspace", spy)
+        result = function(*args, **kwargs)
+    assert chosen and all(isinstance(w, _inplace.InplaceWorkspace) for w in chosen)
+    return result
+
+
 @pytest.mark.parametrize("native", _natives())
 @pytest.mark.parametrize(("m", "k", "block"), SHAPES)
 @pytest.mark.parametrize("spread", [1.0, 300.0])
@@ -80,8 +98,16 @@ def test_sigmoid_kernel_equals_reference(
     xp = _namespace(img)
     positives = m == k
     assert _inplace.enabled(xp, img, txt)
-    fast = _inplace.sigmoid_sums(
-        xp, img, txt, -2.5, positives=positives, block_size=block, grad=grad
+    fast = _inplace_run(
+        monkeypatch,
+        _sigmoid.sigmoid_sums,
+        xp,
+        img,
+        txt,
+        -2.5,
+        positives=positives,
+        block_size=block,
+        grad=grad,
     )
     slow = _reference(
         monkeypatch,
@@ -109,14 +135,22 @@ def test_softmax_kernels_equal_reference(
 ) -> None:
     img, txt, _ = _arrays(native, m, k, spread, seed=m * 100 + k + 1)
     xp = _namespace(img)
-    fast = _inplace.softmax_lse(xp, img, txt, block_size=block)
+    fast = _inplace_run(monkeypatch, _softmax.softmax_lse, xp, img, txt, block_size=block)
     slow = _reference(monkeypatch, _softmax.softmax_lse, xp, img, txt, block_size=block)
     for name, got, want in zip(("rows", "cols"), fast, slow, strict=True):
         np.testing.assert_allclose(_np(got), _np(want), rtol=1e-12, atol=1e-12, err_msg=name)
     row_lse, col_lse = slow.rows, slow.cols
     positives = m == k
-    fast_acc = _inplace.softmax_grad_sums(
-        xp, img, txt, row_lse, col_lse, positives=positives, block_size=block
+    fast_acc = _inplace_run(
+        monkeypatch,
+        _softmax.softmax_grad_sums,
+        xp,
+        img,
+        txt,
+        row_lse,
+        col_lse,
+        positives=positives,
+        block_size=block,
     )
     slow_acc = _reference(
         monkeypatch,
