@@ -34,7 +34,6 @@ from ._ids import bind_ids, diagnose_ids, load_ids_cases
 from ._naive import naive_errors
 from ._report import (
     CONVENTIONS,
-    FLOOR,
     HALF_DTYPES,
     QUANTITIES,
     RULE_FLOOR,
@@ -42,11 +41,10 @@ from ._report import (
     CheckResult,
     Outcome,
     Report,
+    case_error,
     check_bound,
-    natural_scale,
-    off_by,
-    relative_error,
     tolerance_for,
+    verdict,
 )
 
 __all__ = [
@@ -483,17 +481,8 @@ def _compare(
                 CheckResult(check, case.name, quantity, math.inf, bound, False, message, reference)
             )
             continue
-        error = relative_error(got, want, FLOOR * natural_scale(case, quantity))
-        message = ""
-        if not math.isfinite(error):
-            message = "non-finite values"
-        elif error > bound:
-            message = off_by(error, bound, reference)
-        results.append(
-            CheckResult(
-                check, case.name, quantity, error, bound, error <= bound, message, reference
-            )
-        )
+        error = case_error(got, want, case, quantity)
+        results.append(verdict(check, case.name, quantity, error, bound, reference))
     return results
 
 

@@ -40,8 +40,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,16 +54,14 @@ from ._checks import describe_exception
 from ._naive import naive_errors
 from ._report import (
     CONVENTIONS,
-    FLOOR,
     HALF_DTYPES,
     TOLERANCE,
     CheckResult,
     Report,
+    case_error,
     check_bound,
-    natural_scale,
-    off_by,
-    relative_error,
     tolerance_for,
+    verdict,
 )
 
 __all__ = [
@@ -177,6 +177,23 @@ def _label(case: Case, sizes: Sequence[int]) -> str:
     return f"{case.name} [{'+'.join(map(str, sizes))}]"
 
 
+def _rows(sizes: Sequence[int], rank: int) -> slice:
+    """Return the rows of rank `rank` when a case is cut into shards of `sizes` rows."""
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def _scheduled(world_size: int, convention: str) -> tuple[list[tuple[Case, list[int]]], int]:
+    """Return the judge's :func:`schedule` and how many cases it leaves out.
+
+    The large cases (n in the thousands) test one-process tile tails; they would only slow
+    the distributed runs down, and are neither run nor counted.
+    """
+    selected = tuple(case for case in load_cases() if "large" not in case.tags)
+    work = schedule(selected, world_size, convention)
+    return work, len(selected) - len({case.name for case, _ in work})
+
+
 # --------------------------------------------------------------------------- the worker
 
 
@@ -201,6 +218,36 @@ def _scalar_loss(result: Any) -> Any:
         )
         raise TypeError(msg)
     return sum(p.reshape(()) for p in parts[1:]) + parts[0].reshape(())
+
+
+def _worker_case(
+    function: Callable[..., Any], case: Case, rows: slice, loss: str, dtype: Any
+) -> dict[str, Any]:
+    """Return the loss and autograd's gradients of `function` on the shard `rows` of `case`.
+
+    The shard, ``scale`` and ``bias`` are leaf tensors of torch dtype `dtype`; a leaf the
+    loss does not reach gets a zero gradient. What the implementation raises propagates.
+    """
+    import numpy as np
+    import torch
+
+    leaves = [
+        torch.tensor(np.array(case.img[rows]), dtype=dtype, requires_grad=True),
+        torch.tensor(np.array(case.txt[rows]), dtype=dtype, requires_grad=True),
+        torch.tensor(case.scale, dtype=dtype, requires_grad=True),
+        torch.tensor(case.bias, dtype=dtype, requires_grad=True),
+    ]
+    inputs = leaves if loss == "sigmoid" else leaves[:3]  # ClipLoss takes no bias
+    value = _scalar_loss(function(*inputs))
+    if value.requires_grad:
+        value.backward()
+    values: dict[str, Any] = {"loss": np.float64(value.detach().double().item())}
+    for name, leaf in zip(_GRADIENTS, leaves, strict=True):
+        grad = leaf.grad
+        values[name] = (
+            np.zeros(tuple(leaf.shape)) if grad is None else grad.detach().double().numpy()
+        )
+    return values
 
 
 def _worker_run(args: argparse.Namespace) -> int:
@@ -231,22 +278,11 @@ def _worker_run(args: argparse.Namespace) -> int:
         error_file.write_text(f"rank {rank}: constructing the implementation: {text}")
         return _USAGE
     _, dtype = load_backend("torch", args.dtype)
-    cases = [case for case in load_cases() if "large" not in case.tags]
-    work = schedule(cases, world, args.dist_convention)
+    work, _ = _scheduled(world, args.dist_convention)
     for index, (case, sizes) in enumerate(work):
-        start = sum(sizes[:rank])
-        rows = slice(start, start + sizes[rank])
-        leaves = [
-            torch.tensor(np.array(case.img[rows]), dtype=dtype, requires_grad=True),
-            torch.tensor(np.array(case.txt[rows]), dtype=dtype, requires_grad=True),
-            torch.tensor(case.scale, dtype=dtype, requires_grad=True),
-            torch.tensor(case.bias, dtype=dtype, requires_grad=True),
-        ]
-        inputs = leaves if args.loss == "sigmoid" else leaves[:3]  # ClipLoss takes no bias
+        rows = _rows(sizes, rank)
         try:
-            loss = _scalar_loss(function(*inputs))
-            if loss.requires_grad:
-                loss.backward()
+            values = _worker_case(function, case, rows, args.loss, dtype)
         except KeyboardInterrupt:
             raise
         except BaseException as error:  # SystemExit too: a failed run
@@ -254,12 +290,6 @@ def _worker_run(args: argparse.Namespace) -> int:
                 f"rank {rank}, {_label(case, sizes)}: {describe_exception(error)}"
             )
             return _RAISED
-        values: dict[str, Any] = {"loss": np.float64(loss.detach().double().item())}
-        for name, leaf in zip(_GRADIENTS, leaves, strict=True):
-            grad = leaf.grad
-            values[name] = (
-                np.zeros(tuple(leaf.shape)) if grad is None else grad.detach().double().numpy()
-            )
         np.savez(out / f"rank{rank}-case{index}.npz", **values)
     # Leave together: a rank that tears gloo down while a peer is still in its last
     # collective can make that peer's gloo thread abort the process.
@@ -296,30 +326,17 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _launch(
+def _worker_command(
     spec: str,
     loss: str,
     world_size: int,
     convention: str,
     dtype: str,
     timeout: float | None,
-    deadline_s: float,
     out: Path,
-    cases: int,
-) -> tuple[list[list[dict[str, Any]]], str | None]:
-    """Run the W workers; return each rank's outputs of the cases every rank finished.
-
-    The second item says why the run ended early (a rank raised, crashed or overran), or
-    is None.
-
-    Raises
-    ------
-    UsageError
-        If a rank could not load or construct the implementation.
-    """
-    import numpy as np
-
-    command = [
+) -> list[str]:
+    """Return the command line of a worker, but its ``--rank``."""
+    return [
         sys.executable,
         "-m",
         "portable_siglip.conformance._distributed",
@@ -340,37 +357,34 @@ def _launch(
         "--out",
         str(out),
     ]
+
+
+def _launch(
+    command: Sequence[str], world_size: int, deadline_s: float, out: Path, cases: int
+) -> tuple[list[list[dict[str, Any]]], str | None]:
+    """Run the W workers; return each rank's outputs of the cases every rank finished.
+
+    The second item says why the run ended early (a rank raised, crashed or overran), or
+    is None.
+
+    Raises
+    ------
+    UsageError
+        If a rank could not load or construct the implementation.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = []
     logs = []
-    for rank in range(world_size):
-        log = (out / f"rank{rank}.log").open("w")
-        logs.append(log)
-        procs.append(
-            subprocess.Popen(
-                [*command, "--rank", str(rank)], env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-        )
-    end = time.monotonic() + deadline_s
-    failure: str | None = None
-    usage = False
     try:
-        while True:
-            codes = [proc.poll() for proc in procs]
-            if all(code == 0 for code in codes):
-                break
-            if any(code not in (None, 0) for code in codes):
-                time.sleep(0.5)  # let the other ranks write their own errors, if they have one
-                failure, usage = _why(out, [proc.poll() for proc in procs])
-                break
-            if time.monotonic() > end:
-                running = [rank for rank, code in enumerate(codes) if code is None]
-                failure = (
-                    f"timeout: no result from every rank within {deadline_s:.0f} s; "
-                    f"ranks still running: {running}"
+        for rank in range(world_size):
+            log = (out / f"rank{rank}.log").open("w")
+            logs.append(log)
+            procs.append(
+                subprocess.Popen(
+                    [*command, "--rank", str(rank)], env=env, stdout=log, stderr=subprocess.STDOUT
                 )
-                break
-            time.sleep(0.05)
+            )
+        failure, usage = _wait(procs, out, deadline_s)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -380,6 +394,35 @@ def _launch(
             log.close()
     if usage:
         raise UsageError(failure or "a rank could not construct the implementation")
+    return _read_outputs(out, world_size, cases), failure
+
+
+def _wait(
+    procs: Sequence[subprocess.Popen[bytes]], out: Path, deadline_s: float
+) -> tuple[str | None, bool]:
+    """Wait for the workers: why they failed (or None), and whether it was usage."""
+    end = time.monotonic() + deadline_s
+    while True:
+        codes = [proc.poll() for proc in procs]
+        if all(code == 0 for code in codes):
+            return None, False
+        if any(code not in (None, 0) for code in codes):
+            time.sleep(0.5)  # let the other ranks write their own errors, if they have one
+            return _why(out, [proc.poll() for proc in procs])
+        if time.monotonic() > end:
+            running = [rank for rank, code in enumerate(codes) if code is None]
+            failure = (
+                f"timeout: no result from every rank within {deadline_s:.0f} s; "
+                f"ranks still running: {running}"
+            )
+            return failure, False
+        time.sleep(0.05)
+
+
+def _read_outputs(out: Path, world_size: int, cases: int) -> list[list[dict[str, Any]]]:
+    """Return each rank's outputs of the first cases every rank wrote, in order."""
+    import numpy as np
+
     results: list[list[dict[str, Any]]] = [[] for _ in range(world_size)]
     for index in range(cases):
         paths = [out / f"rank{rank}-case{index}.npz" for rank in range(world_size)]
@@ -388,7 +431,7 @@ def _launch(
         for rank, path in enumerate(paths):
             with np.load(path) as data:
                 results[rank].append({key: np.array(data[key]) for key in data.files})
-    return results, failure
+    return results
 
 
 def _why(out: Path, codes: Sequence[int | None]) -> tuple[str, bool]:
@@ -458,28 +501,84 @@ def _compare(
             continue  # not returned: the report says gradients were not checked
         bound, reference = check_bound(tolerance, naive, quantity, dtype)
         got = values[quantity]
-        floor = FLOOR * natural_scale(case, quantity)
         if isinstance(got, list):  # one value per rank: the worst rank counts
-            errors = [relative_error(v, want, floor) for v in got]
+            errors = [case_error(v, want, case, quantity) for v in got]
             rank = max(range(len(errors)), key=lambda r: errors[r])
             error, where = errors[rank], f"rank {rank}: "
         else:
-            error, where = relative_error(got, want, floor), ""
-        message = ""
-        if not math.isfinite(error):
-            message = f"{where}non-finite values"
-        elif error > bound:
-            message = where + off_by(error, bound, reference)
-        results.append(
-            CheckResult(
-                "distributed", label, quantity, error, bound, error <= bound, message, reference
-            )
-        )
+            error, where = case_error(got, want, case, quantity), ""
+        results.append(verdict("distributed", label, quantity, error, bound, reference, where))
     return results
 
 
-def _close(got: Any, want: Any, case: Case, quantity: str, tolerance: float) -> bool:
-    return relative_error(got, want, FLOOR * natural_scale(case, quantity)) <= tolerance
+# --------------------------------------------------------------------------- diagnosis
+
+#: The shapes of distributed mistakes :func:`_diagnose` tells apart (see :func:`_fits`).
+_MISTAKES = ("exact", "ddp-ready", "no-exchange", "sum-of-parts", "mean-of-parts")
+
+
+def _local_losses(
+    case: Case, sizes: Sequence[int], loss: str, factor: Callable[[int], float]
+) -> list[float]:
+    """Return the one-process loss of each rank's shard alone (under the convention)."""
+    from portable_siglip._reference import dense_loss_and_grad
+
+    losses = []
+    for rank, size in enumerate(sizes):
+        rows = _rows(sizes, rank)
+        value = dense_loss_and_grad(loss, case.img[rows], case.txt[rows], case.scale, case.bias)
+        losses.append(value[0] * factor(size))
+    return losses
+
+
+def _fits(
+    item: tuple[Case, list[int], dict[str, Any], list[float], bool],
+    loss: str,
+    world_size: int,
+    factor: Callable[[int], float],
+    dtype: str,
+) -> dict[str, bool]:
+    """Say which of :data:`_MISTAKES` the ranks' outputs of one failing case fit.
+
+    ``exact``: every rank returns the global loss and its exact gradients; ``ddp-ready``:
+    what DDP's average needs; ``no-exchange``: each rank's loss is its shard's alone;
+    ``sum-of-parts`` and ``mean-of-parts``: the ranks' losses differ and add up, or
+    average, to the global loss.
+    """
+    import numpy as np
+
+    case, sizes, raw, losses, _ = item
+    tolerance = tolerance_for(dtype, case)
+    golden = case.goldens[loss]
+    f = factor(case.n)
+    gl = golden.loss * f
+    grads = {"img": golden.img * f, "txt": golden.txt * f}
+    scalars = {"scale": golden.scale * f, "bias": golden.bias * f}
+    names = ("scale", "bias") if loss == "sigmoid" else ("scale",)
+
+    def close(got: Any, want: Any, quantity: str) -> bool:
+        return case_error(got, want, case, quantity) <= tolerance
+
+    def every(values: Sequence[float], want: float, quantity: str) -> bool:
+        return all(close(v, want, quantity) for v in values)
+
+    # Without gradients (a numpy loss alone) neither of the first two can be told.
+    gradients = all(k in raw for k in (*grads, *names))
+    differ = not every(losses, losses[0], "loss")
+    local = _local_losses(case, sizes, loss, factor)
+    return {
+        "exact": gradients
+        and all(close(raw[k], grads[k], k) for k in grads)
+        and every(losses, gl, "loss")
+        and all(every(raw[k], scalars[k], k) for k in names),
+        "ddp-ready": gradients
+        and all(close(raw[k] / world_size, grads[k], k) for k in grads)
+        and close(np.mean(losses), gl, "loss")
+        and all(close(np.mean(raw[k]), scalars[k], k) for k in names),
+        "no-exchange": all(close(g, w, "loss") for g, w in zip(losses, local, strict=True)),
+        "sum-of-parts": differ and close(sum(losses), gl, "loss"),
+        "mean-of-parts": differ and close(np.mean(losses), gl, "loss"),
+    }
 
 
 def _diagnose(
@@ -496,118 +595,93 @@ def _diagnose(
     a list per rank; ``img``/``txt`` concatenated, undivided; ``scale``/``bias`` lists), the
     per-rank losses and whether the case failed.
     """
-    import numpy as np
-
-    from portable_siglip._reference import dense_loss_and_grad
-
     failing = [item for item in items if item[4]]
     if not failing or world_size < 2:
         return []
-    fits = {"exact": True, "ddp-ready": True, "no-exchange": True, "sum-of-parts": True}
-    fits["mean-of-parts"] = True
-    for case, sizes, raw, losses, _ in failing:
-        tolerance = tolerance_for(dtype, case)
-        golden = case.goldens[loss]
-        f = factor(case.n)
-        gl = golden.loss * f
-        grads = {"img": golden.img * f, "txt": golden.txt * f}
-        scalars = {"scale": golden.scale * f, "bias": golden.bias * f}
-        names = ("scale", "bias") if loss == "sigmoid" else ("scale",)
+    fits = dict.fromkeys(_MISTAKES, True)
+    for item in failing:
+        for mistake, fit in _fits(item, loss, world_size, factor, dtype).items():
+            fits[mistake] &= fit
+    return [_mistake(fits, world_size, convention)]
 
-        def every(
-            values: Sequence[float],
-            want: float,
-            quantity: str,
-            c: Case = case,
-            t: float = tolerance,
-        ) -> bool:
-            return all(_close(v, want, c, quantity, t) for v in values)
 
-        if not all(k in raw for k in (*grads, *names)):
-            fits["exact"] = fits["ddp-ready"] = False  # no gradients to tell them by
-            raw = {**raw, **{k: [math.nan] for k in (*grads, *names) if k not in raw}}
-        exact_feats = all(_close(raw[k], grads[k], case, k, tolerance) for k in grads)
-        scaled_feats = all(_close(raw[k] / world_size, grads[k], case, k, tolerance) for k in grads)
-        fits["exact"] &= (
-            exact_feats
-            and every(losses, gl, "loss")
-            and all(every(raw[k], scalars[k], k) for k in names)
-        )
-        fits["ddp-ready"] &= (
-            scaled_feats
-            and _close(np.mean(losses), gl, case, "loss", tolerance)
-            and all(_close(np.mean(raw[k]), scalars[k], case, k, tolerance) for k in names)
-        )
-        differ = not every(losses, losses[0], "loss")
-        fits["sum-of-parts"] &= differ and _close(sum(losses), gl, case, "loss", tolerance)
-        fits["mean-of-parts"] &= differ and _close(np.mean(losses), gl, case, "loss", tolerance)
-        local_losses = []
-        start = 0
-        for size in sizes:
-            rows = slice(start, start + size)
-            start += size
-            value = dense_loss_and_grad(loss, case.img[rows], case.txt[rows], case.scale, case.bias)
-            local_losses.append(value[0] * factor(size))
-        fits["no-exchange"] &= all(
-            _close(got, want, case, "loss", tolerance)
-            for got, want in zip(losses, local_losses, strict=True)
-        )
-    findings: list[tuple[str, str]] = []
-    w = world_size
+def _mistake(fits: Mapping[str, bool], w: int, convention: str) -> tuple[str, str]:
+    """Return the finding (code, explanation) of the mistake that `fits` every failing case."""
     if convention == "ddp" and fits["exact"]:
-        findings.append(
-            (
-                "gather-without-grad",
-                f"the features' gradients are 1/W = 1/{w} of what DDP needs: each rank's "
-                "gradients are the exact gradients of the global loss for its own rows, so "
-                "DDP's average over the ranks divides them by W. The features were gathered "
-                "without gradient, so no rank's loss sends gradient to the other ranks' "
-                "features (open_clip: ClipLoss(local_loss=True, gather_with_grad=True), not "
-                "ClipLoss()). These outputs do pass --dist-convention global.",
-            )
+        return (
+            "gather-without-grad",
+            f"the features' gradients are 1/W = 1/{w} of what DDP needs: each rank's "
+            "gradients are the exact gradients of the global loss for its own rows, so "
+            "DDP's average over the ranks divides them by W. The features were gathered "
+            "without gradient, so no rank's loss sends gradient to the other ranks' "
+            "features (open_clip: ClipLoss(local_loss=True, gather_with_grad=True), not "
+            "ClipLoss()). These outputs do pass --dist-convention global.",
         )
-    elif convention == "global" and fits["ddp-ready"]:
-        findings.append(
-            (
-                "ddp-gradients",
-                f"the features' gradients are W = {w} times the exact ones and the ranks' "
-                "losses, scale and bias gradients average to the exact ones: this is what "
-                "DDP's averaging needs, not the global loss and its exact gradients; judge it "
-                "with --dist-convention ddp",
-            )
+    if convention == "global" and fits["ddp-ready"]:
+        return (
+            "ddp-gradients",
+            f"the features' gradients are W = {w} times the exact ones and the ranks' "
+            "losses, scale and bias gradients average to the exact ones: this is what "
+            "DDP's averaging needs, not the global loss and its exact gradients; judge it "
+            "with --dist-convention ddp",
         )
-    elif fits["no-exchange"]:
-        findings.append(
-            (
-                "no-exchange",
-                "each rank's loss is the one-process loss of its own shard: the other ranks' "
-                "texts never appear as its negatives, and the global batch is never formed. "
-                "Exchange the text features (in torch with gradient: an all_gather from "
-                "torch.distributed.nn, or open_clip's SigLipLoss(rank=, world_size=))",
-            )
+    if fits["no-exchange"]:
+        return (
+            "no-exchange",
+            "each rank's loss is the one-process loss of its own shard: the other ranks' "
+            "texts never appear as its negatives, and the global batch is never formed. "
+            "Exchange the text features (in torch with gradient: an all_gather from "
+            "torch.distributed.nn, or open_clip's SigLipLoss(rank=, world_size=))",
         )
-    elif fits["sum-of-parts"] or (convention == "global" and fits["mean-of-parts"]):
+    if fits["sum-of-parts"] or (convention == "global" and fits["mean-of-parts"]):
         how = "sum" if fits["sum-of-parts"] else "mean"
-        findings.append(
-            (
-                "loss-not-reduced",
-                f"the ranks return different losses whose {how} is the global loss: each "
-                "returns only its part, never reduced over the ranks"
-                + (
-                    "; under DDP the ranks' losses must average to the global loss"
-                    if convention == "ddp"
-                    else "; every rank must return the global loss (all-reduce the parts)"
-                ),
-            )
+        return (
+            "loss-not-reduced",
+            f"the ranks return different losses whose {how} is the global loss: each "
+            "returns only its part, never reduced over the ranks"
+            + (
+                "; under DDP the ranks' losses must average to the global loss"
+                if convention == "ddp"
+                else "; every rank must return the global loss (all-reduce the parts)"
+            ),
         )
-    if not findings:
-        findings.append(
-            (
-                "unknown",
-                "the failures fit no known distributed mistake; the table lists every failed check",
-            )
-        )
-    return findings
+    return (
+        "unknown",
+        "the failures fit no known distributed mistake; the table lists every failed check",
+    )
+
+
+# --------------------------------------------------------------------------- the judge
+
+
+def _check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        msg = f"`--convention` must be one of {tuple(CONVENTIONS)}, got {convention!r}"
+        raise UsageError(msg)
+
+
+def _check_judge_arguments(
+    loss: str, world_size: int, dist_convention: str, convention: str
+) -> None:
+    """Raise a UsageError on arguments :func:`judge` cannot run with, torch's lack included."""
+    if loss not in ("sigmoid", "softmax"):
+        msg = f"`loss` must be 'sigmoid' or 'softmax', got {loss!r}"
+        raise UsageError(msg)
+    if dist_convention not in DIST_CONVENTIONS:
+        msg = f"`--dist-convention` must be one of {DIST_CONVENTIONS}, got {dist_convention!r}"
+        raise UsageError(msg)
+    _check_convention(convention)
+    if not isinstance(world_size, int) or world_size < 1:
+        msg = f"`--world-size` must be a positive integer, got {world_size!r}"
+        raise UsageError(msg)
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        msg = "the distributed judge needs torch (python -m pip install torch)"
+        raise UsageError(msg) from None
+    if not dist.is_available() or not dist.is_gloo_available():
+        msg = "the distributed judge needs torch.distributed with gloo"
+        raise UsageError(msg)
 
 
 def judge(
@@ -656,26 +730,7 @@ def judge(
     UsageError
         If `spec` cannot be loaded or called on a rank, or the arguments are wrong.
     """
-    if loss not in ("sigmoid", "softmax"):
-        msg = f"`loss` must be 'sigmoid' or 'softmax', got {loss!r}"
-        raise UsageError(msg)
-    if dist_convention not in DIST_CONVENTIONS:
-        msg = f"`--dist-convention` must be one of {DIST_CONVENTIONS}, got {dist_convention!r}"
-        raise UsageError(msg)
-    if convention not in CONVENTIONS:
-        msg = f"`--convention` must be one of {tuple(CONVENTIONS)}, got {convention!r}"
-        raise UsageError(msg)
-    if not isinstance(world_size, int) or world_size < 1:
-        msg = f"`--world-size` must be a positive integer, got {world_size!r}"
-        raise UsageError(msg)
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        msg = "the distributed judge needs torch (python -m pip install torch)"
-        raise UsageError(msg) from None
-    if not dist.is_available() or not dist.is_gloo_available():
-        msg = "the distributed judge needs torch.distributed with gloo"
-        raise UsageError(msg)
+    _check_judge_arguments(loss, world_size, dist_convention, convention)
     from portable_siglip._interop import load_backend
 
     load_backend("torch", dtype)  # UsageError for a dtype torch lacks
@@ -683,10 +738,7 @@ def judge(
     if not callable(factory):
         msg = f"`--impl`: {spec!r} is not callable"
         raise UsageError(msg)
-    # The large cases (n in the thousands) test one-process tile tails; they would only
-    # slow the distributed runs down.
-    selected = tuple(case for case in load_cases() if "large" not in case.tags)
-    work = schedule(selected, world_size, dist_convention)
+    work, skipped = _scheduled(world_size, dist_convention)
     if not work:
         msg = f"no golden case has a number of pairs that splits over {world_size} ranks"
         raise UsageError(msg)
@@ -696,115 +748,128 @@ def judge(
     deadline = (timeout or math.inf) * (len(work) + 2)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="conformance-dist-") as folder:
-        raw, failure = _launch(
-            spec,
-            loss,
-            world_size,
-            dist_convention,
-            dtype,
-            timeout,
-            deadline,
-            Path(folder),
-            len(work),
-        )
-    return _build_report(
-        raw,
-        failure,
-        work,
-        len(selected),
-        spec=spec,
-        loss=loss,
-        backend="torch",
-        dtype=dtype,
-        convention=convention,
-        dist_convention=dist_convention,
-        with_bias=loss == "sigmoid",  # ClipLoss takes no bias
-        how=f"{world_size} processes on gloo",
-        seconds=time.monotonic() - started,
-    )
+        out = Path(folder)
+        command = _worker_command(spec, loss, world_size, dist_convention, dtype, timeout, out)
+        raw, failure = _launch(command, world_size, deadline, out, len(work))
+    run = _Run(dist_convention, f"{world_size} processes on gloo", loss == "sigmoid", skipped)
+    report = Report(loss, "torch", dtype, convention, spec)  # ClipLoss takes no bias
+    return _build_report(report, run, raw, work, failure, time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """How a distributed run was made, for its report."""
+
+    dist_convention: str
+    how: str  # "2 processes on gloo"
+    with_bias: bool  # whether the implementation takes a bias (ClipLoss does not)
+    skipped: int  # golden cases too small (or uneven, under ddp) for the world size
+
+
+def _judge_split(
+    report: Report,
+    run: _Run,
+    case: Case,
+    sizes: list[int],
+    outputs: Sequence[Mapping[str, Any]],
+) -> tuple[Case, list[int], dict[str, Any], list[float], bool]:
+    """Add the checks of the ranks' `outputs` of one case split to `report`.
+
+    Returns what :func:`_diagnose` reads of it: the case, its shards, the ranks' outputs
+    undivided (features concatenated, ``scale``/``bias`` per rank), their losses, and
+    whether a check failed.
+    """
+    world_size = len(outputs)
+    report.gradients_checked |= all("img" in output for output in outputs)
+    values, losses = _gathered(outputs, run.dist_convention)
+    golden = case.goldens[report.loss]
+    f = CONVENTIONS[report.convention](case.n)
+    quantities = ("loss", *_GRADIENTS) if run.with_bias else ("loss", *_GRADIENTS[:3])
+    expected = {name: getattr(golden, name) * f for name in quantities}
+    dtype = report.dtype
+    naive = naive_errors(case, report.loss, dtype, f) if dtype in HALF_DTYPES else None
+    tolerance = tolerance_for(dtype, case)
+    results = _compare(_label(case, sizes), case, values, expected, tolerance, naive, dtype)
+    report.results += results
+    undivided = dict(values)
+    for name in ("img", "txt"):
+        if name in values:
+            undivided[name] = values[name] * (world_size if run.dist_convention == "ddp" else 1)
+    for name in ("scale", "bias"):
+        if name in values:
+            undivided[name] = [float(r[name]) for r in outputs]
+    return case, sizes, undivided, losses, not all(r.passed for r in results)
 
 
 def _build_report(
+    report: Report,
+    run: _Run,
     raw: Sequence[Sequence[Mapping[str, Any]]],
-    failure: str | None,
     work: Sequence[tuple[Case, list[int]]],
-    cases: int,
-    *,
-    spec: str,
-    loss: str,
-    backend: str,
-    dtype: str,
-    convention: str,
-    dist_convention: str,
-    with_bias: bool,
-    how: str,
+    failure: str | None,
     seconds: float,
 ) -> Report:
-    """Judge the ranks' outputs (``raw[rank][index]``) of the splits in `work`."""
-    world_size = len(raw)
-    report = Report(loss, backend, dtype, convention, spec)
-    factor = CONVENTIONS[convention]
-    items = []
+    """Judge the ranks' outputs (``raw[rank][index]``) of the splits in `work` into `report`.
+
+    The splits no rank finished fail: the first with `failure`, the others as not run.
+    """
     done = min(len(outputs) for outputs in raw)
-    for index, (case, sizes) in enumerate(work[:done]):
-        outputs = [rank_outputs[index] for rank_outputs in raw]
-        report.gradients_checked |= all("img" in output for output in outputs)
-        values, losses = _gathered(outputs, dist_convention)
-        golden = case.goldens[loss]
-        f = factor(case.n)
-        expected: dict[str, Any] = {
-            name: getattr(golden, name) * f for name in ("loss", *_GRADIENTS)
-        }
-        if not with_bias:
-            del expected["bias"]
-        naive = naive_errors(case, loss, dtype, f) if dtype in HALF_DTYPES else None
-        tolerance = tolerance_for(dtype, case)
-        results = _compare(_label(case, sizes), case, values, expected, tolerance, naive, dtype)
-        report.results += results
-        undivided = dict(values)
-        for name in ("img", "txt"):
-            if name in values:
-                undivided[name] = values[name] * (world_size if dist_convention == "ddp" else 1)
-        for name in ("scale", "bias"):
-            if name in values:
-                undivided[name] = [float(r[name]) for r in outputs]
-        items.append((case, sizes, undivided, losses, not all(r.passed for r in results)))
-    quantities = [q for q in ("loss", *_GRADIENTS) if with_bias or q != "bias"]
+    items = [
+        _judge_split(report, run, case, sizes, [outputs[index] for outputs in raw])
+        for index, (case, sizes) in enumerate(work[:done])
+    ]
+    quantities = [q for q in ("loss", *_GRADIENTS) if run.with_bias or q != "bias"]
     for index, (case, sizes) in enumerate(work[done:], start=done):
         message = failure if index == done and failure else "not run: an earlier case failed"
         report.results += [
             CheckResult("distributed", _label(case, sizes), q, math.inf, 0.0, False, message)
             for q in quantities
         ]
-    source = "torch autograd" if backend == "torch" else "the implementation"
-    report.notes.append(
-        f"distributed: {how}, --dist-convention {dist_convention}, {done} of {len(work)} "
-        f"case splits in {seconds:.1f} s; gradients from {source}"
-    )
+    report.notes += _run_notes(report, run, len(raw), work, done, failure, seconds)
+    if not report.passed:
+        factor = CONVENTIONS[report.convention]
+        report.findings = _diagnose(
+            items, report.loss, len(raw), run.dist_convention, factor, report.dtype
+        )
+        if failure:
+            report.findings = [f for f in report.findings if f[0] != "unknown"]
+            report.findings.append(("rank-failed", failure))
+    return report
+
+
+def _run_notes(
+    report: Report,
+    run: _Run,
+    world_size: int,
+    work: Sequence[tuple[Case, list[int]]],
+    done: int,
+    failure: str | None,
+    seconds: float,
+) -> list[str]:
+    """Say how the run went: its processes, its splits, where it ended, what it skipped."""
+    source = "torch autograd" if report.backend == "torch" else "the implementation"
+    notes = [
+        f"distributed: {run.how}, --dist-convention {run.dist_convention}, {done} of "
+        f"{len(work)} case splits in {seconds:.1f} s; gradients from {source}"
+    ]
     if not report.gradients_checked and done:
-        report.notes.append(
+        notes.append(
             "gradients NOT checked: the implementation returned a loss only; return "
             "(loss, grads) to have them checked"
         )
     if failure:
         where = _label(*work[done]) if done < len(work) else "the end of the run"
-        report.notes.append(f"the run ended at {where}: {failure}")
-    skipped = cases - len({case.name for case, _ in work})
-    if skipped:
-        report.notes.append(
-            f"{skipped} cases skipped: fewer than {world_size} pairs"
+        notes.append(f"the run ended at {where}: {failure}")
+    if run.skipped:
+        notes.append(
+            f"{run.skipped} cases skipped: fewer than {world_size} pairs"
             + (
                 f", or not a multiple of {world_size} (ddp takes equal shards)"
-                if dist_convention == "ddp"
+                if run.dist_convention == "ddp"
                 else ""
             )
         )
-    if not report.passed:
-        report.findings = _diagnose(items, loss, world_size, dist_convention, factor, dtype)
-        if failure:
-            report.findings = [f for f in report.findings if f[0] != "unknown"]
-            report.findings.append(("rank-failed", failure))
-    return report
+    return notes
 
 
 # --------------------------------------------------------------------------- MPI
@@ -836,20 +901,39 @@ def judge_mpi(
     UsageError
         On every rank, if the factory cannot be loaded or called on some rank.
     """
-    import threading
+    if comm is None:
+        from mpi4py import MPI
 
-    import numpy as np
-    from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+    _check_convention(convention)
+    function, arrays = _mpi_function(spec, dtype, comm)
+    work, skipped = _scheduled(comm.Get_size(), "global")
+    watchdog = None if timeout is None else _watchdog(comm, timeout * (len(work) + 2))
+    started = time.monotonic()
+    outputs = [_mpi_case(function, arrays, case, sizes, comm) for case, sizes in work]
+    gathered = comm.gather(outputs, root=0)
+    if watchdog is not None:
+        watchdog.cancel()
+    if comm.Get_rank() != 0:
+        return None
+    run = _Run("global", f"{comm.Get_size()} MPI ranks", True, skipped)
+    report = Report(loss, "numpy", dtype, convention, spec)
+    return _build_report(report, run, gathered, work, None, time.monotonic() - started)
 
+
+def _mpi_function(
+    spec: str, dtype: str, comm: Any
+) -> tuple[Callable[..., Any], Callable[[Any], Any]]:
+    """Return this rank's implementation, ``ATTR(comm)``, and the maker of its arrays.
+
+    Raises
+    ------
+    UsageError
+        On every rank, if the factory cannot be loaded or called on some rank.
+    """
     from portable_siglip._interop import load_backend
 
-    from ._checks import _split
-
-    comm = MPI.COMM_WORLD if comm is None else comm
-    rank, world = comm.Get_rank(), comm.Get_size()
-    if convention not in CONVENTIONS:
-        msg = f"`--convention` must be one of {tuple(CONVENTIONS)}, got {convention!r}"
-        raise UsageError(msg)
+    rank = comm.Get_rank()
     error = ""
     try:
         xp, dtype_object = load_backend("numpy", dtype)
@@ -863,70 +947,68 @@ def judge_mpi(
     errors = [e for e in comm.allgather(error) if e]
     if errors:
         raise UsageError(errors[0])
-    selected = tuple(case for case in load_cases() if "large" not in case.tags)
-    work = schedule(selected, world, "global")
-    if timeout is not None:
-        # Nothing can interrupt a rank that waits for a hung peer: end the whole job.
-        deadline = timeout * (len(work) + 2)
+    return function, lambda values: xp.asarray(values, dtype=dtype_object)
 
-        def abort() -> None:
-            print(
-                f"rank {rank}: no result within {deadline:.0f} s; aborting the job",
-                file=sys.stderr,
-                flush=True,
-            )
-            comm.Abort(1)
 
-        watchdog = threading.Timer(deadline, abort)
-        watchdog.daemon = True
-        watchdog.start()
-    started = time.monotonic()
-    outputs: list[dict[str, Any]] = []
-    for case, sizes in work:
-        start = sum(sizes[:rank])
-        rows = slice(start, start + sizes[rank])
-        args = [
-            xp.asarray(np.array(case.img[rows]), dtype=dtype_object),
-            xp.asarray(np.array(case.txt[rows]), dtype=dtype_object),
-            xp.asarray(case.scale, dtype=dtype_object),
-            xp.asarray(case.bias, dtype=dtype_object),
-        ]
-        try:
-            value, grads = _split(function(*args))
-            output: dict[str, Any] = {"loss": np.float64(np.asarray(value, dtype=np.float64))}
-            for name, grad in (grads or {}).items():
-                output[name] = np.asarray(grad, dtype=np.float64)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as raised:  # the peers may wait for this rank: end the job
-            print(
-                f"rank {rank}, {_label(case, sizes)}: {describe_exception(raised)}; "
-                "aborting the job",
-                file=sys.stderr,
-                flush=True,
-            )
-            comm.Abort(1)
-        outputs.append(output)
-    gathered = comm.gather(outputs, root=0)
-    if timeout is not None:
-        watchdog.cancel()
-    if rank != 0:
-        return None
-    return _build_report(
-        gathered,
-        None,
-        work,
-        len(selected),
-        spec=spec,
-        loss=loss,
-        backend="numpy",
-        dtype=dtype,
-        convention=convention,
-        dist_convention="global",
-        with_bias=True,
-        how=f"{world} MPI ranks",
-        seconds=time.monotonic() - started,
-    )
+def _watchdog(comm: Any, deadline: float) -> threading.Timer:
+    """Start a timer that aborts the MPI job after `deadline` seconds.
+
+    Nothing can interrupt a rank that waits for a hung peer: the whole job ends.
+    """
+
+    def abort() -> None:
+        print(
+            f"rank {comm.Get_rank()}: no result within {deadline:.0f} s; aborting the job",
+            file=sys.stderr,
+            flush=True,
+        )
+        comm.Abort(1)
+
+    watchdog = threading.Timer(deadline, abort)
+    watchdog.daemon = True
+    watchdog.start()
+    return watchdog
+
+
+def _mpi_case(
+    function: Callable[..., Any],
+    arrays: Callable[[Any], Any],
+    case: Case,
+    sizes: list[int],
+    comm: Any,
+) -> dict[str, Any]:
+    """Return what `function` gives on this rank's shard of `case`, as float64 numpy.
+
+    A rank whose implementation raises aborts the job: its peers may be waiting for it.
+    """
+    import numpy as np
+
+    from ._checks import _split
+
+    rank = comm.Get_rank()
+    rows = _rows(sizes, rank)
+    args = [
+        arrays(np.array(case.img[rows])),
+        arrays(np.array(case.txt[rows])),
+        arrays(case.scale),
+        arrays(case.bias),
+    ]
+    try:
+        value, grads = _split(function(*args))
+        output: dict[str, Any] = {"loss": np.float64(np.asarray(value, dtype=np.float64))}
+        for name, grad in (grads or {}).items():
+            output[name] = np.asarray(grad, dtype=np.float64)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as raised:  # the peers may wait for this rank: end the job
+        print(
+            f"rank {rank}, {_label(case, sizes)}: {describe_exception(raised)}; "
+            "aborting the job",
+            file=sys.stderr,
+            flush=True,
+        )
+        comm.Abort(1)
+    return output
 
 
 if __name__ == "__main__":

@@ -25,12 +25,14 @@ __all__ = [
     "CheckResult",
     "Outcome",
     "Report",
+    "case_error",
     "check_bound",
     "natural_scale",
     "off_by",
     "relative_error",
     "rule_bound",
     "tolerance_for",
+    "verdict",
 ]
 
 QUANTITIES = ("loss", "img", "txt", "scale", "bias")
@@ -468,6 +470,36 @@ def off_by(error: float, bound: float, naive: float | None) -> str:
     if not math.isfinite(naive):
         return f"off by {error:.2e} (tolerance {bound:.1e}: the naive reference is not finite)"
     return f"off by {error:.2e} (bound {bound:.2e} = 2 x the naive reference's {naive:.2e} + floor)"
+
+
+def case_error(actual: Any, expected: Any, case: Case, quantity: str) -> float:
+    """Return :func:`relative_error` of `quantity` of `case`, absolute below its floor.
+
+    The floor is :data:`FLOOR` times the quantity's :func:`natural_scale`.
+    """
+    return relative_error(actual, expected, FLOOR * natural_scale(case, quantity))
+
+
+def verdict(
+    check: str,
+    label: str,
+    quantity: str,
+    error: float,
+    bound: float,
+    naive: float | None = None,
+    where: str = "",
+) -> CheckResult:
+    """Return the result of a check whose `error` had to be at most `bound`.
+
+    The message says what went wrong (non-finite values, or :func:`off_by`), prefixed by
+    `where` (``"rank 1: "``); `naive` is the naive reference's error behind `bound`.
+    """
+    message = ""
+    if not math.isfinite(error):
+        message = f"{where}non-finite values"
+    elif error > bound:
+        message = where + off_by(error, bound, naive)
+    return CheckResult(check, label, quantity, error, bound, error <= bound, message, naive)
 
 
 def relative_error(actual: Any, expected: Any, floor: float = FLOOR) -> float:

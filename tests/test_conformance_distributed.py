@@ -227,6 +227,10 @@ MPI_IMPLS = textwrap.dedent(
         return ps.sigmoid_loss_and_grad  # each rank alone
 
 
+    def no_exchange_loss_only(comm):
+        return ps.sigmoid_loss  # each rank alone, and no gradients to judge
+
+
     def raises_on_rank_1(comm):
         inner = ours(comm)
 
@@ -262,6 +266,14 @@ def test_mpi_judge_passes_ours_and_names_a_rank_that_never_exchanges(mpi_impls: 
     failed = mpirun_judge(f"{mpi_impls}:no_exchange", 2)
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "[no-exchange]" in failed.stdout
+
+
+def test_mpi_judge_names_a_loss_only_rank_that_never_exchanges(mpi_impls: Path) -> None:
+    # Without gradients only the losses tell the mistakes apart; they still name it.
+    failed = mpirun_judge(f"{mpi_impls}:no_exchange_loss_only", 2)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "[no-exchange]" in failed.stdout
+    assert "gradients NOT checked" in failed.stdout
 
 
 def test_mpi_judge_a_raising_rank_ends_the_job(mpi_impls: Path) -> None:
