@@ -6,8 +6,10 @@ import functools
 import importlib.util
 import os
 import shutil
+import socket
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,20 @@ import array_api_compat
 import numpy as np
 import pytest
 
+import portable_siglip as ps
+from portable_siglip._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
+
 DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+#: The library's functions by loss name, as the ``loss_name`` fixture names them.
+LOSS = {"sigmoid": ps.sigmoid_loss, "softmax": ps.softmax_loss}
+LOSS_AND_GRAD = {"sigmoid": ps.sigmoid_loss_and_grad, "softmax": ps.softmax_loss_and_grad}
+
+#: Every distributed schedule of both losses, as (loss, strategy), and their test ids.
+SCHEDULES = [("sigmoid", s) for s in SIGMOID_STRATEGIES] + [
+    ("softmax", s) for s in SOFTMAX_STRATEGIES
+]
+SCHEDULE_IDS = [f"{loss}-{strategy}" for loss, strategy in SCHEDULES]
 
 #: Normwise relative tolerance against the long-double oracle, per input dtype. Half
 #: precision inputs accumulate in float32, but their gradients are rounded to the half
@@ -118,15 +133,7 @@ def mpi_probe() -> tuple[bool, str]:
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCH_PREFIXES)}
     try:
-        result = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=MPI_PROBE_TIMEOUT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+        result = run_python("-c", code, timeout=MPI_PROBE_TIMEOUT, env=env)
     except subprocess.TimeoutExpired:
         return False, f"importing mpi4py.MPI took over {MPI_PROBE_TIMEOUT:g} s"
     if result.returncode != 0:
@@ -173,3 +180,83 @@ def beside_python(name: str) -> str:
     if found is None:
         pytest.skip(f"{name} is not installed")
     return found
+
+
+def run_captured(
+    command: Sequence[str], *, timeout: float, **options: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run `command` to its end, its output captured as text and its stdin closed.
+
+    A non-zero exit status is returned, not raised: the tests assert on it with the output
+    in the message. ``options`` go to :func:`subprocess.run` (``env``, ``cwd``, ...).
+    """
+    options.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.run(
+        list(command), capture_output=True, text=True, timeout=timeout, check=False, **options
+    )
+
+
+def run_python(*args: str, timeout: float, **options: Any) -> subprocess.CompletedProcess[str]:
+    """:func:`run_captured` of this Python with `args` (``-m module ...``, ``-c code``)."""
+    return run_captured([sys.executable, *args], timeout=timeout, **options)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now (for ``MASTER_PORT``)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def torch_with_gloo() -> Any:
+    """Import torch for a module that needs ``torch.distributed`` with gloo, or skip it."""
+    torch = pytest.importorskip("torch")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+    return torch
+
+
+def run_torch_ranks(
+    script: Path,
+    world: int,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 240.0,
+) -> list[str]:
+    """Run `script` as the `world` ranks of a ``torch.distributed`` job on this host.
+
+    Each rank is a process of this Python with ``env://`` variables (``MASTER_ADDR``,
+    ``MASTER_PORT``, ``WORLD_SIZE``, ``RANK``), one BLAS thread and `env`. Return the
+    ranks' outputs (stdout and stderr together); fail the test if a rank exits non-zero
+    or the job is not done within `timeout` seconds.
+    """
+    common = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(world),
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), *args],
+            env={**common, "RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"hung: {world} ranks of {script.name} after {timeout:g} s")
+    finally:
+        for proc in procs:
+            proc.kill()
+    codes = [proc.returncode for proc in procs]
+    assert codes == [0] * world, "\n".join(outputs)
+    return outputs

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -41,34 +42,34 @@ def test_run_verify_passes(
         assert field in out
 
 
-def test_run_verify_catches_a_wrong_loss(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+def _off_by_one_percent(loss: Any, grads: Any) -> tuple[Any, Any]:
+    return loss * 1.01, grads
+
+
+def _transposed(loss: Any, grads: Any) -> tuple[Any, Any]:
+    return loss, grads._replace(img=grads.txt, txt=grads.img)
+
+
+@pytest.mark.parametrize(
+    ("loss", "wrong", "verdict"),
+    [
+        ("sigmoid", _off_by_one_percent, "verify: FAILED (loss)"),
+        ("softmax", _transposed, "verify: FAILED (grads.img, grads.txt)"),
+    ],
+)
+def test_run_verify_catches_a_wrong_result(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    loss: str,
+    wrong: Callable[[Any, Any], tuple[Any, Any]],
+    verdict: str,
 ) -> None:
-    original = _losses.sigmoid_loss_and_grad
-
-    def off_by_one_percent(*args: Any, **kwargs: Any) -> Any:
-        loss, grads = original(*args, **kwargs)
-        return loss * 1.01, grads
-
-    monkeypatch.setattr(_losses, "sigmoid_loss_and_grad", off_by_one_percent)
-    assert _cli.main(["run", *SMALL, "--verify"]) == 1
+    original = getattr(_losses, f"{loss}_loss_and_grad")
+    monkeypatch.setattr(_losses, f"{loss}_loss_and_grad", lambda *a, **k: wrong(*original(*a, **k)))
+    assert _cli.main(["run", "--loss", loss, *SMALL, "--verify"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out
-    assert "verify: FAILED (loss)" in out
-
-
-def test_run_verify_catches_a_wrong_gradient(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    original = _losses.softmax_loss_and_grad
-
-    def transposed(*args: Any, **kwargs: Any) -> Any:
-        loss, grads = original(*args, **kwargs)
-        return loss, grads._replace(img=grads.txt, txt=grads.img)
-
-    monkeypatch.setattr(_losses, "softmax_loss_and_grad", transposed)
-    assert _cli.main(["run", "--loss", "softmax", *SMALL, "--verify"]) == 1
-    assert "verify: FAILED (grads.img, grads.txt)" in capsys.readouterr().out
+    assert verdict in out
 
 
 def test_invalid_value_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,20 +9,15 @@ over rows and columns, their derivatives by complex-step differentiation.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import skip_without_mpi
+from helpers import beside_python, launcher_environment, run_captured, skip_without_mpi
 
 import portable_siglip as ps
 from portable_siglip.cli import _commands as _cli
-from portable_siglip.cli import _launch
 
 SMALL = ["--batch", "120", "--dim", "16", "--block-size", "32"]
 
@@ -308,29 +303,11 @@ def test_run_sharded_over_a_thread_group(
 
 def test_run_under_mpirun_with_captions() -> None:
     skip_without_mpi()  # mpi4py and an MPI library it can load
-    beside = Path(sys.executable).parent / "mpirun"
-    mpirun = str(beside) if beside.exists() else shutil.which("mpirun")
-    if mpirun is None:
-        pytest.skip("mpirun is not installed")
-    env = dict(os.environ)
-    env.update(
-        OMPI_ALLOW_RUN_AS_ROOT="1",
-        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-        PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
-        OMP_NUM_THREADS="1",
-    )
-    for name in (*_launch.MPI_LAUNCH_VARIABLES, *_launch.TORCHRUN_VARIABLES):
-        env.pop(name, None)  # this test process may itself run under a launcher
+    mpirun = beside_python("mpirun")
     run = ["-m", "portable_siglip", "run", "--batch", "101", "--dim", "16", "--block-size", "17"]
     options = ["--dtype", "float64", "--captions-per-image", "3", "--verify"]
-    result = subprocess.run(
-        [mpirun, "-n", "2", sys.executable, *run, *options],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-    )
+    command = [mpirun, "-n", "2", sys.executable, *run, *options]
+    result = run_captured(command, timeout=120, env=launcher_environment())
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ranks           2 (MPIComm)" in result.stdout
     assert "m = 101 images, k = 303 captions" in result.stdout

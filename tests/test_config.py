@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
+
+from helpers import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -12,14 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_missing_timeout_plugin_is_named() -> None:
     # pyproject.toml sets `timeout`, an option of pytest-timeout; without the plugin, and
     # without `required_plugins`, --strict-config would only say "Unknown config option".
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:timeout", "-p", "no:cacheprovider", "--co"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    args = ["-m", "pytest", "-p", "no:timeout", "-p", "no:cacheprovider", "--co"]
+    result = run_python(*args, cwd=ROOT, timeout=120)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     assert "Missing required plugins: pytest-timeout" in output, output

@@ -15,11 +15,20 @@ from typing import Any
 import array_api_compat
 import numpy as np
 import pytest
-from helpers import assert_close, dtype_of, on_backend, pairs, to_numpy
+from helpers import (
+    LOSS,
+    LOSS_AND_GRAD,
+    SCHEDULE_IDS,
+    SCHEDULES,
+    assert_close,
+    dtype_of,
+    on_backend,
+    pairs,
+    to_numpy,
+)
 
 import portable_siglip as ps
 from portable_siglip import _losses
-from portable_siglip._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
 from portable_siglip.comm import (
     Communicator,
     RankFailedError,
@@ -29,12 +38,6 @@ from portable_siglip.comm import (
     check_communicator,
 )
 
-LOSS_AND_GRAD = {"sigmoid": ps.sigmoid_loss_and_grad, "softmax": ps.softmax_loss_and_grad}
-LOSS = {"sigmoid": ps.sigmoid_loss, "softmax": ps.softmax_loss}
-SCHEDULES = [("sigmoid", s) for s in SIGMOID_STRATEGIES] + [
-    ("softmax", s) for s in SOFTMAX_STRATEGIES
-]
-SCHEDULE_IDS = [f"{loss}-{strategy}" for loss, strategy in SCHEDULES]
 #: Uneven shards of 13 rows for each world size (a rank of a single row included).
 SHARDS = {1: [13], 2: [9, 4], 3: [1, 7, 5], 4: [3, 1, 6, 3], 5: [2, 4, 1, 5, 1]}
 SCALE, BIAS = 7.0, -3.0

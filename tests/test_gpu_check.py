@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -21,6 +20,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from helpers import run_captured, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".ci" / "gpu-check"
@@ -116,15 +116,7 @@ def test_layout_imports_the_subpackages_without_a_build(helper: ModuleType, tmp_
         "print(ps.__file__)"
     )
     env = {**os.environ, "PYTHONPATH": str(site)}
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=site,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_python("-c", code, cwd=site, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()) == site / "portable_siglip" / "__init__.py"
 
@@ -220,15 +212,7 @@ def _run_script(
         "GPU_CHECK_ONLY": "setup",
         **env,
     }
-    result = subprocess.run(
-        ["bash", str(SCRIPT)],
-        cwd=tmp_path,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    result = run_captured(["bash", str(SCRIPT)], cwd=tmp_path, env=environ, timeout=240)
     return result.returncode, result.stdout + result.stderr, out
 
 

@@ -14,18 +14,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import assert_close, dtype_of, to_numpy
+from helpers import LOSS, LOSS_AND_GRAD, SCHEDULE_IDS, SCHEDULES, assert_close, dtype_of, to_numpy
 from oracle import IDS_REFERENCES, REFERENCES
 
 import portable_siglip as ps
-from portable_siglip._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
 from portable_siglip.comm import ThreadComm, ThreadGroup
 
-LOSS = {"sigmoid": ps.sigmoid_loss, "softmax": ps.softmax_loss}
-LOSS_AND_GRAD = {"sigmoid": ps.sigmoid_loss_and_grad, "softmax": ps.softmax_loss_and_grad}
-SCHEDULES = [("sigmoid", s) for s in SIGMOID_STRATEGIES] + [
-    ("softmax", s) for s in SOFTMAX_STRATEGIES
-]
 SCALE, BIAS = 6.0, -2.5
 M, K, D = 13, 21, 6
 #: Image and text shards per world size: uneven, and different for images and texts.
@@ -128,28 +122,33 @@ def shards(sizes: list[int]) -> list[slice]:
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-@pytest.mark.parametrize(("loss", "strategy"), SCHEDULES, ids=[f"{a}-{b}" for a, b in SCHEDULES])
+@pytest.mark.parametrize(("loss", "strategy"), SCHEDULES, ids=SCHEDULE_IDS)
 def test_distributed_ids_uneven_shards(xp: Any, loss: str, strategy: str, world: int) -> None:
     img, txt, img_ids, txt_ids = batch(seed=3)
     reference = IDS_REFERENCES[loss](img, txt, img_ids, txt_ids, SCALE, BIAS)
     x_img, x_txt, x_img_ids, x_txt_ids = on(xp, img, txt, img_ids, txt_ids)
     img_rows, txt_rows = shards(IMG_SHARDS[world]), shards(TXT_SHARDS[world])
 
-    def rank_call(comm: ThreadComm) -> Any:
-        r = comm.rank
-        return LOSS_AND_GRAD[loss](
-            x_img[img_rows[r], :],
-            x_txt[txt_rows[r], :],
-            SCALE,
-            BIAS,
-            block_size=3,
-            comm=comm,
-            strategy=strategy,
-            img_ids=x_img_ids[img_rows[r]],
-            txt_ids=x_txt_ids[txt_rows[r]],
-        )
+    def on_ranks(function: Any, **options: Any) -> list[Any]:
+        """``function`` on every rank, each with its own image and text rows and ids."""
 
-    results = ThreadGroup(world, timeout=60).run(rank_call)
+        def rank_call(comm: ThreadComm) -> Any:
+            images, texts = img_rows[comm.rank], txt_rows[comm.rank]
+            return function(
+                x_img[images, :],
+                x_txt[texts, :],
+                SCALE,
+                BIAS,
+                comm=comm,
+                strategy=strategy,
+                img_ids=x_img_ids[images],
+                txt_ids=x_txt_ids[texts],
+                **options,
+            )
+
+        return ThreadGroup(world, timeout=60).run(rank_call)
+
+    results = on_ranks(LOSS_AND_GRAD[loss], block_size=3)
     for rank, (value, grads) in enumerate(results):
         assert float(value) == float(results[0][0]), "the same loss on every rank"
         assert_close(value, reference.loss, 1e-12, f"rank {rank} loss")
@@ -158,20 +157,7 @@ def test_distributed_ids_uneven_shards(xp: Any, loss: str, strategy: str, world:
         assert_close(grads.scale, reference.scale, 1e-12, f"rank {rank} dscale")
         assert_close(grads.bias, reference.bias, 1e-12, f"rank {rank} dbias")
 
-    def loss_only(comm: ThreadComm) -> Any:
-        r = comm.rank
-        return LOSS[loss](
-            x_img[img_rows[r], :],
-            x_txt[txt_rows[r], :],
-            SCALE,
-            BIAS,
-            comm=comm,
-            strategy=strategy,
-            img_ids=x_img_ids[img_rows[r]],
-            txt_ids=x_txt_ids[txt_rows[r]],
-        )
-
-    for value in ThreadGroup(world, timeout=60).run(loss_only):
+    for value in on_ranks(LOSS[loss]):
         assert_close(value, reference.loss, 1e-12, "loss alone")
 
 

@@ -17,18 +17,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import SCHEDULE_IDS
 
 jax = pytest.importorskip("jax")
 
 SCRIPT = Path(__file__).with_name("jax_scripts") / "axis_ring.py"
-SCHEDULES = [
-    "sigmoid-bidir",
-    "sigmoid-shift",
-    "sigmoid-reduce",
-    "sigmoid-gather",
-    "softmax-ring",
-    "softmax-gather",
-]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +37,7 @@ def report() -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("kind", ["core", "ids", "bridge"])
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", SCHEDULE_IDS)
 def test_axis_comm_equals_one_process(report: dict[str, Any], kind: str, schedule: str) -> None:
     errors = report[f"{kind}-{schedule}"]
     for quantity, error in errors.items():

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers import GRAD_RTOL, assert_close, pairs, to_numpy
+from helpers import LOSS_AND_GRAD as CORE_LOSS_AND_GRAD
 
 import portable_siglip as ps
 from portable_siglip.comm import SelfComm, ThreadComm, ThreadGroup
@@ -24,7 +25,6 @@ jnp = pytest.importorskip("jax.numpy")
 psj = pytest.importorskip("portable_siglip.backends.jax")
 
 BRIDGE = {"sigmoid": psj.sigmoid_loss, "softmax": psj.softmax_loss}
-CORE_LOSS_AND_GRAD = {"sigmoid": ps.sigmoid_loss_and_grad, "softmax": ps.softmax_loss_and_grad}
 SCALE, BIAS = 6.0, -3.0
 ALL = (0, 1, 2, 3)
 #: One shape and tile edge throughout (7 rows, tiles of 3, 3 and 1): eager JAX compiles

@@ -6,23 +6,17 @@ puts it next to the interpreter), as root and oversubscribed where needed.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import skip_without_mpi
-
-from portable_siglip._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
+from helpers import SCHEDULE_IDS, SCHEDULES, launcher_environment, run_captured, skip_without_mpi
 
 skip_without_mpi()  # mpi4py and an MPI library it can load (skips the module)
 
 SCRIPTS = Path(__file__).parent / "mpi_scripts"
-SCHEDULES = [("sigmoid", s) for s in SIGMOID_STRATEGIES] + [
-    ("softmax", s) for s in SOFTMAX_STRATEGIES
-]
 
 
 def mpirun() -> str:
@@ -34,24 +28,11 @@ def mpirun() -> str:
 
 
 def launch(world: int, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.update(
-        OMPI_ALLOW_RUN_AS_ROOT="1",
-        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-        PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
-        OMP_NUM_THREADS="1",
-    )
-    return subprocess.run(
-        [mpirun(), "-n", str(world), sys.executable, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
+    command = [mpirun(), "-n", str(world), sys.executable, *args]
+    return run_captured(command, timeout=timeout, env=launcher_environment())
 
 
-@pytest.mark.parametrize(("loss", "strategy"), SCHEDULES, ids=[f"{a}-{b}" for a, b in SCHEDULES])
+@pytest.mark.parametrize(("loss", "strategy"), SCHEDULES, ids=SCHEDULE_IDS)
 def test_run_verify_on_four_ranks(loss: str, strategy: str) -> None:
     result = launch(
         4,

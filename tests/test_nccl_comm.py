@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import types
@@ -21,19 +20,18 @@ from typing import Any
 import numpy as np
 import pytest
 from fake_nccl import FakeNccl, FakeNcclError, FakeRuntime, run_ranks
-from helpers import assert_close, pairs, to_numpy
-from portable_siglip.backends.nccl import CupyRuntime, NCCLComm, SharedDeviceError, _nccl_dtype
-from test_distributed import (
-    BIAS,
+from helpers import (
     LOSS,
     LOSS_AND_GRAD,
-    SCALE,
     SCHEDULE_IDS,
     SCHEDULES,
-    SHARDS,
-    concat,
-    expected_bytes,
+    assert_close,
+    free_port,
+    pairs,
+    to_numpy,
 )
+from portable_siglip.backends.nccl import CupyRuntime, NCCLComm, SharedDeviceError, _nccl_dtype
+from test_distributed import BIAS, SCALE, SHARDS, concat, expected_bytes
 
 from portable_siglip.cli import _doctor
 from portable_siglip.comm import Communicator, check_communicator
@@ -345,12 +343,6 @@ def test_single_needs_no_mpi(monkeypatch: pytest.MonkeyPatch) -> None:
     assert NCCLComm.single(1, runtime=runtime).device == 1
     with pytest.raises(ValueError, match=r"`device` must be a GPU index in 0\.\.1, got 2"):
         NCCLComm.single(2, runtime=runtime)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def tcp_stores(world: int) -> list[Any]:

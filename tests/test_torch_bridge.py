@@ -13,6 +13,7 @@ from itertools import accumulate
 from typing import Any
 
 import pytest
+from helpers import SCHEDULES
 
 torch = pytest.importorskip("torch")
 
@@ -30,11 +31,6 @@ DEVICES = [
         "cuda",
         marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
     ),
-]
-SIGMOID_STRATEGIES = ("bidir", "shift", "reduce", "gather")
-SOFTMAX_STRATEGIES = ("ring", "gather")
-SCHEDULES = [("sigmoid", s) for s in SIGMOID_STRATEGIES] + [
-    ("softmax", s) for s in SOFTMAX_STRATEGIES
 ]
 #: Uneven shards of 11 rows, a one-row shard included.
 SHARDS = {2: [7, 4], 3: [1, 6, 4], 4: [3, 1, 5, 2]}

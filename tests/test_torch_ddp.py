@@ -7,18 +7,13 @@ Each case starts W processes of ``torch_dist_scripts/ddp_step.py`` the way torch
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import run_torch_ranks, torch_with_gloo
 
-torch = pytest.importorskip("torch")
-if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+torch = torch_with_gloo()
 
 from test_torch_bridge import TwoTowers, assert_grads_close, batch, dense_loss, train_step  # noqa: E402
 
@@ -26,40 +21,9 @@ SCRIPT = Path(__file__).parent / "torch_dist_scripts" / "ddp_step.py"
 TIMEOUT_S = 240
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def launch(sizes: list[int], out: Path) -> dict[str, Any]:
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "WORLD_SIZE": str(len(sizes)),
-        "SHARDS": ",".join(map(str, sizes)),
-        "OMP_NUM_THREADS": "1",
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(SCRIPT), str(out)],
-            env={**env, "RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(len(sizes))
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for proc in procs:
-            proc.kill()
-    codes = [proc.returncode for proc in procs]
-    assert codes == [0] * len(procs), "\n".join(outputs)
+    shards = {"SHARDS": ",".join(map(str, sizes))}
+    run_torch_ranks(SCRIPT, len(sizes), str(out), env=shards, timeout=TIMEOUT_S)
     return json.loads(out.read_text())  # type: ignore[no-any-return]
 
 

@@ -9,59 +9,20 @@ receive or all-gather, so they must be staged through the host, with W ranks on 
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_torch_ranks, torch_with_gloo
 
-torch = pytest.importorskip("torch")
-if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+torch = torch_with_gloo()
 
 SCRIPT = Path(__file__).parent / "torch_dist_scripts" / "half_exchange.py"
 TIMEOUT_S = 180
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def launch(world: int, cuda: bool) -> list[str]:
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "WORLD_SIZE": str(world),
-        "OMP_NUM_THREADS": "1",
-        "HALF_CUDA": "1" if cuda else "0",
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(SCRIPT)],
-            env={**env, "RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(world)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"hung: {world} gloo ranks of {SCRIPT.name}")
-    finally:
-        for proc in procs:
-            proc.kill()
-    codes = [proc.returncode for proc in procs]
-    assert codes == [0] * world, "\n".join(outputs)
-    return outputs
+    half_cuda = {"HALF_CUDA": "1" if cuda else "0"}
+    return run_torch_ranks(SCRIPT, world, env=half_cuda, timeout=TIMEOUT_S)
 
 
 @pytest.mark.parametrize("world", [1, 3])
