@@ -22,6 +22,7 @@ from typing import Any
 
 import array_api_compat
 
+from . import _registry as registry
 from ._precision import PRECISIONS, Gemm, make_gemm
 from ._typing import Array, Namespace
 
@@ -521,8 +522,9 @@ def prepare(
     ----------
     img, txt, scale, bias, block_size, strategy, img_ids, txt_ids, precision
         The public arguments, as received (``comm`` is checked by the caller).
-    loss : {"sigmoid", "softmax"}
-        Which loss is being called (selects the allowed strategies).
+    loss : str
+        The name of the loss being called (its registered description gives the allowed
+        strategies, :mod:`._registry`).
     check_ids : bool
         Whether the ids are the whole batch, so that every row's having a positive can be
         checked here (a distributed caller checks the global ids instead).
@@ -546,7 +548,7 @@ def prepare(
     scale_checked = _check_scalar("scale", scale, xp, device, positive=True)
     bias_checked = _check_scalar("bias", 0.0 if bias is None else bias, xp, device, positive=False)
     size = _check_block_size(block_size, max(n, k), default_block_size(img))
-    allowed = SIGMOID_STRATEGIES if loss == "sigmoid" else SOFTMAX_STRATEGIES
+    allowed = registry.get(loss).schedules
     _check_strategy(strategy, allowed, loss)
     chosen = _check_precision(precision)
     if ids is not None and check_ids:

@@ -33,7 +33,7 @@ from ._softmax import merge_lse_pairs
 from ._typing import Array, Namespace
 from .comm import Communicator, Request, check_communicator
 
-__all__ = ["Ring", "circulate", "global_sums", "setup"]
+__all__ = ["SCHEDULES", "Ring", "circulate", "global_sums", "setup"]
 
 #: ``visit(home, block)``: ``home`` says whether ``block`` is this rank's own (a Python bool,
 #: or a traced boolean under an SPMD communicator whose rank is only known on the device).
@@ -142,7 +142,7 @@ def setup(
     bias: object,
     *,
     block_size: object,
-    comm: object,
+    comm: Communicator | None,
     strategy: object,
     loss: str,
     grad: bool,
@@ -166,90 +166,98 @@ def setup(
     ring : Ring or None
         None for ``comm=None``.
     """
+    options: dict[str, Any] = {
+        "block_size": block_size,
+        "strategy": strategy,
+        "loss": loss,
+        "img_ids": img_ids,
+        "txt_ids": txt_ids,
+        "precision": precision,
+    }
     if comm is None:
-        single = prepare(
-            img,
-            txt,
-            scale,
-            bias,
-            block_size=block_size,
-            strategy=strategy,
-            loss=loss,
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            precision=precision,
-        )
-        return single, None
+        return prepare(img, txt, scale, bias, **options), None
     checked = check_communicator(comm)
     traced = spmd(checked)
-    summary: dict[str, Any]
     problem: Problem | None = None
+    local_error: BaseException | None = None
     try:
-        problem = prepare(
-            img,
-            txt,
-            scale,
-            bias,
-            block_size=block_size,
-            strategy=strategy,
-            loss=loss,
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            precision=precision,
-            check_ids=False,
-        )
-        summary = {
-            "error": None,
-            "loss": loss,
-            "gradients": grad,
-            "strategy": strategy,
-            "precision": problem.precision,
-            "d": problem.d,
-            "dtype": str(problem.input_dtype),
-            "n": problem.n,
-            "k": problem.k,
-            "scale": None if traced else _scalar_value(problem.scale),
-            "bias": None if traced else _scalar_value(problem.bias),
-            "ids": problem.labelled,
-        }
-        if problem.labelled and not traced:
-            summary["img_ids"] = _ids_values(problem.img_ids)
-            summary["txt_ids"] = _ids_values(problem.txt_ids)
+        problem = prepare(img, txt, scale, bias, check_ids=False, **options)
+        summary = _summary(problem, loss=loss, grad=grad, strategy=strategy, traced=traced)
     except (TypeError, ValueError) as error:
         summary = {"error": (type(error).__name__, str(error))}
-        local_error: BaseException | None = error
-    else:
-        local_error = None
+        local_error = error
     everyone = checked.allgather_object(summary)
-    failed = [rank for rank, entry in enumerate(everyone) if entry["error"] is not None]
-    if failed:
-        first = failed[0]
-        kind, message = everyone[first]["error"]
-        if len(failed) == len(everyone) and all(everyone[r]["error"][1] == message for r in failed):
-            text = f"{message} (on every rank)"
-        else:
-            listed = ", ".join(map(str, failed))
-            text = f"rank {first}: {message}" + (
-                f" (ranks {listed} are invalid)" if len(failed) > 1 else ""
-            )
-        raise (TypeError if kind == "TypeError" else ValueError)(text) from local_error
-    for name in ("loss", "gradients", "strategy", "d", "dtype", "precision", "scale", "bias"):
-        values = [entry[name] for entry in everyone]
-        if not all(_same(value, values[0]) for value in values):
-            what = {
-                "d": "the feature dimension d",
-                "dtype": "the dtype of `img` and `txt`",
-                "gradients": "whether gradients are computed (the loss alone or with them)",
-            }
-            label = what.get(name, f"`{name}`")
-            msg = f"{label} must be the same on every rank, got {_by_rank(values)}"
-            raise (TypeError if name == "dtype" else ValueError)(msg)
+    _raise_any_error(everyone, local_error)
+    _check_agreement(everyone)
     if not traced:
         _check_global_ids(everyone)
     assert problem is not None
     sizes = tuple(int(entry["k"]) for entry in everyone)
     img_sizes = tuple(int(entry["n"]) for entry in everyone)
     return problem, Ring(checked, sizes, str(strategy), img_sizes)
+
+
+def _summary(
+    problem: Problem, *, loss: str, grad: bool, strategy: object, traced: bool
+) -> dict[str, Any]:
+    """Return what this rank tells the others of its call: every field the ranks must agree on."""
+    summary: dict[str, Any] = {
+        "error": None,
+        "loss": loss,
+        "gradients": grad,
+        "strategy": strategy,
+        "precision": problem.precision,
+        "d": problem.d,
+        "dtype": str(problem.input_dtype),
+        "n": problem.n,
+        "k": problem.k,
+        "scale": None if traced else _scalar_value(problem.scale),
+        "bias": None if traced else _scalar_value(problem.bias),
+        "ids": problem.labelled,
+    }
+    if problem.labelled and not traced:
+        summary["img_ids"] = _ids_values(problem.img_ids)
+        summary["txt_ids"] = _ids_values(problem.txt_ids)
+    return summary
+
+
+def _raise_any_error(everyone: Sequence[dict[str, Any]], local_error: BaseException | None) -> None:
+    """Raise, on every rank, the first invalid rank's error, naming it (and the other ones)."""
+    failed = [rank for rank, entry in enumerate(everyone) if entry["error"] is not None]
+    if not failed:
+        return
+    first = failed[0]
+    kind, message = everyone[first]["error"]
+    if len(failed) == len(everyone) and all(everyone[r]["error"][1] == message for r in failed):
+        text = f"{message} (on every rank)"
+    else:
+        listed = ", ".join(map(str, failed))
+        text = f"rank {first}: {message}" + (
+            f" (ranks {listed} are invalid)" if len(failed) > 1 else ""
+        )
+    raise (TypeError if kind == "TypeError" else ValueError)(text) from local_error
+
+
+#: How an agreement error names each summary field that differs between ranks.
+_AGREED = {
+    "loss": "`loss`",
+    "gradients": "whether gradients are computed (the loss alone or with them)",
+    "strategy": "`strategy`",
+    "d": "the feature dimension d",
+    "dtype": "the dtype of `img` and `txt`",
+    "precision": "`precision`",
+    "scale": "`scale`",
+    "bias": "`bias`",
+}
+
+
+def _check_agreement(everyone: Sequence[dict[str, Any]]) -> None:
+    """Every field of :data:`_AGREED` is the same on every rank, else a named error."""
+    for name, label in _AGREED.items():
+        values = [entry[name] for entry in everyone]
+        if not all(_same(value, values[0]) for value in values):
+            msg = f"{label} must be the same on every rank, got {_by_rank(values)}"
+            raise (TypeError if name == "dtype" else ValueError)(msg)
 
 
 def global_sums(ring: Ring, xp: Namespace, values: Sequence[Array]) -> list[Array]:
@@ -312,18 +320,40 @@ def circulate(
     tuple of arrays
         This rank's accumulators, merged over every rank's contribution.
     """
-    size = ring.comm.size
-    if size == 1:  # every schedule degenerates to the one block at home: nothing to send
+    if ring.comm.size == 1:  # every schedule degenerates to the one block at home
         return visit(True, static)
-    strategy = ring.strategy
-    combine = _merge_fn(xp, merge)
-    if strategy == "bidir":
-        return _chains(ring, static, visit, acc_tails, combine, size // 2, (size - 1) // 2)
-    if strategy in ("shift", "ring"):
-        return _chains(ring, static, visit, acc_tails, combine, size - 1, 0)
-    if strategy == "reduce":
-        return _by_broadcast(ring, xp, static, visit, merge, combine)
-    return _by_gather(ring, xp, static, visit, acc_tails, merge, combine)
+    schedule = _SCHEDULES.get(ring.strategy)
+    if schedule is None:
+        msg = f"unknown schedule {ring.strategy!r}; the schedules are {', '.join(_SCHEDULES)}"
+        raise ValueError(msg)
+    return schedule(ring, xp, static, visit, acc_tails, merge, _merge_fn(xp, merge))
+
+
+def _bidir(
+    ring: Ring,
+    xp: Namespace,
+    static: tuple[Array, ...],
+    visit: Visit,
+    acc_tails: tuple[tuple[int, ...], ...],
+    merge: str,
+    combine: Callable[[Array, Array], Array],
+) -> tuple[Array, ...]:
+    """``bidir``: ceil((W-1)/2) hops to the right and floor((W-1)/2) to the left."""
+    size = ring.comm.size
+    return _chains(ring, static, visit, acc_tails, combine, size // 2, (size - 1) // 2)
+
+
+def _one_way(
+    ring: Ring,
+    xp: Namespace,
+    static: tuple[Array, ...],
+    visit: Visit,
+    acc_tails: tuple[tuple[int, ...], ...],
+    merge: str,
+    combine: Callable[[Array, Array], Array],
+) -> tuple[Array, ...]:
+    """``shift`` and ``ring``: W-1 hops one way round, then one hop home."""
+    return _chains(ring, static, visit, acc_tails, combine, ring.comm.size - 1, 0)
 
 
 def _block_shapes(arrays: Sequence[Array], rows: int) -> list[tuple[int, ...]]:
@@ -450,6 +480,7 @@ def _by_broadcast(
     xp: Namespace,
     static: tuple[Array, ...],
     visit: Visit,
+    acc_tails: tuple[tuple[int, ...], ...],
     merge: str,
     combine: Callable[[Array, Array], Array],
 ) -> tuple[Array, ...]:
@@ -526,3 +557,15 @@ def _by_gather(
             start = ring.offset
             mine.append(total[start : start + ring.sizes[comm.rank], ...])
     return tuple(mine)
+
+
+#: The schedules by name: what a loss's ``schedules`` (:mod:`._registry`) may list.
+_SCHEDULES: dict[str, Callable[..., tuple[Array, ...]]] = {
+    "bidir": _bidir,
+    "shift": _one_way,
+    "ring": _one_way,
+    "reduce": _by_broadcast,
+    "gather": _by_gather,
+}
+#: The names of every schedule :func:`circulate` runs.
+SCHEDULES = tuple(_SCHEDULES)

@@ -171,6 +171,7 @@ def sigmoid_sums(
     block_size: int,
     grad: bool,
     gemm: Gemm,
+    tile: Any = sigmoid_tile,
 ) -> tuple[Array, Array | None, Array | None, Array | None]:
     """Jax-loop twin of :func:`portable_siglip._sigmoid.sigmoid_sums`; same arguments and sums."""
     import jax.numpy as jnp
@@ -184,13 +185,13 @@ def sigmoid_sums(
     zero = jnp.zeros((), dtype=scaled_img.dtype)
     img_ops, txt_ops = gemm.operand(img), gemm.operand(texts)
 
-    def body(tile: Array, carry: tuple[Array, ...]) -> tuple[Array, ...]:
-        row_start, col_start = grid.starts(tile)
+    def body(index: Array, carry: tuple[Array, ...]) -> tuple[Array, ...]:
+        row_start, col_start = grid.starts(index)
         rows = _slice(img_ops, row_start, grid.rows)
         cols = _slice(txt_ops, col_start, grid.cols)
         logits = gemm.matmul(rows, cols.T) + bias  # (b, d) @ (d, c) -> (b, c)
         valid, mask = grid.masks(row_start, col_start)
-        tile_loss, part = sigmoid_tile(Ops(jnp), logits, mask, grad=grad, valid=valid)
+        tile_loss, part = tile(Ops(jnp), logits, mask, grad=grad, valid=valid)
         if part is None:
             return (carry[0] + tile_loss,)
         loss, bias_sum, img_acc, txt_acc = carry

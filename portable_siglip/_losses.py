@@ -1,12 +1,20 @@
-"""Public entry points: the sigmoid and softmax losses, alone or with their gradients."""
+"""Public entry points: the sigmoid and softmax losses, alone or with their gradients.
+
+Each loss is evaluated by one function of the form ``evaluate(loss, problem, ring, grad=...)``
+(the passes over the tiles, alone or round the ring, the normaliser and the gradient
+assembly) and described once by a :class:`._registry.Loss`, registered at the end of this
+module, which every other layer reads.
+"""
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from . import _reference
 from ._checks import Problem
 from ._distributed import Ring, circulate, global_sums, setup
 from ._precision import full_precision
+from ._registry import Loss, register
 from ._sigmoid import sigmoid_sums
 from ._softmax import (
     lse_excess,
@@ -14,8 +22,10 @@ from ._softmax import (
     softmax_grad_sums,
     softmax_lse,
 )
+from ._tilemath import sigmoid_tile, softmax_grad_tile
 from ._tiles import Positives
 from ._typing import Array
+from .comm import Communicator
 
 __all__ = [
     "Gradients",
@@ -32,15 +42,26 @@ class Gradients(NamedTuple):
     Attributes
     ----------
     img : array, shape (n, d)
-        ``dL/dimg``, in the dtype of ``img``.
+        ``dL/dimg``, in the dtype of ``img`` (n its rows: m with ids).
     txt : array, shape (n, d)
-        ``dL/dtxt``, in the dtype of ``txt``.
+        ``dL/dtxt``, in the dtype of ``txt`` (k rows with ids, the rows of ``txt``).
     scale : 0-d array
         ``dL/dt`` for the multiplier ``t`` itself (not its log; multiply by ``t`` for
         ``dL/dlog t``), in the dtype of ``scale`` when it is an array, else in the
         accumulation dtype.
     bias : 0-d array
         ``dL/db``, dtype chosen as for ``scale``. Exactly zero for the softmax loss.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import portable_siglip as ps
+    >>> img, txt = np.eye(3), np.eye(3)[::-1]
+    >>> loss, grads = ps.sigmoid_loss_and_grad(img, txt, 10.0, -5.0)
+    >>> grads.img.shape, grads.txt.shape
+    ((3, 3), (3, 3))
+    >>> float(grads.bias) < 0  # raising b lowers the loss: most pairs are negatives far below 0
+    False
     """
 
     img: Array
@@ -122,8 +143,14 @@ class _Sums:
         self.img_acc = part if self.img_acc is None else self.img_acc + part
 
 
-def _sigmoid(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array, Gradients | None]:
-    """Evaluate the sigmoid loss (and gradients) of the global batch in one pass over tiles."""
+def _sigmoid(
+    loss: Loss, problem: Problem, ring: Ring | None, *, grad: bool
+) -> tuple[Array, Gradients | None]:
+    """Evaluate the sigmoid loss (and gradients) of the global batch in one pass over tiles.
+
+    ``loss.tile`` is the tile formula: :func:`._tilemath.sigmoid_tile`, or that of another
+    loss of the sigmoid family (the same labels, normaliser and gradient assembly).
+    """
     xp = problem.xp
     scaled_img = _scaled_img(problem)
     if ring is None:
@@ -136,6 +163,7 @@ def _sigmoid(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
             block_size=problem.block_size,
             grad=grad,
             gemm=problem.gemm,
+            tile=loss.tile,
         )
         if not grad:
             return sums.loss / problem.n, None
@@ -155,6 +183,7 @@ def _sigmoid(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
             block_size=problem.block_size,
             grad=grad,
             gemm=problem.gemm,
+            tile=loss.tile,
         )
         state.loss = state.loss + part.loss
         if not grad:
@@ -166,16 +195,18 @@ def _sigmoid(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array,
     tails = ((problem.d,),) if grad else ()
     accs = circulate(ring, xp, _travelling(problem), visit, acc_tails=tails, merge="sum")
     if not grad:
-        (loss,) = global_sums(ring, xp, [state.loss])
-        return loss / ring.img_total, None
+        (total,) = global_sums(ring, xp, [state.loss])
+        return total / ring.img_total, None
     scale_sum = _scale_sum(problem, state.img_acc)
-    loss, scale_sum, bias_sum = global_sums(ring, xp, [state.loss, scale_sum, state.bias])
-    return loss / ring.img_total, _finish(
+    total, scale_sum, bias_sum = global_sums(ring, xp, [state.loss, scale_sum, state.bias])
+    return total / ring.img_total, _finish(
         problem, state.img_acc, accs[0], scale_sum, bias_sum, ring.img_total
     )
 
 
-def _softmax(problem: Problem, ring: Ring | None, *, grad: bool) -> tuple[Array, Gradients | None]:
+def _softmax(
+    loss: Loss, problem: Problem, ring: Ring | None, *, grad: bool
+) -> tuple[Array, Gradients | None]:
     """Evaluate the softmax loss (and gradients): a log-sum-exp pass, then a gradient pass.
 
     Without ids the loss is ``(excess(rows) + excess(cols)) / (2n)``; with ids each direction
@@ -279,7 +310,7 @@ def sigmoid_loss(
     bias: float | Array | None,
     *,
     block_size: int | None = None,
-    comm: object = None,
+    comm: Communicator | None = None,
     strategy: str = "bidir",
     img_ids: Array | None = None,
     txt_ids: Array | None = None,
@@ -376,22 +407,20 @@ def sigmoid_loss(
     >>> print(f"{float(loss):.6f}")  # 8 pairs, each softplus(-5), over 2 image rows
     0.026861
     """
-    problem, ring = setup(
+    return _call(
+        SIGMOID,
         img,
         txt,
         scale,
         bias,
+        grad=False,
         block_size=block_size,
         comm=comm,
         strategy=strategy,
-        loss="sigmoid",
-        grad=False,
         img_ids=img_ids,
         txt_ids=txt_ids,
         precision=precision,
-    )
-    with full_precision(problem.xp, problem.img):
-        return _sigmoid(problem, ring, grad=False)[0]
+    )[0]
 
 
 def sigmoid_loss_and_grad(
@@ -401,7 +430,7 @@ def sigmoid_loss_and_grad(
     bias: float | Array | None,
     *,
     block_size: int | None = None,
-    comm: object = None,
+    comm: Communicator | None = None,
     strategy: str = "bidir",
     img_ids: Array | None = None,
     txt_ids: Array | None = None,
@@ -479,22 +508,20 @@ def sigmoid_loss_and_grad(
     >>> bool(np.allclose(results[1][1].img, grads.img[2:5]))
     True
     """
-    problem, ring = setup(
+    loss, grads = _call(
+        SIGMOID,
         img,
         txt,
         scale,
         bias,
+        grad=True,
         block_size=block_size,
         comm=comm,
         strategy=strategy,
-        loss="sigmoid",
-        grad=True,
         img_ids=img_ids,
         txt_ids=txt_ids,
         precision=precision,
     )
-    with full_precision(problem.xp, problem.img):
-        loss, grads = _sigmoid(problem, ring, grad=True)
     assert grads is not None
     return loss, grads
 
@@ -506,7 +533,7 @@ def softmax_loss(
     bias: float | Array | None = None,
     *,
     block_size: int | None = None,
-    comm: object = None,
+    comm: Communicator | None = None,
     strategy: str = "ring",
     img_ids: Array | None = None,
     txt_ids: Array | None = None,
@@ -577,22 +604,20 @@ def softmax_loss(
     >>> print(f"{float(loss):.6f}")  # log(1 + e^-1)
     0.313262
     """
-    problem, ring = setup(
+    return _call(
+        SOFTMAX,
         img,
         txt,
         scale,
         bias,
+        grad=False,
         block_size=block_size,
         comm=comm,
         strategy=strategy,
-        loss="softmax",
-        grad=False,
         img_ids=img_ids,
         txt_ids=txt_ids,
         precision=precision,
-    )
-    with full_precision(problem.xp, problem.img):
-        return _softmax(problem, ring, grad=False)[0]
+    )[0]
 
 
 def softmax_loss_and_grad(
@@ -602,7 +627,7 @@ def softmax_loss_and_grad(
     bias: float | Array | None = None,
     *,
     block_size: int | None = None,
-    comm: object = None,
+    comm: Communicator | None = None,
     strategy: str = "ring",
     img_ids: Array | None = None,
     txt_ids: Array | None = None,
@@ -651,21 +676,64 @@ def softmax_loss_and_grad(
     >>> float(grads.bias)
     0.0
     """
-    problem, ring = setup(
+    loss, grads = _call(
+        SOFTMAX,
         img,
         txt,
         scale,
         bias,
+        grad=True,
         block_size=block_size,
         comm=comm,
         strategy=strategy,
-        loss="softmax",
-        grad=True,
         img_ids=img_ids,
         txt_ids=txt_ids,
         precision=precision,
     )
-    with full_precision(problem.xp, problem.img):
-        loss, grads = _softmax(problem, ring, grad=True)
     assert grads is not None
     return loss, grads
+
+
+def _call(
+    loss: Loss,
+    img: Array,
+    txt: Array,
+    scale: float | Array,
+    bias: float | Array | None,
+    *,
+    grad: bool,
+    **options: Any,
+) -> tuple[Array, Gradients | None]:
+    """Validate a call of ``loss`` (agreeing with the other ranks), then evaluate it."""
+    problem, ring = setup(img, txt, scale, bias, loss=loss.name, grad=grad, **options)
+    with full_precision(problem.xp, problem.img):
+        return loss.evaluate(loss, problem, ring, grad=grad)  # type: ignore[no-any-return]
+
+
+#: The SigLIP sigmoid loss (docs/math.md, section 1).
+SIGMOID = register(
+    Loss(
+        name="sigmoid",
+        title="SigLIP sigmoid loss",
+        schedules=("bidir", "shift", "reduce", "gather"),
+        evaluate=_sigmoid,
+        tile=sigmoid_tile,
+        dense=_reference.dense_sigmoid,
+        uses_bias=True,
+        functions=("sigmoid_loss", "sigmoid_loss_and_grad"),
+    )
+)
+
+#: The CLIP softmax (InfoNCE) loss, symmetric over both directions (docs/math.md, section 2).
+SOFTMAX = register(
+    Loss(
+        name="softmax",
+        title="CLIP softmax loss",
+        schedules=("ring", "gather"),
+        evaluate=_softmax,
+        tile=softmax_grad_tile,
+        dense=_reference.dense_softmax,
+        uses_bias=False,
+        functions=("softmax_loss", "softmax_loss_and_grad"),
+    )
+)

@@ -18,6 +18,7 @@ over the reusable buffers of :mod:`._inplace`, and arrays jax is tracing take th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 from . import _inplace, _jaxloops
@@ -54,6 +55,7 @@ def sigmoid_sums(
     block_size: int,
     grad: bool,
     gemm: Gemm | None = None,
+    tile: Callable[..., tuple[Array, Array | None]] = sigmoid_tile,
 ) -> SigmoidSums:
     """Sum the sigmoid loss (and its gradient pieces) over all tiles of ``scaled_img @ txt.T``.
 
@@ -77,6 +79,9 @@ def sigmoid_sums(
         Whether to accumulate the gradient pieces as well as the loss.
     gemm : Gemm, optional
         The GEMMs' operand policy (:mod:`._precision`); None: exact operands.
+    tile : callable, optional
+        The tile formula, :func:`._tilemath.sigmoid_tile` unless a loss of the sigmoid
+        family (same labels, normaliser and gradient assembly) brings its own.
 
     Returns
     -------
@@ -94,6 +99,7 @@ def sigmoid_sums(
                 block_size=block_size,
                 grad=grad,
                 gemm=gemm,
+                tile=tile,
             )
         )
     space = _inplace.workspace(
@@ -113,9 +119,7 @@ def sigmoid_sums(
             logits = space.logits(img_rows, txt_cols)  # (b, d) @ (d, c) -> (b, c)
             logits = ops.add(logits, bias, out=logits)
             work = space.work(*logits.shape)
-            tile_loss, part = sigmoid_tile(
-                ops, logits, space.mask(rows, cols), grad=grad, work=work
-            )
+            tile_loss, part = tile(ops, logits, space.mask(rows, cols), grad=grad, work=work)
             loss = loss + tile_loss
             if part is None:
                 continue

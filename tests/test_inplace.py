@@ -3,10 +3,10 @@
 The conformance, golden and gradient tests already run every backend through the public
 functions, with the buffers on (numpy, torch) and off (numpy_readonly, torch_reference).
 These tests pin the in-place workspace (:mod:`portable_siglip._inplace`) and the in-place
-steps of the tile formulas (:class:`portable_siglip._tilemath.InplaceOps`) themselves: the same sums as the reference loops on shapes the
-public functions reach only through the ring (row and column shards of different lengths,
-no positives), at logits far outside the usual range, and without the temporaries the
-reference loops allocate.
+steps of the tile formulas (:class:`portable_siglip._tilemath.InplaceOps`) themselves: the
+same sums as the fresh arrays on shapes the public functions reach only through the ring
+(row and column shards of different lengths, no positives), at logits far outside the usual
+range, and without the temporaries fresh arrays cost.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def _inplace_run(monkeypatch: pytest.MonkeyPatch, function: Any, *args: Any, **k
         patch.delenv(ENV, raising=False)
         patch.setattr(_inplace, "workspace", spy)
         result = function(*args, **kwargs)
-    assert chosen and all(isinstance(w, _inplace.InplaceWorkspace) for w in chosen)
+    assert chosen
+    assert all(isinstance(w, _inplace.InplaceWorkspace) for w in chosen)
     return result
 
 
