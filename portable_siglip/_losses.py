@@ -28,7 +28,10 @@ from ._typing import Array
 from .comm import Communicator
 
 __all__ = [
+    "SIGMOID",
+    "SOFTMAX",
     "Gradients",
+    "evaluate",
     "sigmoid_loss",
     "sigmoid_loss_and_grad",
     "softmax_loss",
@@ -407,7 +410,7 @@ def sigmoid_loss(
     >>> print(f"{float(loss):.6f}")  # 8 pairs, each softplus(-5), over 2 image rows
     0.026861
     """
-    return _call(
+    return evaluate(
         SIGMOID,
         img,
         txt,
@@ -508,7 +511,7 @@ def sigmoid_loss_and_grad(
     >>> bool(np.allclose(results[1][1].img, grads.img[2:5]))
     True
     """
-    loss, grads = _call(
+    loss, grads = evaluate(
         SIGMOID,
         img,
         txt,
@@ -604,7 +607,7 @@ def softmax_loss(
     >>> print(f"{float(loss):.6f}")  # log(1 + e^-1)
     0.313262
     """
-    return _call(
+    return evaluate(
         SOFTMAX,
         img,
         txt,
@@ -676,7 +679,7 @@ def softmax_loss_and_grad(
     >>> float(grads.bias)
     0.0
     """
-    loss, grads = _call(
+    loss, grads = evaluate(
         SOFTMAX,
         img,
         txt,
@@ -694,7 +697,11 @@ def softmax_loss_and_grad(
     return loss, grads
 
 
-def _call(
+#: ``strategy`` not given to :func:`evaluate` (None is a value, which validation refuses).
+_DEFAULT: Any = object()
+
+
+def evaluate(
     loss: Loss,
     img: Array,
     txt: Array,
@@ -702,10 +709,43 @@ def _call(
     bias: float | Array | None,
     *,
     grad: bool,
-    **options: Any,
+    block_size: int | None = None,
+    comm: Communicator | None = None,
+    strategy: object = _DEFAULT,
+    img_ids: Array | None = None,
+    txt_ids: Array | None = None,
+    precision: str | None = None,
 ) -> tuple[Array, Gradients | None]:
-    """Validate a call of ``loss`` (agreeing with the other ranks), then evaluate it."""
-    problem, ring = setup(img, txt, scale, bias, loss=loss.name, grad=grad, **options)
+    """Evaluate any registered ``loss``: validate (agreeing with the other ranks), then run it.
+
+    What the public functions call; the command line and the benchmarks call it with the
+    loss the user named (:func:`._registry.get`). The keywords are the public functions';
+    without ``strategy``, the loss's first schedule. Returns the loss and, with ``grad``, its
+    :class:`Gradients` (else None).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from portable_siglip import _registry
+    >>> softmax = _registry.get("softmax")
+    >>> value, grads = evaluate(softmax, np.eye(2), np.eye(2), 1.0, None, grad=False)
+    >>> round(float(value), 6), grads
+    (0.313262, None)
+    """
+    problem, ring = setup(
+        img,
+        txt,
+        scale,
+        bias,
+        block_size=block_size,
+        comm=comm,
+        strategy=loss.default_schedule if strategy is _DEFAULT else strategy,
+        loss=loss.name,
+        grad=grad,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        precision=precision,
+    )
     with full_precision(problem.xp, problem.img):
         return loss.evaluate(loss, problem, ring, grad=grad)  # type: ignore[no-any-return]
 
