@@ -623,22 +623,8 @@ def check(
     >>> check(ps.sigmoid_loss_and_grad, loss="sigmoid").passed
     True
     """
-    if loss not in ("sigmoid", "softmax"):
-        msg = f"`loss` must be 'sigmoid' or 'softmax', got {loss!r}"
-        raise ValueError(msg)
-    if convention not in CONVENTIONS:
-        msg = f"`convention` must be one of {tuple(CONVENTIONS)}, got {convention!r}"
-        raise ValueError(msg)
-    if dtype not in TOLERANCE:
-        msg = f"`dtype` must be one of {tuple(TOLERANCE)}, got {dtype!r}"
-        raise ValueError(msg)
-    if timeout is not None and not timeout > 0:
-        msg = f"`timeout` must be a positive number of seconds or None, got {timeout!r}"
-        raise ValueError(msg)
+    _check_arguments(loss, convention, dtype, timeout, ids)
     if ids:
-        if convention != "default":
-            msg = f"`convention` must be 'default' with `ids=True`, got {convention!r}"
-            raise ValueError(msg)
         chosen = tuple(load_ids_cases() if cases is None else cases)
         return _check_ids(function, loss, backend, dtype, chosen, timeout)
     selected = tuple(load_cases() if cases is None else cases)
@@ -652,39 +638,82 @@ def check(
     runner.plan(calls)
     try:
         for case in selected:
-            outcome = runner.run(case.img, case.txt, case.scale, case.bias)
-            golden = case.goldens[loss]
-            if golden.rows is not None:  # a large case stores some gradient rows only
-                values = {q: golden.stored(q, v, case.n) for q, v in outcome.values.items()}
-                outcome = Outcome(values, outcome.error, outcome.traceback)
-            outcomes[case.name] = outcome
-            factor = CONVENTIONS[convention](case.n)
-            expected = {q: getattr(golden, q) * factor for q in QUANTITIES}
-            tolerance = tolerance_for(dtype, case)
-            naive = naive_errors(case, loss, dtype, factor) if dtype in HALF_DTYPES else None
-            report.results += _compare("golden", case, outcome, expected, tolerance, naive, dtype)
+            outcomes[case.name] = _golden_checks(report, runner, case)
         report.results += _invariants(runner, selected, outcomes, dtype)
     finally:
         runner.close()
     report.gradients_checked = runner.gradients_seen
-    if runner.timed_out:
-        late = next(r for r in report.results if r.message.startswith("timeout"))
-        report.notes.append(
-            f"timeout: the call for the {late.check} check of {late.case} gave no result "
-            f"within {timeout} s; it was abandoned (it may still be running) and no later "
-            "call was made"
-        )
-    if runner.autodiff_used:
-        report.notes.append(f"gradients taken by {backend} autodiff of the returned loss")
-    if not runner.gradients_seen and any(o.error is None for o in outcomes.values()):
-        report.notes.append(
-            f"gradients NOT checked: the implementation returned a loss only and {backend} "
-            "has no autodiff; return (loss, grads) to have them checked"
-        )
-    if dtype in HALF_DTYPES:
-        report.notes += _rule_notes(report, dtype)
+    report.notes += _run_notes(report, runner, outcomes)
     report.findings = diagnose(report, loss, selected, outcomes, convention)
     return report
+
+
+def _check_arguments(
+    loss: str, convention: str, dtype: str, timeout: float | None, ids: bool
+) -> None:
+    """Raise a ValueError on arguments :func:`check` does not take."""
+    if loss not in ("sigmoid", "softmax"):
+        msg = f"`loss` must be 'sigmoid' or 'softmax', got {loss!r}"
+        raise ValueError(msg)
+    if convention not in CONVENTIONS:
+        msg = f"`convention` must be one of {tuple(CONVENTIONS)}, got {convention!r}"
+        raise ValueError(msg)
+    if dtype not in TOLERANCE:
+        msg = f"`dtype` must be one of {tuple(TOLERANCE)}, got {dtype!r}"
+        raise ValueError(msg)
+    if timeout is not None and not timeout > 0:
+        msg = f"`timeout` must be a positive number of seconds or None, got {timeout!r}"
+        raise ValueError(msg)
+    if ids and convention != "default":
+        msg = f"`convention` must be 'default' with `ids=True`, got {convention!r}"
+        raise ValueError(msg)
+
+
+def _golden_checks(report: Report, runner: Runner, case: Case) -> Outcome:
+    """Run `case` and add its golden checks to `report`; return the outcome, as compared.
+
+    A large case stores some gradient rows only: the outcome keeps those rows.
+    """
+    outcome = runner.run(case.img, case.txt, case.scale, case.bias)
+    golden = case.goldens[report.loss]
+    if golden.rows is not None:
+        values = {q: golden.stored(q, v, case.n) for q, v in outcome.values.items()}
+        outcome = Outcome(values, outcome.error, outcome.traceback)
+    dtype = report.dtype
+    factor = CONVENTIONS[report.convention](case.n)
+    expected = {q: getattr(golden, q) * factor for q in QUANTITIES}
+    tolerance = tolerance_for(dtype, case)
+    naive = naive_errors(case, report.loss, dtype, factor) if dtype in HALF_DTYPES else None
+    report.results += _compare("golden", case, outcome, expected, tolerance, naive, dtype)
+    return outcome
+
+
+def _run_notes(report: Report, runner: Runner, outcomes: dict[str, Outcome]) -> list[str]:
+    """Say what the reader of `report` must know: a timeout, autodiff, unchecked gradients."""
+    backend = report.backend
+    notes = []
+    if runner.timed_out:
+        late = next(r for r in report.results if r.message.startswith("timeout"))
+        notes.append(
+            f"timeout: the call for the {late.check} check of {late.case} gave no result "
+            f"within {runner.timeout} s; it was abandoned (it may still be running) and no "
+            "later call was made"
+        )
+    if runner.autodiff_used:
+        notes.append(_AUTODIFF.format(backend=backend))
+    if not runner.gradients_seen and any(o.error is None for o in outcomes.values()):
+        notes.append(_NO_GRADIENTS.format(backend=backend))
+    if report.dtype in HALF_DTYPES:
+        notes += _rule_notes(report, report.dtype)
+    return notes
+
+
+#: The notes of a run whose gradients autodiff took, and of one that has none.
+_AUTODIFF = "gradients taken by {backend} autodiff of the returned loss"
+_NO_GRADIENTS = (
+    "gradients NOT checked: the implementation returned a loss only and {backend} has no "
+    "autodiff; return (loss, grads) to have them checked"
+)
 
 
 def _rule_notes(report: Report, dtype: str) -> list[str]:
@@ -738,12 +767,9 @@ def _check_ids(
         report.results += _compare("golden", case, outcome, expected, tolerance_for(dtype, case))
     report.gradients_checked = seen
     if autodiff:
-        report.notes.append(f"gradients taken by {backend} autodiff of the returned loss")
+        report.notes.append(_AUTODIFF.format(backend=backend))
     if not seen:
-        report.notes.append(
-            f"gradients NOT checked: the implementation returned a loss only and {backend} "
-            "has no autodiff; return (loss, grads) to have them checked"
-        )
+        report.notes.append(_NO_GRADIENTS.format(backend=backend))
     failed = {r.case for r in report.results if not r.passed and r.quantity == "loss"}
     report.findings = diagnose_ids(
         loss, cases, losses, failed, lambda case: tolerance_for(dtype, case)

@@ -19,11 +19,10 @@ from ._cases import Case
 from ._naive import LOGIT_ORDERS, naive_values, round_half
 from ._report import (
     CONVENTIONS,
-    FLOOR,
     QUANTITIES,
     Outcome,
     Report,
-    natural_scale,
+    case_error,
     relative_error,
     tolerance_for,
 )
@@ -159,15 +158,17 @@ def _normalisation_text(convention: str, power: int) -> str:
     return text
 
 
-def _loss_hypotheses(
-    loss: str, convention: str = "default"
-) -> list[tuple[str, str, Callable[[Case, float], float]]]:
+#: ``(code, explanation, the loss the mistake predicts for a case and convention factor)``.
+Hypothesis = tuple[str, str, Callable[[Case, float], float]]
+
+
+def _loss_hypotheses(loss: str, convention: str = "default") -> list[Hypothesis]:
     """``(code, explanation, predicted loss)`` for mistakes visible in the loss value."""
 
     def golden(case: Case, f: float) -> float:
         return case.goldens[loss].loss * f
 
-    hypotheses = [
+    hypotheses: list[Hypothesis] = [
         (
             "mean-over-pairs",
             _normalisation_text(convention, -1),
@@ -178,6 +179,18 @@ def _loss_hypotheses(
             _normalisation_text(convention, +1),
             lambda case, f: golden(case, f) * case.n,
         ),
+        *_input_hypotheses(loss),
+    ]
+    for limit in CLAMPS:
+        hypotheses += _clamp_hypotheses(loss, limit, golden)
+    if loss == "sigmoid":
+        return hypotheses + _sigmoid_hypotheses()
+    return hypotheses + _softmax_hypotheses(golden)
+
+
+def _input_hypotheses(loss: str) -> list[Hypothesis]:
+    """Mistakes in how the inputs enter the logits: scale misread, features renormalised."""
+    return [
         (
             "scale-as-log",
             "the loss matches exp(scale) used as the multiplier: `scale` is t itself "
@@ -202,80 +215,91 @@ def _loss_hypotheses(
             lambda case, f: f * _logit_loss(loss, _logits(case, normalise=True)),
         ),
     ]
-    for limit in CLAMPS:
-        hypotheses += [
-            (
-                "clamped-logits",
-                f"the loss matches the logits clamped to [-{limit:g}, {limit:g}]: clamping "
-                "Z changes the loss and zeroes the gradient of every clamped pair; use a "
-                "stable softplus / log-sum-exp instead (logaddexp, max-subtraction)",
-                lambda case, f, c=limit: (
-                    f * _logit_loss(loss, _clip(_logits(case), -c, c))  # type: ignore[misc]
-                    if case.max_abs_logit > c
-                    else golden(case, f)
-                ),
-            ),
-            (
-                "clamped-logits",
-                f"the loss matches the logits clamped above at {limit:g} (Z.clamp(max=...)): "
-                "clamping Z changes the loss and zeroes the gradient of every clamped pair; "
-                "use a stable softplus / log-sum-exp instead (logaddexp, max-subtraction)",
-                lambda case, f, c=limit: (
-                    f * _logit_loss(loss, _clip(_logits(case), -math.inf, c))  # type: ignore[misc]
-                    if case.max_abs_logit > c
-                    else golden(case, f)
-                ),
-            ),
-        ]
-    if loss == "sigmoid":
-        hypotheses += [
-            (
-                "bias-sign",
-                "the loss matches Z = t S - b: the sign of the bias is flipped",
-                lambda case, f: f * _dense_loss(loss, case, scale=case.scale, bias=-case.bias),
-            ),
-            (
-                "labels",
-                "the loss matches every pair labelled -1: the positives on the diagonal "
-                "are treated as negatives (labels should be 2 I - 1)",
-                lambda case, f: (
-                    f
-                    * _dense_loss(
-                        loss, case, scale=case.scale, bias=case.bias, signs="all-negative"
-                    )
-                ),
-            ),
-            (
-                "labels",
-                "the loss matches labels +1 off the diagonal and -1 on it: the labels are "
-                "negated (they should be 2 I - 1)",
-                lambda case, f: (
-                    f * _dense_loss(loss, case, scale=case.scale, bias=case.bias, signs="flipped")
-                ),
-            ),
-        ]
-    else:
-        hypotheses += [
-            (
-                "one-direction",
-                "the loss matches the image-to-text cross-entropy alone: the symmetric "
-                "loss is the mean of both directions (rows and columns)",
-                lambda case, f: f * case.goldens[loss].extra["image_to_text"],
-            ),
-            (
-                "one-direction",
-                "the loss matches the text-to-image cross-entropy alone: the symmetric "
-                "loss is the mean of both directions (rows and columns)",
-                lambda case, f: f * case.goldens[loss].extra["text_to_image"],
-            ),
-            (
-                "sum-of-directions",
-                "the loss is twice the golden: the two directional cross-entropies are "
-                "summed instead of averaged",
-                lambda case, f: 2 * golden(case, f),
-            ),
-        ]
-    return hypotheses
+
+
+def _clamp_hypotheses(
+    loss: str, limit: float, golden: Callable[[Case, float], float]
+) -> list[Hypothesis]:
+    """Logits clamped to [-limit, limit], or above at limit (the golden where none is)."""
+    advice = (
+        "clamping Z changes the loss and zeroes the gradient of every clamped pair; use a "
+        "stable softplus / log-sum-exp instead (logaddexp, max-subtraction)"
+    )
+
+    def clamped(low: float) -> Callable[[Case, float], float]:
+        def predict(case: Case, f: float) -> float:
+            if case.max_abs_logit <= limit:
+                return golden(case, f)
+            return f * _logit_loss(loss, _clip(_logits(case), low, limit))
+
+        return predict
+
+    return [
+        (
+            "clamped-logits",
+            f"the loss matches the logits clamped to [-{limit:g}, {limit:g}]: {advice}",
+            clamped(-limit),
+        ),
+        (
+            "clamped-logits",
+            f"the loss matches the logits clamped above at {limit:g} (Z.clamp(max=...)): "
+            + advice,
+            clamped(-math.inf),
+        ),
+    ]
+
+
+def _sigmoid_hypotheses() -> list[Hypothesis]:
+    """Sigmoid mistakes: the bias's sign, the labels."""
+    return [
+        (
+            "bias-sign",
+            "the loss matches Z = t S - b: the sign of the bias is flipped",
+            lambda case, f: f * _dense_loss("sigmoid", case, scale=case.scale, bias=-case.bias),
+        ),
+        (
+            "labels",
+            "the loss matches every pair labelled -1: the positives on the diagonal "
+            "are treated as negatives (labels should be 2 I - 1)",
+            lambda case, f: f
+            * _dense_loss("sigmoid", case, scale=case.scale, bias=case.bias, signs="all-negative"),
+        ),
+        (
+            "labels",
+            "the loss matches labels +1 off the diagonal and -1 on it: the labels are "
+            "negated (they should be 2 I - 1)",
+            lambda case, f: f
+            * _dense_loss("sigmoid", case, scale=case.scale, bias=case.bias, signs="flipped"),
+        ),
+    ]
+
+
+def _softmax_hypotheses(golden: Callable[[Case, float], float]) -> list[Hypothesis]:
+    """Softmax mistakes: one direction only, or both summed."""
+
+    def direction(name: str) -> Callable[[Case, float], float]:
+        return lambda case, f: f * case.goldens["softmax"].extra[name]
+
+    return [
+        (
+            "one-direction",
+            "the loss matches the image-to-text cross-entropy alone: the symmetric "
+            "loss is the mean of both directions (rows and columns)",
+            direction("image_to_text"),
+        ),
+        (
+            "one-direction",
+            "the loss matches the text-to-image cross-entropy alone: the symmetric "
+            "loss is the mean of both directions (rows and columns)",
+            direction("text_to_image"),
+        ),
+        (
+            "sum-of-directions",
+            "the loss is twice the golden: the two directional cross-entropies are "
+            "summed instead of averaged",
+            lambda case, f: 2 * golden(case, f),
+        ),
+    ]
 
 
 def _failed_cases(report: Report, quantities: Sequence[str]) -> set[str]:
@@ -488,21 +512,24 @@ def _diagnose_tail_block(report: Report, cases: Sequence[Case]) -> list[Finding]
 def _diagnose_gradients(
     report: Report, loss: str, cases: Sequence[Case], outcomes: dict[str, Outcome], factor: Any
 ) -> list[Finding]:
-    import numpy as np
-
+    """Find the mistakes the gradients show: a zero scale or bias gradient, or wrong features'."""
     if not report.gradients_checked:
         return []
+    findings = _diagnose_zero_gradients(report, loss, cases, outcomes)
+    failed = [c for c in cases if c.name in _failed_cases(report, ["img", "txt"])]
+    failed = [c for c in failed if outcomes[c.name].error is None]
+    if failed:
+        findings += _diagnose_feature_gradients(report, loss, failed, outcomes, factor)
+    return findings
+
+
+def _diagnose_zero_gradients(
+    report: Report, loss: str, cases: Sequence[Case], outcomes: dict[str, Outcome]
+) -> list[Finding]:
+    """Find a scale (or sigmoid bias) gradient that is zero on every case where it fails."""
     findings: list[Finding] = []
-
-    def tolerance(case: Case) -> float:
-        return tolerance_for(report.dtype, case)
-
-    def golden(name: str) -> Callable[[Case], Any]:
-        return lambda case: getattr(case.goldens[loss], name) * factor(case)
-
-    for name, code in (("scale", "zero-scale-grad"), ("bias", "zero-bias-grad")):
-        if loss == "softmax" and name == "bias":
-            continue
+    names = ("scale", "bias") if loss == "sigmoid" else ("scale",)
+    for name in names:
         failed = [c for c in cases if c.name in _failed_cases(report, [name])]
         failed = [c for c in failed if outcomes[c.name].error is None]
         if failed and all(
@@ -511,15 +538,24 @@ def _diagnose_gradients(
         ):
             findings.append(
                 (
-                    code,
+                    f"zero-{name}-grad",
                     f"the gradient of `{name}` is zero where it should not be: `{name}` is "
                     "detached from the graph or its gradient is never accumulated",
                 )
             )
-    failed = [c for c in cases if c.name in _failed_cases(report, ["img", "txt"])]
-    failed = [c for c in failed if outcomes[c.name].error is None]
-    if not failed:
-        return findings
+    return findings
+
+
+def _diagnose_feature_gradients(
+    report: Report, loss: str, failed: Sequence[Case], outcomes: dict[str, Outcome], factor: Any
+) -> list[Finding]:
+    """Tell transposed, negated or rescaled features' gradients on the `failed` cases."""
+
+    def tolerance(case: Case) -> float:
+        return tolerance_for(report.dtype, case)
+
+    def golden(name: str) -> Callable[[Case], Any]:
+        return lambda case: getattr(case.goldens[loss], name) * factor(case)
 
     def transposed(name: str) -> Callable[[Case], Any]:
         def predict(case: Case) -> Any:
@@ -532,61 +568,85 @@ def _diagnose_gradients(
 
         return predict
 
-    def values(name: str) -> Callable[[Outcome], Any]:
-        return lambda outcome: outcome.values.get(name)
-
     def both(predict_img: Any, predict_txt: Any) -> bool:
-        return _matches(
-            failed, outcomes, predict_img, values("img"), tolerance, golden("img")
-        ) and _matches(failed, outcomes, predict_txt, values("txt"), tolerance, golden("txt"))
+        return all(
+            _matches(failed, outcomes, predict, _value(name), tolerance, golden(name))
+            for name, predict in (("img", predict_img), ("txt", predict_txt))
+        )
 
     if both(transposed("img"), transposed("txt")) or both(golden("txt"), golden("img")):
-        findings.append(
+        return [
             (
                 "transposed-gradient",
                 "grads.img and grads.txt match t G^T txt and t G img (or each other's "
                 "goldens): the gradient uses G^T where it needs G, or swaps the two",
             )
+        ]
+    if both(lambda c: -golden("img")(c), lambda c: -golden("txt")(c)):
+        return [("gradient-sign", "the gradients have the wrong sign (ascent direction)")]
+    ratios = _gradient_ratios(failed, outcomes, golden, tolerance)
+    label = _gradient_factor(ratios, [case.n for case in failed]) if ratios else None
+    if label is None:
+        return []
+    return [
+        (
+            "gradient-factor",
+            f"grads.img and grads.txt are the goldens {label} on every failed "
+            "case: the gradient is normalised differently from the loss",
         )
-    elif both(lambda c: -golden("img")(c), lambda c: -golden("txt")(c)):
-        findings.append(("gradient-sign", "the gradients have the wrong sign (ascent direction)"))
-    else:
-        ratios: list[float] = []
-        for case in failed:
-            got = np.concatenate([outcomes[case.name].values[q].ravel() for q in ("img", "txt")])
-            want = np.concatenate([golden(q)(case).ravel() for q in ("img", "txt")])
-            denominator = float(want @ want)
-            if denominator == 0 or not np.all(np.isfinite(got)):
-                ratios = []
-                break
-            ratio = float(got @ want) / denominator
-            if relative_error(got, ratio * want) > 10 * tolerance(case):
-                ratios = []
-                break
-            ratios.append(ratio)
-        if ratios:
-            sizes = [case.n for case in failed]
-            candidates: list[tuple[str, list[float]]] = [
-                (f"times {ratios[0]:.6g}", ratios),
-                ("divided by n", [r * n for r, n in zip(ratios, sizes, strict=True)]),
-                ("times n", [r / n for r, n in zip(ratios, sizes, strict=True)]),
-            ]
-            if all(abs(r - 1.0) <= 0.05 for r in ratios):
-                # A factor of 1 is no normalisation mistake: see _diagnose_precision.
-                candidates = []
-            elif len(set(sizes)) < 2:
-                candidates = candidates[:1]  # one n cannot tell "times n" from a constant
-            for label, factors in candidates:
-                if max(factors) - min(factors) <= 1e-3 * max(abs(v) for v in factors):
-                    findings.append(
-                        (
-                            "gradient-factor",
-                            f"grads.img and grads.txt are the goldens {label} on every failed "
-                            "case: the gradient is normalised differently from the loss",
-                        )
-                    )
-                    break
-    return findings
+    ]
+
+
+def _value(name: str) -> Callable[[Outcome], Any]:
+    """Return the getter of quantity `name` of an outcome (None where it is missing)."""
+    return lambda outcome: outcome.values.get(name)
+
+
+def _gradient_ratios(
+    failed: Sequence[Case],
+    outcomes: dict[str, Outcome],
+    golden: Callable[[str], Callable[[Case], Any]],
+    tolerance: Callable[[Case], float],
+) -> list[float]:
+    """Return, per failed case, the factor between the features' gradients and the goldens.
+
+    Empty unless on every case the gradients are that factor times the goldens.
+    """
+    import numpy as np
+
+    ratios: list[float] = []
+    for case in failed:
+        got = np.concatenate([outcomes[case.name].values[q].ravel() for q in ("img", "txt")])
+        want = np.concatenate([golden(q)(case).ravel() for q in ("img", "txt")])
+        denominator = float(want @ want)
+        if denominator == 0 or not np.all(np.isfinite(got)):
+            return []
+        ratio = float(got @ want) / denominator
+        if relative_error(got, ratio * want) > 10 * tolerance(case):
+            return []
+        ratios.append(ratio)
+    return ratios
+
+
+def _gradient_factor(ratios: Sequence[float], sizes: Sequence[int]) -> str | None:
+    """Name what the per-case `ratios` of cases of `sizes` pairs have in common, if anything.
+
+    ``"times 2"``, ``"divided by n"`` or ``"times n"``; None for a factor of 1 (no
+    normalisation mistake: see :func:`_diagnose_precision`) or ratios that agree on none.
+    """
+    if all(abs(r - 1.0) <= 0.05 for r in ratios):
+        return None
+    candidates: list[tuple[str, list[float]]] = [
+        (f"times {ratios[0]:.6g}", list(ratios)),
+        ("divided by n", [r * n for r, n in zip(ratios, sizes, strict=True)]),
+        ("times n", [r / n for r, n in zip(ratios, sizes, strict=True)]),
+    ]
+    if len(set(sizes)) < 2:
+        candidates = candidates[:1]  # one n cannot tell "times n" from a constant
+    for label, factors in candidates:
+        if max(factors) - min(factors) <= 1e-3 * max(abs(v) for v in factors):
+            return label
+    return None
 
 
 #: Messages of the runner's own backward pass on a loss that is not a scalar.
@@ -739,8 +799,7 @@ def _diagnose_softplus_threshold(
         for name, want in predicted.items():
             if name not in outcome.values:
                 continue
-            floor = FLOOR * natural_scale(case, name)
-            if relative_error(outcome.values[name], want, floor) > 0.1 * tolerance:
+            if case_error(outcome.values[name], want, case, name) > 0.1 * tolerance:
                 return []
     return [
         (
@@ -906,47 +965,71 @@ def _diagnose_half_accumulation(
     of it, so its error grows with n; in float16 it overflows (65504) where n times the loss
     is larger, which is then no naive ``exp``.
     """
-    import numpy as np
-
     if loss != "sigmoid" or report.dtype not in HALF_MAX:
         return []
-    golden = [r for r in report.results if r.check == "golden"]
-    failed = {r.case for r in golden if not r.passed}
-    if not failed or any(r.quantity != "loss" for r in golden if not r.passed):
+    failed = _only_the_loss_fails(report)
+    if not failed:
         return []
     # The failed cases first, smallest first: a mismatch there ends the search cheaply.
     ordered = sorted(cases, key=lambda c: (c.name not in failed, c.n))
     for description, predict in _half_hypotheses(report.dtype):
-        evidence = 0  # cases whose prediction is distinct from the golden, and matched
-        for case in ordered:
-            outcome = outcomes[case.name]
-            got = outcome.values.get("loss") if outcome.error is None else None
-            if got is None or np.ndim(got) != 0:
-                break
-            with np.errstate(over="ignore", invalid="ignore"):
-                predicted = predict(case)
-                if math.isnan(predicted):  # not simulated here (one tile): no evidence
-                    if case.name in failed:
-                        break
-                    continue
-                predicted *= factor(case)
-            want = case.goldens[loss].loss * factor(case)
-            window = bound(case)
-            floor = FLOOR * natural_scale(case, "loss")
-            if not math.isfinite(predicted):  # the half sum overflows: so must the loss
-                if np.isfinite(got) or np.sign(got) != np.sign(predicted):
-                    break
-                evidence += 1
-                continue
-            distinct = relative_error(predicted, want, floor) > 2 * window
-            explain = case.name in failed or distinct
-            if explain and relative_error(got, predicted, floor) > window:
-                break
-            evidence += distinct
-        else:
-            if evidence:
-                return [_half_accumulation_finding(report, cases, description)]
+        evidence = _half_evidence(ordered, failed, outcomes, predict, loss, factor, bound)
+        if evidence:
+            return [_half_accumulation_finding(report, cases, description)]
     return []
+
+
+def _only_the_loss_fails(report: Report) -> set[str]:
+    """Return the cases whose golden checks fail, if only the loss does; else none."""
+    golden = [r for r in report.results if r.check == "golden"]
+    if any(r.quantity != "loss" for r in golden if not r.passed):
+        return set()
+    return {r.case for r in golden if not r.passed}
+
+
+def _half_evidence(
+    ordered: Sequence[Case],
+    failed: set[str],
+    outcomes: dict[str, Outcome],
+    predict: Callable[[Case], float],
+    loss: str,
+    factor: Any,
+    bound: Callable[[Case], float],
+) -> int:
+    """Count the cases a half accumulator's `predict` explains where it differs from the golden.
+
+    Zero as soon as one case contradicts it: a failed case it does not match, or a case
+    where it is distinct from the golden and the loss is not (see
+    :func:`_diagnose_half_accumulation`).
+    """
+    import numpy as np
+
+    evidence = 0  # cases whose prediction is distinct from the golden, and matched
+    for case in ordered:
+        outcome = outcomes[case.name]
+        got = outcome.values.get("loss") if outcome.error is None else None
+        if got is None or np.ndim(got) != 0:
+            return 0
+        with np.errstate(over="ignore", invalid="ignore"):
+            predicted = predict(case)
+            if math.isnan(predicted):  # not simulated here (one tile): no evidence
+                if case.name in failed:
+                    return 0
+                continue
+            predicted *= factor(case)
+        if not math.isfinite(predicted):  # the half sum overflows: so must the loss
+            if np.isfinite(got) or np.sign(got) != np.sign(predicted):
+                return 0
+            evidence += 1
+            continue
+        window = bound(case)
+        want = case.goldens[loss].loss * factor(case)
+        distinct = case_error(predicted, want, case, "loss") > 2 * window
+        explain = case.name in failed or distinct
+        if explain and case_error(got, predicted, case, "loss") > window:
+            return 0
+        evidence += distinct
+    return evidence
 
 
 def _diagnose_half_overflow(
@@ -963,9 +1046,8 @@ def _diagnose_half_overflow(
 
     if loss != "sigmoid" or report.dtype != "float16":
         return []
-    golden = [r for r in report.results if r.check == "golden"]
-    failed = {r.case for r in golden if not r.passed}
-    if not failed or any(r.quantity != "loss" for r in golden if not r.passed):
+    failed = _only_the_loss_fails(report)
+    if not failed:
         return []
     limit = HALF_MAX["float16"]
     overflowing = {c.name for c in cases if abs(c.goldens[loss].loss * factor(c)) * c.n > limit}
@@ -1076,19 +1158,18 @@ def _diagnose_half_logits(
             predicted = float(naive_values(case, loss, report.dtype, order, fused=False)["loss"])
             want = case.goldens[loss].loss * factor(case)
             predicted *= factor(case)
-            floor = FLOOR * natural_scale(case, "loss")
             window = bound(case, "loss")
             if not math.isfinite(predicted):
                 continue  # the prediction overflows: no evidence either way
-            distinct = relative_error(predicted, want, floor) > 2 * window
-            if distinct and relative_error(got, predicted, floor) > window:
+            distinct = case_error(predicted, want, case, "loss") > 2 * window
+            if distinct and case_error(got, predicted, case, "loss") > window:
                 break
             # Where the prediction is right, a failure must be a rounding-sized miss.
-            miss = relative_error(got, want, floor) > HALF_LOGITS_MISS * window
-            if case.name in failed and not distinct and miss:
+            error = case_error(got, want, case, "loss")
+            if case.name in failed and not distinct and error > HALF_LOGITS_MISS * window:
                 break
             if distinct:
-                evidence.append((case.n, relative_error(got, want, floor)))
+                evidence.append((case.n, error))
         else:
             if evidence:
                 return [_half_logits_finding(report, loss, failed_any, evidence, order)]
