@@ -22,30 +22,48 @@ class Reference(NamedTuple):
     bias: float
 
 
-def _prepare(img: np.ndarray, txt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _logits(
+    img: np.ndarray, txt: np.ndarray, scale: float, bias: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The features in long double, their similarities S and the logits Z = t S + b."""
     img = np.asarray(img, dtype=EXACT)
     txt = np.asarray(txt, dtype=EXACT)
-    return img, txt, img @ txt.T
+    sims = img @ txt.T
+    return img, txt, sims, EXACT(scale) * sims + EXACT(bias)
 
 
-def sigmoid_reference(img: np.ndarray, txt: np.ndarray, scale: float, bias: float) -> Reference:
-    """Dense SigLIP loss with labels +1 on the diagonal and -1 off it, divided by n."""
-    img, txt, sims = _prepare(img, txt)
-    n = img.shape[0]
-    t, b = EXACT(scale), EXACT(bias)
-    logits = t * sims + b
-    labels = 2 * np.eye(n, dtype=EXACT) - 1
-    # -log sigmoid(x) = softplus(-x) = logaddexp(0, -x)
-    loss = np.logaddexp(EXACT(0), -labels * logits).sum() / n
-    sigmoid = (1 + np.tanh(logits / 2)) / 2
-    dlogits = (sigmoid - np.eye(n, dtype=EXACT)) / n
+def _chain_rule(
+    loss: float,
+    dlogits: np.ndarray,
+    img: np.ndarray,
+    txt: np.ndarray,
+    sims: np.ndarray,
+    scale: float,
+    *,
+    bias_gradient: bool,
+) -> Reference:
+    """The loss and its gradients from G = dL/dZ (docs/math.md): dX = t G Y, dY = t G^T X,
+    dt = sum(G * S), db = sum(G), or an exact 0 where the loss does not depend on b."""
+    t = EXACT(scale)
     return Reference(
         loss=loss,
         img=t * dlogits @ txt,
         txt=t * dlogits.T @ img,
         scale=(dlogits * sims).sum(),
-        bias=dlogits.sum(),
+        bias=dlogits.sum() if bias_gradient else EXACT(0),
     )
+
+
+def sigmoid_reference(img: np.ndarray, txt: np.ndarray, scale: float, bias: float) -> Reference:
+    """Dense SigLIP loss with labels +1 on the diagonal and -1 off it, divided by n."""
+    img, txt, sims, logits = _logits(img, txt, scale, bias)
+    n = img.shape[0]
+    labels = 2 * np.eye(n, dtype=EXACT) - 1
+    # -log sigmoid(x) = softplus(-x) = logaddexp(0, -x)
+    loss = np.logaddexp(EXACT(0), -labels * logits).sum() / n
+    sigmoid = (1 + np.tanh(logits / 2)) / 2
+    dlogits = (sigmoid - np.eye(n, dtype=EXACT)) / n
+    return _chain_rule(loss, dlogits, img, txt, sims, scale, bias_gradient=True)
 
 
 def _log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
@@ -55,20 +73,12 @@ def _log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
 
 def softmax_reference(img: np.ndarray, txt: np.ndarray, scale: float, bias: float) -> Reference:
     """Dense symmetric CLIP loss: mean of the row and column cross-entropies."""
-    img, txt, sims = _prepare(img, txt)
+    img, txt, sims, logits = _logits(img, txt, scale, bias)
     n = img.shape[0]
-    t = EXACT(scale)
-    logits = t * sims + EXACT(bias)
     rows, cols = _log_softmax(logits, 1), _log_softmax(logits, 0)
     loss = -(np.trace(rows) + np.trace(cols)) / (2 * n)
     dlogits = (np.exp(rows) + np.exp(cols) - 2 * np.eye(n, dtype=EXACT)) / (2 * n)
-    return Reference(
-        loss=loss,
-        img=t * dlogits @ txt,
-        txt=t * dlogits.T @ img,
-        scale=(dlogits * sims).sum(),
-        bias=EXACT(0),
-    )
+    return _chain_rule(loss, dlogits, img, txt, sims, scale, bias_gradient=False)
 
 
 REFERENCES = {"sigmoid": sigmoid_reference, "softmax": softmax_reference}
@@ -88,21 +98,13 @@ def sigmoid_ids_reference(
     bias: float,
 ) -> Reference:
     """Dense SigLIP loss with labels +1 where the ids are equal, divided by the image rows M."""
-    img, txt, sims = _prepare(img, txt)
+    img, txt, sims, logits = _logits(img, txt, scale, bias)
     m = img.shape[0]
     positive = _positives(img_ids, txt_ids)
-    t, b = EXACT(scale), EXACT(bias)
-    logits = t * sims + b
     labels = 2 * positive - 1
     loss = np.logaddexp(EXACT(0), -labels * logits).sum() / m
     dlogits = ((1 + np.tanh(logits / 2)) / 2 - positive) / m
-    return Reference(
-        loss=loss,
-        img=t * dlogits @ txt,
-        txt=t * dlogits.T @ img,
-        scale=(dlogits * sims).sum(),
-        bias=dlogits.sum(),
-    )
+    return _chain_rule(loss, dlogits, img, txt, sims, scale, bias_gradient=True)
 
 
 def softmax_ids_reference(
@@ -118,23 +120,15 @@ def softmax_ids_reference(
     L = 1/2 [ mean_i CE(softmax_row_i, P_i / c_i) + mean_j CE(softmax_col_j, P_j / r_j) ];
     the gradient of a cross-entropy against target q is softmax - q.
     """
-    img, txt, sims = _prepare(img, txt)
+    img, txt, sims, logits = _logits(img, txt, scale, bias)
     m, k = img.shape[0], txt.shape[0]
     positive = _positives(img_ids, txt_ids)
     row_target = positive / positive.sum(axis=1, keepdims=True)
     col_target = positive / positive.sum(axis=0, keepdims=True)
-    t = EXACT(scale)
-    logits = t * sims + EXACT(bias)
     rows, cols = _log_softmax(logits, 1), _log_softmax(logits, 0)
     loss = -((row_target * rows).sum() / m + (col_target * cols).sum() / k) / 2
     dlogits = ((np.exp(rows) - row_target) / m + (np.exp(cols) - col_target) / k) / 2
-    return Reference(
-        loss=loss,
-        img=t * dlogits @ txt,
-        txt=t * dlogits.T @ img,
-        scale=(dlogits * sims).sum(),
-        bias=EXACT(0),
-    )
+    return _chain_rule(loss, dlogits, img, txt, sims, scale, bias_gradient=False)
 
 
 IDS_REFERENCES = {"sigmoid": sigmoid_ids_reference, "softmax": softmax_ids_reference}
