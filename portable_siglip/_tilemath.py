@@ -109,21 +109,29 @@ class Ops:
         """``x * y`` for a Python scalar ``y``."""
         return y * x
 
-    def _mask(self, mask: Mask, tile: Array) -> Array:
+    def mask_array(self, mask: Mask, tile: Array) -> Array:
+        """Return ``mask`` as a boolean array of the shape of ``tile`` (None: no positive).
+
+        For a formula that needs the positives as an array (a weight per pair, say); the
+        library's own formulas take :data:`DIAGONAL` and None without forming one.
+        """
+        device = array_api_compat.device(tile)
+        if mask is None:
+            return self.xp.zeros(tile.shape, dtype=self.xp.bool, device=device)
         if mask is not DIAGONAL:
             return mask
-        index = self.xp.arange(tile.shape[0], device=array_api_compat.device(tile))
+        index = self.xp.arange(tile.shape[0], device=device)
         return index[:, None] == index[None, :]  # (b, 1) == (1, b) -> (b, b)
 
     def flip(self, tile: Array, mask: Mask, work: Array | None) -> Array:
         """``tile`` with the sign of its positives flipped (``-l * tile`` for labels ``l``)."""
         if mask is None:
             return tile
-        return self.xp.where(self._mask(mask, tile), -tile, tile)
+        return self.xp.where(self.mask_array(mask, tile), -tile, tile)
 
     def subtract_on(self, tile: Array, mask: Mask, minus: Array | float, work: Any) -> Array:
         """``tile - minus`` on the positives, ``tile`` elsewhere."""
-        return self.xp.where(self._mask(mask, tile), tile - minus, tile)
+        return self.xp.where(self.mask_array(mask, tile), tile - minus, tile)
 
     def select(self, mask: Array, x: Array, *, out: Array | None = None) -> Array:
         """``x`` on the positives, 0 elsewhere."""
