@@ -14,13 +14,48 @@ From a test suite::
     from portable_siglip.conformance import check
     assert check(my_loss, loss="sigmoid", backend="torch").passed
 
+The public names: :func:`check` and :func:`load_cases`; what they return, :class:`Report`
+(of :class:`CheckResult`) and :class:`Case` (with a :class:`Golden` per loss);
+:class:`UsageError`, raised where what was asked for cannot run (docs/conformance.md,
+"The Python API"). And two read-only mappings, data rather than extension points:
+
+``TOLERANCE``
+    The normwise relative tolerance of each dtype of the inputs (docs/conformance.md,
+    "Tolerances"); its keys are the dtypes :func:`check` takes.
+``CONVENTIONS``
+    The normalisations an implementation may declare (``convention=``), each the factor
+    that maps this library's loss onto it for a batch of n pairs. A convention added here
+    would be explained by no diagnosis and offered by no command line, so the mapping
+    cannot be changed; declare one of these three.
+
 Examples
 --------
 >>> import portable_siglip as ps
 >>> report = check(ps.softmax_loss_and_grad, loss="softmax", backend="numpy", dtype="float32")
 >>> report.passed, report.gradients_checked
 (True, True)
+
+The constants:
+
+>>> dict(TOLERANCE)
+{'float64': 1e-09, 'float32': 0.001, 'float16': 0.01, 'bfloat16': 0.05}
+>>> {name: factor(4) for name, factor in CONVENTIONS.items()}
+{'default': 1.0, 'mean': 0.25, 'sum': 4.0}
+>>> CONVENTIONS["median"] = lambda n: 1.0
+Traceback (most recent call last):
+    ...
+TypeError: 'mappingproxy' object does not support item assignment
+
+What cannot run at all raises :class:`UsageError` (a ``ValueError``), before any check:
+
+>>> try:
+...     check(ps.sigmoid_loss_and_grad, loss="sigmoid", backend="tensorflow")
+... except UsageError as error:
+...     print(error)
+`backend` must be one of numpy, torch, jax, cupy, array_api_strict; got 'tensorflow'
 """
+
+from portable_siglip._interop import UsageError
 
 from ._cases import Case, Golden, load_cases
 from ._checks import check
@@ -33,6 +68,7 @@ __all__ = [
     "CheckResult",
     "Golden",
     "Report",
+    "UsageError",
     "check",
     "load_cases",
 ]

@@ -316,15 +316,7 @@ def _distributed(
     parser: argparse.ArgumentParser, args: argparse.Namespace, timeout: float | None
 ) -> int:
     """``--world-size W``: the distributed judge (see docs/conformance.md)."""
-    if not args.impl:
-        msg = "`--world-size` needs `--impl` naming a factory FACTORY(rank=, world_size=)"
-        raise UsageError(msg)
-    if args.backend != "torch":
-        msg = (
-            "`--world-size` runs on torch.distributed: pass `--backend torch`, not "
-            f"{args.backend!r}"
-        )
-        raise UsageError(msg)
+    _require_factory(args, "--world-size", "FACTORY(rank=, world_size=)", "torch")
     report = judge(
         args.impl,
         loss=args.loss,
@@ -335,6 +327,26 @@ def _distributed(
         timeout=timeout,
     )
     return _print_and_write(parser, args, report)
+
+
+#: Why each distributed judge needs its backend.
+_JUDGE_BACKEND = {
+    "torch": "runs on torch.distributed",
+    "numpy": "judges numpy implementations",
+}
+
+
+def _require_factory(args: argparse.Namespace, option: str, factory: str, backend: str) -> None:
+    """Raise a UsageError unless `--impl` names a factory and `--backend` is `backend`."""
+    if not args.impl:
+        msg = f"`{option}` needs `--impl` naming a factory {factory}"
+        raise UsageError(msg)
+    if args.backend != backend:
+        msg = (
+            f"`{option}` {_JUDGE_BACKEND[backend]}: pass `--backend {backend}`, not "
+            f"{args.backend!r}"
+        )
+        raise UsageError(msg)
 
 
 def _print_and_write(
@@ -356,15 +368,7 @@ def _print_and_write(
 
 def _mpi(parser: argparse.ArgumentParser, args: argparse.Namespace, timeout: float | None) -> int:
     """``--comm mpi``: the distributed judge on the ranks of an MPI job; same status everywhere."""
-    if not args.impl:
-        msg = "`--comm mpi` needs `--impl` naming a factory FACTORY(comm)"
-        raise UsageError(msg)
-    if args.backend != "numpy":
-        msg = (
-            "`--comm mpi` judges numpy implementations: pass `--backend numpy`, not "
-            f"{args.backend!r}"
-        )
-        raise UsageError(msg)
+    _require_factory(args, "--comm mpi", "FACTORY(comm)", "numpy")
     if args.dist_convention == "ddp":
         msg = "`--comm mpi` judges the global convention only (numpy has no DDP)"
         raise UsageError(msg)

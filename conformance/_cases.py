@@ -52,6 +52,20 @@ class Golden:
     of the multiples of 16, 32, 64, 128 and 1024, and the last ones): ``rows`` holds their
     indices, ``img`` and ``txt`` have shape (len(rows), d), and the runner compares those
     rows of the implementation's gradients (:meth:`stored`).
+
+    Examples
+    --------
+    >>> import portable_siglip as ps
+    >>> from portable_siglip.conformance import load_cases
+    >>> case = next(c for c in load_cases() if c.name == "two-pairs-hand")
+    >>> golden = case.goldens["sigmoid"]
+    >>> round(golden.loss, 12), golden.img.shape, golden.rows
+    (1.006408868078, (2, 2), None)
+    >>> loss, grads = ps.sigmoid_loss_and_grad(case.img, case.txt, case.scale, case.bias)
+    >>> bool(abs(loss - golden.loss) < 1e-12 and abs(grads.img - golden.img).max() < 1e-12)
+    True
+    >>> sorted(case.goldens["softmax"].extra)
+    ['image_to_text', 'text_to_image']
     """
 
     loss: float
@@ -118,6 +132,21 @@ class Case(Sizes):
         The integer ids of the rows of ``img`` (m,) and ``txt`` (k,) for the cases with
         several positives per row (tag ``"ids"``, :mod:`._ids`); None for the others, whose
         positives are the diagonal.
+
+    Examples
+    --------
+    >>> from portable_siglip.conformance import load_cases
+    >>> case = next(c for c in load_cases() if c.name == "two-pairs-hand")
+    >>> case.n, case.d, case.scale, case.bias, sorted(case.tags)
+    (2, 2, 2.0, -1.0, ['tiny'])
+    >>> case.img.tolist(), case.txt.tolist()
+    ([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.5, 0.5]])
+
+    The tags choose a subset to :func:`~portable_siglip.conformance.check` on:
+
+    >>> random = [c for c in load_cases() if "random" in c.tags]
+    >>> all(c.n > 1 for c in random)
+    True
     """
 
     name: str

@@ -613,8 +613,9 @@ def check(
     ------
     ValueError
         On an unknown `loss` or `convention`, or a `timeout` that is not positive.
-    portable_siglip._interop.UsageError
-        If the backend is not installed or lacks the dtype.
+    UsageError
+        If the backend is unknown or not installed, or lacks the dtype (a ValueError too:
+        :class:`~portable_siglip.conformance.UsageError`).
 
     Examples
     --------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from ._cases import Case
@@ -47,7 +48,10 @@ QUANTITIES = ("loss", "img", "txt", "scale", "bias")
 #: that accumulates in float32, with room for code that keeps half-precision logits; they
 #: bound the invariants, the ids runs and the golden checks whose naive reference is not
 #: finite. The other golden checks of a half run follow FlashAttention's rule (`rule_bound`).
-TOLERANCE = {"float64": 1e-9, "float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
+#: Read-only: the suite's verdicts mean what docs/conformance.md says only with these.
+TOLERANCE: Mapping[str, float] = MappingProxyType(
+    {"float64": 1e-9, "float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
+)
 
 #: The dtypes whose golden checks follow FlashAttention's rule instead of `TOLERANCE`: each
 #: check's error must be at most ``RULE_FACTOR`` times the error of a naive dense loss run in
@@ -72,12 +76,16 @@ FLOOR = 1e-3
 #: the tolerance grows with the largest logit of the case beyond this size.
 LOGIT_SCALE_FREE = 100.0
 
-#: Declared normalisations and the factor that maps this library's loss onto them.
-CONVENTIONS: dict[str, Callable[[int], float]] = {
-    "default": lambda n: 1.0,  # sum over pairs / n (sigmoid); mean over rows (softmax)
-    "mean": lambda n: 1.0 / n,  # mean over the n^2 pairs
-    "sum": lambda n: float(n),  # sum over pairs, not normalised
-}
+#: Declared normalisations and the factor that maps this library's loss onto them. Read-only
+#: data, not an extension point: the diagnosis explains a loss off by a power of n in terms
+#: of these three, and the command line offers them.
+CONVENTIONS: Mapping[str, Callable[[int], float]] = MappingProxyType(
+    {
+        "default": lambda n: 1.0,  # sum over pairs / n (sigmoid); mean over rows (softmax)
+        "mean": lambda n: 1.0 / n,  # mean over the n^2 pairs
+        "sum": lambda n: float(n),  # sum over pairs, not normalised
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,17 @@ class CheckResult:
         (a dense loss computed in the run's dtype, :mod:`._naive`), from which `tolerance`
         is derived; ``inf`` where that reference is not finite (the dtype's fixed
         tolerance applies then). None in float32 and float64 runs.
+
+    Examples
+    --------
+    >>> import portable_siglip as ps
+    >>> from portable_siglip.conformance import check, load_cases
+    >>> tiny = [case for case in load_cases() if "tiny" in case.tags]
+    >>> result = check(ps.sigmoid_loss_and_grad, loss="sigmoid", cases=tiny).results[0]
+    >>> result.check, result.case, result.quantity, result.passed
+    ('golden', 'n1-d1', 'loss', True)
+    >>> result.error <= result.tolerance, result.tolerance
+    (True, 1e-09)
     """
 
     check: str
@@ -176,6 +195,30 @@ class Report:
     ``print(report)`` gives a few lines: the verdict, the counts, the worst failure and the
     diagnosis codes. :meth:`table` gives the full text the command line prints, with every
     failed check; :meth:`to_dict` everything, JSON-ready.
+
+    Examples
+    --------
+    A loss that forgets to divide the sum over pairs by n (numpy has no autodiff, so a
+    bare loss is checked for its value only):
+
+    >>> import portable_siglip as ps
+    >>> from portable_siglip.conformance import check, load_cases
+    >>> small = [case for case in load_cases() if "large" not in case.tags]
+    >>> def summed(img, txt, scale, bias):
+    ...     return img.shape[0] * ps.sigmoid_loss(img, txt, scale, bias)
+    >>> report = check(summed, loss="sigmoid", cases=small)
+    >>> report.passed, report.codes, report.gradients_checked
+    (False, {'unnormalised-sum'}, False)
+    >>> worst = report.failed[0]
+    >>> worst.case, worst.quantity, worst.message
+    ('identity-4', 'loss', 'off by 3.00e+00 (tolerance 1.0e-09)')
+    >>> report.to_dict()["diagnosis"][0]["code"]
+    'unnormalised-sum'
+
+    Declared as what it computes, it passes:
+
+    >>> check(summed, loss="sigmoid", cases=small, convention="sum").passed
+    True
     """
 
     loss: str

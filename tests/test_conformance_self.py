@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import portable_siglip.conformance as conformance
 import pytest
-from portable_siglip.conformance import check, load_cases
+from portable_siglip.conformance import UsageError, check, load_cases
 from portable_siglip.conformance.__main__ import load_implementation, main
 
 import portable_siglip as ps
-from portable_siglip._interop import UsageError
 
 FUNCTIONS = {"sigmoid": ps.sigmoid_loss_and_grad, "softmax": ps.softmax_loss_and_grad}
 
@@ -71,6 +73,51 @@ def test_invalid_arguments() -> None:
         check(ps.sigmoid_loss, loss="sigmoid", backend="tensorflow")
     with pytest.raises(ValueError, match=r"`dtype` must be one of.*'float8'"):
         check(ps.sigmoid_loss, loss="sigmoid", dtype="float8")
+
+
+def test_usage_error_is_public_and_is_what_check_raises_on_what_cannot_run() -> None:
+    assert "UsageError" in conformance.__all__
+    with pytest.raises(ValueError, match="'tensorflow'") as raised:
+        check(ps.sigmoid_loss, loss="sigmoid", backend="tensorflow")
+    assert type(raised.value) is UsageError
+
+
+def test_constants_are_read_only() -> None:
+    with pytest.raises(TypeError):
+        conformance.CONVENTIONS["median"] = lambda n: 1.0  # type: ignore[index]
+    with pytest.raises(TypeError):
+        conformance.TOLERANCE["float32"] = 1.0  # type: ignore[index]
+    assert set(conformance.CONVENTIONS) == {"default", "mean", "sum"}
+
+
+def test_every_public_class_and_function_has_examples() -> None:
+    """The public names defined by the suite document themselves with a runnable example."""
+    names = [name for name in conformance.__all__ if callable(getattr(conformance, name))]
+    assert {"Case", "CheckResult", "Golden", "Report", "check", "load_cases"} <= set(names)
+    for name in names:
+        value = getattr(conformance, name)
+        if value.__module__.startswith("portable_siglip.conformance"):
+            _, _, examples = (value.__doc__ or "").partition("\n    Examples\n    --------\n")
+            assert ">>> " in examples, f"{name} has no Examples section"
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "portable_siglip.conformance",
+        "portable_siglip.conformance._cases",
+        "portable_siglip.conformance._checks",
+        "portable_siglip.conformance._errors",
+        "portable_siglip.conformance._generate",
+        "portable_siglip.conformance._ids",
+        "portable_siglip.conformance._naive",
+        "portable_siglip.conformance._report",
+    ],
+)
+def test_docstring_examples_run(module: str) -> None:
+    result = doctest.testmod(importlib.import_module(module), verbose=False)
+    assert result.attempted > 0, f"{module} has no examples"
+    assert result.failed == 0
 
 
 def test_load_implementation_errors(tmp_path: Path) -> None:
