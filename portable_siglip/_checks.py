@@ -234,6 +234,32 @@ def _check_features(img: Any, txt: Any, *, paired: bool = True) -> Namespace:
     ``paired``: the rows are pairs (no ids), so the shapes must be equal; with ids only the
     feature dimension must agree.
     """
+    xp = _check_namespace(img, txt)
+    for name, value in (("img", img), ("txt", txt)):
+        shape = tuple(value.shape)
+        if len(shape) != 2:
+            msg = f"`{name}` must be 2-D with shape (n, d), got shape {shape}"
+            raise ValueError(msg)
+        if not _real_floating(xp, value.dtype) or (_float_bits(xp, value.dtype) < min(_FLOAT_BITS)):
+            msg = (
+                f"`{name}` must have a real floating dtype (float16, bfloat16, float32 "
+                f"or float64), got {value.dtype}"
+            )
+            raise TypeError(msg)
+    _check_shapes(img, txt, paired=paired)
+    if img.dtype != txt.dtype:
+        msg = f"`img` and `txt` must have the same dtype, got {img.dtype} and {txt.dtype}"
+        raise TypeError(msg)
+    dev_img = array_api_compat.device(img)
+    dev_txt = array_api_compat.device(txt)
+    if not _same_device(dev_img, dev_txt):
+        msg = f"`img` and `txt` must be on the same device, got {dev_img} and {dev_txt}"
+        raise ValueError(msg)
+    return xp
+
+
+def _check_namespace(img: Any, txt: Any) -> Namespace:
+    """Check that both features are dense arrays of one array-API library; return it."""
     for name, value in (("img", img), ("txt", txt)):
         if not array_api_compat.is_array_api_obj(value):
             msg = (
@@ -250,18 +276,11 @@ def _check_features(img: Any, txt: Any, *, paired: bool = True) -> Namespace:
             f"{_namespace_name(xp_img)} and {_namespace_name(xp_txt)}"
         )
         raise TypeError(msg)
-    xp = xp_img
-    for name, value in (("img", img), ("txt", txt)):
-        shape = tuple(value.shape)
-        if len(shape) != 2:
-            msg = f"`{name}` must be 2-D with shape (n, d), got shape {shape}"
-            raise ValueError(msg)
-        if not _real_floating(xp, value.dtype) or (_float_bits(xp, value.dtype) < min(_FLOAT_BITS)):
-            msg = (
-                f"`{name}` must have a real floating dtype (float16, bfloat16, float32 "
-                f"or float64), got {value.dtype}"
-            )
-            raise TypeError(msg)
+    return xp_img
+
+
+def _check_shapes(img: Any, txt: Any, *, paired: bool) -> None:
+    """Check that the 2-D features pair up (or share d, with ids) and are not empty."""
     if paired and tuple(img.shape) != tuple(txt.shape):
         msg = (
             "`img` and `txt` must have the same shape (n, d), row i of each being a pair; "
@@ -287,15 +306,6 @@ def _check_features(img: Any, txt: Any, *, paired: bool = True) -> Namespace:
         if d == 0:
             msg = f"`img` and `txt` must have at least one feature, got shape {(rows, d)} (d = 0)"
             raise ValueError(msg)
-    if img.dtype != txt.dtype:
-        msg = f"`img` and `txt` must have the same dtype, got {img.dtype} and {txt.dtype}"
-        raise TypeError(msg)
-    dev_img = array_api_compat.device(img)
-    dev_txt = array_api_compat.device(txt)
-    if not _same_device(dev_img, dev_txt):
-        msg = f"`img` and `txt` must be on the same device, got {dev_img} and {dev_txt}"
-        raise ValueError(msg)
-    return xp
 
 
 def _check_value(name: str, number: float, *, positive: bool, what: str) -> None:
@@ -479,27 +489,31 @@ def _check_block_size(block_size: Any, n: int, default: int = DEFAULT_BLOCK_SIZE
     return min(int(size), n)
 
 
-def _check_strategy(strategy: object, allowed: tuple[str, ...], loss: str) -> str:
-    if not isinstance(strategy, str):
-        msg = f"`strategy` must be a string, one of {allowed}, got {_describe(strategy)}"
+def _check_choice(name: str, value: object, allowed: tuple[str, ...], rule: str) -> str:
+    """Check that `value` of parameter `name` is one of the strings `allowed`.
+
+    `rule` begins the message of a string that is not allowed (``"... must be one of"``).
+    """
+    if not isinstance(value, str):
+        msg = f"`{name}` must be a string, one of {allowed}, got {_describe(value)}"
         raise TypeError(msg)
-    if strategy not in allowed:
-        msg = f"`strategy` for the {loss} loss must be one of {allowed}, got {strategy!r}"
+    if value not in allowed:
+        msg = f"{rule}, got {value!r}"
         raise ValueError(msg)
-    return strategy
+    return value
+
+
+def _check_strategy(strategy: object, allowed: tuple[str, ...], loss: str) -> str:
+    rule = f"`strategy` for the {loss} loss must be one of {allowed}"
+    return _check_choice("strategy", strategy, allowed, rule)
 
 
 def _check_precision(precision: object) -> str | None:
     """Check ``precision``: None (the default for the dtype) or one of :data:`PRECISIONS`."""
     if precision is None:
         return None
-    if not isinstance(precision, str):
-        msg = f"`precision` must be a string, one of {PRECISIONS}, got {_describe(precision)}"
-        raise TypeError(msg)
-    if precision not in PRECISIONS:
-        msg = f"`precision` must be one of {PRECISIONS} (or None), got {precision!r}"
-        raise ValueError(msg)
-    return precision
+    rule = f"`precision` must be one of {PRECISIONS} (or None)"
+    return _check_choice("precision", precision, PRECISIONS, rule)
 
 
 def prepare(
