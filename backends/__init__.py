@@ -9,6 +9,9 @@ Each module imports only its own library, and only when it is itself imported, s
   ``TorchDistComm``, a communicator over ``torch.distributed``.
 - :mod:`portable_siglip.backends.jax`: ``sigmoid_loss``/``softmax_loss`` as
   ``jax.custom_vjp`` functions.
-- :mod:`portable_siglip.backends.nccl`: ``NCCLComm``, the NCCL communicator over CuPy
-  (tested against a fake of the binding; not yet verified on a GPU, see docs/gpu.md).
+- :mod:`portable_siglip.backends.nccl`: ``NCCLComm``, the NCCL communicator over CuPy.
+  Experimental: tested against a fake of the binding, not yet run on a GPU (docs/gpu.md).
+
+Each module's ``__all__`` is its public surface, and each public name has an Examples
+section; the extension points are listed in docs/distributed.md ("Extension points").
 """

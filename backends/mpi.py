@@ -197,10 +197,11 @@ class MPIComm(BaseComm):
 
     Attributes
     ----------
-    rank, size : int
-        This rank and the number of ranks.
-    bytes_sent : int
-        Payload bytes this rank has handed to MPI so far.
+    comm : mpi4py.MPI.Comm
+        The ranks used. ``rank``, ``size`` and ``bytes_sent`` (the payload handed to MPI)
+        are those of every :class:`~portable_siglip.comm.BaseComm`.
+    cuda_aware : bool
+        As passed.
 
     Examples
     --------

@@ -503,12 +503,9 @@ class NCCLComm(BaseComm):
 
     Attributes
     ----------
-    rank, size : int
-        This rank and the number of ranks.
-    bytes_sent : int
-        Payload bytes this rank has handed to NCCL so far.
     nccl_comm, mpi_comm, stream
-        As passed.
+        As passed. ``rank``, ``size`` and ``bytes_sent`` (the payload handed to NCCL) are
+        those of every :class:`~portable_siglip.comm.BaseComm`.
 
     Examples
     --------
@@ -567,10 +564,8 @@ class NCCLComm(BaseComm):
         ----------
         device : int, optional
             The GPU; 0 if None.
-        stream : cupy.cuda.Stream, optional
-            As for :class:`NCCLComm`.
-        runtime : Runtime, optional
-            As for :class:`NCCLComm`.
+        stream, runtime : optional
+            The CuPy stream and the :class:`Runtime`, as for :class:`NCCLComm`.
 
         Returns
         -------
@@ -591,11 +586,7 @@ class NCCLComm(BaseComm):
         """
         rt: Runtime = CupyRuntime() if runtime is None else runtime
         chosen = _agree_on_devices([_place(rt, 0 if device is None else device, 0)], 0)
-        rt.use_device(chosen)
-        nccl = rt.nccl
-        made = cls(nccl.NcclCommunicator(1, nccl.get_unique_id(), 0), stream=stream, runtime=rt)
-        made.device = chosen
-        return made
+        return cls._join(rt, chosen, 0, 1, lambda nccl: nccl.get_unique_id(), stream=stream)
 
     @classmethod
     def from_mpi(
@@ -620,14 +611,13 @@ class NCCLComm(BaseComm):
             The ranks; ``MPI.COMM_WORLD`` if None. Kept for ``allgather_object``.
         device : int, optional
             This rank's GPU; the node-local rank modulo the number of GPUs if None.
-        stream : cupy.cuda.Stream, optional
-            As for :class:`NCCLComm`.
-        runtime : Runtime, optional
-            As for :class:`NCCLComm`.
+        stream, runtime : optional
+            The CuPy stream and the :class:`Runtime`, as for :class:`NCCLComm`.
 
         Returns
         -------
         NCCLComm
+            Rank ``comm.rank`` of ``comm.size``, its ``mpi_comm`` that communicator.
 
         Raises
         ------
@@ -653,14 +643,11 @@ class NCCLComm(BaseComm):
         local = _local_rank(comm) if device is None else 0
         placement = _place(rt, device, local)
         chosen = _agree_on_devices(list(comm.allgather(placement)), rank)
-        rt.use_device(chosen)
-        nccl = rt.nccl
-        unique_id = nccl.get_unique_id() if rank == 0 else None
-        unique_id = comm.bcast(unique_id, root=0)
-        nccl_comm = nccl.NcclCommunicator(size, unique_id, rank)
-        made = cls(nccl_comm, stream=stream, mpi_comm=comm, runtime=rt)
-        made.device = chosen
-        return made
+
+        def share_id(nccl: Any) -> Any:  # rank 0's id, broadcast by MPI
+            return comm.bcast(nccl.get_unique_id() if rank == 0 else None, root=0)
+
+        return cls._join(rt, chosen, rank, size, share_id, stream=stream, mpi_comm=comm)
 
     @classmethod
     def from_store(
@@ -701,14 +688,13 @@ class NCCLComm(BaseComm):
             Prefix of the keys written. The ranks count their calls in the store, so
             several communicators can be made through one store, in the same order on
             every rank.
-        stream : cupy.cuda.Stream, optional
-            As for :class:`NCCLComm`.
-        runtime : Runtime, optional
-            As for :class:`NCCLComm`.
+        stream, runtime : optional
+            The CuPy stream and the :class:`Runtime`, as for :class:`NCCLComm`.
 
         Returns
         -------
         NCCLComm
+            Rank `rank` of `size`, with `store` kept as its ``store`` attribute.
 
         Raises
         ------
@@ -745,16 +731,15 @@ class NCCLComm(BaseComm):
         store.set(f"{prefix}/where/{rank}", json.dumps(placement))
         placements = [json.loads(_text(store.get(f"{prefix}/where/{r}"))) for r in range(size)]
         chosen = _agree_on_devices(placements, rank)
-        rt.use_device(chosen)
-        nccl = rt.nccl
-        if rank == 0:
-            unique_id = nccl.get_unique_id()
-            store.set(f"{prefix}/id", json.dumps(_encode_id(unique_id)))
-        else:
-            unique_id = _decode_id(json.loads(_text(store.get(f"{prefix}/id"))))
-        nccl_comm = nccl.NcclCommunicator(size, unique_id, rank)
-        made = cls(nccl_comm, stream=stream, runtime=rt)
-        made.device = chosen
+
+        def share_id(nccl: Any) -> Any:  # rank 0 writes its id, the others wait to read it
+            if rank == 0:
+                unique_id = nccl.get_unique_id()
+                store.set(f"{prefix}/id", json.dumps(_encode_id(unique_id)))
+                return unique_id
+            return _decode_id(json.loads(_text(store.get(f"{prefix}/id"))))
+
+        made = cls._join(rt, chosen, rank, size, share_id, stream=stream)
         made.store = store
         return made
 
@@ -780,10 +765,8 @@ class NCCLComm(BaseComm):
         ----------
         device : int, optional
             This rank's GPU; ``LOCAL_RANK % device_count`` if None.
-        stream : cupy.cuda.Stream, optional
-            As for :class:`NCCLComm`.
-        runtime : Runtime, optional
-            As for :class:`NCCLComm`.
+        stream, runtime : optional
+            The CuPy stream and the :class:`Runtime`, as for :class:`NCCLComm`.
         environ : mapping, optional
             The environment to read; ``os.environ`` if None. When given, the default
             process group is not looked at.
@@ -793,6 +776,7 @@ class NCCLComm(BaseComm):
         Returns
         -------
         NCCLComm
+            This process's rank of the job, with the store kept as its ``store`` attribute.
 
         Raises
         ------
@@ -855,6 +839,28 @@ class NCCLComm(BaseComm):
             stream=stream,
             runtime=runtime,
         )
+
+    @classmethod
+    def _join(
+        cls,
+        rt: Runtime,
+        device: int,
+        rank: int,
+        size: int,
+        share_id: Callable[[Any], Any],
+        **options: Any,
+    ) -> NCCLComm:
+        """Make `device` current and join NCCL there as `rank` of `size` (the constructors' end).
+
+        ``share_id(nccl)`` returns the NCCL unique id on every rank: rank 0 makes it with
+        ``nccl.get_unique_id()``, and the constructor's bootstrap channel brings it to the
+        others. ``options`` go to :class:`NCCLComm` (``stream``, ``mpi_comm``).
+        """
+        rt.use_device(device)
+        nccl = rt.nccl
+        made = cls(nccl.NcclCommunicator(size, share_id(nccl), rank), runtime=rt, **options)
+        made.device = device
+        return made
 
     device: int | None = None
     """The GPU chosen by a constructor (None when wrapping a communicator)."""

@@ -208,6 +208,13 @@ class BaseComm:
     :class:`ThreadComm`, ``MPIComm``, ``NCCLComm``, ``TorchDistComm``, ``AxisComm``) are
     all subclasses.
 
+    Attributes
+    ----------
+    rank, size : int
+        This rank, in ``0 .. size - 1``, and the number of ranks W.
+    bytes_sent : int
+        Payload bytes this rank has handed to the transport so far (for reports).
+
     Examples
     --------
     A complete transport for one process, whose every message comes back to rank 0:

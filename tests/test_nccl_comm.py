@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import types
 from datetime import timedelta
@@ -28,6 +27,7 @@ from helpers import (
     assert_close,
     free_port,
     pairs,
+    run_captured,
     to_numpy,
 )
 from portable_siglip.backends.nccl import CupyRuntime, NCCLComm, SharedDeviceError, _nccl_dtype
@@ -493,7 +493,9 @@ try:
     out = {"rank": comm.rank, "device": comm.device, "id": comm.nccl_comm.unique_id.hex()}
 except ValueError as error:
     out = {"error": f"{type(error).__name__}: {error}"}
-print("RESULT " + json.dumps(out), flush=True)
+# A file per rank: torchrun interleaves its workers' output, long lines included.
+with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w") as file:
+    json.dump(out, file)
 """
 
 
@@ -507,15 +509,15 @@ def test_from_torch_under_a_real_torchrun(gpus: int, tmp_path: Path) -> None:
         pytest.skip("torchrun is not installed beside this Python")
     script = tmp_path / "bootstrap.py"
     script.write_text(TORCHRUN_SCRIPT)
+    out = tmp_path / "results"
+    out.mkdir()
     command = [str(torchrun), "--standalone", "--nproc-per-node", "3", str(script), str(gpus)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "OMPI_"))}
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=180, env=env, check=False
-    )
+    result = run_captured([*command, str(out)], timeout=180, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = [line[7:] for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    results = sorted((json.loads(line) for line in lines), key=lambda r: r.get("rank", 0))
-    assert len(results) == 3, result.stdout + result.stderr
+    files = sorted(out.glob("rank*.json"))
+    assert len(files) == 3, result.stdout + result.stderr
+    results = [json.loads(file.read_text()) for file in files]
     if gpus == 3:
         assert [(r["rank"], r["device"]) for r in results] == [(0, 0), (1, 1), (2, 2)]
         assert len({r["id"] for r in results}) == 1  # rank 0's random id reached every rank
