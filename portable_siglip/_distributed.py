@@ -326,34 +326,31 @@ def circulate(
     if schedule is None:
         msg = f"unknown schedule {ring.strategy!r}; the schedules are {', '.join(_SCHEDULES)}"
         raise ValueError(msg)
-    return schedule(ring, xp, static, visit, acc_tails, merge, _merge_fn(xp, merge))
+    return schedule(_Pass(ring, xp, static, visit, acc_tails, merge, _merge_fn(xp, merge)))
 
 
-def _bidir(
-    ring: Ring,
-    xp: Namespace,
-    static: tuple[Array, ...],
-    visit: Visit,
-    acc_tails: tuple[tuple[int, ...], ...],
-    merge: str,
-    combine: Callable[[Array, Array], Array],
-) -> tuple[Array, ...]:
+@dataclass(frozen=True)
+class _Pass:
+    """One call of :func:`circulate`, as every schedule receives it."""
+
+    ring: Ring
+    xp: Namespace
+    static: tuple[Array, ...]
+    visit: Visit
+    acc_tails: tuple[tuple[int, ...], ...]
+    merge: str
+    combine: Callable[[Array, Array], Array]
+
+
+def _bidir(p: _Pass) -> tuple[Array, ...]:
     """``bidir``: ceil((W-1)/2) hops to the right and floor((W-1)/2) to the left."""
-    size = ring.comm.size
-    return _chains(ring, static, visit, acc_tails, combine, size // 2, (size - 1) // 2)
+    size = p.ring.comm.size
+    return _chains(p, size // 2, (size - 1) // 2)
 
 
-def _one_way(
-    ring: Ring,
-    xp: Namespace,
-    static: tuple[Array, ...],
-    visit: Visit,
-    acc_tails: tuple[tuple[int, ...], ...],
-    merge: str,
-    combine: Callable[[Array, Array], Array],
-) -> tuple[Array, ...]:
+def _one_way(p: _Pass) -> tuple[Array, ...]:
     """``shift`` and ``ring``: W-1 hops one way round, then one hop home."""
-    return _chains(ring, static, visit, acc_tails, combine, ring.comm.size - 1, 0)
+    return _chains(p, p.ring.comm.size - 1, 0)
 
 
 def _block_shapes(arrays: Sequence[Array], rows: int) -> list[tuple[int, ...]]:
@@ -399,16 +396,9 @@ def _wait(requests: list[Request]) -> tuple[Array, ...]:
     return tuple(request.wait() for request in requests)
 
 
-def _chains(
-    ring: Ring,
-    static: tuple[Array, ...],
-    visit: Visit,
-    acc_tails: tuple[tuple[int, ...], ...],
-    combine: Callable[[Array, Array], Array],
-    right: int,
-    left: int,
-) -> tuple[Array, ...]:
+def _chains(p: _Pass, right: int, left: int) -> tuple[Array, ...]:
     """Blocks travel ``right`` hops rightwards and ``left`` hops leftwards; then home."""
+    ring, static, visit, acc_tails, combine = p.ring, p.static, p.visit, p.acc_tails, p.combine
     comm = ring.comm
     # (step sign, hops, chain id): at step s of a chain, rank r holds block r - sign * s.
     chains = [(sign, hops, chain) for chain, (sign, hops) in enumerate(((1, right), (-1, left)))]
@@ -475,17 +465,10 @@ def _chains(
     return result
 
 
-def _by_broadcast(
-    ring: Ring,
-    xp: Namespace,
-    static: tuple[Array, ...],
-    visit: Visit,
-    acc_tails: tuple[tuple[int, ...], ...],
-    merge: str,
-    combine: Callable[[Array, Array], Array],
-) -> tuple[Array, ...]:
+def _by_broadcast(p: _Pass) -> tuple[Array, ...]:
     """``reduce``: rank by rank, broadcast its block and reduce its accumulators."""
-    comm, sizes = ring.comm, ring.sizes
+    xp, static, visit, merge, combine = p.xp, p.static, p.visit, p.merge, p.combine
+    comm, sizes = p.ring.comm, p.ring.sizes
     device = array_api_compat.device(static[0])
     mine: tuple[Array, ...] = ()
     for owner in range(comm.size):
@@ -529,16 +512,10 @@ def _reduce(
     return total
 
 
-def _by_gather(
-    ring: Ring,
-    xp: Namespace,
-    static: tuple[Array, ...],
-    visit: Visit,
-    acc_tails: tuple[tuple[int, ...], ...],
-    merge: str,
-    combine: Callable[[Array, Array], Array],
-) -> tuple[Array, ...]:
+def _by_gather(p: _Pass) -> tuple[Array, ...]:
     """``gather``: every block at once; the accumulators of all blocks reduced together."""
+    ring, xp, static, visit, acc_tails = p.ring, p.xp, p.static, p.visit, p.acc_tails
+    merge, combine = p.merge, p.combine
     comm = ring.comm
     gathered = [comm.allgather(array) for array in static]  # field -> rank -> block
     contributions = [
@@ -560,7 +537,7 @@ def _by_gather(
 
 
 #: The schedules by name: what a loss's ``schedules`` (:mod:`._registry`) may list.
-_SCHEDULES: dict[str, Callable[..., tuple[Array, ...]]] = {
+_SCHEDULES: dict[str, Callable[[_Pass], tuple[Array, ...]]] = {
     "bidir": _bidir,
     "shift": _one_way,
     "ring": _one_way,

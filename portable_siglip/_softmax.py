@@ -117,14 +117,9 @@ def softmax_lse(
 
     Parameters
     ----------
-    xp : namespace
-        Array-API namespace of the arrays.
-    scaled_img : array, shape (m, d)
-        Image rows multiplied by the scale ``t``.
-    txt : array, shape (k, d)
-        Text rows.
-    block_size : int
-        Tile edge.
+    xp, scaled_img, txt, block_size
+        As for :func:`._sigmoid.sigmoid_sums`: the namespace, the (m, d) image rows times
+        ``t``, the (k, d) text rows, the tile edge.
     positives : (row_ids, col_ids), optional
         Ids of the rows and columns; with them the positives of every row and column are
         counted and their logits summed in the same pass.
@@ -206,12 +201,8 @@ def softmax_grad_sums(
 
     Parameters
     ----------
-    xp : namespace
-        Array-API namespace of the arrays.
-    scaled_img : array, shape (m, d)
-        Image rows multiplied by the scale ``t``.
-    txt : array, shape (k, d)
-        Text rows.
+    xp, scaled_img, txt
+        As for :func:`softmax_lse`.
     row_lse : array, shape (m, 2)
         Finished ``(M, s)`` log-sum-exp pair of every row of ``Z`` over all columns
         (``SoftmaxLse.rows``).

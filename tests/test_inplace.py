@@ -64,6 +64,14 @@ def _reference(monkeypatch: pytest.MonkeyPatch, function: Any, *args: Any, **kwa
         return function(*args, **kwargs)
 
 
+def _both(monkeypatch: pytest.MonkeyPatch, function: Any, *args: Any, **kwargs: Any) -> Any:
+    """``function`` with the in-place workspace, then with fresh arrays."""
+    return (
+        _inplace_run(monkeypatch, function, *args, **kwargs),
+        _reference(monkeypatch, function, *args, **kwargs),
+    )
+
+
 def _inplace_run(monkeypatch: pytest.MonkeyPatch, function: Any, *args: Any, **kwargs: Any) -> Any:
     """``function`` with the in-place workspace on; asserts the loop really takes it."""
     chosen: list[Any] = []
@@ -97,27 +105,15 @@ def test_sigmoid_kernel_equals_reference(
 ) -> None:
     img, txt, _ = _arrays(native, m, k, spread, seed=m * 100 + k)
     xp = _namespace(img)
-    positives = m == k
     assert _inplace.enabled(xp, img, txt)
-    fast = _inplace_run(
+    fast, slow = _both(
         monkeypatch,
         _sigmoid.sigmoid_sums,
         xp,
         img,
         txt,
         -2.5,
-        positives=positives,
-        block_size=block,
-        grad=grad,
-    )
-    slow = _reference(
-        monkeypatch,
-        _sigmoid.sigmoid_sums,
-        xp,
-        img,
-        txt,
-        -2.5,
-        positives=positives,
+        positives=m == k,
         block_size=block,
         grad=grad,
     )
@@ -136,32 +132,18 @@ def test_softmax_kernels_equal_reference(
 ) -> None:
     img, txt, _ = _arrays(native, m, k, spread, seed=m * 100 + k + 1)
     xp = _namespace(img)
-    fast = _inplace_run(monkeypatch, _softmax.softmax_lse, xp, img, txt, block_size=block)
-    slow = _reference(monkeypatch, _softmax.softmax_lse, xp, img, txt, block_size=block)
+    fast, slow = _both(monkeypatch, _softmax.softmax_lse, xp, img, txt, block_size=block)
     for name, got, want in zip(("rows", "cols"), fast, slow, strict=True):
         np.testing.assert_allclose(_np(got), _np(want), rtol=1e-12, atol=1e-12, err_msg=name)
-    row_lse, col_lse = slow.rows, slow.cols
-    positives = m == k
-    fast_acc = _inplace_run(
+    fast_acc, slow_acc = _both(
         monkeypatch,
         _softmax.softmax_grad_sums,
         xp,
         img,
         txt,
-        row_lse,
-        col_lse,
-        positives=positives,
-        block_size=block,
-    )
-    slow_acc = _reference(
-        monkeypatch,
-        _softmax.softmax_grad_sums,
-        xp,
-        img,
-        txt,
-        row_lse,
-        col_lse,
-        positives=positives,
+        slow.rows,
+        slow.cols,
+        positives=m == k,
         block_size=block,
     )
     for name, got, want in zip(("img_acc", "txt_acc"), fast_acc, slow_acc, strict=True):
