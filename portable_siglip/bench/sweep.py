@@ -662,12 +662,33 @@ class _Sweep:
 
 def _run_case(sweep: _Sweep, case: Case, impls: list[str], inputs: tuple[Any, Any]) -> None:
     """Time and probe every row of one case, appending them to ``sweep.rows``."""
-    args = sweep.args
-    rows = {impl: _new_row(args, case, impl) for impl in impls}
+    rows = {impl: _new_row(sweep.args, case, impl) for impl in impls}
+    short, long = _split_by_length(sweep, case, impls, rows)
+    _time_short(sweep, case, short, rows, inputs)
+    _time_long(sweep, case, long, rows, inputs)
+    _probe_memory(sweep, case, impls, long, rows)
+    roofline_s = rows["roofline"]["median_s"] if "roofline" in rows else None
+    for impl in impls:
+        row = rows[impl]
+        if roofline_s is not None and row["median_s"] is not None:
+            row["roofline_fraction"] = roofline_s / row["median_s"]
+        if impl == OURS_IDS and OURS in rows:
+            row["vs_plain"] = _vs_plain(row, rows[OURS])
+        sweep.remember(case, row)
+        sweep.rows.append(row)
+
+
+def _split_by_length(
+    sweep: _Sweep, case: Case, impls: list[str], rows: dict[str, dict[str, Any]]
+) -> tuple[list[str], list[str]]:
+    """Return the rows timed together in rounds and those too long for that, in order.
+
+    A row predicted over the memory cap is marked skipped and is neither.
+    """
     short: list[str] = []
     long: list[str] = []
     for impl in impls:
-        reason = None if args.no_dense else sweep.too_big(case, impl)
+        reason = None if sweep.args.no_dense else sweep.too_big(case, impl)
         if reason is not None:
             rows[impl]["skipped"] = reason
         elif OURS_IDS in impls and impl in (OURS, OURS_IDS):
@@ -676,32 +697,66 @@ def _run_case(sweep: _Sweep, case: Case, impls: list[str], inputs: tuple[Any, An
             long.append(impl)
         else:
             short.append(impl)
-    img, txt = inputs
-    if short:
-        try:
-            # Made (and, for jitted rows, compiled) before any of them runs or is timed.
-            runs = [
-                make_run(case.backend, case.loss, impl, img, txt, args.block_size) for impl in short
-            ]
-            times = time_interleaved(runs, args.repeats)
-        except Exception as error:  # e.g. MemoryError: report it, go on
-            for impl in short:
-                sweep.fail(case, rows[impl], f"{type(error).__name__}: {error}")
-        else:
-            for impl, run, record in zip(short, runs, times, strict=True):
-                sweep.record(case, rows[impl], record, "interleaved")
-                rows[impl]["compile_s"] = compile_seconds(run)
+    return short, long
+
+
+def _time_short(
+    sweep: _Sweep,
+    case: Case,
+    short: list[str],
+    rows: dict[str, dict[str, Any]],
+    inputs: tuple[Any, Any],
+) -> None:
+    """Time the `short` rows in interleaved rounds; a failure fails them all."""
+    if not short:
+        return
+    args = sweep.args
+    try:
+        # Made (and, for jitted rows, compiled) before any of them runs or is timed.
+        runs = [
+            make_run(case.backend, case.loss, impl, *inputs, args.block_size) for impl in short
+        ]
+        times = time_interleaved(runs, args.repeats)
+    except Exception as error:  # e.g. MemoryError: report it, go on
+        for impl in short:
+            sweep.fail(case, rows[impl], f"{type(error).__name__}: {error}")
+        return
+    for impl, run, record in zip(short, runs, times, strict=True):
+        sweep.record(case, rows[impl], record, "interleaved")
+        rows[impl]["compile_s"] = compile_seconds(run)
+
+
+def _time_long(
+    sweep: _Sweep,
+    case: Case,
+    long: list[str],
+    rows: dict[str, dict[str, Any]],
+    inputs: tuple[Any, Any],
+) -> None:
+    """Time once here the long rows no memory probe will time: the roofline, or all of them."""
     for impl in long:
         # The roofline is not probed: run it here, once. The others run in their probe.
-        if impl == "roofline" or args.no_memory:
-            try:
-                run = make_run(case.backend, case.loss, impl, img, txt, args.block_size)
-                elapsed = timed(run)
-            except Exception as error:
-                sweep.fail(case, rows[impl], f"{type(error).__name__}: {error}")
-            else:
-                sweep.record(case, rows[impl], [elapsed], "once")
-                rows[impl]["compile_s"] = compile_seconds(run)
+        if impl != "roofline" and not sweep.args.no_memory:
+            continue
+        try:
+            run = make_run(case.backend, case.loss, impl, *inputs, sweep.args.block_size)
+            elapsed = timed(run)
+        except Exception as error:
+            sweep.fail(case, rows[impl], f"{type(error).__name__}: {error}")
+        else:
+            sweep.record(case, rows[impl], [elapsed], "once")
+            rows[impl]["compile_s"] = compile_seconds(run)
+
+
+def _probe_memory(
+    sweep: _Sweep,
+    case: Case,
+    impls: list[str],
+    long: list[str],
+    rows: dict[str, dict[str, Any]],
+) -> None:
+    """Measure each row's peak memory in a fresh process; it times the `long` rows too."""
+    args = sweep.args
     for impl in impls:
         row = rows[impl]
         if args.no_memory or impl == "roofline" or row["skipped"] or row["error"]:
@@ -717,15 +772,6 @@ def _run_case(sweep: _Sweep, case: Case, impls: list[str], inputs: tuple[Any, An
         if impl in long:
             sweep.record(case, row, [float(memory["run_s"])], "memory probe")
             row["compile_s"] = memory.get("compile_s")  # compiled there, not here
-    roofline_s = rows["roofline"]["median_s"] if "roofline" in rows else None
-    for impl in impls:
-        row = rows[impl]
-        if roofline_s is not None and row["median_s"] is not None:
-            row["roofline_fraction"] = roofline_s / row["median_s"]
-        if impl == OURS_IDS and OURS in rows:
-            row["vs_plain"] = _vs_plain(row, rows[OURS])
-        sweep.remember(case, row)
-        sweep.rows.append(row)
 
 
 def _cases(args: argparse.Namespace, backends: Sequence[str]) -> list[Case]:
