@@ -1054,12 +1054,35 @@ class _Bench:
     ) -> None:
         """Warm up, measure and time the rows ``impls`` of one case; record them."""
         rows = {impl: _new_row(self.device.name, case, impl, block_size) for impl in impls}
+        runs = self.set_up(case, img, txt, rows)
+        warm = self.each(case, rows, runs, "warm-up", lambda impl, run: _first(run))
+        for impl, (value, seconds) in warm.items():  # the loss value is kept
+            rows[impl]["warmup_s"] = seconds
+            if value is not None:
+                rows[impl]["loss_value"] = float(value)
+        for impl, (peak, source) in self.each(
+            case, rows, runs, "memory run", self.device.measure
+        ).items():  # one run for the peak memory
+            rows[impl].update(
+                peak_bytes=peak, peak_mib=None if peak is None else peak / MIB, memory_source=source
+            )
+        for _ in range(self.config.repeats_for(case.n)):
+            timed = self.each(case, rows, runs, "timed runs", lambda impl, run: self.timed(run))
+            for impl, elapsed in timed.items():
+                rows[impl]["times_s"].append(elapsed)
+        runs.clear()
+        self.device.release()
+        self.record(case, rows)
+
+    def set_up(
+        self, case: Case, img: Any, txt: Any, rows: dict[str, dict[str, Any]]
+    ) -> dict[str, Callable[[], Any]]:
+        """Make the run of every row that is available and predicted to fit in memory."""
         runs: dict[str, Callable[[], Any]] = {}
         budget = self.budget
-        if budget is None and any(i in N2_IMPLS for i in impls):
+        if budget is None and any(i in N2_IMPLS for i in rows):
             budget = self.device.free_bytes()
-        for impl in impls:
-            row = rows[impl]
+        for impl, row in rows.items():
             row["predicted_s"] = predict_row_seconds(impl, case)
             if impl in self.unavailable:
                 row["skipped"] = self.unavailable[impl]
@@ -1076,35 +1099,25 @@ class _Bench:
             ok, run = self.attempt(case, row, "set-up", make)
             if ok:
                 runs[impl] = run
-        for impl, run in list(runs.items()):  # warm-up, keeping the loss value
-            ok, result = self.attempt(case, rows[impl], "warm-up", functools.partial(_first, run))
-            if not ok:
+        return runs
+
+    def each(
+        self,
+        case: Case,
+        rows: dict[str, dict[str, Any]],
+        runs: dict[str, Callable[[], Any]],
+        step: str,
+        call: Callable[[str, Callable[[], Any]], Any],
+    ) -> dict[str, Any]:
+        """Return ``call(impl, run)`` of every run; a run whose `step` fails leaves `runs`."""
+        results: dict[str, Any] = {}
+        for impl, run in list(runs.items()):
+            ok, result = self.attempt(case, rows[impl], step, functools.partial(call, impl, run))
+            if ok:
+                results[impl] = result
+            else:
                 del runs[impl]
-                continue
-            value, rows[impl]["warmup_s"] = result
-            if value is not None:
-                rows[impl]["loss_value"] = float(value)
-        for impl, run in list(runs.items()):  # one run for the peak memory
-            measure = functools.partial(self.device.measure, impl, run)
-            ok, reading = self.attempt(case, rows[impl], "memory run", measure)
-            if not ok:
-                del runs[impl]
-                continue
-            peak, source = reading
-            rows[impl].update(
-                peak_bytes=peak, peak_mib=None if peak is None else peak / MIB, memory_source=source
-            )
-        for _ in range(self.config.repeats_for(case.n)):
-            for impl, run in list(runs.items()):
-                timed = functools.partial(self.timed, run)
-                ok, elapsed = self.attempt(case, rows[impl], "timed runs", timed)
-                if ok:
-                    rows[impl]["times_s"].append(elapsed)
-                else:
-                    del runs[impl]
-        runs.clear()
-        self.device.release()
-        self.record(case, rows)
+        return results
 
     def record(self, case: Case, rows: dict[str, dict[str, Any]]) -> None:
         flops = FLOOR_GEMMS[case.loss] * 2.0 * case.n * case.n * case.d
@@ -1242,40 +1255,12 @@ def run_benchmark(
     problem = config.problem()
     if problem is not None:
         raise ValueError(problem)
-    from .._checks import default_block_size
-
     pace = _Pace(config.time_budget_s)
     target = _Device(device)
     kernel, kernel_status = siglip_kernel_status()
     unavailable, versions = _unavailable(target, config, kernel_status, kernel is not None)
-    machine = _machine(target, versions)
     bench = _Bench(config, target, memory_budget_bytes, unavailable, kernel)
-    steps = plan(config)
-    report: dict[str, Any] = {
-        "complete": False,
-        "machine": machine,
-        "config": {
-            "device": target.name,
-            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
-            "repeats_by_n": {str(n): config.repeats_for(n) for n in sorted(config.sizes)},
-            "default_block_size": default_block_size(_probe_array(target)),
-            "scale": SCALE,
-            "bias": BIAS,
-            "memory_budget_bytes": memory_budget_bytes,
-            "floor_panel_bytes": FLOOR_PANEL_BYTES,
-            "n2_matrices": N2_MATRICES,
-        },
-        "plan": {
-            "rates": H100._asdict(),
-            "steps": [{"step": label, "predicted_s": s} for label, s in steps],
-            "predicted_total_s": sum(s for _, s in steps),
-        },
-        "rows": bench.rows,
-        "notes": [f"note: no `{impl}` rows: {why}" for impl, why in unavailable.items()]
-        + list(NOTES),
-        "errors": bench.errors,
-        "baseline_failures": bench.baseline_failures,
-    }
+    report = _new_report(config, bench, _machine(target, versions), memory_budget_bytes)
 
     def flush() -> None:
         if json_path is not None:
@@ -1299,36 +1284,82 @@ def run_benchmark(
     for case in cases:
         progress.start(_label(case))
         impls = _case_impls(case, IMPLS, config)
-        runnable = [i for i in impls if i not in unavailable]
-        predicted = bench.predict_seconds(case, runnable)
+        predicted = bench.predict_seconds(case, [i for i in impls if i not in unavailable])
         refusal = pace.refusal(predicted, reserve)
-        if refusal is not None:
-            bench.skip_case(case, impls, config.block_size, refusal)
-        else:
-            started = time.perf_counter()
-            _run_one(bench, held, case, impls)
-            pace.done(predicted, time.perf_counter() - started)
+        _paced(bench, held, pace, case, impls, predicted, refusal, config.block_size)
         flush()
         progress.advance()
     for case in kernel_cases:
         progress.start(f"{SIGLIP_KERNEL} {_label(case)}")
         predicted = bench.predict_seconds(case, [SIGLIP_KERNEL])
-        refusal = None if SIGLIP_KERNEL in unavailable else pace.refusal(predicted)
-        if refusal is not None or SIGLIP_KERNEL in unavailable:
-            bench.skip_case(case, [SIGLIP_KERNEL], None, refusal or "")
-        else:
-            started = time.perf_counter()
-            _run_one(bench, held, case, [SIGLIP_KERNEL])
-            pace.done(predicted, time.perf_counter() - started)
+        # Unavailable: skipped, for the reason bench.unavailable gives.
+        refusal = "" if SIGLIP_KERNEL in unavailable else pace.refusal(predicted)
+        _paced(bench, held, pace, case, [SIGLIP_KERNEL], predicted, refusal, None)
         flush()
         progress.advance()
     progress.close()
     held.drop()
-    machine["load_average_after"] = list(os.getloadavg())
-    machine["wall_s"] = pace.elapsed()
+    report["machine"]["load_average_after"] = list(os.getloadavg())
+    report["machine"]["wall_s"] = pace.elapsed()
     report["complete"] = True
     flush()
     return report
+
+
+def _new_report(
+    config: GpuConfig, bench: _Bench, machine: dict[str, Any], memory_budget_bytes: int | None
+) -> dict[str, Any]:
+    """Return the report before any case: ``complete`` false, and the bench's (empty) rows."""
+    from .._checks import default_block_size
+
+    steps = plan(config)
+    return {
+        "complete": False,
+        "machine": machine,
+        "config": {
+            "device": bench.device.name,
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+            "repeats_by_n": {str(n): config.repeats_for(n) for n in sorted(config.sizes)},
+            "default_block_size": default_block_size(_probe_array(bench.device)),
+            "scale": SCALE,
+            "bias": BIAS,
+            "memory_budget_bytes": memory_budget_bytes,
+            "floor_panel_bytes": FLOOR_PANEL_BYTES,
+            "n2_matrices": N2_MATRICES,
+        },
+        "plan": {
+            "rates": H100._asdict(),
+            "steps": [{"step": label, "predicted_s": s} for label, s in steps],
+            "predicted_total_s": sum(s for _, s in steps),
+        },
+        "rows": bench.rows,
+        "notes": [f"note: no `{impl}` rows: {why}" for impl, why in bench.unavailable.items()]
+        + list(NOTES),
+        "errors": bench.errors,
+        "baseline_failures": bench.baseline_failures,
+    }
+
+
+def _paced(
+    bench: _Bench,
+    held: _Inputs,
+    pace: _Pace,
+    case: Case,
+    impls: list[str],
+    predicted: float,
+    refusal: str | None,
+    block: int | None,
+) -> None:
+    """Run the rows `impls` of `case`, against its `predicted` seconds; or skip them all.
+
+    A `refusal` (None to run) is the reason of the skip.
+    """
+    if refusal is not None:
+        bench.skip_case(case, impls, block, refusal)
+        return
+    started = time.perf_counter()
+    _run_one(bench, held, case, impls)
+    pace.done(predicted, time.perf_counter() - started)
 
 
 class _Inputs:
