@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers import run_python
 
 from portable_siglip import _losses
 from portable_siglip.cli import _commands as _cli
@@ -64,8 +64,13 @@ def test_run_verify_catches_a_wrong_result(
     wrong: Callable[[Any, Any], tuple[Any, Any]],
     verdict: str,
 ) -> None:
-    original = getattr(_losses, f"{loss}_loss_and_grad")
-    monkeypatch.setattr(_losses, f"{loss}_loss_and_grad", lambda *a, **k: wrong(*original(*a, **k)))
+    original = _losses.evaluate
+
+    def evaluate(spec: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        value, grads = original(spec, *args, **kwargs)
+        return wrong(value, grads) if spec.name == loss else (value, grads)
+
+    monkeypatch.setattr(_losses, "evaluate", evaluate)  # what run calls, with the loss named
     assert _cli.main(["run", "--loss", loss, *SMALL, "--verify"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out
@@ -122,13 +127,8 @@ def test_numpy_bfloat16_without_ml_dtypes_is_a_usage_error(
 
 
 def test_module_entry_point() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "portable_siglip", "run", "--batch", "64", "--dim", "8", "--verify"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    argv = ["run", "--batch", "64", "--dim", "8", "--verify"]
+    result = run_python("-m", "portable_siglip", *argv, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "verify: ok" in result.stdout
 
@@ -183,13 +183,13 @@ def test_run_sharded_verify_catches_one_wrong_rank(
 ) -> None:
     from portable_siglip.comm import ThreadGroup
 
-    original = _losses.sigmoid_loss_and_grad
+    original = _losses.evaluate
 
     def wrong_on_rank_2(*args: Any, **kwargs: Any) -> Any:
         loss, grads = original(*args, **kwargs)
         return (loss * 1.01 if kwargs["comm"].rank == 2 else loss), grads
 
-    monkeypatch.setattr(_losses, "sigmoid_loss_and_grad", wrong_on_rank_2)
+    monkeypatch.setattr(_losses, "evaluate", wrong_on_rank_2)
     statuses = ThreadGroup(3).run(lambda comm: _cli.main(["run", *SMALL, "--verify"], comm=comm))
     out = capsys.readouterr().out
     assert statuses == [1, 1, 1], out
@@ -248,7 +248,7 @@ def test_error_inside_a_run_is_an_internal_error(
     def fails(*args: Any, **kwargs: Any) -> Any:
         raise error("Got unsupported ScalarType BFloat16")
 
-    monkeypatch.setattr(_losses, "sigmoid_loss_and_grad", fails)
+    monkeypatch.setattr(_losses, "evaluate", fails)
     assert _cli.main(["run", *SMALL]) == 1
     err = capsys.readouterr().err
     assert f"run: internal error: {error.__name__}: Got unsupported ScalarType BFloat16" in err
@@ -315,15 +315,11 @@ def test_run_sets_jax_preallocation_in_its_process() -> None:
         "print('status', status, 'env', os.environ.get(_cli.JAX_PREALLOCATE))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != _cli.JAX_PREALLOCATE}
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
-    )
+    result = run_python("-c", code, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert "status 0 env false" in result.stdout
     jax_run = code.replace("'numpy'", "'jax'")
     if importlib.util.find_spec("jax") is not None:
-        result = subprocess.run(
-            [sys.executable, "-c", jax_run], capture_output=True, text=True, timeout=120, env=env
-        )
+        result = run_python("-c", jax_run, timeout=120, env=env)
         assert result.returncode == 0, result.stderr
         assert "status 0 env None" in result.stdout

@@ -228,13 +228,13 @@ def test_plain_runs_pass_no_ids(
     from portable_siglip import _losses
 
     seen: list[dict[str, Any]] = []
-    original = _losses.sigmoid_loss_and_grad
+    original = _losses.evaluate
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         seen.append(kwargs)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(_losses, "sigmoid_loss_and_grad", spy)
+    monkeypatch.setattr(_losses, "evaluate", spy)
     assert _cli.main(["run", *SMALL]) == 0
     assert _cli.main(["run", *SMALL, "--captions-per-image", "2"]) == 0
     assert "img_ids" not in seen[0]
@@ -248,15 +248,15 @@ def test_verify_with_ids_catches_a_wrong_loss(
 ) -> None:
     from portable_siglip import _losses
 
-    original = _losses.softmax_loss_and_grad
+    original = _losses.evaluate
 
     def ids_ignored(*args: Any, **kwargs: Any) -> Any:
         # The loss as if every caption belonged to the image of the same index: wrong.
-        img, txt = args[0], args[1]
+        img, txt = args[1], args[2]  # after the loss
         kwargs.update(img_ids=np.arange(img.shape[0]), txt_ids=np.arange(txt.shape[0]) % 120)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(_losses, "softmax_loss_and_grad", ids_ignored)
+    monkeypatch.setattr(_losses, "evaluate", ids_ignored)
     argv = ["run", "--loss", "softmax", *SMALL, "--captions-per-image", "2", "--verify"]
     assert _cli.main(argv) == 1
     assert "verify: FAILED" in capsys.readouterr().out

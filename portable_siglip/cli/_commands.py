@@ -38,7 +38,7 @@ from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any, TypeVar
 
 from .. import _losses, _memory
-from .._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
+from .. import _registry as registry
 from .._interop import BACKENDS, DTYPES, UsageError, load_backend, to_numpy
 from . import _launch
 from ._devices import Device, parse_device, place, resolve_device, wait_until_computed
@@ -118,11 +118,13 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    # The registered losses when the parser is built: a loss registered at runtime is a choice.
+    losses = registry.losses()
     parser.add_argument(
         "--loss",
-        choices=("sigmoid", "softmax"),
-        default="sigmoid",
-        help="which loss: SigLIP's sigmoid loss or CLIP's softmax (InfoNCE) loss",
+        choices=registry.names(),
+        default=losses[0].name,
+        help=f"which loss: {' or '.join(loss.title for loss in losses)}",
     )
     parser.add_argument(
         "--backend",
@@ -161,9 +163,11 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--strategy",
         default=None,
-        help=f"distributed schedule, used when sharded over ranks: sigmoid "
-        f"{', '.join(SIGMOID_STRATEGIES)}; softmax {', '.join(SOFTMAX_STRATEGIES)} "
-        "(default: bidir for sigmoid, ring for softmax)",
+        help="distributed schedule, used when sharded over ranks: "
+        + "; ".join(f"{loss.name} {', '.join(loss.schedules)}" for loss in losses)
+        + " (default: "
+        + ", ".join(f"{loss.default_schedule} for {loss.name}" for loss in losses)
+        + ")",
     )
     parser.add_argument(
         "--dtype",
@@ -183,8 +187,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=_nonnegative_int, default=0, help="seed of the random features"
     )
     parser.add_argument("--scale", type=float, default=10.0, help="t, the logit multiplier")
+    ignored = [loss.name for loss in losses if not loss.uses_bias]
     parser.add_argument(
-        "--bias", type=float, default=-10.0, help="b, the logit bias (no effect on softmax)"
+        "--bias",
+        type=float,
+        default=-10.0,
+        help="b, the logit bias" + (f" (no effect on {' or '.join(ignored)})" if ignored else ""),
     )
     parser.add_argument(
         "--verify", action="store_true", help="compare with a dense float64 evaluation"
@@ -326,6 +334,11 @@ def load_run_backend(backend: str, dtype: str) -> tuple[Any, Any]:
         return xp, numpy.dtype(ml_dtypes.bfloat16)
 
 
+def _bias(args: argparse.Namespace) -> float | None:
+    """Return the ``--bias`` a run hands to its loss: None for a loss the bias does not change."""
+    return args.bias if registry.get(args.loss).uses_bias else None
+
+
 def _check_values(args: argparse.Namespace) -> None:
     """Refuse the ``run`` option values that the losses would refuse, as usage errors.
 
@@ -339,7 +352,7 @@ def _check_values(args: argparse.Namespace) -> None:
             f"finite number > 0, got {args.scale:g}"
         )
         raise UsageError(msg)
-    if args.loss == "sigmoid" and not math.isfinite(args.bias):
+    if _bias(args) is not None and not math.isfinite(args.bias):
         msg = f"`bias` must be finite, got {args.bias:g}"
         raise UsageError(msg)
 
@@ -595,10 +608,13 @@ def _run(args: argparse.Namespace, comm: Any = None, device: Device | None = Non
     if args.batch < size:
         msg = f"`batch`: the global batch ({args.batch}) must have a row for each of {size} ranks"
         raise UsageError(msg)
-    strategy = args.strategy or ("bidir" if args.loss == "sigmoid" else "ring")
-    allowed = SIGMOID_STRATEGIES if args.loss == "sigmoid" else SOFTMAX_STRATEGIES
-    if args.strategy is not None and args.strategy not in allowed:
-        msg = f"`strategy` for the {args.loss} loss must be one of {allowed}, got {args.strategy!r}"
+    spec = registry.get(args.loss)
+    strategy = args.strategy or spec.default_schedule
+    if args.strategy is not None and args.strategy not in spec.schedules:
+        msg = (
+            f"`strategy` for the {spec.name} loss must be one of {spec.schedules}, "
+            f"got {args.strategy!r}"
+        )
         raise UsageError(msg)
     if args.strategy is not None and comm is None:
         # Accepted (the loss still checks it belongs to --loss), but say it changes nothing.
@@ -626,10 +642,7 @@ def _run(args: argparse.Namespace, comm: Any = None, device: Device | None = Non
     img = place(args.backend, xp, img_np, dtype, device)
     txt = place(args.backend, xp, txt_np, dtype, device)
     del img_np, txt_np
-    loss_and_grad = (
-        _losses.sigmoid_loss_and_grad if args.loss == "sigmoid" else _losses.softmax_loss_and_grad
-    )
-    bias = args.bias if args.loss == "sigmoid" else None
+    bias = _bias(args)
 
     exact_memory = args.backend == "numpy"  # NumPy reports its allocations to tracemalloc
     wait_until_computed([img, txt])
@@ -641,17 +654,20 @@ def _run(args: argparse.Namespace, comm: Any = None, device: Device | None = Non
     rss_before = _memory.rss_bytes()
     high_water_reset = _memory.reset_high_water()
     start = time.perf_counter()
-    loss, grads = loss_and_grad(
+    loss, grads = _losses.evaluate(
+        spec,
         img,
         txt,
         args.scale,
         bias,
+        grad=True,
         block_size=args.block_size,
         comm=comm,
         strategy=strategy,
         precision=args.precision,
         **ids,  # only with --captions-per-image > 1 or --duplicate-rate > 0
     )
+    assert grads is not None  # asked for with grad=True
     wait_until_computed([loss, *grads])
     seconds = time.perf_counter() - start
     if on_gpu is not None:
@@ -694,7 +710,7 @@ def _print_run(
     device: Device,
 ) -> None:
     n, d = args.batch, args.dim
-    bias = args.bias if args.loss == "sigmoid" else None
+    bias = _bias(args)
     # Norms of the full gradients from each rank's squared norm of its shard.
     norm_img = float(np.sqrt(sum(entry[4] for entry in per_rank)))
     norm_txt = float(np.sqrt(sum(entry[5] for entry in per_rank)))
@@ -795,14 +811,14 @@ def _verify(
     grads: Any,
     ids: tuple[Any, Any] | None = None,
 ) -> int:
-    from .._reference import dense_loss_and_grad, dense_loss_and_grad_with_ids
+    from .._reference import dense_loss_and_grad
 
-    bias = args.bias if args.loss == "sigmoid" else 0.0
+    bias = _bias(args)
+    # The bias of a loss it does not change is 0; ids only for a batch with several positives.
+    rest = (0.0 if bias is None else bias, *(ids or ()))
 
     def dense(img_np: Any, scale: float) -> Any:
-        if ids is None:
-            return dense_loss_and_grad(args.loss, img_np, to_numpy(txt), scale, bias)
-        return dense_loss_and_grad_with_ids(args.loss, img_np, to_numpy(txt), scale, bias, *ids)
+        return dense_loss_and_grad(args.loss, img_np, to_numpy(txt), scale, *rest)
 
     expected = dense(to_numpy(img), args.scale)
     actual = [loss, grads.img, grads.txt, grads.scale, grads.bias]
