@@ -14,7 +14,6 @@ import importlib.util
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -23,9 +22,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import mpi_usable
+from helpers import mpi_usable, run_python
 
 import portable_siglip as ps
+from portable_siglip import _losses
 from portable_siglip.cli import _commands as _cli
 from portable_siglip.cli import _devices, _doctor
 
@@ -177,13 +177,13 @@ def test_a_broken_transport_exits_1(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
 
 def test_a_loss_off_by_one_percent_exits_1(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    right = ps.sigmoid_loss_and_grad
+    right = _losses.evaluate
 
-    def off(*args: Any, **kwargs: Any) -> Any:
-        loss, grads = right(*args, **kwargs)
-        return loss * 1.01, grads
+    def off(spec: Any, *args: Any, **kwargs: Any) -> Any:
+        loss, grads = right(spec, *args, **kwargs)
+        return (loss * 1.01 if spec.name == "sigmoid" else loss), grads
 
-    monkeypatch.setattr(ps, "sigmoid_loss_and_grad", off)
+    monkeypatch.setattr(_losses, "evaluate", off)  # what doctor calls for each loss
     monkeypatch.setattr(_doctor, "transport_checks", lambda timeout: [])
     path = tmp_path / "off.json"
     status, out = run_doctor("--quick", "--report", str(path))
@@ -199,13 +199,7 @@ def test_a_loss_off_by_one_percent_exits_1(monkeypatch: pytest.MonkeyPatch, tmp_
 
 
 def test_report_to_a_directory_exits_2_before_checking(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "portable_siglip", "doctor", "--report", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_python("-m", "portable_siglip", "doctor", "--report", str(tmp_path), timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "is a directory" in result.stderr
     assert result.stdout == ""
@@ -319,9 +313,8 @@ def test_docstring_examples_run() -> None:
 
 def test_import_does_not_load_the_doctor() -> None:
     code = "import sys, portable_siglip; print('portable_siglip.cli._doctor' in sys.modules)"
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
+    result = run_python("-c", code, timeout=60)
+    assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
 
 

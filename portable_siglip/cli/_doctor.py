@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import importlib.util
 import json
@@ -440,12 +441,22 @@ def _jitted(function: Callable[..., Any]) -> Callable[..., Any]:
     return jitted
 
 
+def _loss_and_grad(loss: Any) -> Callable[..., Any]:
+    """Return ``f(img, txt, scale, bias, **keywords) -> (loss, grads)`` of a registered loss.
+
+    What the loss's public function computes (:func:`portable_siglip._losses.evaluate`),
+    for a loss without one too.
+    """
+    from .. import _losses
+
+    return functools.partial(_losses.evaluate, loss, grad=True)
+
+
 def _agree(backend: str, device: Any) -> tuple[str, dict[str, Any]]:
     import array_api_compat
     import numpy as np
 
-    import portable_siglip
-
+    from .. import _registry
     from .._interop import load_backend, to_numpy
     from ._devices import place
 
@@ -468,8 +479,9 @@ def _agree(backend: str, device: Any) -> tuple[str, dict[str, Any]]:
         except UsageError:
             continue  # a backend without float64
         worst[dtype] = 0.0
-        for loss in ("sigmoid", "softmax"):
-            function = getattr(portable_siglip, f"{loss}_loss_and_grad")
+        for spec in _registry.losses():
+            loss = spec.name
+            function = _loss_and_grad(spec)
             if backend == "jax":
                 function = _jitted(function)
             for case in cases:
@@ -657,9 +669,7 @@ def _sharded_problems(comm: Any, make: Callable[[Any], Any]) -> tuple[list[str],
     """
     import numpy as np
 
-    import portable_siglip
-
-    from .._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
+    from .. import _registry
     from .._interop import to_numpy
 
     rank, size = comm.rank, comm.size
@@ -670,8 +680,9 @@ def _sharded_problems(comm: Any, make: Callable[[Any], Any]) -> tuple[list[str],
     problems: list[str] = []
     worst = 0.0
     schedules = 0
-    for loss, strategies in (("sigmoid", SIGMOID_STRATEGIES), ("softmax", SOFTMAX_STRATEGIES)):
-        function = getattr(portable_siglip, f"{loss}_loss_and_grad")
+    for spec in _registry.losses():
+        loss, strategies = spec.name, spec.schedules
+        function = _loss_and_grad(spec)
         want_loss, want = function(make(img), make(txt), 10.0, -10.0, block_size=4)
         expected = [to_numpy(want_loss), *(to_numpy(g) for g in want)]
         expected[1], expected[2] = expected[1][rows], expected[2][rows]
