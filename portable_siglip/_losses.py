@@ -25,7 +25,7 @@ from ._softmax import (
 from ._tilemath import sigmoid_tile, softmax_grad_tile
 from ._tiles import Positives
 from ._typing import Array
-from .comm import Communicator
+from .comm import Communicator, SelfComm
 
 __all__ = [
     "SIGMOID",
@@ -103,15 +103,6 @@ def _scale_sum(problem: Problem, img_acc: Array) -> Array:
     return problem.xp.sum(problem.xp.vecdot(problem.img, img_acc))
 
 
-def _home_positives(problem: Problem) -> Positives:
-    """Return the positives of the one-process batch: the ids, or the diagonal."""
-    if problem.labelled:
-        assert problem.img_ids is not None
-        assert problem.txt_ids is not None
-        return (problem.img_ids, problem.txt_ids)
-    return True
-
-
 def _block_positives(problem: Problem, home: Any, block: tuple[Array, ...]) -> Positives:
     """Return the positives of this rank's images against a visiting text block.
 
@@ -146,6 +137,11 @@ class _Sums:
         self.img_acc = part if self.img_acc is None else self.img_acc + part
 
 
+def _alone(problem: Problem) -> Ring:
+    """Return the one-rank ring of a call without ``comm``: its one visit is the home block."""
+    return Ring(SelfComm(), (problem.k,), "gather", (problem.n,))
+
+
 def _sigmoid(
     loss: Loss, problem: Problem, ring: Ring | None, *, grad: bool
 ) -> tuple[Array, Gradients | None]:
@@ -155,25 +151,8 @@ def _sigmoid(
     loss of the sigmoid family (the same labels, normaliser and gradient assembly).
     """
     xp = problem.xp
+    ring = ring or _alone(problem)
     scaled_img = _scaled_img(problem)
-    if ring is None:
-        sums = sigmoid_sums(
-            xp,
-            scaled_img,
-            problem.txt,
-            problem.bias,
-            positives=_home_positives(problem),
-            block_size=problem.block_size,
-            grad=grad,
-            gemm=problem.gemm,
-            tile=loss.tile,
-        )
-        if not grad:
-            return sums.loss / problem.n, None
-        scale_sum = _scale_sum(problem, sums.img_acc)
-        grads = _finish(problem, sums.img_acc, sums.txt_acc, scale_sum, sums.bias, problem.n)
-        return sums.loss / problem.n, grads
-
     state = _Sums(problem)
 
     def visit(home: Any, block: tuple[Array, ...]) -> tuple[Array, ...]:
@@ -223,37 +202,8 @@ def _softmax(
     # The diagonal logits Z_ii (without ids); with ids the first pass sums the positives.
     # (From the operands the GEMMs see, so that both passes agree on every logit.)
     diag = None if labelled else problem.gemm.vecdot(scaled_img, problem.txt)
-    ids = (problem.img_ids, problem.txt_ids) if labelled else None
     zero = xp.zeros((), dtype=problem.compute_dtype, device=problem.device)
-    if ring is None:
-        weight = problem.n / problem.k
-        lse = softmax_lse(
-            xp,
-            scaled_img,
-            problem.txt,
-            block_size=problem.block_size,
-            positives=ids,
-            gemm=problem.gemm,
-        )
-        total = lse_excess(xp, lse.rows, diag) + weight * lse_excess(xp, lse.cols, diag)
-        norm = 2.0 * problem.n
-        if not grad:
-            return total / norm, None
-        img_acc, txt_acc = softmax_grad_sums(
-            xp,
-            scaled_img,
-            problem.txt,
-            lse.rows,
-            lse.cols,
-            positives=_home_positives(problem),
-            block_size=problem.block_size,
-            col_weight=weight,
-            gemm=problem.gemm,
-        )
-        scale_sum = _scale_sum(problem, img_acc)
-        grads = _finish(problem, img_acc, txt_acc, scale_sum, zero, norm)
-        return total / norm, grads
-
+    ring = ring or _alone(problem)
     state = _Sums(problem)
     weight = ring.img_total / ring.txt_total
 
