@@ -108,6 +108,17 @@ def pairs(
     return img, txt / np.linalg.norm(txt, axis=1, keepdims=True)
 
 
+def seeded_pairs(
+    xp: Any, n: int, d: int, dtype: str, make: Any = pairs
+) -> tuple[Any, Any, np.ndarray, np.ndarray]:
+    """``make(rng, n, d)`` (seeded by n and d) on `xp` in `dtype`: ``img, txt`` there, and
+    ``img_np, txt_np`` their values as rounded there, in float64, for the oracle."""
+    img, txt = make(np.random.default_rng(n * 100 + d), n, d)
+    img, img_np = on_backend(xp, img, dtype)
+    txt, txt_np = on_backend(xp, txt, dtype)
+    return img, txt, img_np, txt_np
+
+
 #: Environment variables of a launcher that must not reach the MPI probe's process: under
 #: mpirun they would make it join (or wait for) the job of the process that started it.
 _LAUNCH_PREFIXES = ("OMPI_", "PMIX_", "PMI_", "PRTE_", "MV2_", "HYDRA_", "MPI_LOCAL")

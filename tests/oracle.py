@@ -12,6 +12,8 @@ from typing import NamedTuple
 import numpy as np
 
 EXACT = np.longdouble
+#: Features (n, d) and ids (n,), as NumPy arrays of any float or integer dtype.
+Array = np.ndarray
 
 
 class Reference(NamedTuple):
@@ -90,12 +92,7 @@ def _positives(img_ids: np.ndarray, txt_ids: np.ndarray) -> np.ndarray:
 
 
 def sigmoid_ids_reference(
-    img: np.ndarray,
-    txt: np.ndarray,
-    img_ids: np.ndarray,
-    txt_ids: np.ndarray,
-    scale: float,
-    bias: float,
+    img: Array, txt: Array, img_ids: Array, txt_ids: Array, scale: float, bias: float
 ) -> Reference:
     """Dense SigLIP loss with labels +1 where the ids are equal, divided by the image rows M."""
     img, txt, sims, logits = _logits(img, txt, scale, bias)
@@ -108,12 +105,7 @@ def sigmoid_ids_reference(
 
 
 def softmax_ids_reference(
-    img: np.ndarray,
-    txt: np.ndarray,
-    img_ids: np.ndarray,
-    txt_ids: np.ndarray,
-    scale: float,
-    bias: float,
+    img: Array, txt: Array, img_ids: Array, txt_ids: Array, scale: float, bias: float
 ) -> Reference:
     """Dense CLIP loss against a uniform target over each row's (column's) positives.
 

@@ -18,6 +18,7 @@ from helpers import (
     on_backend,
     pairs,
     relative_error,
+    seeded_pairs,
     to_numpy,
     unit_rows,
 )
@@ -67,10 +68,7 @@ def test_matches_oracle(
     xp: Any, loss_name: str, dtype: str, n: int, d: int, block_size: int | None
 ) -> None:
     # The arithmetic at float32 operands: "exact" (float32 and float64 ignore `precision`).
-    rng = np.random.default_rng(n * 100 + d)
-    img_np, txt_np = pairs(rng, n, d)
-    img, img_np = on_backend(xp, img_np, dtype)
-    txt, txt_np = on_backend(xp, txt_np, dtype)
+    img, txt, img_np, txt_np = seeded_pairs(xp, n, d, dtype)
     scale, bias = 10.0, -10.0
     options = {"block_size": block_size, "precision": "exact"}
     loss, grads = LOSS_AND_GRAD[loss_name](img, txt, scale, bias, **options)

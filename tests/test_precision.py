@@ -22,6 +22,7 @@ from helpers import (
     assert_close,
     on_backend,
     relative_error,
+    seeded_pairs,
     to_numpy,
 )
 from oracle import REFERENCES
@@ -48,10 +49,7 @@ def pairs(rng: np.random.Generator, n: int, d: int) -> tuple[np.ndarray, np.ndar
 def test_fast_is_exact_arithmetic_on_rounded_operands(
     xp: Any, loss_name: str, dtype: str, n: int, d: int, block_size: int
 ) -> None:
-    rng = np.random.default_rng(n * 100 + d)
-    img_np, txt_np = pairs(rng, n, d)
-    img, img_np = on_backend(xp, img_np, dtype)
-    txt, txt_np = on_backend(xp, txt_np, dtype)
+    img, txt, img_np, txt_np = seeded_pairs(xp, n, d, dtype, make=pairs)
     scale, bias = 10.0, -10.0
     loss, grads = LOSS_AND_GRAD[loss_name](
         img, txt, scale, bias, block_size=block_size, precision="fast"
