@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from helpers import mpi_usable
 
-from portable_siglip.bench import distributed
+from portable_siglip.bench import common, distributed
 from portable_siglip.bench.cli import add_arguments, main
 
 
@@ -121,7 +121,7 @@ def test_missing_mpirun_exits_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(distributed, "find_mpirun", lambda: None)
-    monkeypatch.setattr(distributed, "installed", lambda name: True)
+    monkeypatch.setattr(common, "installed", lambda name: True)  # read by refuse()
     assert main(parse(["--distributed", "--batch", "8", "--dim", "4"])) == 2
     err = capsys.readouterr().err
     assert "mpirun" in err
@@ -131,7 +131,7 @@ def test_missing_mpirun_exits_2(
 def test_missing_mpi4py_exits_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(distributed, "installed", lambda name: name != "mpi4py")
+    monkeypatch.setattr(common, "installed", lambda name: name != "mpi4py")
     assert main(parse(["--distributed", "--batch", "8", "--dim", "4"])) == 2
     err = capsys.readouterr().err
     assert "mpi4py" in err

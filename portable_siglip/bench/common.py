@@ -34,6 +34,7 @@ __all__ = [
     "TEXT_NOISE",
     "WARMUP_N",
     "Progress",
+    "add_case_arguments",
     "check_args",
     "comma_list",
     "fmt",
@@ -43,12 +44,16 @@ __all__ = [
     "make_inputs",
     "mib",
     "nonnegative_float_arg",
+    "panel_rows",
     "positive_float_arg",
     "positive_int",
     "positive_int_arg",
     "print_load_after",
     "print_notes",
+    "proc_kib",
+    "refuse",
     "render_table",
+    "run_config",
     "run_json_line",
     "source_env",
     "time_interleaved",
@@ -186,6 +191,88 @@ def check_args(args: argparse.Namespace) -> str | None:
     if not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
         return f"`--memory-cap-gib` must be a positive number; got {cap!r}"
     return None
+
+
+def refuse(
+    problem: str | None, mode: str = "", needs: Sequence[str] = (), hint: str | None = None
+) -> bool:
+    """Print why ``bench`` cannot start, if it cannot; return whether it cannot.
+
+    Parameters
+    ----------
+    problem : str or None
+        What is wrong with the options (``check_args``), or None.
+    mode : str
+        The mode's option (``"--frameworks"``), which names it in a missing module's message.
+    needs : sequence of str
+        Modules the mode needs, in the order they are looked for.
+    hint : str, optional
+        How to install what is missing (default: ``pip install NAME``).
+
+    Returns
+    -------
+    bool
+        True when it printed an error (the caller exits with status 2).
+
+    Examples
+    --------
+    >>> refuse(None, "--frameworks", ("json",))
+    False
+    """
+    if problem is not None:
+        print(f"bench: error: {problem}", file=sys.stderr)
+        return True
+    for name in needs:
+        if not installed(name):
+            how = hint or f"pip install {name}"
+            print(f"bench {mode}: error: needs {name}; {how}", file=sys.stderr)
+            return True
+    return False
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Return what the JSON's ``config`` of every CPU benchmark holds: dtype, tiles, rounds.
+
+    Examples
+    --------
+    >>> args = argparse.Namespace(dtype="float32", block_size=None, repeats=3, seed=0)
+    >>> sorted(run_config(args))
+    ['bias', 'block_size', 'default_block_size', 'dtype', 'repeats', 'scale', 'seed']
+    """
+    from .._checks import DEFAULT_BLOCK_SIZE
+
+    return {
+        "dtype": args.dtype,
+        "block_size": args.block_size,
+        "default_block_size": DEFAULT_BLOCK_SIZE,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "scale": SCALE,
+        "bias": BIAS,
+    }
+
+
+def add_case_arguments(parser: argparse.ArgumentParser, impls: Sequence[str]) -> None:
+    """Add the options of a worker that measures one case of row `impls` in a fresh process.
+
+    ``--loss``, ``--impl``, ``--n``, ``--dim``, ``--dtype``, ``--seed`` and ``--block-size``,
+    spelled as the keyword arguments of the function that measures it.
+
+    Examples
+    --------
+    >>> parser = argparse.ArgumentParser()
+    >>> add_case_arguments(parser, ("ours",))
+    >>> args = parser.parse_args(["--loss", "sigmoid", "--impl", "ours", "--n", "8", "--dim", "4"])
+    >>> args.n, args.dtype, args.seed, args.block_size
+    (8, 'float32', 0, None)
+    """
+    parser.add_argument("--loss", choices=LOSSES, required=True)
+    parser.add_argument("--impl", choices=impls, required=True)
+    parser.add_argument("--n", type=int, required=True)
+    parser.add_argument("--dim", type=int, required=True)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block-size", type=int, default=None)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -366,7 +453,40 @@ def run_json_line(
     return dict(result), None
 
 
+def panel_rows(n: int, itemsize: int, limit: int) -> int:
+    """Rows per panel of an (n, n) matrix of `itemsize` bytes: n while it fits `limit` bytes.
+
+    Above that, a multiple of 1024 rows (at least 1024) whose panel fits.
+
+    Examples
+    --------
+    >>> panel_rows(16384, 4, 2**31), panel_rows(262144, 4, 2**31)
+    (16384, 2048)
+    """
+    if n * n * itemsize <= limit:
+        return n
+    return max(1024, limit // (n * itemsize) // 1024 * 1024)
+
+
 # --------------------------------------------------------------------------- machine notes
+
+
+def proc_kib(path: str, field: str) -> int | None:
+    """Return the value of `field` (in kB) of a ``/proc`` file, in bytes; None where unreadable.
+
+    Examples
+    --------
+    >>> proc_kib("/no/such/file", "VmSize") is None
+    True
+    """
+    try:
+        with open(path) as lines:
+            for line in lines:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
 
 
 def installed(name: str) -> bool:

@@ -53,12 +53,13 @@ from .common import (
     SCALE,
     TEXT_NOISE,
     fmt,
-    installed,
     log_progress,
     machine_info,
     print_load_after,
     print_notes,
+    refuse,
     render_table,
+    run_config,
     source_env,
     write_report,
 )
@@ -572,14 +573,8 @@ def main(args: argparse.Namespace) -> int:
         0 when every job and case ran and the losses agree, 1 otherwise (the table and
         JSON say which), 2 for invalid options or a missing numpy, mpi4py or mpirun.
     """
-    problem = _check_args(args)
-    if problem is not None:
-        print(f"bench: error: {problem}", file=sys.stderr)
+    if refuse(_check_args(args), "--distributed", ("numpy", "mpi4py"), INSTALL_HINT):
         return 2
-    for name in ("numpy", "mpi4py"):
-        if not installed(name):
-            print(f"bench --distributed: error: needs {name}; {INSTALL_HINT}", file=sys.stderr)
-            return 2
     mpirun = find_mpirun()
     if mpirun is None:
         print(
@@ -632,13 +627,7 @@ def main(args: argparse.Namespace) -> int:
             "ranks": [1, *args.ranks],
             "n": args.batch,
             "dim": args.dim,
-            "dtype": args.dtype,
-            "block_size": args.block_size,
-            "default_block_size": DEFAULT_BLOCK_SIZE,
-            "repeats": args.repeats,
-            "seed": args.seed,
-            "scale": SCALE,
-            "bias": BIAS,
+            **run_config(args),
             "thread_env": THREAD_ENV,
         },
         "jobs": jobs,

@@ -75,22 +75,23 @@ from .baselines import (
 )
 from .common import (
     BIAS,
-    DTYPES,
     GIB,
-    LOSSES,
     PROBE_TIMEOUT_BASE_S,
     SCALE,
     WARMUP_N,
+    add_case_arguments,
     check_args,
     fmt,
-    installed,
     log_progress,
     machine_info,
     make_inputs,
     mib,
     print_load_after,
     print_notes,
+    proc_kib,
+    refuse,
     render_table,
+    run_config,
     run_json_line,
     torch_leaves,
     write_report,
@@ -208,14 +209,7 @@ def make_loss(
 
 def _vm_size_bytes() -> int | None:
     """Return this process's virtual memory size (``VmSize``), or None where unavailable."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, IndexError, ValueError):
-        pass
-    return None
+    return proc_kib("/proc/self/status", "VmSize")
 
 
 def _limit_address_space(extra_bytes: int) -> int | None:
@@ -647,15 +641,55 @@ def main(args: argparse.Namespace) -> int:
     """
     if getattr(args, "sizes", None) is None:
         args = argparse.Namespace(**{**vars(args), "sizes": list(DEFAULT_SIZES)})
-    problem = _check(args)
-    if problem is not None:
-        print(f"bench: error: {problem}", file=sys.stderr)
+    if refuse(_check(args), "--frameworks", ("numpy", "torch")):
         return 2
-    for name in ("numpy", "torch"):
-        if not installed(name):
-            print(f"bench --frameworks: error: needs {name}; pip install {name}", file=sys.stderr)
-            return 2
     open_clip = open_clip_info()
+    notes = _open_clip_notes(args, open_clip)
+    machine = machine_info(["torch"])
+    machine["open_clip"] = open_clip
+    print(_header(args, machine, open_clip), flush=True)
+    for note in notes:
+        print(textwrap.fill(f"note: {note}", width=100, subsequent_indent="  "), flush=True)
+
+    errors: list[str] = []
+    started = time.perf_counter()
+    rows = _measure_all(args, open_clip, errors)
+    machine["load_average_after"] = list(os.getloadavg())
+    machine["wall_s"] = time.perf_counter() - started
+
+    print()
+    print(_table(rows))
+    print()
+    growth = _growth(rows)
+    if growth:
+        print("growth of the peak extra memory with n (n^k: the power of n it grew as):")
+        for line in growth:
+            print(f"  {line}")
+    print_notes(NOTES, errors)
+    print_load_after(machine)
+    report = {
+        "machine": machine,
+        "config": {
+            "losses": list(args.losses),
+            "sizes": sorted(args.sizes),
+            "dim": args.dim,
+            **run_config(args),
+            "chunk_size": args.chunk_size,
+            "dense": not args.no_dense,
+            "memory_cap_gib": args.memory_cap_gib,
+            "rlimit_slack_bytes": RLIMIT_SLACK_BYTES,
+        },
+        "rows": rows,
+        "growth": growth,
+        "notes": [*notes, *NOTES],
+        "errors": errors,
+    }
+    write_report(args.json, report)
+    return 1 if errors else 0
+
+
+def _open_clip_notes(args: argparse.Namespace, open_clip: dict[str, Any]) -> list[str]:
+    """Say which open_clip rows are missing, and what stands in for its chunked loss."""
     notes = []
     if not open_clip["installed"]:
         notes.append(
@@ -676,15 +710,14 @@ def main(args: argparse.Namespace) -> int:
             "logits the forward holds at once but keeps every block's intermediates for "
             "backward."
         )
-    machine = machine_info(["torch"])
-    machine["open_clip"] = open_clip
-    print(_header(args, machine, open_clip), flush=True)
-    for note in notes:
-        print(textwrap.fill(f"note: {note}", width=100, subsequent_indent="  "), flush=True)
+    return notes
 
+
+def _measure_all(
+    args: argparse.Namespace, open_clip: dict[str, Any], errors: list[str]
+) -> list[dict[str, Any]]:
+    """Measure every row of every loss and n, smallest n first; failures go to `errors`."""
     rows: list[dict[str, Any]] = []
-    errors: list[str] = []
-    started = time.perf_counter()
     for loss in args.losses:
         impls = impls_for(loss, open_clip, dense=not args.no_dense)
         previous: dict[str, tuple[int, int, float | None]] = {}
@@ -699,44 +732,7 @@ def main(args: argparse.Namespace) -> int:
                 case_rows.append(row)
             _compare_with_ours(case_rows, errors)
             rows.extend(case_rows)
-    machine["load_average_after"] = list(os.getloadavg())
-    machine["wall_s"] = time.perf_counter() - started
-
-    print()
-    print(_table(rows))
-    print()
-    growth = _growth(rows)
-    if growth:
-        print("growth of the peak extra memory with n (n^k: the power of n it grew as):")
-        for line in growth:
-            print(f"  {line}")
-    print_notes(NOTES, errors)
-    print_load_after(machine)
-    report = {
-        "machine": machine,
-        "config": {
-            "losses": list(args.losses),
-            "sizes": sorted(args.sizes),
-            "dim": args.dim,
-            "dtype": args.dtype,
-            "block_size": args.block_size,
-            "default_block_size": DEFAULT_BLOCK_SIZE,
-            "chunk_size": args.chunk_size,
-            "repeats": args.repeats,
-            "seed": args.seed,
-            "scale": SCALE,
-            "bias": BIAS,
-            "dense": not args.no_dense,
-            "memory_cap_gib": args.memory_cap_gib,
-            "rlimit_slack_bytes": RLIMIT_SLACK_BYTES,
-        },
-        "rows": rows,
-        "growth": growth,
-        "notes": [*notes, *NOTES],
-        "errors": errors,
-    }
-    write_report(args.json, report)
-    return 1 if errors else 0
+    return rows
 
 
 # --------------------------------------------------------------------------- worker
@@ -759,29 +755,11 @@ def worker_main(argv: list[str] | None = None) -> int:
         prog="python -m portable_siglip.bench.frameworks",
         description="One case of `bench --frameworks` (one JSON line on stdout).",
     )
-    parser.add_argument("--loss", choices=LOSSES, required=True)
-    parser.add_argument("--impl", choices=IMPLS, required=True)
-    parser.add_argument("--n", type=int, required=True)
-    parser.add_argument("--dim", type=int, required=True)
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--block-size", type=int, default=None)
+    add_case_arguments(parser, IMPLS)
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cap-bytes", type=int, default=None)
-    args = parser.parse_args(argv)
-    result = run_case(
-        loss=args.loss,
-        impl=args.impl,
-        n=args.n,
-        dim=args.dim,
-        dtype=args.dtype,
-        seed=args.seed,
-        block_size=args.block_size,
-        chunk_size=args.chunk_size,
-        repeats=args.repeats,
-        cap_bytes=args.cap_bytes,
-    )
+    result = run_case(**vars(parser.parse_args(argv)))  # the options are its keywords
     print(json.dumps(result), flush=True)
     return 0
 

@@ -92,8 +92,11 @@ from .common import (
     fmt,
     installed,
     machine_info,
+    panel_rows,
     print_load_after,
     print_notes,
+    proc_kib,
+    refuse,
     render_table,
     torch_leaves,
     write_json_atomic,
@@ -455,7 +458,7 @@ class _Device:
             free, _ = cuda.mem_get_info(self.device)
             cached = cuda.memory_reserved(self.device) - cuda.memory_allocated(self.device)
             return int(free) + max(0, int(cached))
-        return _available_host_bytes()
+        return proc_kib("/proc/meminfo", "MemAvailable")
 
     def measure(self, impl: str, run: Callable[[], Any]) -> tuple[int | None, str | None]:
         """Run once; return its peak extra bytes and where that reading comes from."""
@@ -468,17 +471,6 @@ class _Device:
         result = run()
         del result
         return device_peak_bytes(start)
-
-
-def _available_host_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _rss_peak(run: Callable[[], Any]) -> tuple[int | None, str | None]:
@@ -593,10 +585,7 @@ def floor_panel(n: int, itemsize: int, limit: int | None = None) -> int:
     >>> floor_panel(262144, 4)
     2048
     """
-    limit = FLOOR_PANEL_BYTES if limit is None else limit
-    if n * n * itemsize <= limit:
-        return n
-    return max(1024, limit // (n * itemsize) // 1024 * 1024)
+    return panel_rows(n, itemsize, FLOOR_PANEL_BYTES if limit is None else limit)
 
 
 def _ours(
@@ -1581,9 +1570,7 @@ def main(args: argparse.Namespace, *, memory_budget_bytes: int | None = None) ->
         (a failed baseline is reported, not counted), 2 for invalid options.
     """
     config = config_from_args(args)
-    problem = config.problem()
-    if problem is not None:
-        print(f"bench: error: {problem}", file=sys.stderr)
+    if refuse(config.problem()):
         return 2
     if not installed("numpy"):
         print("bench: error: the machine notes need numpy; install numpy", file=sys.stderr)

@@ -34,7 +34,7 @@ import tracemalloc
 from typing import Any
 
 from .._memory import high_water_bytes, reset_high_water, rss_bytes, ru_maxrss_bytes
-from .common import BACKENDS, DTYPES, LOSSES, WARMUP_N, make_inputs
+from .common import BACKENDS, WARMUP_N, add_case_arguments, make_inputs
 from .sweep import IMPLS, compile_seconds, make_run
 
 __all__ = ["main", "measure"]
@@ -164,26 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Peak extra memory of one benchmark case (one JSON line on stdout).",
     )
     parser.add_argument("--backend", choices=BACKENDS, required=True)
-    parser.add_argument("--loss", choices=LOSSES, required=True)
-    parser.add_argument("--impl", choices=IMPLS, required=True)
-    parser.add_argument("--n", type=int, required=True)
-    parser.add_argument("--dim", type=int, required=True)
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--block-size", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    add_case_arguments(parser, IMPLS)
     parser.add_argument("--positives-per-row", type=int, default=2)
-    args = parser.parse_args(argv)
-    result = measure(
-        backend=args.backend,
-        loss=args.loss,
-        impl=args.impl,
-        n=args.n,
-        dim=args.dim,
-        dtype=args.dtype,
-        block_size=args.block_size,
-        seed=args.seed,
-        positives_per_row=args.positives_per_row,
-    )
+    result = measure(**vars(parser.parse_args(argv)))  # the options are its keywords
     print(json.dumps(result), flush=True)
     return 0
 

@@ -35,6 +35,7 @@ from .common import (
     machine_info,
     make_inputs,
     print_notes,
+    refuse,
     render_table,
     time_interleaved,
 )
@@ -107,9 +108,7 @@ def main(args: argparse.Namespace) -> int:
     """
     from .._checks import DEFAULT_BLOCK_SIZE
 
-    problem = check_args(args)
-    if problem is not None:
-        print(f"bench: error: {problem}", file=sys.stderr)
+    if refuse(check_args(args)):
         return 2
     backends = [b for b in args.backends if b in ("numpy", "torch") and installed(b)]
     block = args.block_size or DEFAULT_BLOCK_SIZE

@@ -75,9 +75,12 @@ from .common import (
     machine_info,
     make_inputs,
     mib,
+    panel_rows,
     print_load_after,
     print_notes,
+    refuse,
     render_table,
+    run_config,
     run_json_line,
     time_interleaved,
     timed,
@@ -253,9 +256,7 @@ def roofline_panel(n: int, itemsize: int) -> int:
     >>> roofline_panel(65536, 4)
     8192
     """
-    if n * n * itemsize <= ROOFLINE_PANEL_BYTES:
-        return n
-    return max(1024, ROOFLINE_PANEL_BYTES // (n * itemsize) // 1024 * 1024)
+    return panel_rows(n, itemsize, ROOFLINE_PANEL_BYTES)
 
 
 def _roofline(img: Any, txt: Any) -> Callable[[], None]:
@@ -665,7 +666,10 @@ def _run_case(sweep: _Sweep, case: Case, impls: list[str], inputs: tuple[Any, An
     rows = {impl: _new_row(sweep.args, case, impl) for impl in impls}
     short, long = _split_by_length(sweep, case, impls, rows)
     _time_short(sweep, case, short, rows, inputs)
-    _time_long(sweep, case, long, rows, inputs)
+    for impl in long:
+        # The roofline is not probed: run it here, once. The others run in their probe.
+        if impl == "roofline" or sweep.args.no_memory:
+            _time_once(sweep, case, rows[impl], inputs)
     _probe_memory(sweep, case, impls, long, rows)
     roofline_s = rows["roofline"]["median_s"] if "roofline" in rows else None
     for impl in impls:
@@ -726,26 +730,16 @@ def _time_short(
         rows[impl]["compile_s"] = compile_seconds(run)
 
 
-def _time_long(
-    sweep: _Sweep,
-    case: Case,
-    long: list[str],
-    rows: dict[str, dict[str, Any]],
-    inputs: tuple[Any, Any],
-) -> None:
-    """Time once here the long rows no memory probe will time: the roofline, or all of them."""
-    for impl in long:
-        # The roofline is not probed: run it here, once. The others run in their probe.
-        if impl != "roofline" and not sweep.args.no_memory:
-            continue
-        try:
-            run = make_run(case.backend, case.loss, impl, *inputs, sweep.args.block_size)
-            elapsed = timed(run)
-        except Exception as error:
-            sweep.fail(case, rows[impl], f"{type(error).__name__}: {error}")
-        else:
-            sweep.record(case, rows[impl], [elapsed], "once")
-            rows[impl]["compile_s"] = compile_seconds(run)
+def _time_once(sweep: _Sweep, case: Case, row: dict[str, Any], inputs: tuple[Any, Any]) -> None:
+    """Time one long row once, here."""
+    try:
+        run = make_run(case.backend, case.loss, row["impl"], *inputs, sweep.args.block_size)
+        elapsed = timed(run)
+    except Exception as error:
+        sweep.fail(case, row, f"{type(error).__name__}: {error}")
+    else:
+        sweep.record(case, row, [elapsed], "once")
+        row["compile_s"] = compile_seconds(run)
 
 
 def _probe_memory(
@@ -834,9 +828,7 @@ def main(args: argparse.Namespace) -> int:
         0 when every case ran (or was skipped for its predicted memory), 1 when some case
         failed (the table and JSON say which), 2 for invalid options.
     """
-    problem = check_args(args)
-    if problem is not None:
-        print(f"bench: error: {problem}", file=sys.stderr)
+    if refuse(check_args(args)):
         return 2
     if not installed("numpy"):
         print("bench: error: the benchmark draws its inputs with numpy; install numpy")
@@ -889,13 +881,7 @@ def main(args: argparse.Namespace) -> int:
             "losses": list(args.losses),
             "sizes": list(args.sizes),
             "dims": list(args.dims),
-            "dtype": args.dtype,
-            "block_size": args.block_size,
-            "default_block_size": DEFAULT_BLOCK_SIZE,
-            "repeats": args.repeats,
-            "seed": args.seed,
-            "scale": SCALE,
-            "bias": BIAS,
+            **run_config(args),
             "dense": not args.no_dense,
             "reference": bool(getattr(args, "reference", False)),
             "positives_per_row": _positives(args),
