@@ -58,7 +58,6 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -66,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import portable_siglip as _core
+from portable_siglip import _losses, _registry
 from portable_siglip.comm import BaseComm, Communicator
 
 __all__ = ["AxisComm", "sigmoid_loss", "softmax_loss"]
@@ -247,10 +247,7 @@ def _bridge(
 ) -> jax.Array:
     """Evaluate one loss through a ``custom_vjp`` built for this call's static arguments."""
     # Looked up at call time, so the core functions are the ones of the package now.
-    loss_only: Callable[..., Array] = getattr(_core, f"{loss}_loss")
-    loss_and_grad: Callable[..., tuple[Array, _core.Gradients]] = getattr(
-        _core, f"{loss}_loss_and_grad"
-    )
+    loss_only, loss_and_grad = _losses.loss_functions(_registry.get(loss), _core)
     options: dict[str, Any] = {
         "block_size": block_size,
         "comm": comm,

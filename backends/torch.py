@@ -63,27 +63,25 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Literal, TypeAlias
+from typing import Any, TypeAlias
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 import portable_siglip as ps
-from portable_siglip import _checks
-from portable_siglip._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
+from portable_siglip import _checks, _losses, _registry
 from portable_siglip.comm import BaseComm, Communicator, Request, check_communicator
 
 __all__ = ["ClipLoss", "SigLipLoss", "TorchDistComm", "sigmoid_loss", "softmax_loss"]
 
 Scalar: TypeAlias = "float | torch.Tensor"
-LossName: TypeAlias = Literal["sigmoid", "softmax"]
+#: The name of a registered loss (portable_siglip._registry).
+LossName: TypeAlias = str
 
 
 def _loss_functions(loss: LossName) -> tuple[Any, Any]:
-    if loss == "sigmoid":
-        return ps.sigmoid_loss, ps.sigmoid_loss_and_grad
-    return ps.softmax_loss, ps.softmax_loss_and_grad
+    return _losses.loss_functions(_registry.get(loss), ps)
 
 
 def _detached(value: Any) -> Any:
@@ -582,14 +580,14 @@ def _check_dist_impl(dist_impl: object) -> None:
     """open_clip's name for the schedule: None (the default, "bidir") or a sigmoid strategy."""
     if dist_impl is None:
         return
+    allowed = _registry.get("sigmoid").schedules
     if not isinstance(dist_impl, str):
         msg = (
-            f"SigLipLoss: `dist_impl` must be None or one of {SIGMOID_STRATEGIES}, got "
+            f"SigLipLoss: `dist_impl` must be None or one of {allowed}, got "
             f"{type(dist_impl).__name__} {dist_impl!r}"
         )
         raise TypeError(msg)
-    if dist_impl not in SIGMOID_STRATEGIES:
-        allowed = SIGMOID_STRATEGIES
+    if dist_impl not in allowed:
         msg = f"SigLipLoss: `dist_impl` must be None or one of {allowed}, got {dist_impl!r}"
         raise ValueError(msg)
 
@@ -616,6 +614,11 @@ class _ContrastiveLoss(nn.Module):
     """What the two modules share: their options, ``forward`` and ``repr``."""
 
     _loss: LossName
+
+    @classmethod
+    def _spec(cls) -> _registry.Loss:
+        """Return the registered description of this module's loss."""
+        return _registry.get(cls._loss)
 
     def __init__(
         self,
@@ -758,8 +761,8 @@ class SigLipLoss(_ContrastiveLoss):
             comm,
             rank,
             world_size,
-            strategy if strategy is not None else (dist_impl or "bidir"),
-            SIGMOID_STRATEGIES,
+            strategy if strategy is not None else (dist_impl or self._spec().default_schedule),
+            self._spec().schedules,
             block_size,
             ddp,
             precision,
@@ -827,7 +830,7 @@ class ClipLoss(_ContrastiveLoss):
             rank,
             world_size,
             strategy,
-            SOFTMAX_STRATEGIES,
+            self._spec().schedules,
             block_size,
             ddp,
             precision,

@@ -8,6 +8,7 @@ module, which every other layer reads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from . import _reference
@@ -32,6 +33,7 @@ __all__ = [
     "SOFTMAX",
     "Gradients",
     "evaluate",
+    "loss_functions",
     "sigmoid_loss",
     "sigmoid_loss_and_grad",
     "softmax_loss",
@@ -698,6 +700,34 @@ def evaluate(
     )
     with full_precision(problem.xp, problem.img):
         return loss.evaluate(loss, problem, ring, grad=grad)  # type: ignore[no-any-return]
+
+
+def loss_functions(loss: Loss, namespace: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """Return the loss alone and with its gradients, as the public functions' signatures.
+
+    The functions ``loss.functions`` names, looked up in ``namespace`` (the bridges pass the
+    package, so that they call what the package holds now); for a loss without public
+    functions, :func:`evaluate` bound to it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import portable_siglip as ps
+    >>> alone, with_grad = loss_functions(SIGMOID, ps)
+    >>> alone is ps.sigmoid_loss
+    True
+    """
+    if loss.functions:
+        alone, with_grad = (getattr(namespace, name) for name in loss.functions)
+        return alone, with_grad
+
+    def value(*args: Any, **options: Any) -> Array:
+        return evaluate(loss, *args, grad=False, **options)[0]
+
+    def value_and_grad(*args: Any, **options: Any) -> tuple[Array, Gradients | None]:
+        return evaluate(loss, *args, grad=True, **options)
+
+    return value, value_and_grad
 
 
 #: The SigLIP sigmoid loss (docs/math.md, section 1).
