@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import portable_siglip as ps
-from portable_siglip._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
+from portable_siglip import _registry
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 
@@ -27,9 +27,7 @@ LOSS = {"sigmoid": ps.sigmoid_loss, "softmax": ps.softmax_loss}
 LOSS_AND_GRAD = {"sigmoid": ps.sigmoid_loss_and_grad, "softmax": ps.softmax_loss_and_grad}
 
 #: Every distributed schedule of both losses, as (loss, strategy), and their test ids.
-SCHEDULES = [("sigmoid", s) for s in SIGMOID_STRATEGIES] + [
-    ("softmax", s) for s in SOFTMAX_STRATEGIES
-]
+SCHEDULES = [(loss.name, s) for loss in _registry.losses() for s in loss.schedules]
 SCHEDULE_IDS = [f"{loss}-{strategy}" for loss, strategy in SCHEDULES]
 
 #: Normwise relative tolerance against the long-double oracle, per input dtype. Half

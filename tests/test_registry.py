@@ -14,6 +14,9 @@ from portable_siglip.comm import ThreadGroup
 
 def test_the_library_registers_its_two_losses() -> None:
     assert _registry.names() == ("sigmoid", "softmax")
+    # The schedules every distributed test iterates over (docs/distributed.md).
+    assert _registry.get("sigmoid").schedules == ("bidir", "shift", "reduce", "gather")
+    assert _registry.get("softmax").schedules == ("ring", "gather")
     for loss in _registry.losses():
         for name in loss.functions:  # the public functions it names exist and are exported
             assert callable(getattr(ps, name)), name

@@ -20,14 +20,12 @@ import numpy as np
 import pytest
 from helpers import beside_python, launcher_environment, skip_without_mpi
 
-from portable_siglip._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
+from portable_siglip import _registry
 from portable_siglip._interop import UsageError
 from portable_siglip.cli import _doctor, _launch
 from portable_siglip.cli._devices import Device
 
-SCHEDULES = [("sigmoid", s) for s in SIGMOID_STRATEGIES] + [
-    ("softmax", s) for s in SOFTMAX_STRATEGIES
-]
+SCHEDULES = [(loss.name, s) for loss in _registry.losses() for s in loss.schedules]
 IDS = [f"{loss}-{strategy}" for loss, strategy in SCHEDULES]
 SMALL = ("--batch", "203", "--dim", "16", "--block-size", "17", "--dtype", "float64")
 

@@ -15,16 +15,14 @@ import pytest
 from helpers import assert_close, dtype_of, on_backend, pairs, skip_without_mpi, to_numpy
 
 import portable_siglip as ps
-from portable_siglip._checks import SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
+from portable_siglip import _registry
 
 skip_without_mpi()  # mpi4py without an MPI library raises RuntimeError, not ImportError
 from mpi4py import MPI  # noqa: E402 - needs MPI
 from portable_siglip.backends.mpi import MPIComm  # noqa: E402 - needs mpi4py
 
 LOSS_AND_GRAD = {"sigmoid": ps.sigmoid_loss_and_grad, "softmax": ps.softmax_loss_and_grad}
-SCHEDULES = [("sigmoid", s) for s in SIGMOID_STRATEGIES] + [
-    ("softmax", s) for s in SOFTMAX_STRATEGIES
-]
+SCHEDULES = [(loss.name, s) for loss in _registry.losses() for s in loss.schedules]
 SCALE, BIAS = 9.0, -4.0
 
 
