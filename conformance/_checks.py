@@ -41,10 +41,9 @@ from ._report import (
     CheckResult,
     Outcome,
     Report,
-    case_error,
     check_bound,
+    compare,
     tolerance_for,
-    verdict,
 )
 
 __all__ = [
@@ -459,30 +458,17 @@ def _compare(
     With `naive` (the naive reference's error per quantity, in a half-precision run of
     `dtype`), each quantity is bounded by FlashAttention's rule instead (:func:`check_bound`).
     """
-    import numpy as np
-
     results = []
     for quantity, want in expected.items():
         bound, reference = check_bound(tolerance, naive, quantity, dtype)
         if outcome.error is not None:
+            error = outcome.error
             results.append(
-                CheckResult(
-                    check, case.name, quantity, math.inf, bound, False, outcome.error, reference
-                )
+                CheckResult(check, case.name, quantity, math.inf, bound, False, error, reference)
             )
-            continue
-        if quantity not in outcome.values:
-            continue
-        got = outcome.values[quantity]
-        got_shape = np.shape(got)
-        if got_shape != np.shape(want):
-            message = f"shape {got_shape}, expected {np.shape(want)}"
-            results.append(
-                CheckResult(check, case.name, quantity, math.inf, bound, False, message, reference)
-            )
-            continue
-        error = case_error(got, want, case, quantity)
-        results.append(verdict(check, case.name, quantity, error, bound, reference))
+        elif quantity in outcome.values:
+            got = outcome.values[quantity]
+            results.append(compare(check, case.name, case, quantity, got, want, bound, reference))
     return results
 
 

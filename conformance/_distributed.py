@@ -60,8 +60,8 @@ from ._report import (
     Report,
     case_error,
     check_bound,
+    compare,
     tolerance_for,
-    verdict,
 )
 
 __all__ = [
@@ -104,36 +104,9 @@ def import_attribute(spec: str) -> Any:
         msg = f"`--impl` must be MODULE:ATTR or path/to/file.py:ATTR, got {spec!r}"
         raise UsageError(msg)
     if module_name.endswith(".py") or "/" in module_name:
-        path = Path(module_name)
-        if not path.is_file():
-            msg = f"`--impl`: no such file {str(path)!r}"
-            raise UsageError(msg)
-        unique = f"_conformance_impl_{abs(hash(str(path.resolve())))}"
-        loader_spec = importlib.util.spec_from_file_location(unique, path)
-        if loader_spec is None or loader_spec.loader is None:
-            msg = f"`--impl`: cannot load {str(path)!r} as a Python module"
-            raise UsageError(msg)
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[unique] = module
-        sys.path.insert(0, str(path.resolve().parent))  # let it import its siblings
-        try:
-            loader_spec.loader.exec_module(module)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as error:  # sys.exit at import is an error too
-            msg = f"`--impl`: loading {str(path)!r} raised {describe_exception(error)}"
-            raise UsageError(msg) from error
+        module = _load_file(Path(module_name))
     else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as error:
-            msg = f"`--impl`: cannot import module {module_name!r}: {error}"
-            raise UsageError(msg) from None
-        except KeyboardInterrupt:
-            raise
-        except BaseException as error:  # sys.exit at import is an error too
-            msg = f"`--impl`: importing {module_name!r} raised {describe_exception(error)}"
-            raise UsageError(msg) from error
+        module = _import_module(module_name)
     target: Any = module
     for part in attribute.split("."):
         if not hasattr(target, part):
@@ -141,6 +114,43 @@ def import_attribute(spec: str) -> Any:
             raise UsageError(msg)
         target = getattr(target, part)
     return target
+
+
+def _load_file(path: Path) -> Any:
+    """Load the Python file `path` as a module; a UsageError says why it cannot be."""
+    if not path.is_file():
+        msg = f"`--impl`: no such file {str(path)!r}"
+        raise UsageError(msg)
+    unique = f"_conformance_impl_{abs(hash(str(path.resolve())))}"
+    loader_spec = importlib.util.spec_from_file_location(unique, path)
+    if loader_spec is None or loader_spec.loader is None:
+        msg = f"`--impl`: cannot load {str(path)!r} as a Python module"
+        raise UsageError(msg)
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[unique] = module
+    sys.path.insert(0, str(path.resolve().parent))  # let it import its siblings
+    try:
+        loader_spec.loader.exec_module(module)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # sys.exit at import is an error too
+        msg = f"`--impl`: loading {str(path)!r} raised {describe_exception(error)}"
+        raise UsageError(msg) from error
+    return module
+
+
+def _import_module(name: str) -> Any:
+    """Import the module `name`; a UsageError says why it cannot be."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        msg = f"`--impl`: cannot import module {name!r}: {error}"
+        raise UsageError(msg) from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # sys.exit at import is an error too
+        msg = f"`--impl`: importing {name!r} raised {describe_exception(error)}"
+        raise UsageError(msg) from error
 
 
 # --------------------------------------------------------------------------- the cases
@@ -497,17 +507,11 @@ def _compare(
     """
     results = []
     for quantity, want in expected.items():
-        if quantity not in values:
-            continue  # not returned: the report says gradients were not checked
-        bound, reference = check_bound(tolerance, naive, quantity, dtype)
-        got = values[quantity]
-        if isinstance(got, list):  # one value per rank: the worst rank counts
-            errors = [case_error(v, want, case, quantity) for v in got]
-            rank = max(range(len(errors)), key=lambda r: errors[r])
-            error, where = errors[rank], f"rank {rank}: "
-        else:
-            error, where = case_error(got, want, case, quantity), ""
-        results.append(verdict("distributed", label, quantity, error, bound, reference, where))
+        if quantity in values:  # else not returned: the report says gradients were not checked
+            bound, reference = check_bound(tolerance, naive, quantity, dtype)
+            got = values[quantity]  # a list of one value per rank: the worst rank counts
+            result = compare("distributed", label, case, quantity, got, want, bound, reference)
+            results.append(result)
     return results
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "Report",
     "case_error",
     "check_bound",
+    "compare",
     "natural_scale",
     "off_by",
     "relative_error",
@@ -543,6 +544,33 @@ def verdict(
     elif error > bound:
         message = where + off_by(error, bound, naive)
     return CheckResult(check, label, quantity, error, bound, error <= bound, message, naive)
+
+
+def compare(
+    check: str,
+    label: str,
+    case: Case,
+    quantity: str,
+    got: Any,
+    want: Any,
+    bound: float,
+    naive: float | None = None,
+) -> CheckResult:
+    """Return the result of `got` against `want`, the `quantity` of `case`, within `bound`.
+
+    `got` is one value, or a list of one value per rank of which the worst counts (its
+    message names the rank). A value of another shape than `want` fails with both shapes.
+    """
+    import numpy as np
+
+    if isinstance(got, list):
+        errors = [case_error(value, want, case, quantity) for value in got]
+        rank = max(range(len(errors)), key=lambda r: errors[r])
+        return verdict(check, label, quantity, errors[rank], bound, naive, f"rank {rank}: ")
+    if np.shape(got) != np.shape(want):
+        message = f"shape {np.shape(got)}, expected {np.shape(want)}"
+        return CheckResult(check, label, quantity, math.inf, bound, False, message, naive)
+    return verdict(check, label, quantity, case_error(got, want, case, quantity), bound, naive)
 
 
 def relative_error(actual: Any, expected: Any, floor: float = FLOOR) -> float:

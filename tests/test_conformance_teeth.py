@@ -77,12 +77,17 @@ def _explain(report: Any) -> str:
     return "\n".join(lines)
 
 
+def _judged(impl: wrong_impls.Wrong | right_impls.Right) -> tuple[Any, str]:
+    """Check an entry of WRONG or RIGHT as it asks to be; return the report and explanation."""
+    _require(impl.backend)
+    report = check(impl.func, loss=impl.loss, backend=impl.backend, dtype=impl.dtype)
+    return report, _explain(report)
+
+
 @pytest.mark.parametrize("name", _params(wrong_impls.WRONG))
 def test_wrong_implementation_fails_with_its_diagnosis(name: str) -> None:
     wrong = wrong_impls.WRONG[name]
-    _require(wrong.backend)
-    report = check(wrong.func, loss=wrong.loss, backend=wrong.backend, dtype=wrong.dtype)
-    explanation = _explain(report)
+    report, explanation = _judged(wrong)
     assert not report.passed, explanation
     assert report.failed, explanation
     assert wrong.code in report.codes, explanation
@@ -95,10 +100,7 @@ def test_wrong_implementation_fails_with_its_diagnosis(name: str) -> None:
 
 @pytest.mark.parametrize("name", _params(right_impls.RIGHT))
 def test_right_implementation_passes(name: str) -> None:
-    right = right_impls.RIGHT[name]
-    _require(right.backend)
-    report = check(right.func, loss=right.loss, backend=right.backend, dtype=right.dtype)
-    explanation = _explain(report)
+    report, explanation = _judged(right_impls.RIGHT[name])
     assert report.passed, explanation
     assert not report.failed, explanation
     assert not report.codes, explanation
@@ -107,9 +109,7 @@ def test_right_implementation_passes(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(right_impls.LOSS_ONLY))
 def test_loss_only_numpy_implementation_passes_without_gradients(name: str) -> None:
-    right = right_impls.LOSS_ONLY[name]
-    report = check(right.func, loss=right.loss, backend=right.backend, dtype=right.dtype)
-    explanation = _explain(report)
+    report, explanation = _judged(right_impls.LOSS_ONLY[name])
     assert report.passed, explanation
     assert not report.gradients_checked, explanation
 
@@ -210,10 +210,9 @@ def test_no_gradient_factor_of_one() -> None:
     """Precision errors (gradients right up to rounding) never read as a normalisation."""
     for name in ("softplus_threshold_sigmoid", "tf32_matmul_sigmoid"):
         wrong = wrong_impls.WRONG[name]
-        _require(wrong.backend)
-        report = check(wrong.func, loss=wrong.loss, backend=wrong.backend, dtype=wrong.dtype)
-        assert "gradient-factor" not in report.codes, _explain(report)
-        assert wrong.code in report.codes, _explain(report)
+        report, explanation = _judged(wrong)
+        assert "gradient-factor" not in report.codes, explanation
+        assert wrong.code in report.codes, explanation
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -262,10 +261,7 @@ def test_a_float64_run_that_overflows_at_float32s_limit_names_both_mistakes() ->
     The loss is non-finite where logits exceed 88.7, not 709.8: the overflow is float32's,
     and the cases below that limit show float32 rounding.
     """
-    pytest.importorskip("torch")
-    wrong = wrong_impls.WRONG["float32_naive_logsumexp_softmax"]
-    report = check(wrong.func, loss=wrong.loss, backend=wrong.backend, dtype=wrong.dtype)
-    explanation = _explain(report)
+    report, explanation = _judged(wrong_impls.WRONG["float32_naive_logsumexp_softmax"])
     assert report.codes == {"non-finite-stress", "float32-compute"}, explanation
     assert "exp overflows float32" in report.diagnosis[0], explanation
 

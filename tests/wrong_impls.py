@@ -343,6 +343,17 @@ def _as_input(value: Any, like: np.ndarray) -> np.ndarray:
     return np.asarray(value, dtype=like.dtype)
 
 
+def _grads(dlogits: np.ndarray, sims: np.ndarray, img: Any, txt: Any, t: float) -> Grads:
+    """The chain rule from dL/dZ through ``Z = t img @ txt.T + b``, in the inputs' dtype."""
+    img64, txt64 = np.asarray(img, np.float64), np.asarray(txt, np.float64)
+    return Grads(
+        img=_as_input(t * dlogits @ txt64, img),  # (n, n) @ (n, d) -> (n, d)
+        txt=_as_input(t * dlogits.T @ img64, img),  # (n, n) @ (n, d) -> (n, d)
+        scale=_as_input((dlogits * sims).sum(), img),
+        bias=_as_input(dlogits.sum(), img),
+    )
+
+
 def transposed_gradient_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
     """Sigmoid (loss, grads) whose feature gradients use G^T where G belongs, and vice versa.
 
@@ -369,16 +380,7 @@ def gradient_sign_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
     forgetting the minus sign of the loss: every gradient points uphill. NumPy.
     """
     loss, dlogits, sims = _sigmoid_loss_and_dlogits(img, txt, scale, bias)
-    dlogits = -dlogits
-    t = float(scale)
-    img64, txt64 = np.asarray(img, np.float64), np.asarray(txt, np.float64)
-    grads = Grads(
-        img=_as_input(t * dlogits @ txt64, img),  # (n, n) @ (n, d) -> (n, d)
-        txt=_as_input(t * dlogits.T @ img64, img),  # (n, n) @ (n, d) -> (n, d)
-        scale=_as_input((dlogits * sims).sum(), img),
-        bias=_as_input(dlogits.sum(), img),
-    )
-    return _as_input(loss, img), grads
+    return _as_input(loss, img), _grads(-dlogits, sims, img, txt, float(scale))
 
 
 def gradient_factor_softmax(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
@@ -402,13 +404,7 @@ def gradient_factor_softmax(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
     probs_rows = np.exp(logits - row_lse)
     probs_cols = np.exp(logits - col_lse)
     dlogits = (probs_rows + probs_cols - 2 * np.eye(n)) / n  # should be / (2 n)
-    grads = Grads(
-        img=_as_input(t * dlogits @ txt64, img),  # (n, n) @ (n, d) -> (n, d)
-        txt=_as_input(t * dlogits.T @ img64, img),  # (n, n) @ (n, d) -> (n, d)
-        scale=_as_input((dlogits * sims).sum(), img),
-        bias=_as_input(dlogits.sum(), img),
-    )
-    return _as_input(loss, img), grads
+    return _as_input(loss, img), _grads(dlogits, sims, img, txt, t)
 
 
 # ---------------------------------------------------------------------------------------

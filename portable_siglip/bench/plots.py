@@ -85,7 +85,6 @@ def write_plots(report: dict[str, Any], directory: str | os.PathLike[str]) -> li
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
     except ImportError as error:
         raise ModuleNotFoundError(
             "plotting the benchmark needs matplotlib: pip install matplotlib "
@@ -109,10 +108,6 @@ def write_plots(report: dict[str, Any], directory: str | os.PathLike[str]) -> li
         )
     dims = sorted({int(row["d"]) for row in rows}, reverse=True)
     losses = sorted({str(row["loss"]) for row in rows})
-    sizes = sorted({int(row["n"]) for row in rows})
-    colours = dict(BACKEND_COLOURS)
-    for backend in sorted({str(row["backend"]) for row in rows} - set(colours)):
-        colours[backend] = f"C{len(colours)}"
     title = (
         f"portable-siglip benchmark, {dtype}\n"
         f"{machine.get('cpu', 'unknown CPU')}, {machine.get('cpu_count', '?')} CPUs"
@@ -130,60 +125,86 @@ def write_plots(report: dict[str, Any], directory: str | os.PathLike[str]) -> li
             fig.text(0.5, 0.5, f"no row has a measured {field}", ha="center", va="center")
         else:
             axes = fig.subplots(len(dims), len(losses), squeeze=False, sharex=True)
-            handles: dict[tuple[int, int, str], Any] = {}  # (backend, impl, label): line
-            impls = list(IMPL_STYLES)
+            panels = _Panels(rows, kept, field, dtype)
             for (i, d), (j, loss) in ((a, b) for a in enumerate(dims) for b in enumerate(losses)):
                 ax = axes[i][j]
                 ax.set_title(f"{loss}, d = {d}")
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
-                ax.xaxis.set_major_locator(FixedLocator(sizes))
-                ax.xaxis.set_major_formatter(FuncFormatter(_size_label))
-                ax.xaxis.set_minor_locator(NullLocator())
-                ax.grid(True, which="major", alpha=0.4)
-                ax.grid(True, which="minor", axis="y", alpha=0.15)
+                _log_axes(ax, panels.sizes)
                 if i == len(dims) - 1:
                     ax.set_xlabel("batch size n")
                 if j == 0:
                     ax.set_ylabel(ylabel)
-                here = [r for r in kept if r["d"] == d and r["loss"] == loss]
-                for backend, impl in sorted({(str(r["backend"]), str(r["impl"])) for r in here}):
-                    points = {
-                        int(r["n"]): _value(r, field)
-                        for r in here
-                        if r["backend"] == backend and r["impl"] == impl
-                    }
-                    style, marker = IMPL_STYLES.get(impl, ("-", "x"))
-                    label = f"{backend}, {impl}"
-                    key = (list(colours).index(backend), [*impls, impl].index(impl), label)
-                    (handles[key],) = ax.plot(
-                        sorted(points),
-                        [points[n] for n in sorted(points)],
-                        linestyle=style,
-                        marker=marker,
-                        markersize=4,
-                        color=colours[backend],
-                        label=label,
-                    )
-                if field == "peak_extra_mib":  # the dense cost, for reference
-                    ns = sorted({int(r["n"]) for r in here}) or sizes
-                    label = f"one n x n {dtype} matrix"
-                    (handles[len(colours), 0, label],) = ax.plot(
-                        ns,
-                        [n * n * ITEMSIZE.get(dtype, 4) / 2**20 for n in ns],
-                        color="grey",
-                        linewidth=0.8,
-                        zorder=1,
-                        label=label,
-                    )
-                if not here:
-                    ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center")
-            keys = sorted(handles)
-            fig.legend([handles[k] for k in keys], [k[2] for k in keys], loc="outside right upper")
+                panels.draw(ax, d, loss)
+            keys = sorted(panels.handles)
+            fig.legend(
+                [panels.handles[k] for k in keys], [k[2] for k in keys], loc="outside right upper"
+            )
         path = out / name
         fig.savefig(path, dpi=120)
         paths.append(path)
     return paths
+
+
+def _log_axes(ax: Any, sizes: Sequence[int]) -> None:
+    """Log axes, base 2 in n with a tick at each size, and their grid."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(sizes))
+    ax.xaxis.set_major_formatter(FuncFormatter(_size_label))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.grid(True, which="major", alpha=0.4)
+    ax.grid(True, which="minor", axis="y", alpha=0.15)
+
+
+class _Panels:
+    """Draws the panels (d, loss) of one figure: a line per backend and impl, one legend."""
+
+    def __init__(
+        self, rows: Sequence[dict[str, Any]], kept: Sequence[dict[str, Any]], field: str, dtype: str
+    ) -> None:
+        self.kept, self.field, self.dtype = kept, field, dtype
+        self.sizes = sorted({int(row["n"]) for row in rows})
+        self.colours = dict(BACKEND_COLOURS)
+        for backend in sorted({str(row["backend"]) for row in rows} - set(self.colours)):
+            self.colours[backend] = f"C{len(self.colours)}"
+        self.handles: dict[tuple[int, int, str], Any] = {}  # (backend, impl, label): line
+
+    def draw(self, ax: Any, d: int, loss: str) -> None:
+        here = [r for r in self.kept if r["d"] == d and r["loss"] == loss]
+        impls = list(IMPL_STYLES)
+        for backend, impl in sorted({(str(r["backend"]), str(r["impl"])) for r in here}):
+            points = {
+                int(r["n"]): _value(r, self.field)
+                for r in here
+                if r["backend"] == backend and r["impl"] == impl
+            }
+            style, marker = IMPL_STYLES.get(impl, ("-", "x"))
+            label = f"{backend}, {impl}"
+            key = (list(self.colours).index(backend), [*impls, impl].index(impl), label)
+            (self.handles[key],) = ax.plot(
+                sorted(points),
+                [points[n] for n in sorted(points)],
+                linestyle=style,
+                marker=marker,
+                markersize=4,
+                color=self.colours[backend],
+                label=label,
+            )
+        if self.field == "peak_extra_mib":  # the dense cost, for reference
+            ns = sorted({int(r["n"]) for r in here}) or self.sizes
+            label = f"one n x n {self.dtype} matrix"
+            (self.handles[len(self.colours), 0, label],) = ax.plot(
+                ns,
+                [n * n * ITEMSIZE.get(self.dtype, 4) / 2**20 for n in ns],
+                color="grey",
+                linewidth=0.8,
+                zorder=1,
+                label=label,
+            )
+        if not here:
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
