@@ -755,5 +755,6 @@ SOFTMAX = register(
         dense=_reference.dense_softmax,
         uses_bias=False,
         functions=("softmax_loss", "softmax_loss_and_grad"),
+        gemms_per_tile=4,
     )
 )

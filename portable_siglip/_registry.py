@@ -47,6 +47,10 @@ class Loss:
     functions : tuple of str
         The public functions that compute it: the loss alone, and with its gradients
         (empty for a loss that is not public, such as an example).
+    gemms_per_tile : int
+        The (b, d) x (d, b) GEMMs its loss and gradients cost per tile (the benchmarks'
+        roofline): 3 for one pass (logits, two gradient products), 4 for the softmax
+        loss's two passes.
 
     Examples
     --------
@@ -68,6 +72,7 @@ class Loss:
     dense: Callable[..., Any]
     uses_bias: bool = True
     functions: tuple[str, ...] = ()
+    gemms_per_tile: int = 3
 
     @property
     def default_schedule(self) -> str:
