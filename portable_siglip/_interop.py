@@ -28,7 +28,20 @@ DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
 class UsageError(ValueError):
-    """A problem with what the user asked for (unknown or missing library, missing dtype)."""
+    """A problem with what the user asked for (unknown or missing library, missing dtype).
+
+    A ``ValueError``, so callers that catch those keep working; the command line turns it
+    into exit status 2, and :func:`portable_siglip.conformance.check` raises it for an
+    unknown backend or dtype (exported there as ``portable_siglip.conformance.UsageError``).
+
+    Examples
+    --------
+    >>> try:
+    ...     load_backend("tensorflow", "float32")
+    ... except UsageError as error:
+    ...     print(type(error).__name__, isinstance(error, ValueError))
+    UsageError True
+    """
 
 
 def load_backend(name: str, dtype: str, *, scoped: bool = False) -> tuple[Any, Any]:

@@ -17,7 +17,12 @@ import pytest
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 #: Pages and which of their ```python blocks run on their own on a CPU: None for every block,
 #: else the blocks that contain the string (the rest need a launcher or an optional peer).
-PAGES: dict[str, str | None] = {"multi-positive.md": None, "frameworks.md": "AxisComm"}
+PAGES: dict[str, str | None] = {
+    "multi-positive.md": None,
+    "frameworks.md": "AxisComm",
+    "conformance.md": "UsageError",
+    "adding-a-loss.md": None,
+}
 _PRINT = re.compile(r"^\s*print\(.*\)\s+#\s?(.*)$")
 
 

@@ -81,6 +81,10 @@ DOCTESTED += [
     "portable_siglip.cli._commands",
     "portable_siglip._tiles",
     "portable_siglip._reference",
+    "portable_siglip._registry",
+    "portable_siglip._tilemath",
+    "portable_siglip._precision",
+    "portable_siglip._interop",
 ]
 
 
