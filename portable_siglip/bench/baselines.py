@@ -12,6 +12,10 @@
     (:func:`load_open_clip_loss`; the package's ``__init__`` needs torchvision and more); it
     needs only torch.
 
+Each is a fact about one loss as written elsewhere, so each is a table keyed by the loss's
+name (:data:`DENSE_LOSSES`, :data:`OPEN_CLIP_LOSSES`): a loss without an entry there is a
+clear ``ValueError``, never the other loss.
+
 Both the sweep (its torch rows) and ``bench --frameworks`` use them, and both skip a case
 whose peak :func:`predict_peak_bytes` puts above the memory cap. torch is imported inside
 functions only.
@@ -31,11 +35,15 @@ from typing import Any
 
 __all__ = [
     "DENSE",
+    "DENSE_LOSSES",
     "OPEN_CLIP",
+    "OPEN_CLIP_LOSSES",
     "OURS",
+    "baseline",
     "chunked_sigmoid_loss",
     "dense_loss",
     "load_open_clip_loss",
+    "open_clip_forward",
     "open_clip_info",
     "open_clip_loss",
     "predict_peak_bytes",
@@ -63,13 +71,64 @@ MODULE_NAME = "_portable_siglip_open_clip_loss"  # not "open_clip.loss": never t
 # --------------------------------------------------------------------------- autograd losses
 
 
+def baseline(table: dict[str, Any], loss: str, what: str) -> Any:
+    """Return ``table[loss]``: what `what` has for the loss named `loss`.
+
+    Raises
+    ------
+    ValueError
+        When `what` has nothing for that loss, naming the losses it has.
+
+    Examples
+    --------
+    >>> baseline(OPEN_CLIP_LOSSES, "softmax", "open_clip")
+    ('ClipLoss', False)
+    >>> baseline(OPEN_CLIP_LOSSES, "hinge", "open_clip")
+    Traceback (most recent call last):
+    ...
+    ValueError: open_clip has no 'hinge' loss; it has 'sigmoid', 'softmax'
+    """
+    if loss in table:
+        return table[loss]
+    known = ", ".join(repr(name) for name in table)
+    msg = f"{what} has no {loss!r} loss; it has {known}"
+    raise ValueError(msg)
+
+
+def _dense_sigmoid(logits: Any) -> Any:
+    import torch
+    from torch.nn import functional
+
+    n = logits.shape[0]
+    # Built on every call, as open_clip's SigLipLoss does.
+    labels = 2 * torch.eye(n, dtype=logits.dtype, device=logits.device) - 1
+    return -functional.logsigmoid(labels * logits).sum() / n
+
+
+def _dense_softmax(logits: Any) -> Any:
+    import torch
+    from torch.nn import functional
+
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (
+        functional.cross_entropy(logits, target) + functional.cross_entropy(logits.T, target)
+    ) / 2
+
+
+#: The dense torch loss of each loss, from its (n, n) logits (:func:`dense_loss`).
+DENSE_LOSSES: dict[str, Callable[[Any], Any]] = {
+    "sigmoid": _dense_sigmoid,
+    "softmax": _dense_softmax,
+}
+
+
 def dense_loss(loss: str, img: Any, txt: Any, scale: Any, bias: Any) -> Any:
     """Write the loss densely in torch, for autograd: the n x n logits in one piece.
 
     Parameters
     ----------
-    loss : {"sigmoid", "softmax"}
-        Which loss.
+    loss : str
+        A loss of :data:`DENSE_LOSSES`.
     img, txt : torch.Tensor, shape (n, d)
         Image and text features.
     scale : torch.Tensor, 0-d
@@ -81,22 +140,17 @@ def dense_loss(loss: str, img: Any, txt: Any, scale: Any, bias: Any) -> Any:
     -------
     torch.Tensor, 0-d
         The loss, differentiable by autograd.
-    """
-    import torch
-    from torch.nn import functional
 
-    n = img.shape[0]
+    Raises
+    ------
+    ValueError
+        For a loss without a dense baseline.
+    """
+    formula = baseline(DENSE_LOSSES, loss, "the dense autograd baseline")
     logits = scale * img @ txt.T  # (n, d) @ (d, n) -> (n, n)
     if bias is not None:
         logits = logits + bias
-    if loss == "sigmoid":
-        # Built on every call, as open_clip's SigLipLoss does.
-        labels = 2 * torch.eye(n, dtype=logits.dtype, device=logits.device) - 1
-        return -functional.logsigmoid(labels * logits).sum() / n
-    target = torch.arange(n, device=logits.device)
-    return (
-        functional.cross_entropy(logits, target) + functional.cross_entropy(logits.T, target)
-    ) / 2
+    return formula(logits)
 
 
 def chunked_sigmoid_loss(img: Any, txt: Any, scale: Any, bias: Any, chunk_size: int) -> Any:
@@ -211,13 +265,17 @@ def open_clip_info() -> dict[str, Any]:
     return {"installed": True, "version": version, "chunk_size": chunked, "problem": None}
 
 
+#: open_clip's module of each loss it has, and whether its ``forward`` takes the logit bias.
+OPEN_CLIP_LOSSES = {"sigmoid": ("SigLipLoss", True), "softmax": ("ClipLoss", False)}
+
+
 def open_clip_loss(loss: str, chunk_size: int | None = None) -> Callable[..., Any]:
     """Return open_clip's loss module: ``SigLipLoss()`` / ``ClipLoss()``.
 
     Parameters
     ----------
-    loss : {"sigmoid", "softmax"}
-        Which loss.
+    loss : str
+        A loss of :data:`OPEN_CLIP_LOSSES`.
     chunk_size : int, optional
         ``SigLipLoss(chunk_size=...)``, on releases that have it (sigmoid only).
 
@@ -232,17 +290,31 @@ def open_clip_loss(loss: str, chunk_size: int | None = None) -> Callable[..., An
     ImportError
         When open-clip-torch cannot be loaded.
     ValueError
-        For a chunk size with the softmax loss.
+        For a loss open_clip does not have, or a chunk size with the softmax loss.
     """
-    open_clip = load_open_clip_loss()
-    if loss == "softmax":
-        if chunk_size is not None:
-            msg = "open_clip's ClipLoss has no chunk_size"
-            raise ValueError(msg)
-        return open_clip.ClipLoss()  # type: ignore[no-any-return]
+    name, _ = baseline(OPEN_CLIP_LOSSES, loss, "open_clip")
+    module = getattr(load_open_clip_loss(), name)
     if chunk_size is None:
-        return open_clip.SigLipLoss()  # type: ignore[no-any-return]
-    return open_clip.SigLipLoss(chunk_size=chunk_size)  # type: ignore[no-any-return]
+        return module()  # type: ignore[no-any-return]
+    if name != "SigLipLoss":
+        msg = f"open_clip's {name} has no chunk_size"
+        raise ValueError(msg)
+    return module(chunk_size=chunk_size)  # type: ignore[no-any-return]
+
+
+def open_clip_forward(loss: str, chunk_size: int | None = None) -> Callable[..., Any]:
+    """Return open_clip's loss as ``f(img, txt, scale, bias) -> loss``, for every loss alike.
+
+    A module whose ``forward`` takes no bias (``ClipLoss``) is called without it.
+    """
+    module = open_clip_loss(loss, chunk_size)
+    if baseline(OPEN_CLIP_LOSSES, loss, "open_clip")[1]:
+        return module
+
+    def without_bias(img: Any, txt: Any, scale: Any, _bias: Any) -> Any:
+        return module(img, txt, scale)
+
+    return without_bias
 
 
 # --------------------------------------------------------------------------- memory
@@ -265,8 +337,8 @@ def predict_peak_bytes(
 
     Parameters
     ----------
-    loss : {"sigmoid", "softmax"}
-        Which loss.
+    loss : str
+        Which loss (the prediction is the same for every loss).
     impl : str
         The row: :data:`OURS` or one of the framework losses.
     n, dim : int

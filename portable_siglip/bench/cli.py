@@ -15,6 +15,7 @@ import argparse
 import sys
 from typing import Any
 
+from .. import _registry as registry
 from .._interop import UsageError
 from ..cli._devices import Device, parse_device, resolve_device
 from .common import (
@@ -22,7 +23,6 @@ from .common import (
     DEFAULT_DIM,
     DTYPES,
     GPU_DTYPES,
-    LOSSES,
     comma_list,
     nonnegative_float_arg,
     positive_float_arg,
@@ -107,11 +107,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --device cuda: leave out the torch.compile'd dense loss",
     )
+    # The registered losses when the parser is built: a loss registered at runtime is one.
+    losses = registry.names()
     parser.add_argument(
         "--losses",
-        type=comma_list("--losses", str, LOSSES),
-        default=list(LOSSES),
-        help="comma-separated losses (default: sigmoid,softmax)",
+        type=comma_list("--losses", str, losses),
+        default=list(losses),
+        help=f"comma-separated losses (default: {','.join(losses)})",
     )
     parser.add_argument(
         "--block-size",

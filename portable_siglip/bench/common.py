@@ -1,7 +1,9 @@
 """What the benchmarks share: constants, inputs, timing, machine notes, tables and reports.
 
 Nothing here is particular to one benchmark, and this module imports none of them. NumPy and
-torch are imported inside functions only.
+torch are imported inside functions only. The losses are those of the registry
+(:mod:`portable_siglip._registry`): ``--losses`` accepts every registered name, and a loss
+runs through the functions its description names (:func:`loss_and_grad`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import _registry as registry
+
 __all__ = [
     "BACKENDS",
     "BIAS",
@@ -27,7 +31,6 @@ __all__ = [
     "DTYPES",
     "GIB",
     "GPU_DTYPES",
-    "LOSSES",
     "MIB",
     "PROBE_TIMEOUT_BASE_S",
     "SCALE",
@@ -35,11 +38,13 @@ __all__ = [
     "WARMUP_N",
     "Progress",
     "add_case_arguments",
+    "among",
     "check_args",
     "comma_list",
     "fmt",
     "installed",
     "log_progress",
+    "loss_and_grad",
     "machine_info",
     "make_inputs",
     "mib",
@@ -65,7 +70,6 @@ __all__ = [
 ]
 
 BACKENDS = ("numpy", "torch", "jax")
-LOSSES = ("sigmoid", "softmax")
 DTYPES = ("float32", "float64")
 #: Dtypes of the GPU benchmark (``bench --device cuda``): bfloat16 is for it only.
 GPU_DTYPES = (*DTYPES, "bfloat16")
@@ -159,6 +163,20 @@ def nonnegative_float_arg(text: str) -> float:
     return value
 
 
+def among(name: str, values: Sequence[str], allowed: Sequence[str]) -> str | None:
+    """Say which of `values` (of the option ``--name``) are not `allowed`, or None.
+
+    Examples
+    --------
+    >>> among("losses", ["sigmoid", "hinge"], ("sigmoid", "softmax"))
+    '`--losses` must be among sigmoid, softmax; got hinge'
+    """
+    unknown = [value for value in values if value not in allowed]
+    if unknown:
+        return f"`--{name}` must be among {', '.join(allowed)}; got {', '.join(unknown)}"
+    return None
+
+
 def check_args(args: argparse.Namespace) -> str | None:
     """Validate a namespace that may not have come through the ``bench`` parser.
 
@@ -167,10 +185,10 @@ def check_args(args: argparse.Namespace) -> str | None:
     str or None
         What is wrong with the common options, or None.
     """
-    for name, allowed in (("backends", BACKENDS), ("losses", LOSSES)):
-        unknown = [value for value in getattr(args, name) if value not in allowed]
-        if unknown:
-            return f"`--{name}` must be among {', '.join(allowed)}; got {', '.join(unknown)}"
+    for name, allowed in (("backends", BACKENDS), ("losses", registry.names())):
+        problem = among(name, getattr(args, name), allowed)
+        if problem is not None:
+            return problem
     if args.dtype not in DTYPES:
         return f"`--dtype` must be one of {', '.join(DTYPES)}; got {args.dtype!r}"
     if int(args.repeats) <= 0:
@@ -266,13 +284,33 @@ def add_case_arguments(parser: argparse.ArgumentParser, impls: Sequence[str]) ->
     >>> args.n, args.dtype, args.seed, args.block_size
     (8, 'float32', 0, None)
     """
-    parser.add_argument("--loss", choices=LOSSES, required=True)
+    parser.add_argument("--loss", choices=registry.names(), required=True)
     parser.add_argument("--impl", choices=impls, required=True)
     parser.add_argument("--n", type=int, required=True)
     parser.add_argument("--dim", type=int, required=True)
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--block-size", type=int, default=None)
+
+
+def loss_and_grad(loss: str) -> Callable[..., Any]:
+    """Return our ``f(img, txt, scale, bias, **options) -> (loss, grads)`` of a registered loss.
+
+    The package's public function that the loss's description names, looked up when called
+    (a test that replaces ``portable_siglip.sigmoid_loss_and_grad`` is what runs), or
+    :func:`portable_siglip._losses.evaluate` bound to a loss without one.
+
+    Examples
+    --------
+    >>> import portable_siglip as ps
+    >>> loss_and_grad("softmax") is ps.softmax_loss_and_grad
+    True
+    """
+    import portable_siglip as ps
+
+    from .. import _losses
+
+    return _losses.loss_functions(registry.get(loss), ps)[1]
 
 
 # --------------------------------------------------------------------------- inputs

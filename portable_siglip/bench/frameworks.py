@@ -62,15 +62,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import _memory
+from .. import _registry as registry
 from .._checks import DEFAULT_BLOCK_SIZE
 from .baselines import (
     DENSE,
     OPEN_CLIP,
     OURS,
+    baseline,
     chunked_sigmoid_loss,
     dense_loss,
+    open_clip_forward,
     open_clip_info,
-    open_clip_loss,
     predict_peak_bytes,
 )
 from .common import (
@@ -103,6 +105,14 @@ OPEN_CLIP_CHUNKED = "open_clip chunked"
 CHUNKED = "chunked autograd"
 IMPLS = (OURS, OPEN_CLIP, OPEN_CLIP_CHUNKED, CHUNKED, DENSE)
 
+#: Our torch module of each loss (:mod:`portable_siglip.backends.torch`), the drop-in for
+#: open_clip's module of the same name: the ``ours`` row.
+OUR_MODULES = {"sigmoid": "SigLipLoss", "softmax": "ClipLoss"}
+
+#: The losses that have the chunked rows: open_clip's ``SigLipLoss(chunk_size=...)`` and
+#: :func:`~portable_siglip.bench.baselines.chunked_sigmoid_loss`.
+CHUNKED_LOSSES = ("sigmoid",)
+
 #: Batch sizes n of ``bench --frameworks`` when ``--sizes`` is not given.
 DEFAULT_SIZES = (8192, 16384, 32768)
 
@@ -125,8 +135,8 @@ def impls_for(loss: str, open_clip: dict[str, Any], dense: bool) -> list[str]:
 
     Parameters
     ----------
-    loss : {"sigmoid", "softmax"}
-        Which loss.
+    loss : str
+        A registered loss's name.
     open_clip : dict
         From :func:`open_clip_info`.
     dense : bool
@@ -148,7 +158,7 @@ def impls_for(loss: str, open_clip: dict[str, Any], dense: bool) -> list[str]:
     impls = [OURS]
     if open_clip["installed"]:
         impls.append(OPEN_CLIP)
-    if loss == "sigmoid":
+    if loss in CHUNKED_LOSSES:
         impls.append(OPEN_CLIP_CHUNKED if open_clip["chunk_size"] else CHUNKED)
     if dense:
         impls.append(DENSE)
@@ -162,8 +172,8 @@ def make_loss(
 
     Parameters
     ----------
-    loss : {"sigmoid", "softmax"}
-        Which loss.
+    loss : str
+        A registered loss's name.
     impl : str
         A member of :data:`IMPLS`.
     block_size : int or None
@@ -179,19 +189,20 @@ def make_loss(
     Raises
     ------
     ValueError
-        For an unknown ``impl`` or a chunked sigmoid row with the softmax loss.
+        For an unknown ``impl``, a chunked row of a loss without one, or a row whose library
+        does not have the loss.
     ImportError
         For an open_clip row when open-clip-torch cannot be loaded.
     """
     if impl == OURS:
-        bridge = importlib.import_module("portable_siglip.backends.torch")
-        module = bridge.SigLipLoss if loss == "sigmoid" else bridge.ClipLoss
+        name = baseline(OUR_MODULES, loss, "portable_siglip.backends.torch")
+        module = getattr(importlib.import_module("portable_siglip.backends.torch"), name)
         return module(block_size=block_size)  # type: ignore[no-any-return]
     if impl == OPEN_CLIP:
-        return open_clip_loss(loss)
-    if impl == OPEN_CLIP_CHUNKED and loss == "sigmoid":
-        return open_clip_loss(loss, chunk_size)
-    if impl == CHUNKED and loss == "sigmoid":
+        return open_clip_forward(loss)
+    if impl == OPEN_CLIP_CHUNKED and loss in CHUNKED_LOSSES:
+        return open_clip_forward(loss, chunk_size)
+    if impl == CHUNKED and loss in CHUNKED_LOSSES:
 
         def chunked(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
             return chunked_sigmoid_loss(img, txt, scale, bias, chunk_size)
@@ -255,8 +266,8 @@ def run_case(
 
     Parameters
     ----------
-    loss : {"sigmoid", "softmax"}
-        Which loss.
+    loss : str
+        A registered loss's name.
     impl : str
         A member of :data:`IMPLS`.
     n, dim : int
@@ -286,7 +297,7 @@ def run_case(
     import torch
 
     fn = make_loss(loss, impl, block_size=block_size, chunk_size=chunk_size)
-    uses_bias = loss == "sigmoid"  # CLIP has no logit bias
+    uses_bias = registry.get(loss).uses_bias  # the bias cancels in CLIP's loss
 
     def forward(leaves: tuple[Any, Any, Any, Any]) -> Any:
         img, txt, scale, bias = leaves
@@ -697,7 +708,7 @@ def _open_clip_notes(args: argparse.Namespace, open_clip: dict[str, Any]) -> lis
             "install it with `pip install --no-deps open-clip-torch` (its loss.py needs only "
             "torch)"
         )
-    if "sigmoid" in args.losses and not open_clip["chunk_size"]:
+    if any(loss in CHUNKED_LOSSES for loss in args.losses) and not open_clip["chunk_size"]:
         where = (
             f"open_clip {open_clip['version']}'s SigLipLoss has no chunk_size (it came with "
             "open_clip PR #1145)"

@@ -75,22 +75,23 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .baselines import DENSE, OPEN_CLIP, dense_loss, open_clip_loss
+from .. import _registry as registry
+from .baselines import DENSE, OPEN_CLIP, dense_loss, open_clip_forward
 from .common import (
     BIAS,
     GIB,
     GPU_DTYPES,
-    LOSSES,
     MIB,
     SCALE,
     TEXT_NOISE,
     Progress,
     fmt,
     installed,
+    loss_and_grad,
     machine_info,
     panel_rows,
     print_load_after,
@@ -160,9 +161,6 @@ REPEATS_BY_SIZE = ((16384, 5), (32768, 3), (math.inf, 2))
 #: Seconds a default ``bench --device cuda`` run may take (``--time-budget``).
 DEFAULT_TIME_BUDGET_S = 170.0
 
-#: GEMMs of n x n x d of the floor of each loss.
-FLOOR_GEMMS = {"sigmoid": 3, "softmax": 4}
-
 ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2}
 
 #: Largest ``S = img @ txt.T`` (bytes) the floor forms whole; above, it goes by row panels.
@@ -176,6 +174,20 @@ SIGLIP_KERNEL_DISTRIBUTION = "siglip-kernel"
 
 STEP_MAIN = "main"
 STEP_KERNEL = "siglip-kernel"
+
+#: The one loss siglip-kernel computes (its step runs only when this loss is benchmarked).
+SIGLIP_KERNEL_LOSS = "sigmoid"
+
+
+def floor_gemms(loss: str) -> int:
+    """Return the GEMMs of n x n x d of the floor of ``loss``: its registered GEMMs per tile.
+
+    Examples
+    --------
+    >>> floor_gemms("sigmoid"), floor_gemms("softmax")
+    (3, 4)
+    """
+    return int(registry.get(loss).gemms_per_tile)
 
 
 class Skip(Exception):  # noqa: N818 - a reason to leave a row out, not an error
@@ -198,7 +210,7 @@ class GpuConfig:
     dtypes : tuple of str
         Among :data:`GPU_DTYPES`.
     losses : tuple of str
-        ``sigmoid``, ``softmax``.
+        Names of registered losses (default: every registered loss).
     block_size : int or None
         Tile edge of our rows (None: the library's default on the device).
     repeats : int or None
@@ -216,7 +228,7 @@ class GpuConfig:
     sizes: tuple[int, ...] = DEFAULT_SIZES
     dims: tuple[int, ...] = (DEFAULT_DIM,)
     dtypes: tuple[str, ...] = DEFAULT_DTYPES
-    losses: tuple[str, ...] = LOSSES
+    losses: tuple[str, ...] = field(default_factory=registry.names)
     block_size: int | None = None
     repeats: int | None = None
     seed: int = 0
@@ -229,9 +241,10 @@ class GpuConfig:
         unknown = [d for d in self.dtypes if d not in GPU_DTYPES]
         if not self.dtypes or unknown:
             return f"`--dtype` must be among {', '.join(GPU_DTYPES)}; got {list(self.dtypes)}"
-        unknown = [loss for loss in self.losses if loss not in LOSSES]
+        known = registry.names()
+        unknown = [loss for loss in self.losses if loss not in known]
         if not self.losses or unknown:
-            return f"`--losses` must be among {', '.join(LOSSES)}; got {list(self.losses)}"
+            return f"`--losses` must be among {', '.join(known)}; got {list(self.losses)}"
         for name in ("sizes", "dims"):
             values = getattr(self, name)
             if not values or any(int(v) <= 0 for v in values):
@@ -355,7 +368,7 @@ def predict_row_seconds(impl: str, case: Case, rates: Rates = H100) -> float:
     437
     """
     n2 = float(case.n) * case.n
-    gemms = FLOOR_GEMMS[case.loss] if impl in OWN_IMPLS else 3
+    gemms = floor_gemms(case.loss) if impl in OWN_IMPLS else 3
     if impl == SIGLIP_KERNEL:
         gemms = 6  # published: twice the floor (48.8 ms at n = 65536 on a GH200)
     rate = rates.half_flops if _computes_in_half(impl, case.dtype) else rates.float32_flops
@@ -592,15 +605,13 @@ def _ours(
     loss: str, img: Any, txt: Any, block_size: int | None, precision: str | None
 ) -> Callable[[], Any]:
     """Our loss and gradient on ``img`` and ``txt`` (any library); returns the loss value."""
-    import portable_siglip as ps
-
-    loss_and_grad = ps.sigmoid_loss_and_grad if loss == "sigmoid" else ps.softmax_loss_and_grad
+    function = loss_and_grad(loss)
     options: dict[str, Any] = {"block_size": block_size}
     if precision is not None:
         options["precision"] = precision
 
     def run() -> Any:
-        value, _ = loss_and_grad(img, txt, SCALE, BIAS, **options)
+        value, _ = function(img, txt, SCALE, BIAS, **options)
         return value
 
     return run
@@ -626,7 +637,7 @@ def _ours_cupy(
 def _floor(loss: str, img: Any, txt: Any) -> Callable[[], Any]:
     n = img.shape[0]
     panel = floor_panel(n, img.element_size())
-    passes = FLOOR_GEMMS[loss] - 2  # 1, or 2 for the softmax's log-sum-exp pass
+    passes = floor_gemms(loss) - 2  # 1, or 2 for the softmax's log-sum-exp pass
 
     def run() -> None:
         for start in range(0, n, panel):
@@ -653,11 +664,7 @@ def _autograd(forward: Callable[..., Any], leaves: Sequence[Any]) -> Callable[[]
 
 
 def _open_clip(loss: str, img: Any, txt: Any) -> Callable[[], Any]:
-    module = open_clip_loss(loss)
-    leaves = torch_leaves(img, txt)
-    if loss == "sigmoid":
-        return _autograd(module, leaves)
-    return _autograd(lambda i, t, scale, _bias: module(i, t, scale), leaves)
+    return _autograd(open_clip_forward(loss), torch_leaves(img, txt))
 
 
 def _dense(loss: str, img: Any, txt: Any) -> Callable[[], Any]:
@@ -829,10 +836,10 @@ def _cases(config: GpuConfig) -> list[Case]:
 
 def _kernel_cases(config: GpuConfig) -> list[Case]:
     """List the cases of the siglip-kernel step: bfloat16 sigmoid, largest n first."""
-    if "bfloat16" not in config.dtypes or "sigmoid" not in config.losses:
+    if "bfloat16" not in config.dtypes or SIGLIP_KERNEL_LOSS not in config.losses:
         return []
     return [
-        Case(d, "bfloat16", n, "sigmoid")
+        Case(d, "bfloat16", n, SIGLIP_KERNEL_LOSS)
         for n in sorted(config.sizes, reverse=True)
         for d in config.dims
     ]
@@ -1109,7 +1116,7 @@ class _Bench:
         return results
 
     def record(self, case: Case, rows: dict[str, dict[str, Any]]) -> None:
-        flops = FLOOR_GEMMS[case.loss] * 2.0 * case.n * case.n * case.d
+        flops = floor_gemms(case.loss) * 2.0 * case.n * case.n * case.d
         for row in rows.values():
             if row["skipped"] is None and row["error"] is None and row["times_s"]:
                 row["median_s"] = statistics.median(row["times_s"])
@@ -1265,7 +1272,7 @@ def run_benchmark(
     if kernel_cases and SIGLIP_KERNEL not in unavailable:
         reserve = bench.predict_seconds(kernel_cases[0], [SIGLIP_KERNEL])
     progress = Progress(
-        [c.n * c.n * c.d * FLOOR_GEMMS[c.loss] for c in cases]
+        [c.n * c.n * c.d * floor_gemms(c.loss) for c in cases]
         + [c.n * c.n * c.d * 6 for c in kernel_cases],
         stream=progress_stream,
     )
@@ -1463,7 +1470,8 @@ def _row_line(row: dict[str, Any]) -> str:
 
 def _order(row: dict[str, Any], dtypes: Sequence[str]) -> tuple[Any, ...]:
     dtype = dtypes.index(row["dtype"]) if row["dtype"] in dtypes else len(dtypes)
-    return (dtype, row["d"], row["n"], LOSSES.index(row["loss"]), IMPLS.index(row["impl"]))
+    loss = registry.names().index(row["loss"])
+    return (dtype, row["d"], row["n"], loss, IMPLS.index(row["impl"]))
 
 
 def table(rows: Sequence[dict[str, Any]], dtypes: Sequence[str] = DEFAULT_DTYPES) -> str:

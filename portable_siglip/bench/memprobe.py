@@ -58,8 +58,8 @@ def measure(
     ----------
     backend : {"numpy", "torch", "jax"}
         Array library.
-    loss : {"sigmoid", "softmax"}
-        Which loss (ignored by the ``roofline`` case).
+    loss : str
+        A registered loss's name (ignored by the ``roofline`` case).
     impl : {"ours", "ours ids", "roofline", "dense autograd", "open_clip"}
         What runs: the blockwise loss and gradient (plain, or with ids), the three GEMMs,
         the dense torch loss or open_clip's.

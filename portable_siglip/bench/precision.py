@@ -38,6 +38,7 @@ from .common import (
     fmt,
     installed,
     log_progress,
+    loss_and_grad,
     machine_info,
     make_inputs,
     print_notes,
@@ -105,11 +106,8 @@ def _as_float64(array: Any) -> Any:
 
 
 def _call(loss: str, img: Any, txt: Any, precision: str, block_size: int | None) -> Any:
-    import portable_siglip as ps
-
-    loss_and_grad = ps.sigmoid_loss_and_grad if loss == "sigmoid" else ps.softmax_loss_and_grad
     return functools.partial(
-        loss_and_grad, img, txt, SCALE, BIAS, block_size=block_size, precision=precision
+        loss_and_grad(loss), img, txt, SCALE, BIAS, block_size=block_size, precision=precision
     )
 
 

@@ -7,8 +7,9 @@ interleaved as in the main benchmark (:func:`portable_siglip.bench.common.time_i
     The three dense GEMMs of the loss and its gradient (the benchmark's roofline).
 ``tile GEMMs``
     Exactly the GEMMs our tile loop does, on the same tiles, into reused buffers, and nothing
-    else: 3 per tile for the sigmoid loss, 4 for the softmax loss (its log-sum-exp pass
-    recomputes every tile once more).
+    else: the GEMMs per tile of the loss's description (``gemms_per_tile``): 3 for the
+    sigmoid loss, 4 for the softmax loss (its log-sum-exp pass recomputes every tile once
+    more).
 ``ours``
     :func:`portable_siglip.sigmoid_loss_and_grad` / :func:`softmax_loss_and_grad`.
 
@@ -28,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .. import _registry as registry
 from .common import (
     check_args,
     installed,
@@ -42,9 +44,6 @@ from .common import (
 from .sweep import make_run
 
 __all__ = ["main", "tile_gemms"]
-
-#: The GEMMs per tile of the loss and gradient of each loss.
-GEMMS_PER_TILE = {"sigmoid": 3, "softmax": 4}
 
 
 def tile_gemms(img: Any, txt: Any, block_size: int, gemms: int) -> Callable[[], None]:
@@ -142,7 +141,7 @@ def main(args: argparse.Namespace) -> int:
                     log_progress(f"  {backend} {loss} d={d} n={n} ...")
                     runs = [
                         make_run(backend, loss, "roofline", img, txt, None),
-                        tile_gemms(img, txt, block, GEMMS_PER_TILE[loss]),
+                        tile_gemms(img, txt, block, registry.get(loss).gemms_per_tile),
                         make_run(backend, loss, "ours", img, txt, args.block_size),
                     ]
                     roof, gemm, ours = (

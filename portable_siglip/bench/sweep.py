@@ -55,6 +55,7 @@ NumPy and torch are imported inside functions only: ``import portable_siglip`` s
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import statistics
@@ -63,7 +64,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from .baselines import DENSE, OPEN_CLIP, OURS, dense_loss, open_clip_loss, predict_peak_bytes
+from .. import _registry as registry
+from .baselines import DENSE, OPEN_CLIP, OURS, dense_loss, open_clip_forward, predict_peak_bytes
 from .common import (
     BIAS,
     PROBE_TIMEOUT_BASE_S,
@@ -72,6 +74,7 @@ from .common import (
     check_args,
     fmt,
     installed,
+    loss_and_grad,
     machine_info,
     make_inputs,
     mib,
@@ -162,10 +165,9 @@ def _ours(
     fast_paths: bool = True,
     ids: Any = None,
 ) -> Callable[[], None]:
-    import portable_siglip as ps
     from portable_siglip._inplace import ENV
 
-    loss_and_grad = ps.sigmoid_loss_and_grad if loss == "sigmoid" else ps.softmax_loss_and_grad
+    function = loss_and_grad(loss)
     # Only `ours ids` passes the keywords: `ours` is the plain call, exactly as without them.
     keywords = {} if ids is None else {"img_ids": ids, "txt_ids": ids}
 
@@ -174,7 +176,7 @@ def _ours(
         if not fast_paths:
             os.environ[ENV] = "0"
         try:
-            value, grads = loss_and_grad(img, txt, SCALE, BIAS, block_size=block_size, **keywords)
+            value, grads = function(img, txt, SCALE, BIAS, block_size=block_size, **keywords)
         finally:
             if saved is None:
                 os.environ.pop(ENV, None)
@@ -226,10 +228,18 @@ def _ours_jit(loss: str, img: Any, txt: Any, block_size: int | None, ids: Any) -
     import jax
     import jax.numpy as jnp
 
+    from .. import _losses
+
     psj = importlib.import_module("portable_siglip.backends.jax")
+    # The bridge's function of the loss, named as the core's loss alone (the core's
+    # evaluation for a loss without public functions, which jax differentiates as it is).
     # A new jitted function per run: nothing is reused from another case's compile.
+    spec = registry.get(loss)
+    alone = (
+        getattr(psj, spec.functions[0]) if spec.functions else _losses.loss_functions(spec, psj)[0]
+    )
     step = jax.jit(
-        jax.value_and_grad(getattr(psj, f"{loss}_loss"), argnums=(0, 1, 2, 3)),
+        jax.value_and_grad(alone, argnums=(0, 1, 2, 3)),
         static_argnames=("block_size",),
     )
     scale = jnp.asarray(SCALE, dtype=img.dtype)
@@ -274,33 +284,25 @@ def _roofline(img: Any, txt: Any) -> Callable[[], None]:
     return run
 
 
-def _open_clip(loss: str, img: Any, txt: Any) -> Callable[[], None]:
-    module = open_clip_loss(loss)
+def _autograd(forward: Callable[..., Any], img: Any, txt: Any) -> Callable[[], None]:
+    """``forward(img, txt, scale, bias).backward()`` on torch leaves of the inputs."""
+    # The leaves share storage with the inputs, which stay free of autograd.
     leaves = torch_leaves(img, txt)
-    img_leaf, txt_leaf, scale, bias = leaves
 
     def run() -> None:
         for leaf in leaves:
             leaf.grad = None
-        if loss == "sigmoid":
-            module(img_leaf, txt_leaf, scale, bias).backward()
-        else:
-            module(img_leaf, txt_leaf, scale).backward()
+        forward(*leaves).backward()
 
     return run
+
+
+def _open_clip(loss: str, img: Any, txt: Any) -> Callable[[], None]:
+    return _autograd(open_clip_forward(loss), img, txt)
 
 
 def _dense_autograd(loss: str, img: Any, txt: Any) -> Callable[[], None]:
-    # The leaves share storage with the inputs, which stay free of autograd.
-    leaves = torch_leaves(img, txt)
-    img_leaf, txt_leaf, scale, bias = leaves
-
-    def run() -> None:
-        for leaf in leaves:
-            leaf.grad = None
-        dense_loss(loss, img_leaf, txt_leaf, scale, bias).backward()
-
-    return run
+    return _autograd(functools.partial(dense_loss, loss), img, txt)
 
 
 def make_run(
@@ -318,8 +320,8 @@ def make_run(
     ----------
     backend : {"numpy", "torch", "jax"}
         Array library of ``img`` and ``txt``.
-    loss : {"sigmoid", "softmax"}
-        Which loss (not used by ``roofline``).
+    loss : str
+        A registered loss's name (not used by ``roofline``).
     impl : {"ours", "ours ids", "reference loops", "roofline", "dense autograd", "open_clip"}
         What to run; ``dense autograd`` and ``open_clip`` need torch (and open-clip-torch).
     img, txt : array, shape (n, d)
@@ -784,7 +786,7 @@ def _sweep(args: argparse.Namespace, backends: Sequence[str], open_clip: bool) -
     ids = _positives(args) > 1
     weight = 2 if ids else 1  # ours ids costs about what ours does
     progress = Progress(
-        [c.n * c.n * c.d * (4 if c.loss == "softmax" else 3) * weight for c in cases]
+        [c.n * c.n * c.d * registry.get(c.loss).gemms_per_tile * weight for c in cases]
     )
     inputs: tuple[Any, Any] | None = None
     key: tuple[str, int, int] | None = None
