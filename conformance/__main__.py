@@ -19,8 +19,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from portable_siglip import _registry as registry
 from portable_siglip._interop import BACKENDS, DTYPES, UsageError, check_writable
 
+from ._cases import golden_losses
 from ._checks import CONVENTIONS, Report, abandoned_calls, check, describe_exception
 from ._distributed import DIST_CONVENTIONS, import_attribute, judge, judge_mpi
 
@@ -81,9 +83,11 @@ def _instantiate(cls: type, spec: str) -> Any:
 
 
 def _default_implementation(loss: str) -> Callable[..., Any]:
+    """Return portable_siglip's own loss and gradients of `loss`, as the package holds them."""
     import portable_siglip as ps
+    from portable_siglip import _losses
 
-    return ps.sigmoid_loss_and_grad if loss == "sigmoid" else ps.softmax_loss_and_grad
+    return _losses.loss_functions(registry.get(loss), ps)[1]
 
 
 def print_report(report: Report, *, limit: int = 40) -> None:
@@ -178,11 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
         "implementation raised (sys.exit included) or timed out; 2 on a usage error. "
         "See docs/conformance.md.",
     )
+    # The registered losses with golden cases when the parser is built.
+    losses = [registry.get(name) for name in golden_losses()]
     parser.add_argument(
         "--loss",
-        choices=("sigmoid", "softmax"),
-        help="the loss the implementation computes: sigmoid (SigLIP) or softmax (CLIP); "
-        "required unless --agreement, which otherwise runs both",
+        choices=[loss.name for loss in losses],
+        help="the loss the implementation computes: "
+        + " or ".join(f"{loss.name} ({loss.title})" for loss in losses)
+        + "; required unless --agreement, which otherwise runs each",
     )
     parser.add_argument(
         "--impl",
@@ -276,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.report is not None:
             check_writable(args.report)
         if args.agreement:
-            losses = [args.loss] if args.loss else ["sigmoid", "softmax"]
+            losses = [args.loss] if args.loss else list(golden_losses())
             return _agreement(losses, timeout, args.report)
         if args.ids and (args.comm == "mpi" or args.world_size is not None):
             msg = "`--ids` judges one process: drop `--world-size`/`--comm mpi`"

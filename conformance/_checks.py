@@ -28,7 +28,7 @@ from typing import Any
 from portable_siglip._interop import UsageError, computing_in, load_backend, to_numpy
 
 from ._ahead import EAGER, CompileAhead, Key, ahead_workers, signature
-from ._cases import Case, load_cases
+from ._cases import Case, check_loss, load_cases
 from ._diagnose import diagnose
 from ._ids import bind_ids, diagnose_ids, load_ids_cases
 from ._naive import naive_errors
@@ -563,8 +563,10 @@ def check(
         ``f(img, txt, scale, bias)`` taking arrays of `backend` (scale and bias as 0-d
         arrays; with torch, leaves that require grad) and returning the loss or
         ``(loss, grads)``.
-    loss : {"sigmoid", "softmax"}
-        Which loss it claims to compute.
+    loss : str
+        Which loss it claims to compute: a registered loss (:mod:`portable_siglip._registry`)
+        that the golden cases hold expected outputs of (:func:`._cases.golden_losses`: the
+        sigmoid and the softmax loss).
     backend : {"numpy", "torch", "jax", "cupy", "array_api_strict"}
         Array library to call it with.
     dtype : {"float64", "float32", "float16", "bfloat16"}
@@ -598,7 +600,8 @@ def check(
     Raises
     ------
     ValueError
-        On an unknown `loss` or `convention`, or a `timeout` that is not positive.
+        On a `loss` without golden cases or an unknown `convention`, or a `timeout` that is
+        not positive.
     UsageError
         If the backend is unknown or not installed, or lacks the dtype (a ValueError too:
         :class:`~portable_siglip.conformance.UsageError`).
@@ -639,9 +642,7 @@ def _check_arguments(
     loss: str, convention: str, dtype: str, timeout: float | None, ids: bool
 ) -> None:
     """Raise a ValueError on arguments :func:`check` does not take."""
-    if loss not in ("sigmoid", "softmax"):
-        msg = f"`loss` must be 'sigmoid' or 'softmax', got {loss!r}"
-        raise ValueError(msg)
+    check_loss(loss, ids=ids)
     if convention not in CONVENTIONS:
         msg = f"`convention` must be one of {tuple(CONVENTIONS)}, got {convention!r}"
         raise ValueError(msg)

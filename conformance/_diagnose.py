@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from portable_siglip import _registry as registry
 from portable_siglip._reference import dense_logit_gradient
 
 from ._cases import Case
@@ -95,18 +96,22 @@ def _exp(x: float) -> float:
         return math.inf
 
 
-def _logit_loss(loss: str, logits: Any, smoothing: float = 0.0) -> float:
-    """Return the loss (default convention) of `logits`, densely in float64.
+def _sigmoid_logit_loss(logits: Any, smoothing: float = 0.0) -> float:
+    """SigLIP's loss of `logits` (default convention), densely in float64; no smoothing."""
+    import numpy as np
 
-    `smoothing` is a softmax label smoothing: each direction's cross-entropy becomes
+    n = logits.shape[0]
+    return float(np.logaddexp(0.0, (1.0 - 2.0 * np.eye(n)) * logits).sum() / n)
+
+
+def _softmax_logit_loss(logits: Any, smoothing: float = 0.0) -> float:
+    """CLIP's loss of `logits` (default convention), densely in float64.
+
+    `smoothing` is a label smoothing: each direction's cross-entropy becomes
     ``(1 - eps) CE + eps * mean_j(-log p_j)``, as torch's ``label_smoothing`` computes it.
     """
     import numpy as np
 
-    n = logits.shape[0]
-    eye = np.eye(n)
-    if loss == "sigmoid":
-        return float(np.logaddexp(0.0, (1.0 - 2.0 * eye) * logits).sum() / n)
     total = 0.0
     for z in (logits, logits.T):  # rows: image to text; columns: text to image
         top = z.max(axis=1, keepdims=True)
@@ -115,6 +120,19 @@ def _logit_loss(loss: str, logits: Any, smoothing: float = 0.0) -> float:
         uniform = -np.mean(log_probs)  # mean over rows and classes of -log p
         total += (1.0 - smoothing) * cross_entropy + smoothing * uniform
     return total / 2.0
+
+
+#: The suite's own dense float64 formula of each loss it diagnoses, from the logits. A loss
+#: without one gets none of the diagnoses that recompute the loss (scale misread, clamps).
+_LOGIT_LOSSES: dict[str, Callable[..., float]] = {
+    "sigmoid": _sigmoid_logit_loss,
+    "softmax": _softmax_logit_loss,
+}
+
+
+def _logit_loss(loss: str, logits: Any, smoothing: float = 0.0) -> float:
+    """Return the loss (default convention) of `logits`, densely in float64."""
+    return _LOGIT_LOSSES[loss](logits, smoothing)
 
 
 def _logits(case: Case, *, normalise: bool = False) -> Any:
@@ -179,13 +197,13 @@ def _loss_hypotheses(loss: str, convention: str = "default") -> list[Hypothesis]
             _normalisation_text(convention, +1),
             lambda case, f: golden(case, f) * case.n,
         ),
-        *_input_hypotheses(loss),
     ]
-    for limit in CLAMPS:
-        hypotheses += _clamp_hypotheses(loss, limit, golden)
-    if loss == "sigmoid":
-        return hypotheses + _sigmoid_hypotheses()
-    return hypotheses + _softmax_hypotheses(golden)
+    if loss in _LOGIT_LOSSES:  # the mistakes that recompute the loss need its formula
+        hypotheses += _input_hypotheses(loss)
+        for limit in CLAMPS:
+            hypotheses += _clamp_hypotheses(loss, limit, golden)
+    mistakes = _LOSS_MISTAKES.get(loss)
+    return hypotheses + ([] if mistakes is None else mistakes(golden))
 
 
 def _input_hypotheses(loss: str) -> list[Hypothesis]:
@@ -249,8 +267,8 @@ def _clamp_hypotheses(
     ]
 
 
-def _sigmoid_hypotheses() -> list[Hypothesis]:
-    """Sigmoid mistakes: the bias's sign, the labels."""
+def _sigmoid_hypotheses(_golden: Callable[[Case, float], float]) -> list[Hypothesis]:
+    """Sigmoid mistakes: the bias's sign, the labels (predicted without the golden)."""
     return [
         (
             "bias-sign",
@@ -300,6 +318,13 @@ def _softmax_hypotheses(golden: Callable[[Case, float], float]) -> list[Hypothes
             lambda case, f: 2 * golden(case, f),
         ),
     ]
+
+
+#: The mistakes particular to each loss, given the golden loss of a case and convention.
+_LOSS_MISTAKES: dict[str, Callable[[Callable[[Case, float], float]], list[Hypothesis]]] = {
+    "sigmoid": _sigmoid_hypotheses,
+    "softmax": _softmax_hypotheses,
+}
 
 
 def _failed_cases(report: Report, quantities: Sequence[str]) -> set[str]:
@@ -526,9 +551,12 @@ def _diagnose_gradients(
 def _diagnose_zero_gradients(
     report: Report, loss: str, cases: Sequence[Case], outcomes: dict[str, Outcome]
 ) -> list[Finding]:
-    """Find a scale (or sigmoid bias) gradient that is zero on every case where it fails."""
+    """Find a scale (or bias) gradient that is zero on every case where it fails.
+
+    The bias only where it changes the loss: where it cancels (softmax) its gradient is 0.
+    """
     findings: list[Finding] = []
-    names = ("scale", "bias") if loss == "sigmoid" else ("scale",)
+    names = ("scale", "bias") if registry.get(loss).uses_bias else ("scale",)
     for name in names:
         failed = [c for c in cases if c.name in _failed_cases(report, [name])]
         failed = [c for c in failed if outcomes[c.name].error is None]
@@ -1176,6 +1204,10 @@ def _diagnose_half_logits(
     return []
 
 
+#: What rounds inside each loss's dense formula, for the ``half-precision-logits`` finding.
+_ROUNDED_INSIDE = {"sigmoid": "logsigmoid", "softmax": "log_softmax's sum of exponentials"}
+
+
 def _half_logits_finding(
     report: Report,
     loss: str,
@@ -1191,7 +1223,7 @@ def _half_logits_finding(
     )
     label = "loss" if worst.quantity == "loss" else f"grads.{worst.quantity}"
     logits = "t * img @ txt.T + b" if order == "features" else "(img @ txt.T) * t + b"
-    inner = "log_softmax's sum of exponentials" if loss == "softmax" else "logsigmoid"
+    inner = _ROUNDED_INSIDE.get(loss, "loss")
     text = (
         f"the loss matches a dense loss computed in {dtype} operation by operation "
         f"(logits {logits} in {dtype}, and inside the {inner} every step rounded to {dtype}), "
@@ -1293,8 +1325,9 @@ def diagnose(
     ----------
     report : Report
         The checks already run.
-    loss : {"sigmoid", "softmax"}
-        The loss under test.
+    loss : str
+        The loss under test; the mistakes particular to a loss are looked for only for the
+        losses this module knows (the sigmoid and the softmax loss).
     cases : sequence of Case
         The cases that were run.
     outcomes : dict

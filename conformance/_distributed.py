@@ -47,9 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from portable_siglip import _registry as registry
 from portable_siglip._interop import UsageError
 
-from ._cases import Case, load_cases
+from ._cases import Case, check_loss, golden_losses, load_cases
 from ._checks import describe_exception
 from ._naive import naive_errors
 from ._report import (
@@ -230,6 +231,14 @@ def _scalar_loss(result: Any) -> Any:
     return sum(p.reshape(()) for p in parts[1:]) + parts[0].reshape(())
 
 
+def _takes_bias(loss: str) -> bool:
+    """Whether a distributed implementation of `loss` is handed the bias: not where it cancels.
+
+    open_clip's ``ClipLoss`` (the softmax loss) takes none.
+    """
+    return bool(registry.get(loss).uses_bias)
+
+
 def _worker_case(
     function: Callable[..., Any], case: Case, rows: slice, loss: str, dtype: Any
 ) -> dict[str, Any]:
@@ -247,7 +256,7 @@ def _worker_case(
         torch.tensor(case.scale, dtype=dtype, requires_grad=True),
         torch.tensor(case.bias, dtype=dtype, requires_grad=True),
     ]
-    inputs = leaves if loss == "sigmoid" else leaves[:3]  # ClipLoss takes no bias
+    inputs = leaves if _takes_bias(loss) else leaves[:3]  # ClipLoss takes no bias
     value = _scalar_loss(function(*inputs))
     if value.requires_grad:
         value.backward()
@@ -314,7 +323,7 @@ def _worker_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--init", required=True, help="tcp://HOST:PORT of the rendezvous")
     parser.add_argument("--impl", required=True)
-    parser.add_argument("--loss", choices=("sigmoid", "softmax"), required=True)
+    parser.add_argument("--loss", choices=golden_losses(), required=True)
     parser.add_argument("--dtype", choices=tuple(TOLERANCE), default="float64")
     parser.add_argument("--dist-convention", choices=DIST_CONVENTIONS, default="ddp")
     parser.add_argument("--timeout", type=float, default=60.0)
@@ -558,7 +567,7 @@ def _fits(
     gl = golden.loss * f
     grads = {"img": golden.img * f, "txt": golden.txt * f}
     scalars = {"scale": golden.scale * f, "bias": golden.bias * f}
-    names = ("scale", "bias") if loss == "sigmoid" else ("scale",)
+    names = ("scale", "bias") if _takes_bias(loss) else ("scale",)
 
     def close(got: Any, want: Any, quantity: str) -> bool:
         return case_error(got, want, case, quantity) <= tolerance
@@ -668,9 +677,7 @@ def _check_judge_arguments(
     loss: str, world_size: int, dist_convention: str, convention: str
 ) -> None:
     """Raise a UsageError on arguments :func:`judge` cannot run with, torch's lack included."""
-    if loss not in ("sigmoid", "softmax"):
-        msg = f"`loss` must be 'sigmoid' or 'softmax', got {loss!r}"
-        raise UsageError(msg)
+    check_loss(loss, error=UsageError)
     if dist_convention not in DIST_CONVENTIONS:
         msg = f"`--dist-convention` must be one of {DIST_CONVENTIONS}, got {dist_convention!r}"
         raise UsageError(msg)
@@ -705,10 +712,12 @@ def judge(
     spec : str
         ``MODULE:ATTR`` or ``path/to/file.py:ATTR`` naming a factory: ``ATTR(rank=r,
         world_size=W)`` returns the loss callable of rank r, ``f(img, txt, scale, bias)``
-        for the sigmoid loss and ``f(img, txt, scale)`` for the softmax loss, returning a
-        scalar torch tensor (or a dict or tuple of them, summed).
-    loss : {"sigmoid", "softmax"}
-        Which loss it claims to compute.
+        for the sigmoid loss and ``f(img, txt, scale)`` for the softmax loss (a loss whose
+        bias cancels takes none), returning a scalar torch tensor (or a dict or tuple of
+        them, summed).
+    loss : str
+        Which loss it claims to compute: one with golden cases, as for
+        :func:`~portable_siglip.conformance.check`.
     world_size : int
         Number of processes, at least 1.
     dist_convention : {"ddp", "global"}
@@ -755,7 +764,7 @@ def judge(
         out = Path(folder)
         command = _worker_command(spec, loss, world_size, dist_convention, dtype, timeout, out)
         raw, failure = _launch(command, world_size, deadline, out, len(work))
-    run = _Run(dist_convention, f"{world_size} processes on gloo", loss == "sigmoid", skipped)
+    run = _Run(dist_convention, f"{world_size} processes on gloo", _takes_bias(loss), skipped)
     report = Report(loss, "torch", dtype, convention, spec)  # ClipLoss takes no bias
     return _build_report(report, run, raw, work, failure, time.monotonic() - started)
 
@@ -903,12 +912,14 @@ def judge_mpi(
     Raises
     ------
     UsageError
-        On every rank, if the factory cannot be loaded or called on some rank.
+        On every rank, if the factory cannot be loaded or called on some rank, or `loss`
+        has no golden cases.
     """
     if comm is None:
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
+    check_loss(loss, error=UsageError)  # on every rank alike
     _check_convention(convention)
     function, arrays = _mpi_function(spec, dtype, comm)
     work, skipped = _scheduled(comm.Get_size(), "global")

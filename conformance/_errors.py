@@ -8,7 +8,8 @@ loss and of each gradient against the golden, next to the error of the naive den
 of a half-precision run (:mod:`._naive`) and the bound FlashAttention's rule derives from it.
 :func:`error_table` formats the result as a Markdown table.
 
-From a shell, for this library's two precisions (torch, bfloat16, both losses)::
+From a shell, for this library's two precisions (torch, bfloat16, every loss the suite
+judges)::
 
     python -m portable_siglip.conformance._errors --backend torch --dtype bfloat16
 """
@@ -20,7 +21,9 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ._cases import Case, load_cases
+from portable_siglip import _registry as registry
+
+from ._cases import Case, golden_losses, load_cases
 from ._checks import Runner
 from ._naive import naive_errors
 from ._report import (
@@ -62,8 +65,8 @@ def case_errors(
     ----------
     functions : mapping of str to callable
         Implementations by label, each ``f(img, txt, scale, bias)`` as :func:`check` takes.
-    loss : {"sigmoid", "softmax"}
-        The loss they compute.
+    loss : str
+        The loss they compute, one the golden cases hold (:func:`._cases.golden_losses`).
     backend, dtype : str
         Where and in which dtype to run them.
     case : str
@@ -135,18 +138,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     import functools
 
     import portable_siglip as ps
+    from portable_siglip import _losses
 
     parser = argparse.ArgumentParser(
         prog="python -m portable_siglip.conformance._errors",
         description="Errors of precision='fast' and 'exact' and of the naive reference "
-        "on one golden case, both losses.",
+        "on one golden case, every loss with golden cases.",
     )
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--dtype", default="bfloat16", choices=HALF_DTYPES)
     parser.add_argument("--case", default=LARGEST)
     args = parser.parse_args(argv)
-    losses = {"sigmoid": ps.sigmoid_loss_and_grad, "softmax": ps.softmax_loss_and_grad}
-    for loss, function in losses.items():
+    for loss in golden_losses():
+        function = _losses.loss_functions(registry.get(loss), ps)[1]
         functions = {
             f'precision="{p}"': functools.partial(function, precision=p) for p in ("fast", "exact")
         }

@@ -321,10 +321,48 @@ def bind_ids(function: Callable[..., Any], case: Case, backend: str) -> Callable
 # --------------------------------------------------------------------------- diagnoses
 
 
-def _dense(loss: str, case: Case, variant: str) -> float:
-    """Return the loss a mistaken implementation gives on `case`, densely in float64."""
+def _sigmoid_ids(logits: Any, rows: Any, cols: Any, variant: str) -> float:
+    """Return the sigmoid loss of `logits` with the positives `rows`, as a mistake makes it."""
     import numpy as np
 
+    if variant in ("log-inside", "positives-summed"):
+        return math.nan  # softmax mistakes
+    labels = np.where(rows, 1.0, -1.0)
+    return float(np.logaddexp(0.0, -labels * logits).sum() / logits.shape[0])
+
+
+def _softmax_ids(logits: Any, rows: Any, cols: Any, variant: str) -> float:
+    """Return the softmax loss of `logits` with positives `rows` (`cols`: text to image)."""
+    import numpy as np
+
+    def direction(z: Any, mask: Any) -> float:
+        lse = np.logaddexp.reduce(z, axis=1)
+        if variant == "log-inside":  # -log of the softmax mass of the positives
+            chosen = np.where(mask, z, -np.inf)
+            return float(np.mean(lse - np.logaddexp.reduce(chosen, axis=1)))
+        if variant == "positives-summed":  # every positive a full cross-entropy term
+            return float(np.mean(np.sum(np.where(mask, lse[:, None] - z, 0.0), axis=1)))
+        mean = np.sum(np.where(mask, z, 0.0), axis=1) / np.sum(mask, axis=1)
+        return float(np.mean(lse - mean))
+
+    return (direction(logits, rows) + direction(logits.T, cols.T)) / 2
+
+
+#: Each loss's dense float64 formula with ids, as the mistakes of :data:`MISTAKES` compute it.
+_IDS_LOSSES = {"sigmoid": _sigmoid_ids, "softmax": _softmax_ids}
+
+
+def _dense(loss: str, case: Case, variant: str) -> float:
+    """Return the loss a mistaken implementation gives on `case`, densely in float64.
+
+    NaN where the mistake does not apply: to that loss, to that case, or to a loss the
+    suite has no formula with ids for.
+    """
+    import numpy as np
+
+    formula = _IDS_LOSSES.get(loss)
+    if formula is None:
+        return math.nan
     img, txt = np.asarray(case.img), np.asarray(case.txt)
     m, k = img.shape[0], txt.shape[0]
     logits = case.scale * (img @ txt.T) + case.bias
@@ -340,23 +378,7 @@ def _dense(loss: str, case: Case, variant: str) -> float:
         cols[np.argmax(positive, axis=0), np.arange(k)] = True
     else:
         rows = cols = positive
-    if loss == "sigmoid":
-        if variant in ("log-inside", "positives-summed"):
-            return math.nan  # softmax mistakes
-        labels = np.where(rows, 1.0, -1.0)
-        return float(np.logaddexp(0.0, -labels * logits).sum() / m)
-
-    def direction(z: Any, mask: Any) -> float:
-        lse = np.logaddexp.reduce(z, axis=1)
-        if variant == "log-inside":  # -log of the softmax mass of the positives
-            chosen = np.where(mask, z, -np.inf)
-            return float(np.mean(lse - np.logaddexp.reduce(chosen, axis=1)))
-        if variant == "positives-summed":  # every positive a full cross-entropy term
-            return float(np.mean(np.sum(np.where(mask, lse[:, None] - z, 0.0), axis=1)))
-        mean = np.sum(np.where(mask, z, 0.0), axis=1) / np.sum(mask, axis=1)
-        return float(np.mean(lse - mean))
-
-    return (direction(logits, rows) + direction(logits.T, cols.T)) / 2
+    return formula(logits, rows, cols, variant)
 
 
 #: Mistake code -> what it means, for the report.
@@ -392,8 +414,8 @@ def diagnose_ids(
 
     Parameters
     ----------
-    loss : {"sigmoid", "softmax"}
-        The loss judged.
+    loss : str
+        The loss judged (a loss without a formula here gets no finding).
     cases : sequence of Case
         The ids cases run.
     losses : dict

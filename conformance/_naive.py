@@ -45,6 +45,7 @@ from ._report import FLOOR, natural_scale, relative_error
 
 __all__ = [
     "LOGIT_ORDERS",
+    "NAIVE_LOSSES",
     "astype_rounding",
     "host_rounding",
     "naive_errors",
@@ -114,6 +115,46 @@ def astype_rounding(xp: Any, half: Any, work: Any) -> Rounding:
     return lambda values: xp.astype(xp.astype(values, half), work)
 
 
+def _naive_sigmoid(xp: Any, z: Any, eye: Any, rounding: Rounding, k: Rounding) -> tuple[Any, Any]:
+    """SigLIP's ``-logsigmoid(labels * Z).sum() / n`` and its ``dL/dZ``, as autograd forms it."""
+    r = rounding
+    n, work = eye.shape[0], eye.dtype  # eye: (n, n) in the working dtype
+    signs = 2 * eye - 1
+    y = signs * z  # exact: a sign
+    # -logsigmoid(y) = softplus(-y) = max(-y, 0) + log1p(exp(-|y|)), without overflow
+    terms = r(xp.maximum(-y, 0.0) + xp.log1p(xp.exp(-xp.abs(y))))
+    value = r(r(xp.sum(terms)) / n)
+    weight = r(xp.asarray(1.0 / n, dtype=work))  # d(sum / n) / d(term), in the dtype
+    # logsigmoid's backward: grad * sigmoid(-y) = grad / (1 + exp(y)); exp(y) = inf gives 0,
+    # the right limit.
+    return value, signs * r(-weight * k(1.0 / k(1.0 + k(xp.exp(y)))))
+
+
+def _naive_softmax(xp: Any, z: Any, eye: Any, rounding: Rounding, k: Rounding) -> tuple[Any, Any]:
+    """CLIP's mean of the two cross-entropies and its ``dL/dZ``, as autograd forms it."""
+    r = rounding
+    n, work = eye.shape[0], eye.dtype  # eye: (n, n) in the working dtype
+
+    def log_softmax(axis: int) -> Any:
+        top = xp.max(z, axis=axis, keepdims=True)
+        shifted = k(z - top)
+        total = k(xp.sum(k(xp.exp(shifted)), axis=axis, keepdims=True))
+        return r(shifted - k(xp.log(total)))
+
+    rows, cols = log_softmax(1), log_softmax(0)
+    image_to_text = r(-xp.mean(xp.sum(rows * eye, axis=1)))  # nll: the diagonal
+    text_to_image = r(-xp.mean(xp.sum(cols * eye, axis=0)))
+    value = r(r(image_to_text + text_to_image) / 2)
+    weight = r(xp.asarray(0.5 / n, dtype=work))  # d(loss) / d(nll term), in the dtype
+    # log_softmax's backward, fused: (exp(output) - onehot) * weight, then the sum of the
+    # two directions' gradients.
+    return value, r(r(k(k(xp.exp(rows)) - eye) * weight) + r(k(k(xp.exp(cols)) - eye) * weight))
+
+
+#: The naive dense terms of each loss: ``(loss, dL/dZ)`` from the rounded logits ``Z``.
+NAIVE_LOSSES = {"sigmoid": _naive_sigmoid, "softmax": _naive_softmax}
+
+
 def naive_loss_and_grad(
     xp: Any,
     img: Any,
@@ -136,9 +177,9 @@ def naive_loss_and_grad(
         Features of a float32 dtype (holding values of the half dtype).
     scale, bias : array, shape ()
         ``t`` and ``b``, likewise.
-    loss : {"sigmoid", "softmax"}
-        SigLIP's ``-logsigmoid(labels * Z).sum() / n``, or CLIP's mean of the two
-        cross-entropies.
+    loss : str
+        A loss of :data:`NAIVE_LOSSES`: SigLIP's ``-logsigmoid(labels * Z).sum() / n``
+        (``"sigmoid"``), or CLIP's mean of the two cross-entropies (``"softmax"``).
     rounding : callable
         Rounds a float32 array to the half dtype (keeping it float32): applied to the
         result of every framework operation.
@@ -150,6 +191,10 @@ def naive_loss_and_grad(
     loss, (img, txt, scale, bias)
         The loss and its four gradients, float32 arrays holding half values.
     """
+    if loss not in NAIVE_LOSSES:
+        names = ", ".join(repr(name) for name in NAIVE_LOSSES)
+        msg = f"`loss` must be one of {names} (those with a naive reference), got {loss!r}"
+        raise ValueError(msg)
     r = rounding
     n = img.shape[0]
     work = img.dtype
@@ -167,35 +212,7 @@ def naive_loss_and_grad(
     # fused: a framework kernel computes in float32 inside and rounds its result once;
     # composed: every array-API operation inside it rounds too.
     k: Rounding = _unchanged if fused else r
-    if loss == "sigmoid":
-        signs = 2 * eye - 1
-        y = signs * z  # exact: a sign
-        # -logsigmoid(y) = softplus(-y) = max(-y, 0) + log1p(exp(-|y|)), without overflow
-        terms = r(xp.maximum(-y, 0.0) + xp.log1p(xp.exp(-xp.abs(y))))
-        value = r(r(xp.sum(terms)) / n)
-        weight = r(xp.asarray(1.0 / n, dtype=work))  # d(sum / n) / d(term), in the dtype
-        # logsigmoid's backward: grad * sigmoid(-y) = grad / (1 + exp(y)); exp(y) = inf
-        # gives 0, the right limit.
-        dz = signs * r(-weight * k(1.0 / k(1.0 + k(xp.exp(y)))))
-    elif loss == "softmax":
-
-        def log_softmax(axis: int) -> Any:
-            top = xp.max(z, axis=axis, keepdims=True)
-            shifted = k(z - top)
-            total = k(xp.sum(k(xp.exp(shifted)), axis=axis, keepdims=True))
-            return r(shifted - k(xp.log(total)))
-
-        rows, cols = log_softmax(1), log_softmax(0)
-        image_to_text = r(-xp.mean(xp.sum(rows * eye, axis=1)))  # nll: the diagonal
-        text_to_image = r(-xp.mean(xp.sum(cols * eye, axis=0)))
-        value = r(r(image_to_text + text_to_image) / 2)
-        weight = r(xp.asarray(0.5 / n, dtype=work))  # d(loss) / d(nll term), in the dtype
-        # log_softmax's backward, fused: (exp(output) - onehot) * weight, then the sum of the
-        # two directions' gradients.
-        dz = r(r(k(k(xp.exp(rows)) - eye) * weight) + r(k(k(xp.exp(cols)) - eye) * weight))
-    else:
-        msg = f"`loss` must be 'sigmoid' or 'softmax', got {loss!r}"
-        raise ValueError(msg)
+    value, dz = NAIVE_LOSSES[loss](xp, z, eye, r, k)
     dbias = r(xp.sum(dz))
     if logits == "features":
         dfeatures = r(xp.matmul(dz, txt))  # (n, n) @ (n, d) -> (n, d)

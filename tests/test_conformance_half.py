@@ -54,8 +54,9 @@ def _explain(report: Any) -> str:
 
 def _library(loss: str, precision: str) -> Any:
     import portable_siglip as ps
+    from portable_siglip import _losses, _registry
 
-    function = ps.sigmoid_loss_and_grad if loss == "sigmoid" else ps.softmax_loss_and_grad
+    function = _losses.loss_functions(_registry.get(loss), ps)[1]
     return functools.partial(function, precision=precision)
 
 
@@ -145,11 +146,10 @@ def _scaled_naive_error(k: float, loss: str, dtype: str) -> Any:
     """
     import torch
 
-    exact = (
-        right_impls.numpy_sigmoid_and_grad
-        if loss == "sigmoid"
-        else right_impls.numpy_softmax_and_grad
-    )
+    exact = {
+        "sigmoid": right_impls.numpy_sigmoid_and_grad,
+        "softmax": right_impls.numpy_softmax_and_grad,
+    }[loss]
 
     def function(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
         x, y, t, b = (v.detach().double().numpy() for v in (img, txt, scale, bias))
