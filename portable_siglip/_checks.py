@@ -29,8 +29,6 @@ from ._typing import Array, Namespace
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_GPU_BLOCK_SIZE",
-    "SIGMOID_STRATEGIES",
-    "SOFTMAX_STRATEGIES",
     "Problem",
     "check_positives",
     "default_block_size",
@@ -38,9 +36,6 @@ __all__ = [
     "on_accelerator",
     "prepare",
 ]
-
-SIGMOID_STRATEGIES = ("bidir", "shift", "reduce", "gather")
-SOFTMAX_STRATEGIES = ("ring", "gather")
 
 #: Tile edge used when ``block_size=None``: the smallest block at which the CPU loop reaches its
 #: plateau (256 is slower; 1024, 2048 and 4096 are equal within noise at n = 8192, d = 768),
