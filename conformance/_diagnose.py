@@ -260,8 +260,7 @@ def _clamp_hypotheses(
         ),
         (
             "clamped-logits",
-            f"the loss matches the logits clamped above at {limit:g} (Z.clamp(max=...)): "
-            + advice,
+            f"the loss matches the logits clamped above at {limit:g} (Z.clamp(max=...)): " + advice,
             clamped(-math.inf),
         ),
     ]
@@ -279,15 +278,20 @@ def _sigmoid_hypotheses(_golden: Callable[[Case, float], float]) -> list[Hypothe
             "labels",
             "the loss matches every pair labelled -1: the positives on the diagonal "
             "are treated as negatives (labels should be 2 I - 1)",
-            lambda case, f: f
-            * _dense_loss("sigmoid", case, scale=case.scale, bias=case.bias, signs="all-negative"),
+            lambda case, f: (
+                f
+                * _dense_loss(
+                    "sigmoid", case, scale=case.scale, bias=case.bias, signs="all-negative"
+                )
+            ),
         ),
         (
             "labels",
             "the loss matches labels +1 off the diagonal and -1 on it: the labels are "
             "negated (they should be 2 I - 1)",
-            lambda case, f: f
-            * _dense_loss("sigmoid", case, scale=case.scale, bias=case.bias, signs="flipped"),
+            lambda case, f: (
+                f * _dense_loss("sigmoid", case, scale=case.scale, bias=case.bias, signs="flipped")
+            ),
         ),
     ]
 

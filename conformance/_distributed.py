@@ -1017,8 +1017,7 @@ def _mpi_case(
         raise
     except BaseException as raised:  # the peers may wait for this rank: end the job
         print(
-            f"rank {rank}, {_label(case, sizes)}: {describe_exception(raised)}; "
-            "aborting the job",
+            f"rank {rank}, {_label(case, sizes)}: {describe_exception(raised)}; aborting the job",
             file=sys.stderr,
             flush=True,
         )

@@ -719,9 +719,7 @@ def _time_short(
     args = sweep.args
     try:
         # Made (and, for jitted rows, compiled) before any of them runs or is timed.
-        runs = [
-            make_run(case.backend, case.loss, impl, *inputs, args.block_size) for impl in short
-        ]
+        runs = [make_run(case.backend, case.loss, impl, *inputs, args.block_size) for impl in short]
         times = time_interleaved(runs, args.repeats)
     except Exception as error:  # e.g. MemoryError: report it, go on
         for impl in short:

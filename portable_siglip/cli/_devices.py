@@ -251,9 +251,7 @@ def wait_until_computed(values: Sequence[Any]) -> None:
         import cupy
 
         cupy.cuda.get_current_stream().synchronize()
-    torch_devices = {
-        v.device for v in values if array_api_compat.is_torch_array(v) and v.is_cuda
-    }
+    torch_devices = {v.device for v in values if array_api_compat.is_torch_array(v) and v.is_cuda}
     if torch_devices:
         import torch
 
