@@ -22,9 +22,9 @@ from typing import Any
 from portable_siglip import _registry as registry
 from portable_siglip._interop import BACKENDS, DTYPES, UsageError, check_writable
 
-from ._cases import golden_losses
 from ._checks import CONVENTIONS, Report, abandoned_calls, check, describe_exception
 from ._distributed import DIST_CONVENTIONS, import_attribute, judge, judge_mpi
+from ._judged import golden_losses
 
 __all__ = ["load_implementation", "main"]
 

@@ -28,9 +28,10 @@ from typing import Any
 from portable_siglip._interop import UsageError, computing_in, load_backend, to_numpy
 
 from ._ahead import EAGER, CompileAhead, Key, ahead_workers, signature
-from ._cases import Case, check_loss, load_cases
+from ._cases import Case, load_cases
 from ._diagnose import diagnose
 from ._ids import bind_ids, diagnose_ids, load_ids_cases
+from ._judged import check_loss
 from ._naive import naive_errors
 from ._report import (
     CONVENTIONS,

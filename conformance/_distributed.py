@@ -50,8 +50,9 @@ from typing import Any
 from portable_siglip import _registry as registry
 from portable_siglip._interop import UsageError
 
-from ._cases import Case, check_loss, golden_losses, load_cases
+from ._cases import Case, load_cases
 from ._checks import describe_exception
+from ._judged import check_loss, golden_losses
 from ._naive import naive_errors
 from ._report import (
     CONVENTIONS,

@@ -23,8 +23,9 @@ from typing import Any
 
 from portable_siglip import _registry as registry
 
-from ._cases import Case, golden_losses, load_cases
+from ._cases import Case, load_cases
 from ._checks import Runner
+from ._judged import golden_losses
 from ._naive import naive_errors
 from ._report import (
     FLOOR,

@@ -13,8 +13,9 @@ from types import ModuleType
 
 import pytest
 
-from portable_siglip.bench import cli, common, sweep
-from portable_siglip.bench.cli import add_arguments, main
+from portable_siglip.bench import common, sweep
+from portable_siglip.cli import _bench as cli
+from portable_siglip.cli._bench import add_arguments, main
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from portable_siglip import _memory
-from portable_siglip.bench import cli, common, gpu
+from portable_siglip.bench import common, gpu
 from portable_siglip.bench.baselines import dense_loss, open_clip_info
+from portable_siglip.cli import _bench as cli
 from portable_siglip.cli import _commands as _cli
 from portable_siglip.cli._devices import Device
 

@@ -21,7 +21,8 @@ import pytest
 
 from portable_siglip import _losses
 from portable_siglip import _registry as registry
-from portable_siglip.bench import baselines, cli, common, distributed, frameworks, gpu
+from portable_siglip.bench import baselines, common, distributed, frameworks, gpu
+from portable_siglip.cli import _bench as cli
 
 COPY = "sigmoid-copy"
 

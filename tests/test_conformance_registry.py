@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from portable_siglip.conformance import (
     UsageError,
-    _cases,
     _diagnose,
     _ids,
+    _judged,
     _naive,
     check,
     load_cases,
@@ -49,8 +49,8 @@ def sigmoid_copy() -> Iterator[registry.Loss]:
 def test_the_judged_losses_are_the_registered_ones_with_goldens(
     sigmoid_copy: registry.Loss,
 ) -> None:
-    assert _cases.golden_losses() == ("sigmoid", "softmax")
-    assert _cases.golden_losses(ids=True) == ("sigmoid", "softmax")
+    assert _judged.golden_losses() == ("sigmoid", "softmax")
+    assert _judged.golden_losses(ids=True) == ("sigmoid", "softmax")
     assert set(load_cases()[0].goldens) == {"sigmoid", "softmax"}
 
 
@@ -88,7 +88,7 @@ def test_the_command_line_offers_the_judged_losses(
 
 
 def test_every_judged_loss_has_the_suite_s_formulas() -> None:
-    judged = set(_cases.golden_losses())
+    judged = set(_judged.golden_losses())
     assert judged <= set(_diagnose._LOGIT_LOSSES)
     assert judged <= set(_diagnose._LOSS_MISTAKES)
     assert judged <= set(_naive.NAIVE_LOSSES)

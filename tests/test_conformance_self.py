@@ -110,6 +110,7 @@ def test_every_public_class_and_function_has_examples() -> None:
         "portable_siglip.conformance._errors",
         "portable_siglip.conformance._generate",
         "portable_siglip.conformance._ids",
+        "portable_siglip.conformance._judged",
         "portable_siglip.conformance._naive",
         "portable_siglip.conformance._report",
     ],

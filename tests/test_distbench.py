@@ -18,7 +18,7 @@ import pytest
 from helpers import mpi_usable
 
 from portable_siglip.bench import common, distributed
-from portable_siglip.bench.cli import add_arguments, main
+from portable_siglip.cli._bench import add_arguments, main
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -20,7 +20,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from portable_siglip.bench import baselines, cli, frameworks, sweep  # noqa: E402
+from portable_siglip.bench import baselines, frameworks, sweep  # noqa: E402
+from portable_siglip.cli import _bench as cli  # noqa: E402
 from portable_siglip.cli import _commands as _cli  # noqa: E402
 
 GIB = 2**30

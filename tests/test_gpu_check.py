@@ -110,7 +110,7 @@ def test_layout_imports_the_subpackages_without_a_build(helper: ModuleType, tmp_
     assert not any(path.is_symlink() for path in site.rglob("*"))
     assert not list(site.rglob("__pycache__"))
     code = (
-        "import portable_siglip as ps, portable_siglip.backends, portable_siglip.bench.cli\n"
+        "import portable_siglip as ps, portable_siglip.backends, portable_siglip.cli._bench\n"
         "from portable_siglip.conformance import load_cases\n"
         "assert len(load_cases()) > 0\n"
         "print(ps.__file__)"

@@ -192,6 +192,17 @@ def test_core_imports_no_tool(name: str) -> None:
         assert not is_tool(target), f"{where} imports the tool {target}"
 
 
+@pytest.mark.parametrize(
+    "name", sorted(n for n in MODULES if n.startswith("portable_siglip.bench"))
+)
+def test_benchmarks_import_no_command_line(name: str) -> None:
+    # One way between the two tools: the command line runs the benchmarks (cli/_bench.py),
+    # and a benchmark needs nothing of the command line.
+    for target, line, _ in imports(name):
+        where = f"{MODULES[name].relative_to(ROOT)}:{line}"
+        assert not target.startswith("portable_siglip.cli"), f"{where} imports {target}"
+
+
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if is_core(n)))
 def test_core_imports_no_framework(name: str) -> None:
     for target, line, level in imports(name):

@@ -3,8 +3,9 @@
 Each module is imported by path; this package imports none of them, so importing one does not
 bring in the others.
 
-:mod:`~portable_siglip.bench.cli`
-    The ``bench`` options and the dispatch to one of the benchmarks below.
+The ``bench`` command's options, and the dispatch to one of the benchmarks below, are
+:mod:`portable_siglip.cli._bench`.
+
 :mod:`~portable_siglip.bench.sweep`
     The default ``bench``: time and memory of the blockwise losses against the matmul
     roofline, over n, d, losses and backends.
@@ -36,7 +37,8 @@ bring in the others.
     What every benchmark shares: constants, inputs, timing, machine notes, tables, progress,
     option checks, subprocesses and the JSON report.
 
-Imports go one way: ``cli`` imports the benchmarks, a benchmark imports ``common`` and
+Imports go one way: the command line (``portable_siglip.cli``) imports the benchmarks, and no
+benchmark imports the command line; a benchmark imports ``common`` and
 ``baselines``, and those two import no benchmark. ``memprobe`` takes ``make_run`` from
 ``sweep``, which starts it only as a subprocess; ``sweep`` imports ``plots`` to draw.
 """

@@ -571,7 +571,7 @@ def main(args: argparse.Namespace) -> int:
     Parameters
     ----------
     args : argparse.Namespace
-        Options from a parser prepared by :func:`portable_siglip.bench.cli.add_arguments`.
+        Options from a parser prepared by :func:`portable_siglip.cli._bench.add_arguments`.
 
     Returns
     -------

@@ -1566,8 +1566,8 @@ def main(args: argparse.Namespace, *, memory_budget_bytes: int | None = None) ->
     Parameters
     ----------
     args : argparse.Namespace
-        Options from :func:`portable_siglip.bench.cli.add_arguments`, ``device`` already
-        checked (``portable_siglip.bench.cli.main`` does it).
+        Options from :func:`portable_siglip.cli._bench.add_arguments`, ``device`` already
+        checked (``portable_siglip.cli._bench.main`` does it).
     memory_budget_bytes : int, optional
         Passed to :func:`run_benchmark` (tests).
 

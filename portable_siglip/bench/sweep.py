@@ -47,7 +47,7 @@ keeps every row; ``--plots DIR`` draws time and memory against n
 (:mod:`portable_siglip.bench.plots`).
 
 The other modes of ``bench`` (``--distributed``, ``--frameworks``, ``--profile``) are the
-other modules of :mod:`portable_siglip.bench`; :mod:`portable_siglip.bench.cli` chooses.
+other modules of :mod:`portable_siglip.bench`; :mod:`portable_siglip.cli._bench` chooses.
 
 NumPy and torch are imported inside functions only: ``import portable_siglip`` stays light.
 """
@@ -819,8 +819,8 @@ def main(args: argparse.Namespace) -> int:
     Parameters
     ----------
     args : argparse.Namespace
-        Options from a parser prepared by :func:`portable_siglip.bench.cli.add_arguments`,
-        with ``sizes`` and ``dims`` filled in (``portable_siglip.bench.cli.main`` does).
+        Options from a parser prepared by :func:`portable_siglip.cli._bench.add_arguments`,
+        with ``sizes`` and ``dims`` filled in (``portable_siglip.cli._bench.main`` does).
 
     Returns
     -------

@@ -17,8 +17,7 @@ from typing import Any
 
 from .. import _registry as registry
 from .._interop import UsageError
-from ..cli._devices import Device, parse_device, resolve_device
-from .common import (
+from ..bench.common import (
     BACKENDS,
     DEFAULT_DIM,
     DTYPES,
@@ -29,6 +28,7 @@ from .common import (
     positive_int,
     positive_int_arg,
 )
+from ._devices import Device, parse_device, resolve_device
 
 __all__ = ["add_arguments", "main"]
 
@@ -245,7 +245,7 @@ def _resolve_dims(args: argparse.Namespace) -> argparse.Namespace:
     UsageError
         For a list of dtypes, or a half-precision dtype, in a CPU benchmark that takes one.
     """
-    from .sweep import DEFAULT_DIMS, DEFAULT_SIZES
+    from ..bench.sweep import DEFAULT_DIMS, DEFAULT_SIZES
 
     values = vars(args)
     compare = bool(values.get("compare_precision"))
@@ -256,16 +256,16 @@ def _resolve_dims(args: argparse.Namespace) -> argparse.Namespace:
         "repeats": values.get("repeats") or (None if _is_gpu(args) else 3),
     }
     if _is_gpu(args):
-        from .gpu import DEFAULT_DIM as GPU_DIM
-        from .gpu import DEFAULT_SIZES as GPU_SIZES
-        from .gpu import DEFAULT_TIME_BUDGET_S
+        from ..bench.gpu import DEFAULT_DIM as GPU_DIM
+        from ..bench.gpu import DEFAULT_SIZES as GPU_SIZES
+        from ..bench.gpu import DEFAULT_TIME_BUDGET_S
 
         updates["sizes"] = values.get("sizes") or list(GPU_SIZES)
         updates["dims"] = values.get("dims") or [dim or GPU_DIM]
         budget = values.get("time_budget")
         updates["time_budget"] = DEFAULT_TIME_BUDGET_S if budget is None else budget
     elif compare:
-        from .precision import DEFAULT_SIZES as COMPARE_SIZES
+        from ..bench.precision import DEFAULT_SIZES as COMPARE_SIZES
 
         updates["sizes"] = values.get("sizes") or list(COMPARE_SIZES)
         updates["dims"] = values.get("dims") or [dim or DEFAULT_DIM]
@@ -291,11 +291,11 @@ def _resolve_dtype(value: Any, gpu: bool, compare: bool = False) -> Any:
     if isinstance(value, str):
         value = [part.strip() for part in value.split(",") if part.strip()]
     if gpu:
-        from .gpu import DEFAULT_DTYPES
+        from ..bench.gpu import DEFAULT_DTYPES
 
         return list(value) if value else list(DEFAULT_DTYPES)
     if compare:
-        from .precision import HALF_DTYPES
+        from ..bench.precision import HALF_DTYPES
 
         value = list(value) if value else ["bfloat16"]
         wrong = [d for d in value if d not in HALF_DTYPES]
@@ -393,25 +393,25 @@ def main(args: argparse.Namespace) -> int:
         print(f"bench: error: {error}", file=sys.stderr)
         return 2
     if device.is_cuda:
-        from . import gpu
+        from ..bench import gpu
 
         return gpu.main(args)
     if getattr(args, "distributed", False):
-        from . import distributed
+        from ..bench import distributed
 
         return distributed.main(args)
     if getattr(args, "frameworks", False):
-        from . import frameworks
+        from ..bench import frameworks
 
         return frameworks.main(args)
     if getattr(args, "profile", False):
-        from . import profile
+        from ..bench import profile
 
         return profile.main(args)
     if getattr(args, "compare_precision", False):
-        from . import precision
+        from ..bench import precision
 
         return precision.main(args)
-    from . import sweep
+    from ..bench import sweep
 
     return sweep.main(args)
