@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         "one run (docs/benchmarks.md).",
         formatter_class=HelpFormatter,
     )
-    from ..bench import cli as bench_cli
+    from . import _bench as bench_cli
 
     bench_cli.add_arguments(bench)
     doctor_help = "check this machine: libraries, GPUs, our losses on each, transports"
@@ -898,7 +898,7 @@ def main(argv: Sequence[str] | None = None, *, comm: Any = None) -> int:
             from . import _doctor
 
             return _doctor.main(args)
-        from ..bench import cli as bench_cli
+        from . import _bench as bench_cli
 
         return bench_cli.main(args)
     except UsageError as error:
