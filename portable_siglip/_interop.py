@@ -172,6 +172,13 @@ def check_writable(path: Any, option: str = "--report") -> None:
     --------
     >>> import tempfile, pathlib
     >>> check_writable(pathlib.Path(tempfile.mkdtemp()) / "report.json")
+
+    A device that takes no bytes is refused before the work, not after it:
+
+    >>> check_writable("/dev/full")  # doctest: +SKIP
+    Traceback (most recent call last):
+    ...
+    UsageError: `--report`: cannot write '/dev/full': No space left on device
     """
     from pathlib import Path
 
@@ -181,8 +188,12 @@ def check_writable(path: Any, option: str = "--report") -> None:
         raise UsageError(msg)
     existed = path.exists()
     try:
-        with path.open("a", encoding="utf-8"):
-            pass
+        with path.open("a", encoding="utf-8") as stream:
+            if existed and not path.is_file():
+                # A device or pipe (/dev/full, /dev/null) accepts the open and may still
+                # refuse the bytes: try one, as the report will write them.
+                stream.write("\n")
+                stream.flush()
     except OSError as error:
         msg = f"`{option}`: cannot write {str(path)!r}: {error.strerror or error}"
         raise UsageError(msg) from None

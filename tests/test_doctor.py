@@ -205,6 +205,17 @@ def test_report_to_a_directory_exits_2_before_checking(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this system")
+def test_report_to_a_full_device_exits_2_before_checking() -> None:
+    """/dev/full opens and refuses every byte: refused up front, not after the whole run."""
+    result = run_python(
+        "-m", "portable_siglip", "doctor", "--quick", "--report", "/dev/full", timeout=60
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "cannot write '/dev/full'" in result.stderr
+    assert result.stdout == ""
+
+
 def test_a_hanging_worker_is_killed_at_its_timeout() -> None:
     start = time.monotonic()
     with pytest.raises(_doctor.BrokenError, match=r"no answer within 1 s"):
