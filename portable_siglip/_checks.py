@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_GPU_BLOCK_SIZE",
     "Problem",
     "check_positives",
+    "concrete_value",
     "default_block_size",
     "host_ids",
     "on_accelerator",
@@ -319,7 +320,7 @@ def _check_value(name: str, number: float, *, positive: bool, what: str) -> None
         raise ValueError(msg)
 
 
-def _concrete_value(value: Any) -> float | None:
+def concrete_value(value: Any) -> float | None:
     """Read a 0-d array's value as a Python float; None where it has none.
 
     jax tracers (under ``jit``/``grad``) and torch meta or fake tensors carry no value; their
@@ -370,7 +371,7 @@ def _check_scalar(
         if not _real_floating(xp, value.dtype):
             msg = f"`{name}` must have a real floating dtype, got {value.dtype}"
             raise TypeError(msg)
-        concrete = _concrete_value(value)
+        concrete = concrete_value(value)
         if concrete is not None:
             kind = f" (a 0-d {_library(value)} array)"
             _check_value(name, concrete, positive=positive, what=kind)

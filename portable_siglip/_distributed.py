@@ -28,7 +28,7 @@ from typing import Any
 
 import array_api_compat
 
-from ._checks import Problem, check_positives, host_ids, prepare
+from ._checks import Problem, check_positives, concrete_value, host_ids, prepare
 from ._softmax import merge_lse_pairs
 from ._typing import Array, Namespace
 from .comm import Communicator, Request, check_communicator
@@ -89,14 +89,14 @@ def spmd(comm: object) -> bool:
 def _scalar_value(value: float | Array) -> float:
     if isinstance(value, float):
         return value
-    try:
-        return float(value)
-    except Exception as error:  # jax tracers and the like have no value to agree on
+    concrete = concrete_value(value)  # a torch tensor's value without autograd's warning
+    if concrete is None:  # jax tracers and the like have no value to agree on
         msg = (
             "`comm` needs concrete `scale` and `bias` values (every rank checks they agree), "
             f"got {type(value).__name__}; distributed evaluation cannot run inside jax.jit"
         )
-        raise TypeError(msg) from error
+        raise TypeError(msg)
+    return concrete
 
 
 def _by_rank(values: Sequence[object]) -> str:

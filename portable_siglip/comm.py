@@ -294,6 +294,10 @@ def _nbytes(x: Array) -> int:
 
 def _copy(x: Array) -> Array:
     # A private copy, so a sender that later mutates its buffer cannot change what arrived.
+    # A message is data, as over MPI: a torch tensor arrives without its autograd history
+    # (and torch.asarray of a tensor that requires grad warns).
+    if array_api_compat.is_torch_array(x):
+        return x.detach().clone()
     return array_api_compat.array_namespace(x).asarray(x, copy=True)
 
 

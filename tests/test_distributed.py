@@ -519,3 +519,29 @@ def test_gradient_mismatch_raises_everywhere(xp: Any) -> None:
             "whether gradients are computed (the loss alone or with them) must be the same on "
             "every rank, got rank 0: True, rank 1: False, rank 2: True"
         ) in str(error)
+
+
+def test_torch_scale_that_requires_grad_warns_nowhere() -> None:
+    """``ps.sigmoid_loss(img, txt, logit_scale.exp(), b)`` under ``comm``: no autograd warning.
+
+    Every rank reads the scale's value to agree on it; reading a tensor that requires grad
+    with ``float()`` made torch warn (an error under ``-W error``).
+    """
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    img = torch.eye(4, dtype=torch.float64)
+    logit_scale = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    want = ps.sigmoid_loss(img, img, logit_scale.exp().detach(), bias.detach())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        alone = ps.sigmoid_loss(img, img, logit_scale.exp(), bias)
+        shards = [slice(0, 1), slice(1, 4)]
+        ranks = ThreadGroup(2).run(
+            lambda comm: ps.sigmoid_loss(
+                img[shards[comm.rank]], img[shards[comm.rank]], logit_scale.exp(), bias, comm=comm
+            )
+        )
+    assert math.isclose(float(alone.detach()), float(want), rel_tol=1e-12)
+    assert all(math.isclose(float(v.detach()), float(want), rel_tol=1e-12) for v in ranks)
