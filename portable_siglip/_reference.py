@@ -16,7 +16,6 @@ from . import _registry as registry
 __all__ = [
     "dense_logit_gradient",
     "dense_loss_and_grad",
-    "dense_loss_and_grad_with_ids",
     "dense_sigmoid",
     "dense_softmax",
 ]
@@ -154,24 +153,3 @@ def dense_loss_and_grad(
         float((dlogits * sims).sum()),
         d_bias,
     )
-
-
-def dense_loss_and_grad_with_ids(
-    loss: str, img: Any, txt: Any, scale: float, bias: float, img_ids: Any, txt_ids: Any
-) -> tuple[float, Any, Any, float, float]:
-    """:func:`dense_loss_and_grad` with several positives per row, given by ids.
-
-    Pair ``(i, j)`` is positive iff ``img_ids[i] == txt_ids[j]``. With
-    ``img_ids = txt_ids = arange(n)`` these are the diagonal losses.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> x = np.eye(3)[:, :2]
-    >>> plain = dense_loss_and_grad("softmax", x, x, 2.0, 0.0)
-    >>> ids = np.arange(3)
-    >>> with_ids = dense_loss_and_grad_with_ids("softmax", x, x, 2.0, 0.0, ids, ids)
-    >>> bool(np.allclose(plain[0], with_ids[0]) and np.allclose(plain[1], with_ids[1]))
-    True
-    """
-    return dense_loss_and_grad(loss, img, txt, scale, bias, img_ids, txt_ids)
