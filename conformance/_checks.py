@@ -29,8 +29,8 @@ from portable_siglip._interop import UsageError, computing_in, load_backend, to_
 
 from ._ahead import EAGER, CompileAhead, Key, ahead_workers, signature
 from ._cases import Case, load_cases
-from ._diagnose import diagnose
-from ._ids import bind_ids, diagnose_ids, load_ids_cases
+from ._diagnose import _diagnose_raised, diagnose
+from ._ids import NONE_FITS, bind_ids, diagnose_ids, load_ids_cases
 from ._judged import check_loss
 from ._naive import naive_errors
 from ._report import (
@@ -727,6 +727,38 @@ def _rule_notes(report: Report, dtype: str) -> list[str]:
     return notes
 
 
+def _diagnose_ids_run(
+    function: Callable[..., Any],
+    report: Report,
+    loss: str,
+    cases: Sequence[Case],
+    outcomes: dict[str, Outcome],
+    losses: dict[str, float | None],
+) -> list[tuple[str, str]]:
+    """Name why a failed ids run failed: never nothing.
+
+    In order: a known multi-positive mistake
+    (:func:`._ids.diagnose_ids`); what the calls raised; a call that timed out; else, in
+    words, that none fits.
+    """
+    late = next(
+        (name for name, o in outcomes.items() if (o.error or "").startswith("timeout")), None
+    )
+    failed = {r.case for r in report.results if not r.passed and r.quantity == "loss"}
+    dtype = report.dtype
+    findings = diagnose_ids(loss, cases, losses, failed, lambda case: tolerance_for(dtype, case))
+    findings += _diagnose_raised(report, cases, outcomes)
+    if late is not None:
+        findings.append(
+            (
+                "timeout",
+                f"the call on {late} gave no result within the timeout ({outcomes[late].error}); "
+                "it was abandoned (it may still be running) and no later call was made",
+            )
+        )
+    return findings or [NONE_FITS]
+
+
 def _check_ids(
     function: Callable[..., Any],
     loss: str,
@@ -741,6 +773,7 @@ def _check_ids(
     """
     report = Report(loss, backend, dtype, "default", _describe(function))
     losses: dict[str, float | None] = {}
+    outcomes: dict[str, Outcome] = {}
     autodiff = seen = False
     for case in cases:
         if any(r.message.startswith("timeout") for r in report.results):
@@ -749,6 +782,7 @@ def _check_ids(
             runner = Runner(bind_ids(function, case, backend), backend, dtype, timeout)
             outcome = runner.run(case.img, case.txt, case.scale, case.bias)
             autodiff, seen = autodiff or runner.autodiff_used, seen or runner.gradients_seen
+        outcomes[case.name] = outcome
         value = outcome.values.get("loss")
         losses[case.name] = None if value is None else float(value)
         golden = case.goldens[loss]
@@ -759,8 +793,6 @@ def _check_ids(
         report.notes.append(_AUTODIFF.format(backend=backend))
     if not seen:
         report.notes.append(_NO_GRADIENTS.format(backend=backend))
-    failed = {r.case for r in report.results if not r.passed and r.quantity == "loss"}
-    report.findings = diagnose_ids(
-        loss, cases, losses, failed, lambda case: tolerance_for(dtype, case)
-    )
+    if not report.passed:
+        report.findings = _diagnose_ids_run(function, report, loss, cases, outcomes, losses)
     return report

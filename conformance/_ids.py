@@ -328,12 +328,17 @@ def _sigmoid_ids(logits: Any, rows: Any, cols: Any, variant: str) -> float:
     if variant in ("log-inside", "positives-summed"):
         return math.nan  # softmax mistakes
     labels = np.where(rows, 1.0, -1.0)
-    return float(np.logaddexp(0.0, -labels * logits).sum() / logits.shape[0])
+    # The sum over the pairs divided by m (the images), or by k (the texts) by mistake.
+    count = logits.shape[1] if variant == "normalised-by-k" else logits.shape[0]
+    return float(np.logaddexp(0.0, -labels * logits).sum() / count)
 
 
 def _softmax_ids(logits: Any, rows: Any, cols: Any, variant: str) -> float:
     """Return the softmax loss of `logits` with positives `rows` (`cols`: text to image)."""
     import numpy as np
+
+    if variant == "normalised-by-k":
+        return math.nan  # a sigmoid mistake: each softmax direction averages its own rows
 
     def direction(z: Any, mask: Any) -> float:
         lse = np.logaddexp.reduce(z, axis=1)
@@ -400,7 +405,19 @@ MISTAKES = {
         "the positives are summed, not averaged: a row with c positives weighs c times; "
         "divide each row's positive terms by its number of positives"
     ),
+    "normalised-by-k": (
+        "the sum over the m x k pairs is divided by k, the number of texts, instead of m, the "
+        "number of images (the rows): the loss is off by m / k wherever m != k"
+    ),
 }
+
+#: The finding of a failed ids run that no mistake of :data:`MISTAKES` fits.
+NONE_FITS = (
+    "unknown",
+    "none of the known mistakes of a multi-positive loss ("
+    + ", ".join(MISTAKES)
+    + ") fits these failures; the table lists every failed check",
+)
 
 
 def diagnose_ids(

@@ -71,6 +71,7 @@ def test_a_right_dense_implementation_passes(loss: str) -> None:
         ("softmax_positives_summed", "softmax", "positives-summed"),
         ("softmax_first_positive", "softmax", "first-positive"),
         ("sigmoid_first_positive", "sigmoid", "first-positive"),
+        ("sigmoid_normalised_by_k", "sigmoid", "normalised-by-k"),
     ],
 )
 def test_each_ids_mistake_is_named(impl: str, loss: str, code: str) -> None:
@@ -107,3 +108,19 @@ def test_ids_are_passed_as_backend_arrays() -> None:
     check(spy, loss="sigmoid", ids=True)
     assert seen
     assert all(entry == (np.ndarray, "i", True) for entry in seen)
+
+
+@pytest.mark.parametrize("impl", ["sigmoid_normalised_by_k", "sigmoid_squared_logits"])
+def test_a_failing_ids_report_always_says_why(impl: str) -> None:
+    # Issue 24 item 14: a failure that no known mistake fits once printed "diagnosis:" and
+    # nothing under it (codes == set()). Every failing report names a cause, or says in
+    # words that none of the known mistakes fits.
+    report = check(getattr(wrong, impl), loss="sigmoid", ids=True)
+    assert not report.passed
+    assert report.codes, report.table()
+    assert report.diagnosis
+    diagnosis = report.table().split("diagnosis:")[1]
+    assert diagnosis.strip(), report.table()
+    if impl == "sigmoid_squared_logits":
+        assert report.codes == {"unknown"}
+        assert "none of the known" in report.diagnosis[0]

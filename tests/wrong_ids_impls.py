@@ -93,3 +93,19 @@ def sigmoid_first_positive(
 ) -> Any:
     rows, _ = _first(_positive(img_ids, txt_ids))
     return _sigmoid(_logits(img, txt, scale, bias), rows)
+
+
+def sigmoid_normalised_by_k(
+    img: Any, txt: Any, scale: Any, bias: Any, *, img_ids: Any, txt_ids: Any
+) -> Any:
+    # The sum over the m x k pairs divided by k, the number of texts, instead of m.
+    logits = _logits(img, txt, scale, bias)
+    return _sigmoid(logits, _positive(img_ids, txt_ids)) * logits.shape[0] / logits.shape[1]
+
+
+def sigmoid_squared_logits(
+    img: Any, txt: Any, scale: Any, bias: Any, *, img_ids: Any, txt_ids: Any
+) -> Any:
+    # No known mistake: the logits squared (a made-up error, for the "none fits" diagnosis).
+    logits = _logits(img, txt, scale, bias)
+    return _sigmoid(np.sign(logits) * logits**2, _positive(img_ids, txt_ids))
