@@ -30,7 +30,7 @@ from portable_siglip._interop import UsageError, computing_in, load_backend, to_
 from ._ahead import EAGER, CompileAhead, Key, ahead_workers, signature
 from ._cases import Case, load_cases
 from ._diagnose import _diagnose_raised, diagnose
-from ._ids import NONE_FITS, bind_ids, diagnose_ids, load_ids_cases
+from ._ids import NONE_FITS, bind_ids, diagnose_ids, ids_not_accepted, load_ids_cases
 from ._judged import check_loss
 from ._naive import naive_errors
 from ._report import (
@@ -737,10 +737,14 @@ def _diagnose_ids_run(
 ) -> list[tuple[str, str]]:
     """Name why a failed ids run failed: never nothing.
 
-    In order: a known multi-positive mistake
+    In order: an implementation that takes no ids; a known multi-positive mistake
     (:func:`._ids.diagnose_ids`); what the calls raised; a call that timed out; else, in
     words, that none fits.
     """
+    errors = [outcome.error for outcome in outcomes.values()]
+    findings = ids_not_accepted(function, errors)
+    if findings:
+        return findings
     late = next(
         (name for name, o in outcomes.items() if (o.error or "").startswith("timeout")), None
     )
@@ -791,7 +795,7 @@ def _check_ids(
     report.gradients_checked = seen
     if autodiff:
         report.notes.append(_AUTODIFF.format(backend=backend))
-    if not seen:
+    if not seen and any(o.error is None for o in outcomes.values()):
         report.notes.append(_NO_GRADIENTS.format(backend=backend))
     if not report.passed:
         report.findings = _diagnose_ids_run(function, report, loss, cases, outcomes, losses)

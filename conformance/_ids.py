@@ -419,6 +419,61 @@ NONE_FITS = (
     + ") fits these failures; the table lists every failed check",
 )
 
+#: The finding of an implementation that does not take the ids.
+IDS_NOT_ACCEPTED = "ids-not-accepted"
+
+
+def accepts_ids(function: Callable[..., Any]) -> bool | None:
+    """Whether `function` can be called with the keywords ``img_ids`` and ``txt_ids``.
+
+    None when its signature cannot be read (a builtin, some C extensions): then only the
+    call tells.
+    """
+    import inspect
+
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return True
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = {p.name for p in parameters if p.kind in keyword}
+    return {"img_ids", "txt_ids"} <= names
+
+
+def refused_ids(error: str | None) -> bool:
+    """Whether a call's error `error` is Python refusing the keywords ``img_ids``/``txt_ids``."""
+    return bool(
+        error
+        and error.startswith("TypeError")
+        and "keyword argument" in error
+        and ("'img_ids'" in error or "'txt_ids'" in error)
+    )
+
+
+def ids_not_accepted(function: Callable[..., Any], errors: Sequence[str | None]) -> list[Finding]:
+    """Return the finding of an implementation without ``img_ids``/``txt_ids``, if it is one.
+
+    It is one when its signature has neither keyword (nor ``**kwargs``) and no call worked,
+    or when every call failed with Python's TypeError about those keywords.
+    """
+    failed = all(error is not None for error in errors)
+    refused = any(refused_ids(error) for error in errors)
+    if not failed or not (refused or accepts_ids(function) is False):
+        return []
+    message = next((e for e in errors if refused_ids(e)), errors[0] if errors else "")
+    return [
+        (
+            IDS_NOT_ACCEPTED,
+            "the implementation does not accept the keyword arguments `img_ids` and "
+            "`txt_ids`: with ids (--ids, check(..., ids=True)) it is called as "
+            "f(img, txt, scale, bias, img_ids=..., txt_ids=...), and every call failed"
+            f" ({str(message)[:200]}). Judge a loss with one positive per row without --ids, "
+            "or give it those two parameters (docs/multi-positive.md)",
+        )
+    ]
+
 
 def diagnose_ids(
     loss: str,

@@ -124,3 +124,32 @@ def test_a_failing_ids_report_always_says_why(impl: str) -> None:
     if impl == "sigmoid_squared_logits":
         assert report.codes == {"unknown"}
         assert "none of the known" in report.diagnosis[0]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_a_loss_without_ids_is_named_as_such(backend: str) -> None:
+    # Issue 24 item 15: the TypeError showed only in a table row, the diagnosis was empty and
+    # a note said "torch has no autodiff".
+    pytest.importorskip(backend)
+    report = check(wrong.sigmoid_without_ids, loss="sigmoid", backend=backend, ids=True)
+    assert not report.passed
+    assert report.codes == {"ids-not-accepted"}, report.table()
+    assert "img_ids" in report.diagnosis[0]
+    assert "txt_ids" in report.diagnosis[0]
+    assert not any("autodiff" in note for note in report.notes), report.notes
+
+
+def test_cli_names_a_loss_without_ids() -> None:
+    result = _cli(
+        "--loss",
+        "sigmoid",
+        "--impl",
+        "wrong_ids_impls.py:sigmoid_without_ids",
+        "--ids",
+        "--backend",
+        "torch",
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "[ids-not-accepted]" in result.stdout
+    assert "does not accept" in result.stdout
+    assert "autodiff" not in result.stdout
