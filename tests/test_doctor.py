@@ -55,11 +55,11 @@ def items(report: dict[str, Any], section: str) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def doctor(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, dict[str, Any]]:
-    """One full doctor run on this machine, with a small block-size probe."""
+    """One full doctor run on this machine (``--probe``), with a small block-size probe."""
     path = tmp_path_factory.mktemp("doctor") / "doctor.json"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_doctor, "PROBE_CPU", (512, 32))
-        status, out = run_doctor("--report", str(path))
+        status, out = run_doctor("--probe", "--report", str(path))
     return status, out, json.loads(path.read_text())
 
 
@@ -156,6 +156,90 @@ def test_quick_skips_the_probe(
     assert _cli.main(["doctor", "--quick", "--report", str(path)]) == 0
     probe = json.loads(path.read_text())["sections"]["block_size"]["items"]
     assert [(item["status"], item["detail"]) for item in probe] == [("skipped", "--quick")]
+
+
+def _fast_doctor(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Leave the inventory as it is, drop agreement and transports; record probe calls."""
+    ran: list[str] = []
+
+    def probe() -> tuple[str, dict[str, Any]]:
+        ran.append("probe")
+        return "timed", {"best_block": 512}
+
+    def probe_checks() -> list[tuple[str, Any]]:
+        ran.append("probe_checks")
+        return [("numpy cpu", probe)]
+
+    monkeypatch.setattr(_doctor, "transport_checks", lambda timeout: [])
+    monkeypatch.setattr(_doctor, "agreement_checks", lambda: [("numpy cpu", lambda: ("ok", {}))])
+    monkeypatch.setattr(_doctor, "probe_checks", probe_checks)
+    return ran
+
+
+def test_default_does_not_run_the_probe(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The probe took 30 s per backend on a loaded 2-core machine: only `--probe` runs it."""
+    ran = _fast_doctor(monkeypatch)
+    path = tmp_path / "default.json"
+    status, out = run_doctor("--report", str(path))
+    assert status == 0, out
+    assert ran == []
+    report = json.loads(path.read_text())
+    assert (report["quick"], report["probe"]) == (True, False)
+    probe = report["sections"]["block_size"]["items"]
+    assert [item["status"] for item in probe] == ["skipped"]
+    assert "`doctor --probe`" in probe[0]["detail"]
+
+
+def test_probe_option_runs_the_probe(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    ran = _fast_doctor(monkeypatch)
+    path = tmp_path / "probe.json"
+    status, out = run_doctor("--probe", "--report", str(path))
+    assert status == 0, out
+    assert ran == ["probe_checks", "probe"]
+    report = json.loads(path.read_text())
+    assert (report["quick"], report["probe"]) == (False, True)
+    probe = items(report, "block_size")["numpy cpu"]
+    assert (probe["status"], probe["detail"]) == ("ok", "timed")
+
+
+def test_quick_and_probe_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _cli.main(["doctor", "--quick", "--probe"])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_progress_says_which_check_runs_on_stderr(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One line per check on stderr, before it runs; the report alone on stdout."""
+    seen: list[str] = []
+    out: list[str] = []
+
+    def check() -> tuple[str, dict[str, Any]]:
+        before = capsys.readouterr()
+        seen.append(before.err)  # what stderr said before this check ran
+        out.append(before.out)
+        return "looked", {}
+
+    monkeypatch.setattr(_doctor, "inventory_checks", lambda: [("first", check), ("second", check)])
+    monkeypatch.setattr(_doctor, "agreement_checks", lambda: [("numpy cpu", check)])
+    monkeypatch.setattr(_doctor, "transport_checks", lambda timeout: [("ThreadGroup(2)", check)])
+    monkeypatch.setattr(_doctor, "probe_checks", lambda: [("numpy cpu", check)])
+    assert _cli.main(["doctor", "--probe"]) == 0
+    out.append(capsys.readouterr().out)
+    assert [text.splitlines()[-1].split("] ", 1)[1] for text in seen] == [
+        "inventory: first ...",
+        "inventory: second ...",
+        "agreement: numpy cpu ...",
+        "transports: ThreadGroup(2) ...",
+        "block size: numpy cpu ...",
+    ]
+    assert all(text.splitlines()[-1].startswith("doctor: [0:00:") for text in seen)
+    stdout = "".join(out)
+    assert "doctor: [" not in stdout
+    assert "  first " in stdout
+    assert "\ndoctor: ok (5 ok, 0 skipped, 0 failed" in stdout
 
 
 def test_a_broken_transport_exits_1(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

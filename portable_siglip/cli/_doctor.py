@@ -13,8 +13,14 @@ FAILED (with what went wrong):
    two-rank ``ThreadGroup``. MPI and torch.distributed run in a process of their own under
    a timeout, so a broken install can neither hang nor crash the doctor, and MPI is never
    initialised in it.
-4. **block size**: forward + gradient of the sigmoid loss at block sizes 256 to 4096 on each
-   device; the fastest against the library's default.
+4. **block size** (with ``--probe`` only): forward + gradient of the sigmoid loss at block
+   sizes 256 to 4096 on each device; the fastest against the library's default. It is the
+   slow part (about 15 s per CPU backend on an idle 2-core machine, 30 s when loaded), so the
+   default run lists it as skipped and takes some 10 to 30 s on 2 cores.
+
+While it runs, one progress line per check on stderr says which check is running (on a
+terminal it is redrawn in place and cleared when the check's line is printed); the report
+itself goes to stdout.
 
 Exit status: 0 when everything found works (skips are fine), 1 when something found is
 broken, 2 for invalid options (a ``--report`` path that cannot be written). An optional
@@ -1154,10 +1160,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also write the whole report as JSON to FILE (checked to be writable first)",
     )
-    parser.add_argument(
+    probe = parser.add_mutually_exclusive_group()
+    probe.add_argument(
+        "--probe",
+        action="store_true",
+        help="also time the block sizes 256 to 4096 on each device against the default "
+        "(about 15 s per CPU backend on an idle 2-core machine, twice that when loaded); "
+        "without it that section is skipped",
+    )
+    probe.add_argument(
         "--quick",
         action="store_true",
-        help="skip the block-size probe, the slowest section (about 4 s on a 2-core CPU)",
+        help="skip the block-size probe: what the doctor does without --probe (kept for "
+        "scripts that pass it)",
     )
     parser.add_argument(
         "--timeout",
@@ -1180,12 +1195,65 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _run_section(title: str, checks: Sequence[tuple[str, Check]]) -> Section:
+class Progress:
+    """Which check is running, on stderr: one line per check, or one redrawn line on a terminal.
+
+    The report goes to stdout; these lines only say what the doctor is doing meanwhile, so
+    that a slow check (a worker starting torch, jax compiling) shows where the time goes.
+
+    Parameters
+    ----------
+    stream : file-like, optional
+        Where to write (default: ``sys.stderr`` when the doctor starts).
+
+    Examples
+    --------
+    >>> import io
+    >>> out = io.StringIO()
+    >>> progress = Progress(out)
+    >>> progress.start("agreement", "numpy cpu")
+    >>> progress.done()
+    >>> out.getvalue().startswith("doctor: [0:00:0")
+    True
+    >>> out.getvalue().splitlines()[-1].split("] ")[1]
+    'agreement: numpy cpu ...'
+    """
+
+    def __init__(self, stream: Any = None) -> None:
+        self._stream = sys.stderr if stream is None else stream
+        self._tty = bool(getattr(self._stream, "isatty", lambda: False)())
+        self._started = time.perf_counter()
+
+    def start(self, section: str, name: str) -> None:
+        """Say that check ``name`` of ``section`` is running."""
+        whole = round(time.perf_counter() - self._started)
+        clock = f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+        line = f"doctor: [{clock}] {section}: {name} ..."
+        self._stream.write("\r\033[K" + line if self._tty else line + "\n")
+        self._stream.flush()
+
+    def done(self) -> None:
+        """Clear the line on a terminal, before the check's result is printed."""
+        if self._tty:
+            self._stream.write("\r\033[K")
+            self._stream.flush()
+
+
+def _run_section(
+    title: str,
+    checks: Sequence[tuple[str, Check]],
+    progress: Progress | None = None,
+    key: str | None = None,
+) -> Section:
     section = Section(title)
     print(f"\n{title}", flush=True)
     start = time.perf_counter()
     for name, check in checks:
+        if progress is not None:
+            progress.start(key or title, name)
         item = run_check(name, check)
+        if progress is not None:
+            progress.done()
         section.items.append(item)
         print(item.line(), flush=True)
     section.seconds = time.perf_counter() - start
@@ -1230,27 +1298,36 @@ def main(args: argparse.Namespace) -> int:
         f"Python {platform.python_version()}, {platform.platform()}",
         flush=True,
     )
+    progress = Progress()
     sections = {
-        "inventory": _run_section("inventory", inventory_checks()),
+        "inventory": _run_section("inventory", inventory_checks(), progress, "inventory"),
         "agreement": _run_section(
             "agreement: both losses and gradients vs the goldens "
             f"({len(AGREEMENT_CASES)} cases, {'/'.join(AGREEMENT_DTYPES)})",
             agreement_checks(),
+            progress,
+            "agreement",
         ),
         "transports": _run_section(
-            "transports: one-rank exchanges and sharded losses", transport_checks(args.timeout)
+            "transports: one-rank exchanges and sharded losses",
+            transport_checks(args.timeout),
+            progress,
+            "transports",
         ),
     }
-    if args.quick:
-        sections["block_size"] = _run_section(
-            "block size: sigmoid forward + gradient, float32",
-            [("probe", _skip("--quick"))],
-        )
-    else:
+    probe = bool(getattr(args, "probe", False))
+    if probe:
         sections["block_size"] = _run_section(
             f"block size: sigmoid forward + gradient, float32, CPU n={PROBE_CPU[0]} "
             f"d={PROBE_CPU[1]}, GPU n={PROBE_GPU[0]} d={PROBE_GPU[1]}",
             probe_checks(),
+            progress,
+            "block size",
+        )
+    else:
+        why = "--quick" if args.quick else "not run by default; `doctor --probe` times it"
+        sections["block_size"] = _run_section(
+            "block size: sigmoid forward + gradient, float32", [("probe", _skip(why))]
         )
     items = [(key, item) for key, section in sections.items() for item in section.items]
     counts = {
@@ -1274,7 +1351,8 @@ def main(args: argparse.Namespace) -> int:
             "seconds": seconds,
             "status": status,
             "counts": counts,
-            "quick": bool(args.quick),
+            "quick": not probe,
+            "probe": probe,
             "sections": {
                 key: {
                     "title": section.title,
