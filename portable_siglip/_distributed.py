@@ -23,7 +23,7 @@ the costs.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import array_api_compat
@@ -107,12 +107,39 @@ def _ids_values(ids: Any) -> list[int]:
     values = host_ids(ids)
     if values is None:
         msg = (
-            "`comm` needs concrete `img_ids` and `txt_ids` (every rank checks that each id "
-            f"has a positive somewhere in the global batch), got {type(ids).__name__}; "
-            "distributed evaluation cannot run inside jax.jit"
+            "`comm` needs concrete `img_ids` and `txt_ids` (the ranks swap them, to agree on "
+            f"one id dtype and check the positives of the global batch), got "
+            f"{type(ids).__name__}; distributed evaluation cannot run inside jax.jit"
         )
         raise TypeError(msg)
     return values
+
+
+def _common_ids(problem: Problem, everyone: Sequence[dict[str, Any]], rank: int) -> Problem:
+    """Return ``problem`` with its ids replaced by their index among the global distinct ids.
+
+    A rank's text ids travel with its text blocks and are compared with the images' ids of
+    every other rank, so they must have one dtype on every rank; the ranks may pass any
+    integer dtypes (int32 on one, int64 or uint64 on another). Every rank holds every rank's
+    ids as Python ints after the handshake, so each maps its own ids to their index in the
+    sorted list of the distinct ids of the global batch: the same map on every rank, exact
+    (equal ids get equal indices, different ids different ones), in int32 on every rank
+    (int64 beyond 2**31 - 1 distinct ids).
+    """
+    distinct = sorted({value for entry in everyone for key in _ID_KEYS for value in entry[key]})
+    index = {value: i for i, value in enumerate(distinct)}
+    xp = problem.xp
+    dtype = xp.int32 if len(distinct) < 2**31 else xp.int64
+    mine = everyone[rank]
+    img_ids, txt_ids = (
+        xp.asarray([index[value] for value in mine[key]], dtype=dtype, device=problem.device)
+        for key in _ID_KEYS
+    )
+    return replace(problem, img_ids=img_ids, txt_ids=txt_ids)
+
+
+#: The summary fields holding a rank's ids, as Python ints.
+_ID_KEYS = ("img_ids", "txt_ids")
 
 
 def _check_global_ids(everyone: Sequence[dict[str, Any]]) -> None:
@@ -157,7 +184,10 @@ def setup(
     the loss, whether gradients are wanted, the strategy, d, dtype, precision, scale or bias, or
     whether ids are passed, every rank raises the same error, naming the rank and the
     parameter, so no rank is left waiting in an exchange. With ids, the ranks swap them too,
-    so that a row without a positive anywhere in the global batch is refused everywhere.
+    so that a row without a positive anywhere in the global batch is refused everywhere
+    (where the loss needs one), and every rank's ids are mapped to one dtype, int32 on every
+    rank whatever integer dtypes the ranks passed (:func:`_common_ids`), before any of them
+    travels.
 
     Returns
     -------
@@ -189,9 +219,11 @@ def setup(
     everyone = checked.allgather_object(summary)
     _raise_any_error(everyone, local_error)
     _check_agreement(everyone)
+    assert problem is not None
     if not traced:
         _check_global_ids(everyone)
-    assert problem is not None
+        if problem.labelled:
+            problem = _common_ids(problem, everyone, checked.rank)
     sizes = tuple(int(entry["k"]) for entry in everyone)
     img_sizes = tuple(int(entry["n"]) for entry in everyone)
     return problem, Ring(checked, sizes, str(strategy), img_sizes)

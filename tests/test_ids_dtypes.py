@@ -1,0 +1,136 @@
+"""Integer ids of different dtypes: across ranks, between ``img_ids`` and ``txt_ids``, on jax.
+
+Pair (i, j) is positive iff ``img_ids[i] == txt_ids[j]`` as integers, whatever the dtypes
+that hold them. Expected values come from the long-double oracle (:mod:`oracle`), which
+compares the ids as NumPy integers; the features are float64.
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate, pairwise
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import LOSS_AND_GRAD, SCHEDULE_IDS, SCHEDULES, assert_close, dtype_of, to_numpy
+from oracle import IDS_REFERENCES
+
+from portable_siglip.comm import ThreadComm, ThreadGroup
+
+SCALE, BIAS = 7.0, -3.0
+#: Image and text rows per rank, uneven and different for images and texts.
+IMG_SHARDS = {1: [5], 2: [3, 2], 3: [2, 3, 1], 4: [2, 1, 3, 2]}
+TXT_SHARDS = {1: [7], 2: [2, 5], 3: [4, 1, 3], 4: [1, 4, 2, 3]}
+
+
+def id_batch(world: int, d: int = 4) -> tuple[np.ndarray, ...]:
+    """Features and ids of a global batch of m images and k texts (every id on both sides).
+
+    The ids are large (beyond 2**20), with a duplicate image and several captions per image,
+    so that a comparison of wrong bits or of wrongly sized buffers shows.
+    """
+    m, k = sum(IMG_SHARDS[world]), sum(TXT_SHARDS[world])
+    rng = np.random.default_rng(40 + world)
+    img_ids = 1_000_003 + 7919 * np.arange(m)
+    img_ids[-1] = img_ids[0]
+    distinct = np.unique(img_ids)
+    txt_ids = rng.permutation(np.concatenate([distinct, rng.choice(distinct, k - distinct.size)]))
+    img = rng.standard_normal((m, d)) / np.sqrt(d)
+    txt = rng.standard_normal((k, d)) / np.sqrt(d)
+    return img, txt, img_ids, txt_ids
+
+
+def shards(sizes: list[int]) -> list[slice]:
+    return [slice(a, b) for a, b in pairwise([0, *accumulate(sizes)])]
+
+
+def rank_dtypes(xp: Any, rank: int) -> tuple[Any, Any]:
+    """The dtypes of a rank's (img_ids, txt_ids): int64 and int32 on even ranks, swapped on odd."""
+    wide, narrow = dtype_of(xp, "int64"), dtype_of(xp, "int32")
+    return (wide, narrow) if rank % 2 == 0 else (narrow, wide)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize(("loss", "strategy"), SCHEDULES, ids=SCHEDULE_IDS)
+def test_ids_of_other_widths_on_other_ranks(xp: Any, loss: str, strategy: str, world: int) -> None:
+    """Rank 0 holds int64 image ids and int32 text ids, rank 1 the other way round, ..."""
+    img, txt, img_ids, txt_ids = id_batch(world)
+    reference = IDS_REFERENCES[loss](img, txt, img_ids, txt_ids, SCALE, BIAS)
+    img_rows, txt_rows = shards(IMG_SHARDS[world]), shards(TXT_SHARDS[world])
+    f64 = dtype_of(xp, "float64")
+
+    def rank_call(comm: ThreadComm) -> Any:
+        r = comm.rank
+        img_dtype, txt_dtype = rank_dtypes(xp, r)
+        return LOSS_AND_GRAD[loss](
+            xp.asarray(img[img_rows[r]], dtype=f64),
+            xp.asarray(txt[txt_rows[r]], dtype=f64),
+            SCALE,
+            BIAS,
+            comm=comm,
+            strategy=strategy,
+            block_size=2,
+            img_ids=xp.asarray(img_ids[img_rows[r]], dtype=img_dtype),
+            txt_ids=xp.asarray(txt_ids[txt_rows[r]], dtype=txt_dtype),
+        )
+
+    results = ThreadGroup(world, timeout=30).run(rank_call)
+    for r, (value, grads) in enumerate(results):
+        assert_close(value, reference.loss, 1e-12, f"rank {r} loss")
+        assert_close(grads.img, reference.img[img_rows[r]], 1e-12, f"rank {r} dimg")
+        assert_close(grads.txt, reference.txt[txt_rows[r]], 1e-12, f"rank {r} dtxt")
+        assert_close(grads.scale, reference.scale, 1e-12, f"rank {r} dscale")
+        assert_close(grads.bias, reference.bias, 1e-12, f"rank {r} dbias")
+
+
+@pytest.mark.timeout(60)
+def test_handshake_gives_every_rank_one_id_dtype(xp: Any) -> None:
+    """The ids that travel with the text blocks have one dtype on every rank after the handshake.
+
+    Over MPI a rank receives a block into a buffer of its own ids' dtype: int32 ids arriving
+    in an int64 buffer were read as other values (a wrong loss), a NaN, a hang or
+    ``MPI_ERR_TRUNCATE``. ThreadComm hands the arrays over as they are, so the losses above
+    pass here either way; this checks the agreement itself.
+    """
+    from portable_siglip._distributed import setup
+
+    world = 3
+    img, txt, img_ids, txt_ids = id_batch(world)
+    img_rows, txt_rows = shards(IMG_SHARDS[world]), shards(TXT_SHARDS[world])
+    f64 = dtype_of(xp, "float64")
+
+    def rank_call(comm: ThreadComm) -> tuple[str, str, list[int], list[int]]:
+        r = comm.rank
+        img_dtype, txt_dtype = rank_dtypes(xp, r)
+        problem, _ = setup(
+            xp.asarray(img[img_rows[r]], dtype=f64),
+            xp.asarray(txt[txt_rows[r]], dtype=f64),
+            SCALE,
+            BIAS,
+            block_size=None,
+            comm=comm,
+            strategy="bidir",
+            loss="sigmoid",
+            grad=True,
+            img_ids=xp.asarray(img_ids[img_rows[r]], dtype=img_dtype),
+            txt_ids=xp.asarray(txt_ids[txt_rows[r]], dtype=txt_dtype),
+        )
+        assert problem.img_ids is not None
+        assert problem.txt_ids is not None
+        return (
+            str(problem.img_ids.dtype),
+            str(problem.txt_ids.dtype),
+            [int(v) for v in to_numpy(problem.img_ids)],
+            [int(v) for v in to_numpy(problem.txt_ids)],
+        )
+
+    results = ThreadGroup(world, timeout=30).run(rank_call)
+    dtypes = {dtype for img_dtype, txt_dtype, _, _ in results for dtype in (img_dtype, txt_dtype)}
+    assert len(dtypes) == 1, f"the ranks' ids have several dtypes after the handshake: {results}"
+    # The ids are still labels of the same pairs: equal exactly where the given ids are equal.
+    new_img = np.concatenate([np.asarray(img, dtype=np.int64) for _, _, img, _ in results])
+    new_txt = np.concatenate([np.asarray(txt, dtype=np.int64) for _, _, _, txt in results])
+    np.testing.assert_array_equal(
+        new_img[:, None] == new_txt[None, :], img_ids[:, None] == txt_ids[None, :]
+    )
