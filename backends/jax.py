@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import portable_siglip as _core
-from portable_siglip import _losses, _registry
+from portable_siglip import _distributed, _losses, _registry
 from portable_siglip.comm import BaseComm, Communicator
 
 __all__ = ["AxisComm", "sigmoid_loss", "softmax_loss"]
@@ -226,6 +226,35 @@ def _refuse_traced_comm(comm: Communicator | None, *arrays: object) -> None:
     raise TypeError(msg)
 
 
+def _check_ids_fit(name: str, ids: Any, comm: Communicator | None) -> None:
+    """Refuse NumPy ids whose values the dtype jax converts them to cannot hold.
+
+    With ``jax_enable_x64`` off (jax's default) ``jnp.asarray`` turns int64 ids into int32
+    and uint64 into uint32, wrapping what does not fit: 2**32 would become 0, the id of
+    another row, and the loss would be silently wrong. Ids whose values fit convert exactly
+    and pass. With a host communicator the error reaches every rank through the handshake.
+    """
+    if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu" or ids.size == 0:
+        return
+    target = np.dtype(jax.dtypes.canonicalize_dtype(ids.dtype))
+    if target.itemsize >= ids.dtype.itemsize:
+        return
+    bounds = np.iinfo(target)
+    outside = ids[(ids < bounds.min) | (ids > bounds.max)]
+    if outside.size == 0:
+        return
+    value = int(outside[0])
+    wrapped = int(np.asarray(value).astype(ids.dtype).astype(target))
+    msg = (
+        f"`{name}` holds {value}, which {target} cannot hold: jax converts {ids.dtype} ids to "
+        f"{target} while `jax_enable_x64` is off, and {value} would become {wrapped}, another "
+        f"id ({outside.size} of {ids.size} ids do not fit). Enable 64-bit jax "
+        "(jax.config.update('jax_enable_x64', True)) or pass ids in "
+        f"[{bounds.min}, {bounds.max}], e.g. each id's index among the batch's distinct ids"
+    )
+    _distributed.raise_everywhere(comm, ValueError(msg))
+
+
 def _times(cotangent: jax.Array, grad: jax.Array) -> jax.Array:
     """``cotangent * grad`` in the dtype of ``grad`` (that of the primal it belongs to)."""
     return (cotangent * grad).astype(grad.dtype)
@@ -263,6 +292,9 @@ def _bridge(
             img, txt, scale, bias, img_ids=img_ids, txt_ids=txt_ids, **options
         )
         return direct
+    if labelled:
+        for name, value in (("img_ids", img_ids), ("txt_ids", txt_ids)):
+            _check_ids_fit(name, value, comm)
     # The ids are arguments of the custom_vjp function (not closed over: under jit they
     # are tracers), with no cotangent (they are integers).
     ids: tuple[jax.Array, ...] = (jnp.asarray(img_ids), jnp.asarray(txt_ids)) if labelled else ()
@@ -373,6 +405,11 @@ def sigmoid_loss(
         :func:`portable_siglip.sigmoid_loss`: pairs with equal ids are positives and m may
         differ from k. Not differentiated. Under ``jax.jit`` their values cannot be
         checked: a row whose id has no match gives a NaN loss.
+        NumPy ids are converted by ``jnp.asarray``: with ``jax_enable_x64`` off (jax's
+        default) int64 becomes int32 and uint64 uint32, and ids these cannot hold (a 64-bit
+        text hash) raise a ``ValueError`` naming the argument instead of wrapping onto
+        other ids. Ids that are jax arrays already, or that ``jax.jit`` converted as
+        arguments, are taken as they are.
     precision : {"fast", "exact"}, optional
         GEMM operands for bfloat16/float16 features, as in
         :func:`portable_siglip.sigmoid_loss`: "fast" (default) multiplies them in the

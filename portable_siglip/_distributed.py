@@ -33,7 +33,7 @@ from ._softmax import merge_lse_pairs
 from ._typing import Array, Namespace
 from .comm import Communicator, Request, check_communicator
 
-__all__ = ["SCHEDULES", "Ring", "circulate", "global_sums", "setup"]
+__all__ = ["SCHEDULES", "Ring", "circulate", "global_sums", "raise_everywhere", "setup"]
 
 #: ``visit(home, block)``: ``home`` says whether ``block`` is this rank's own (a Python bool,
 #: or a traced boolean under an SPMD communicator whose rank is only known on the device).
@@ -227,6 +227,24 @@ def setup(
     sizes = tuple(int(entry["k"]) for entry in everyone)
     img_sizes = tuple(int(entry["n"]) for entry in everyone)
     return problem, Ring(checked, sizes, str(strategy), img_sizes)
+
+
+def raise_everywhere(comm: Communicator | None, error: TypeError | ValueError) -> None:
+    """Raise ``error``, found on this rank before the call reached :func:`setup`, on every rank.
+
+    For a bridge that refuses an argument before handing it to the core (the jax bridge's
+    ids that jax would truncate): the other ranks are in :func:`setup`'s handshake, so this
+    rank takes its place in that ``allgather_object`` with the error, and every rank raises
+    it, naming this rank, as for an argument the core refuses. Without ``comm`` (or under an
+    SPMD communicator, one program) it is raised here alone.
+    """
+    if comm is None or spmd(comm):
+        raise error
+    everyone = check_communicator(comm).allgather_object(
+        {"error": (type(error).__name__, str(error))}
+    )
+    _raise_any_error(everyone, error)
+    raise error  # pragma: no cover - _raise_any_error raises: this rank's entry is an error
 
 
 def _summary(

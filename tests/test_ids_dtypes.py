@@ -134,3 +134,87 @@ def test_handshake_gives_every_rank_one_id_dtype(xp: Any) -> None:
     np.testing.assert_array_equal(
         new_img[:, None] == new_txt[None, :], img_ids[:, None] == txt_ids[None, :]
     )
+
+
+# --- jax with 64-bit types off (its default) ---------------------------------------------
+
+
+@pytest.fixture
+def jax_x32() -> Any:
+    """jax with ``jax_enable_x64`` off, as jax starts; the setting is restored afterwards."""
+    jax = pytest.importorskip("jax")
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    yield jax
+    jax.config.update("jax_enable_x64", previous)
+
+
+#: 64-bit ids that int32 cannot hold: 2**32 wraps to 0 in int32, the id of another row.
+WIDE_IMG_IDS = np.array([2**32, 0, 1, 2], dtype=np.int64)
+WIDE_TXT_IDS = np.array([0, 1, 2, 2**32, 1], dtype=np.int64)
+
+
+def small_features(m: int = 4, k: int = 5, d: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(5)
+    return rng.standard_normal((m, d)).astype(np.float32), rng.standard_normal((k, d)).astype(
+        np.float32
+    )
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("side", ["img_ids", "txt_ids"])
+def test_jax_x32_refuses_ids_it_would_truncate(jax_x32: Any, loss: str, side: str) -> None:
+    from portable_siglip.backends import jax as psj
+
+    img, txt = small_features()
+    ids = {"img_ids": np.array([5, 0, 1, 2]), "txt_ids": np.array([0, 1, 2, 5, 1])}
+    ids[side] = WIDE_IMG_IDS if side == "img_ids" else WIDE_TXT_IDS
+    function = getattr(psj, f"{loss}_loss")
+    pattern = rf"`{side}` holds 4294967296, which int32 cannot hold.*jax_enable_x64"
+    with pytest.raises(ValueError, match=pattern):
+        function(img, txt, SCALE, BIAS, **ids)
+    with pytest.raises(ValueError, match=pattern):
+        jax_x32.grad(function)(img, txt, SCALE, BIAS, **ids)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_jax_x32_takes_64_bit_ids_that_fit(jax_x32: Any, loss: str) -> None:
+    """int64 and uint64 NumPy ids whose values int32 (uint32) holds give the oracle's loss."""
+    from portable_siglip.backends import jax as psj
+
+    img, txt = small_features()
+    img_ids, txt_ids = np.array([7, 2**31 - 1, 1, 2]), np.array([2**31 - 1, 1, 2, 7, 1])
+    reference = IDS_REFERENCES[loss](img, txt, img_ids, txt_ids, SCALE, BIAS)
+    function = getattr(psj, f"{loss}_loss")
+    value = function(img, txt, SCALE, BIAS, img_ids=img_ids, txt_ids=txt_ids)
+    assert_close(value, reference.loss, 1e-5, "loss")
+    unsigned = function(
+        img,
+        txt,
+        SCALE,
+        BIAS,
+        img_ids=img_ids.astype(np.uint64),
+        txt_ids=txt_ids.astype(np.uint64),
+    )
+    assert_close(unsigned, reference.loss, 1e-5, "loss of uint64 ids")
+
+
+def test_jax_x32_refusal_reaches_every_rank(jax_x32: Any) -> None:
+    """With a host communicator, the rank whose ids do not fit raises, and so does every other."""
+    from portable_siglip.backends import jax as psj
+
+    img, txt = small_features()
+
+    def rank_call(comm: ThreadComm) -> str:
+        ids = WIDE_IMG_IDS if comm.rank == 0 else np.array([5, 0, 1, 2])
+        try:
+            psj.sigmoid_loss(
+                img, txt, SCALE, BIAS, comm=comm, img_ids=ids, txt_ids=np.array([0, 1, 2, 5, 1])
+            )
+        except ValueError as error:
+            return str(error)
+        return "no error"
+
+    messages = ThreadGroup(2, timeout=30).run(rank_call)
+    assert messages[0] == messages[1], messages
+    assert messages[0].startswith("rank 0: `img_ids` holds 4294967296"), messages[0]
