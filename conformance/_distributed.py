@@ -297,6 +297,7 @@ def _worker_run(args: argparse.Namespace) -> int:
         text = error if isinstance(error, UsageError) else describe_exception(error)
         error_file.write_text(f"rank {rank}: constructing the implementation: {text}")
         return _USAGE
+    (out / f"rank{rank}.built").touch()
     _, dtype = load_backend("torch", args.dtype)
     work, _ = _scheduled(world, args.dist_convention)
     for index, (case, sizes) in enumerate(work):
@@ -315,6 +316,8 @@ def _worker_run(args: argparse.Namespace) -> int:
     # collective can make that peer's gloo thread abort the process.
     dist.barrier()
     dist.destroy_process_group()
+    # A rank that exits with status 0 and no such file left the run early (os._exit(0)).
+    (out / f"rank{rank}.done").touch()
     return 0
 
 
@@ -380,7 +383,7 @@ def _worker_command(
 
 
 def _launch(
-    command: Sequence[str], world_size: int, deadline_s: float, out: Path, cases: int
+    command: Sequence[str], world_size: int, deadline_s: float, out: Path, labels: Sequence[str]
 ) -> tuple[list[list[dict[str, Any]]], str | None]:
     """Run the W workers; return each rank's outputs of the cases every rank finished.
 
@@ -404,7 +407,7 @@ def _launch(
                     [*command, "--rank", str(rank)], env=env, stdout=log, stderr=subprocess.STDOUT
                 )
             )
-        failure, usage = _wait(procs, out, deadline_s)
+        failure, usage = _wait(procs, out, deadline_s, labels)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -414,26 +417,36 @@ def _launch(
             log.close()
     if usage:
         raise UsageError(failure or "a rank could not construct the implementation")
-    return _read_outputs(out, world_size, cases), failure
+    return _read_outputs(out, world_size, len(labels)), failure
 
 
 def _wait(
-    procs: Sequence[subprocess.Popen[bytes]], out: Path, deadline_s: float
+    procs: Sequence[subprocess.Popen[bytes]], out: Path, deadline_s: float, labels: Sequence[str]
 ) -> tuple[str | None, bool]:
-    """Wait for the workers: why they failed (or None), and whether it was usage."""
+    """Wait for the workers: why they failed (or None), and whether it was usage.
+
+    A rank fails when it ends with a nonzero status, or with status 0 before the end of
+    the run (no ``.done`` file: it called ``os._exit(0)``); then the others get a moment to
+    fail in turn (a peer waiting for it in a collective does) and :func:`_why` says who
+    is to blame.
+    """
     end = time.monotonic() + deadline_s
     while True:
         codes = [proc.poll() for proc in procs]
-        if all(code == 0 for code in codes):
+        done = [
+            code == 0 and (out / f"rank{rank}.done").exists() for rank, code in enumerate(codes)
+        ]
+        if all(done):
             return None, False
-        if any(code not in (None, 0) for code in codes):
+        if any(code is not None and not ok for code, ok in zip(codes, done, strict=True)):
             time.sleep(0.5)  # let the other ranks write their own errors, if they have one
-            return _why(out, [proc.poll() for proc in procs])
+            return _why(out, [proc.poll() for proc in procs], labels)
         if time.monotonic() > end:
             running = [rank for rank, code in enumerate(codes) if code is None]
+            where = ", ".join(f"rank {r} in {_where(out, r, labels)}" for r in running)
             failure = (
-                f"timeout: no result from every rank within {deadline_s:.0f} s; "
-                f"ranks still running: {running}"
+                f"timeout: no result from every rank within {deadline_s:.0f} s (the whole "
+                f"run's budget); still running: {where}"
             )
             return failure, False
         time.sleep(0.05)
@@ -454,21 +467,64 @@ def _read_outputs(out: Path, world_size: int, cases: int) -> list[list[dict[str,
     return results
 
 
-def _why(out: Path, codes: Sequence[int | None]) -> tuple[str, bool]:
-    """Say why the ranks that ended with a nonzero status failed; whether it was usage."""
-    lines = []
+#: What gloo (and the sockets under it) says on a rank whose peer left, crashed or hung.
+_PEER_ERRORS = (
+    "gloo",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Timed out waiting",
+    "Broken pipe",
+)
+
+
+def _where(out: Path, rank: int, labels: Sequence[str]) -> str:
+    """Say where rank `rank` is, or was when it ended, from the files it wrote."""
+    if not (out / f"rank{rank}.built").exists():
+        return "constructing the implementation"
+    index = 0
+    while index < len(labels) and (out / f"rank{rank}-case{index}.npz").exists():
+        index += 1
+    return labels[index] if index < len(labels) else "its last collective, after every case"
+
+
+def _why(out: Path, codes: Sequence[int | None], labels: Sequence[str]) -> tuple[str, bool]:
+    """Say why the run failed, naming first the ranks to blame; whether it was usage.
+
+    To blame: a rank that raised (not a peer error), crashed, or left with status 0 before
+    the end; else, when every error is a peer's (gloo's "Connection closed by peer",
+    "Timed out waiting ..."), the ranks still running: they hung. The ranks that only
+    failed waiting for those come after.
+    """
+    blamed: list[str] = []
+    waited: list[str] = []
+    running = [rank for rank, code in enumerate(codes) if code is None]
     usage = False
     for rank, code in enumerate(codes):
-        if code in (None, 0):
+        if code is None or (out / f"rank{rank}.done").exists():
             continue
+        where = _where(out, rank, labels)
         error = out / f"rank{rank}.error"
         if error.exists():
-            lines.append(error.read_text(errors="replace").strip())
+            text = error.read_text(errors="replace").strip()
             usage |= code == _USAGE
-            continue
-        log = (out / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()
-        last = " | ".join(log[-3:])[-600:] if log else "no output"
-        lines.append(f"rank {rank} ended with exit status {code}: {last}")
+            peer = any(marker in text for marker in _PEER_ERRORS)
+            (waited if peer else blamed).append(text)
+        elif code == 0:
+            blamed.append(
+                f"rank {rank} left the run: it exited with status 0 in {where}, before the "
+                "end (os._exit, or the implementation ended its process)"
+            )
+        else:
+            log = (out / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()
+            last = " | ".join(log[-3:])[-600:] if log else "no output"
+            blamed.append(f"rank {rank} ended with exit status {code} in {where}: {last}")
+    hung = [f"rank {rank} hung: still running in {_where(out, rank, labels)}" for rank in running]
+    if blamed:
+        lines = blamed + [f"then {text}" for text in waited]
+        if hung:
+            lines.append(f"still running: {', '.join(f'rank {rank}' for rank in running)}")
+    else:
+        lines = hung + [f"then {text}" for text in waited] if hung else waited
     return "; ".join(lines), usage
 
 
@@ -764,7 +820,8 @@ def judge(
     with tempfile.TemporaryDirectory(prefix="conformance-dist-") as folder:
         out = Path(folder)
         command = _worker_command(spec, loss, world_size, dist_convention, dtype, timeout, out)
-        raw, failure = _launch(command, world_size, deadline, out, len(work))
+        labels = [_label(case, sizes) for case, sizes in work]
+        raw, failure = _launch(command, world_size, deadline, out, labels)
     run = _Run(dist_convention, f"{world_size} processes on gloo", _takes_bias(loss), skipped)
     report = Report(loss, "torch", dtype, convention, spec)  # ClipLoss takes no bias
     return _build_report(report, run, raw, work, failure, time.monotonic() - started)

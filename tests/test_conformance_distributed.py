@@ -22,7 +22,12 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 from portable_siglip.conformance._checks import UsageError  # noqa: E402
-from portable_siglip.conformance._distributed import judge, schedule, shards  # noqa: E402
+from portable_siglip.conformance._distributed import (  # noqa: E402
+    _scheduled,
+    judge,
+    schedule,
+    shards,
+)
 
 #: Factories that need no open_clip: written to a file, since the workers import them.
 LOCAL_IMPLS = textwrap.dedent(
@@ -60,6 +65,38 @@ LOCAL_IMPLS = textwrap.dedent(
 
     def cannot_construct(rank, world_size):
         raise ValueError("no such option")
+
+
+    def _leaves_on_rank_1(how):
+        # A per-rank SigLIP whose ranks meet in an all_reduce on every call; rank 1 leaves
+        # (or hangs) at its second call, while its peers wait for it there.
+        import os
+        import time
+
+        def factory(rank, world_size):
+            calls = [0]
+
+            def loss(img, txt, scale, bias):
+                calls[0] += 1
+                if rank == 1 and calls[0] == 2:
+                    if how == "os._exit":
+                        os._exit(0)
+                    if how == "SystemExit":
+                        raise SystemExit(0)
+                    time.sleep(3600)
+                torch.distributed.all_reduce(torch.zeros(1))
+                n = img.shape[0]
+                labels = 2 * torch.eye(n, dtype=img.dtype) - 1
+                return -F.logsigmoid(labels * (scale * img @ txt.T + bias)).sum() / n
+
+            return loss
+
+        return factory
+
+
+    exits_on_rank_1 = _leaves_on_rank_1("os._exit")
+    system_exit_on_rank_1 = _leaves_on_rank_1("SystemExit")
+    hangs_on_rank_1 = _leaves_on_rank_1("hang")
     """
 )
 
@@ -185,6 +222,31 @@ def test_a_raising_rank_ends_the_run_with_its_error(local_impls: Path) -> None:
     assert not report.passed
     assert "rank-failed" in report.codes
     assert any("rank 1 gives up" in line for line in report.diagnosis)
+
+
+@pytest.mark.parametrize(
+    ("impl", "world_size", "what"),
+    [
+        ("exits_on_rank_1", 2, "exited with status 0"),
+        ("system_exit_on_rank_1", 3, "SystemExit"),
+        ("hangs_on_rank_1", 2, "hung"),
+        ("hangs_on_rank_1", 3, "hung"),
+    ],
+)
+def test_the_rank_that_left_or_hung_is_named(
+    local_impls: Path, impl: str, world_size: int, what: str
+) -> None:
+    # Issue 24 item 7: rank 1 left (os._exit(0), SystemExit(0)) or hung, and the report
+    # blamed rank 0's gloo error ("Connection closed by peer", "Timed out waiting") only.
+    report = judge(f"{local_impls}:{impl}", loss="sigmoid", world_size=world_size, timeout=3)
+    assert not report.passed
+    assert "rank-failed" in report.codes, report.table()
+    message = dict(report.findings)["rank-failed"]
+    assert message.startswith(("rank 1 ", "rank 1,")), message  # the rank to blame first
+    assert what in message.split(";")[0], message
+    second = _scheduled(world_size, "ddp")[0][1][0].name
+    assert second in message.split(";")[0], message  # the case it left at
+    assert "rank 0" not in message.split(";")[0], message
 
 
 def test_a_factory_that_raises_is_a_usage_error(local_impls: Path) -> None:
