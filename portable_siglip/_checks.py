@@ -412,7 +412,68 @@ def _check_ids(
                 f"{tuple(value.shape)}"
             )
             raise ValueError(msg)
-    return img_ids, txt_ids
+    return _common_dtype(xp, img_ids, txt_ids)
+
+
+def _integer_kind(xp: Namespace, dtype: Any) -> tuple[bool, int]:
+    """Whether an integer dtype is signed, and its bit width."""
+    info = xp.iinfo(dtype)
+    return int(info.min) < 0, int(info.bits)
+
+
+def _common_dtype(xp: Namespace, img_ids: Array, txt_ids: Array) -> tuple[Array, Array]:
+    """Return the ids in one integer dtype that holds every value of both, else raise.
+
+    Ids are compared as integers. Of two dtypes of one signedness the wider holds the
+    narrower's values, as does a signed dtype wider than an unsigned one: the other array
+    is cast to it, traced or not. A signed dtype against an unsigned one at least as wide
+    (int64 against uint64, int32 against uint32) holds both only for some values, so these
+    are read: every value fits the signed dtype (or, none negative, the unsigned one) and
+    that dtype is taken; otherwise ``ValueError`` naming both, and without values (jax
+    tracers) ``TypeError``. Every library then compares one dtype with itself: no float64
+    promotion (jax), raw promotion error (torch) or unnamed ``TypeError`` (array_api_strict).
+    """
+    if img_ids.dtype == txt_ids.dtype:
+        return img_ids, txt_ids
+    arrays = {"img_ids": img_ids, "txt_ids": txt_ids}
+    kinds = {name: _integer_kind(xp, array.dtype) for name, array in arrays.items()}
+    if kinds["img_ids"][0] == kinds["txt_ids"][0]:  # one signedness: the wider
+        target = max(arrays.values(), key=lambda a: _integer_kind(xp, a.dtype)[1]).dtype
+    else:
+        signed, unsigned = ("img_ids", "txt_ids") if kinds["img_ids"][0] else ("txt_ids", "img_ids")
+        if kinds[signed][1] > kinds[unsigned][1]:
+            target = arrays[signed].dtype
+        else:
+            target = _value_dtype(xp, arrays, signed, unsigned)
+    return xp.astype(img_ids, target, copy=False), xp.astype(txt_ids, target, copy=False)
+
+
+def _value_dtype(xp: Namespace, arrays: dict[str, Array], signed: str, unsigned: str) -> Any:
+    """Return the dtype of ``signed`` or ``unsigned`` that holds every id of both (values read)."""
+    described = f"`img_ids` ({arrays['img_ids'].dtype}) and `txt_ids` ({arrays['txt_ids'].dtype})"
+    values = {name: host_ids(array) for name, array in arrays.items()}
+    signed_values, unsigned_values = values[signed], values[unsigned]
+    if signed_values is None or unsigned_values is None:
+        msg = (
+            f"{described} must have one integer dtype where their values cannot be read "
+            "(under jax.jit): no dtype of the two holds every value of the other, so they "
+            "could not be compared exactly; cast both to one dtype before tracing"
+        )
+        raise TypeError(msg)
+    signed_max = int(xp.iinfo(arrays[signed].dtype).max)
+    if max(unsigned_values, default=0) <= signed_max:
+        return arrays[signed].dtype
+    if min(signed_values, default=0) >= 0:
+        return arrays[unsigned].dtype
+    negative = min(signed_values)
+    big = max(unsigned_values)
+    msg = (
+        f"{described} have no common dtype that holds all their values, so they cannot be "
+        f"compared as integers: `{signed}` holds {negative} and `{unsigned}` holds {big} "
+        f"(beyond {signed_max}); pass both in one dtype (e.g. each id's index among the "
+        "batch's distinct ids)"
+    )
+    raise ValueError(msg)
 
 
 def host_ids(ids: Any) -> list[int] | None:

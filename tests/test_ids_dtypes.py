@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import LOSS_AND_GRAD, SCHEDULE_IDS, SCHEDULES, assert_close, dtype_of, to_numpy
+from helpers import LOSS, LOSS_AND_GRAD, SCHEDULE_IDS, SCHEDULES, assert_close, dtype_of, to_numpy
 from oracle import IDS_REFERENCES
 
 from portable_siglip.comm import ThreadComm, ThreadGroup
@@ -218,3 +218,92 @@ def test_jax_x32_refusal_reaches_every_rank(jax_x32: Any) -> None:
     messages = ThreadGroup(2, timeout=30).run(rank_call)
     assert messages[0] == messages[1], messages
     assert messages[0].startswith("rank 0: `img_ids` holds 4294967296"), messages[0]
+
+
+# --- img_ids and txt_ids of different dtypes ----------------------------------------------
+
+#: Neighbouring ids beyond 2**53, where a float64 comparison makes them collide.
+NEAR = 2**53
+MIXED_IMG_IDS = [NEAR, NEAR + 1, 5, 6]
+MIXED_TXT_IDS = [NEAR + 1, NEAR, 5, 6, NEAR, 6]
+
+
+def mixed_batch() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(11)
+    img = rng.standard_normal((len(MIXED_IMG_IDS), 3)) / np.sqrt(3)
+    txt = rng.standard_normal((len(MIXED_TXT_IDS), 3)) / np.sqrt(3)
+    return img, txt
+
+
+@pytest.mark.parametrize(
+    ("img_dtype", "txt_dtype"),
+    [("uint64", "int64"), ("int64", "uint64"), ("int64", "int32"), ("uint8", "int16")],
+)
+def test_ids_of_two_dtypes_compare_as_integers(
+    xp: Any, loss_name: str, img_dtype: str, txt_dtype: str
+) -> None:
+    """Ids of two dtypes are compared exactly, as integers, on every backend."""
+    img, txt = mixed_batch()
+    wide = img_dtype.endswith("64") and txt_dtype.endswith("64")
+    img_ids = np.array(MIXED_IMG_IDS if wide else [1, 2, 5, 6])
+    txt_ids = np.array(MIXED_TXT_IDS if wide else [2, 1, 5, 6, 1, 6])
+    reference = IDS_REFERENCES[loss_name](img, txt, img_ids, txt_ids, SCALE, BIAS)
+    f64 = dtype_of(xp, "float64")
+    value, grads = LOSS_AND_GRAD[loss_name](
+        xp.asarray(img, dtype=f64),
+        xp.asarray(txt, dtype=f64),
+        SCALE,
+        BIAS,
+        block_size=2,
+        img_ids=xp.asarray(img_ids, dtype=dtype_of(xp, img_dtype)),
+        txt_ids=xp.asarray(txt_ids, dtype=dtype_of(xp, txt_dtype)),
+    )
+    assert_close(value, reference.loss, 1e-12, "loss")
+    assert_close(grads.img, reference.img, 1e-12, "dimg")
+    assert_close(grads.txt, reference.txt, 1e-12, "dtxt")
+
+
+def test_ids_that_no_common_dtype_holds_are_refused(xp: Any, loss_name: str) -> None:
+    """int64 -1 and uint64 2**64 - 1 share their bits: no dtype of the two holds both."""
+    img, txt = mixed_batch()
+    f64 = dtype_of(xp, "float64")
+    pattern = (
+        r"`img_ids` \((\w+\.)?int64\) and `txt_ids` \((\w+\.)?uint64\) have no common dtype "
+        r"that holds all their values.*-1.*18446744073709551615"
+    )
+    with pytest.raises(ValueError, match=pattern):
+        LOSS[loss_name](
+            xp.asarray(img, dtype=f64),
+            xp.asarray(txt, dtype=f64),
+            SCALE,
+            BIAS,
+            img_ids=xp.asarray(np.array([-1, 0, 1, 2]), dtype=dtype_of(xp, "int64")),
+            txt_ids=xp.asarray(
+                np.array([2**64 - 1, 0, 1, 2, 0, 1], dtype=np.uint64), dtype=dtype_of(xp, "uint64")
+            ),
+        )
+
+
+def test_ids_of_two_dtypes_under_jit_need_one_dtype() -> None:
+    """Traced ids have no values to check: uint64 against int64 is a TypeError naming both."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    from portable_siglip.backends import jax as psj
+
+    img, txt = mixed_batch()
+    jitted = jax.jit(
+        lambda i, t: psj.sigmoid_loss(
+            jnp.asarray(img), jnp.asarray(txt), SCALE, BIAS, img_ids=i, txt_ids=t
+        )
+    )
+    with pytest.raises(TypeError, match=r"`img_ids` \(uint64\) and `txt_ids` \(int64\)"):
+        jitted(
+            jnp.asarray(MIXED_IMG_IDS, dtype=jnp.uint64),
+            jnp.asarray(MIXED_TXT_IDS, dtype=jnp.int64),
+        )
+    # int32 against int64: the wider holds every value of the narrower, traced or not.
+    img_ids, txt_ids = np.array([1, 2, 5, 6]), np.array([2, 1, 5, 6, 1, 6])
+    reference = IDS_REFERENCES["sigmoid"](img, txt, img_ids, txt_ids, SCALE, BIAS)
+    value = jitted(jnp.asarray(img_ids, dtype=jnp.int32), jnp.asarray(txt_ids, dtype=jnp.int64))
+    assert_close(value, reference.loss, 1e-12, "loss")
