@@ -76,8 +76,12 @@ Residuals = tuple[jax.Array, jax.Array, Extras]
 
 
 def _is_array(value: object) -> bool:
-    """Whether ``value`` is a JAX array (a tracer included) or a NumPy array."""
-    return isinstance(value, jax.Array | np.ndarray)
+    """Whether ``value`` is a JAX array (a tracer included) or a plain NumPy array.
+
+    A NumPy masked array is not: ``jnp.asarray`` would drop its mask, so it goes to the
+    core unchanged, which refuses it naming the argument.
+    """
+    return isinstance(value, jax.Array | np.ndarray) and not isinstance(value, np.ma.MaskedArray)
 
 
 #: jax.lax, untyped: its collectives have no annotations.

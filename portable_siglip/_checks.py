@@ -397,6 +397,7 @@ def _check_ids(
         ("img_ids", img_ids, m, "img"),
         ("txt_ids", txt_ids, k, "txt"),
     ):
+        _check_layout(name, value)  # a masked or sparse id array, as for the features
         if not array_api_compat.is_array_api_obj(value):
             msg = (
                 f"`{name}` must be an integer array of the library of `img`, got {_describe(value)}"

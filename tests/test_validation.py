@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
@@ -238,6 +239,29 @@ def test_masked_array_is_refused() -> None:
             function(img, np.ones((4, 3)), 1.0, 0.0)
         with pytest.raises(TypeError, match=r"`txt` must be a plain array.*masked array"):
             function(np.ones((4, 3)), img, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("side", ["img_ids", "txt_ids"])
+def test_masked_ids_are_refused(side: str) -> None:
+    """Masked ids as masked features: a TypeError naming the argument, in the core and jax bridge.
+
+    The mask would be ignored: the masked id 3 would still pair image 3 with text 3.
+    """
+    img, txt = np.eye(4), np.eye(4)[::-1]
+    ids = {"img_ids": np.arange(4), "txt_ids": np.arange(4)}
+    ids[side] = np.ma.masked_array(np.arange(4), mask=[False, False, False, True])
+    pattern = rf"`{side}` must be a plain array, got a numpy masked array.*mask would be ignored"
+    for function in FUNCTIONS:
+        with pytest.raises(TypeError, match=pattern):
+            function(img, txt, 1.0, 0.0, **ids)
+    if importlib.util.find_spec("jax") is not None:
+        from portable_siglip.backends import jax as psj
+
+        for bridged in (psj.sigmoid_loss, psj.softmax_loss):
+            with pytest.raises(TypeError, match=pattern):
+                bridged(img, txt, 1.0, 0.0, **ids)
+        with pytest.raises(TypeError, match=r"`img` must be a plain array.*masked array"):
+            psj.sigmoid_loss(np.ma.masked_array(img), txt, 1.0, 0.0)
 
 
 def test_torch_sparse_is_refused_before_the_handshake() -> None:
