@@ -380,6 +380,36 @@ def _check_scalar(
     raise TypeError(msg)
 
 
+def _check_fits(name: str, value: Any, xp: Namespace, compute: Any, features: Any) -> None:
+    """Refuse a ``scale`` or ``bias`` that is finite as given but inf in the compute dtype.
+
+    1e39 is a finite Python float (or float64 array), but float32 features compute in
+    float32, where it rounds to inf and the loss and gradients come out NaN. A value that
+    rounds to a finite one is taken, however large (a huge bias then saturates: an inf
+    loss with finite gradients, docs/conventions.md). Tracers have no value to check.
+    """
+    number = value if isinstance(value, float) else concrete_value(value)
+    if number is None:
+        return
+    info = xp.finfo(compute)
+    largest = float(info.max)
+    if largest == 1.7976931348623157e308:  # float64: every Python float fits
+        return
+    # Round to nearest overflows from max + half an ulp of max on: the digits of the format
+    # are 1 - log2(eps), and max = m 2**e with m in [0.5, 1), so its ulp is 2**(e - digits).
+    digits = 1 - round(math.log2(float(info.eps)))
+    half_ulp = math.ldexp(1.0, math.frexp(largest)[1] - digits - 1)
+    if abs(number) < largest + half_ulp:
+        return
+    dtype = f"float{int(info.bits)}"
+    msg = (
+        f"`{name}` must be finite in {dtype}, the dtype the loss computes in for {features} "
+        f"features, got {number:.8g}, which rounds to inf there (largest finite {dtype}: "
+        f"{largest:.8g}); pass a smaller value or float64 features"
+    )
+    raise ValueError(msg)
+
+
 def _check_ids(
     img_ids: Any, txt_ids: Any, xp: Namespace, device: object, m: int, k: int
 ) -> tuple[Array, Array] | None:
@@ -634,6 +664,8 @@ def prepare(
     # numpy's longdouble with float64 accuracy (its results are cast back to longdouble).
     bits = _float_bits(xp, input_dtype)
     compute_dtype = xp.float64 if bits >= 64 else xp.float32
+    for name, value in (("scale", scale_checked), ("bias", bias_checked)):
+        _check_fits(name, value, xp, compute_dtype, input_dtype)
     # "fast" (the default for half inputs) rounds the GEMM operands to the input dtype, so
     # that GPUs multiply them on tensor cores; wider inputs always compute exactly.
     policy = (chosen or "fast") if bits == 16 else "exact"

@@ -206,6 +206,41 @@ def test_scale_array_not_positive(xp: Any, function: Any, value: float) -> None:
         function(features(xp), features(xp), scale, 0.0)
 
 
+@pytest.mark.parametrize("name", ["scale", "bias"])
+@pytest.mark.parametrize("kind", ["python", "array"])
+def test_scalar_that_overflows_the_compute_dtype(
+    xp: Any, function: Any, name: str, kind: str
+) -> None:
+    """1e39 is finite as a Python float or a float64 array, but inf in float32: refused, named.
+
+    float32 features compute in float32, where ``t * img`` or ``Z + b`` was inf and the loss
+    and gradients NaN.
+    """
+    value: Any = 1e39 if kind == "python" else xp.asarray(1e39, dtype=dtype_of(xp, "float64"))
+    kwargs = {"scale": 10.0, "bias": -5.0, name: value}
+    pattern = rf"`{name}` must be finite in float32.*got 1e\+39.*largest finite float32"
+    x32 = features(xp, dtype="float32")
+    with pytest.raises(ValueError, match=pattern):
+        function(x32, x32, kwargs["scale"], kwargs["bias"])
+
+
+@pytest.mark.parametrize("name", ["scale", "bias"])
+def test_scalar_that_fits_the_compute_dtype_is_taken(xp: Any, name: str) -> None:
+    """Just below float32's largest finite value, and beyond float16's with float16 features
+    (which compute in float32): accepted. A huge bias saturates: an inf loss, finite gradients."""
+    x32 = features(xp, dtype="float32")
+    with np.errstate(over="ignore"):  # NumPy warns of the overflow to an inf loss
+        loss, grads = ps.sigmoid_loss_and_grad(x32, x32, 10.0, 3e38)
+    assert math.isinf(float(loss))
+    for grad in grads:
+        assert bool(xp.all(xp.isfinite(grad)))
+    x16 = features(xp, dtype="float16")
+    kwargs = {"scale": 1.0, "bias": 0.0, name: 1e5}  # float16's largest finite is 65504
+    # "exact": float32 GEMM operands ("fast" rounds t * img to float16, where 1e5 is inf)
+    value = ps.sigmoid_loss(x16, x16, kwargs["scale"], kwargs["bias"], precision="exact")
+    assert value.dtype == dtype_of(xp, "float32")
+
+
 def test_scalar_array_values_unchecked_under_jit() -> None:
     # Under jax.jit `scale` is a tracer without a value: the documented limit of the checks.
     jax = pytest.importorskip("jax")
