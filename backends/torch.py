@@ -39,6 +39,16 @@ accumulated in float32 and the loss is float32. Autocast is switched off inside 
 loss, so an enclosing ``torch.autocast`` region does not lower the precision of its
 matrix products; gradients come back in each input's dtype.
 
+torch.compile
+-------------
+The loss is one custom operator, ``torch.ops.portable_siglip.loss_and_grad`` (the value
+alone: ``torch.ops.portable_siglip.loss``), with a fake implementation and an autograd
+formula registered, so the modules and functions compile with ``fullgraph=True``. The
+blockwise loops, the checks and the communication run inside the operator, outside any
+graph. A communicator reaches the operator as a handle: the modules register theirs at
+construction; the functions register a new one in a step kept out of the graph by
+``torch.compiler.disable`` (a graph break on its first compiled call).
+
 Double backward is not supported: the backward is the precomputed analytic gradient.
 A backward pass with ``create_graph=True`` (the first step of a gradient penalty, a
 Hessian-vector product or ``gradgradcheck``) raises a ``RuntimeError`` rather than
@@ -62,7 +72,10 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import numbers
 import sys
+import weakref
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import torch
@@ -95,51 +108,231 @@ def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, factor: float) -> tor
     return (grad * (grad_output * factor)).to(grad.dtype)
 
 
-class _LossFunction(torch.autograd.Function):
-    """The loss as one autograd node whose backward is the precomputed analytic gradient."""
+# --------------------------------------------------------------------------- custom ops
+#
+# The loss enters torch as two operators of the library `portable_siglip`, so that
+# torch.compile (Dynamo, AOTAutograd) treats it as one opaque node, fullgraph=True
+# included: the blockwise loops, the checks and the communication run inside the operator,
+# outside any graph, and a registered fake implementation gives Dynamo the outputs' shapes
+# and dtypes. `loss_and_grad` returns the loss and its analytic gradients; its registered
+# autograd formula multiplies those by the incoming gradient. `loss` is the value alone.
+#
+# An operator takes tensors, numbers and strings only: a Python scale or bias travels as a
+# float next to an absent tensor, and the communicator as an integer handle (`_comm_handle`).
 
-    @staticmethod
-    def forward(
-        ctx: Any,
-        loss: LossName,
-        options: dict[str, Any],
-        img: torch.Tensor,
-        txt: torch.Tensor,
-        scale: Scalar,
-        bias: Scalar | None,
-    ) -> torch.Tensor:
-        _, loss_and_grad = _loss_functions(loss)
-        value, grads = loss_and_grad(
-            _detached(img), _detached(txt), _detached(scale), _detached(bias), **options["core"]
-        )
-        comm = options["core"]["comm"]
-        # DDP averages over W ranks: pre-multiply what only this rank holds (its shard).
-        ctx.shard_factor = float(comm.size) if options["ddp"] and comm is not None else 1.0
-        ctx.scale_is_tensor = isinstance(scale, torch.Tensor)
-        ctx.bias_is_tensor = isinstance(bias, torch.Tensor)
-        ctx.save_for_backward(grads.img, grads.txt, grads.scale, grads.bias)
-        return value  # type: ignore[no-any-return]
+_SIGNATURE = (
+    "Tensor img, Tensor txt, Tensor? scale, float? scale_number, Tensor? bias, "
+    "float? bias_number, Tensor? img_ids, Tensor? txt_ids, str loss, int? block_size, "
+    "int? comm, str strategy, str? precision"
+)
+_LOSS_AND_GRAD_SCHEMA = (
+    f"({_SIGNATURE}, float shard_factor) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_LOSS_SCHEMA = f"({_SIGNATURE}) -> Tensor"
 
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
-        if torch.is_grad_enabled():  # backward(create_graph=True) or autograd.grad(...)
-            msg = (
-                "portable_siglip: double backward is not supported: the loss's backward is "
-                "its precomputed analytic gradient, which autograd cannot differentiate "
-                "again. Do not pass create_graph=True through this loss (a gradient "
-                "penalty on it, gradgradcheck or a Hessian-vector product would be wrong)."
-            )
-            raise RuntimeError(msg)
-        g_img, g_txt, g_scale, g_bias = ctx.saved_tensors
-        factor = ctx.shard_factor
-        return (
-            None,
-            None,
-            _scaled(g_img, grad_output, factor) if ctx.needs_input_grad[2] else None,
-            _scaled(g_txt, grad_output, factor) if ctx.needs_input_grad[3] else None,
-            _scaled(g_scale, grad_output, 1.0) if ctx.scale_is_tensor else None,
-            _scaled(g_bias, grad_output, 1.0) if ctx.bias_is_tensor else None,
+#: The communicators passed to the operators, by handle (`id`): a weak reference whose
+#: callback drops the entry when the communicator dies (so a live entry's id is never
+#: reused), or the communicator itself where it cannot be weakly referenced.
+_COMMS: dict[int, Any] = {}
+
+
+def _enter_comm(comm: Communicator) -> int:
+    """Enter `comm` in `_COMMS` and return its handle."""
+    handle = id(comm)
+
+    def forget(_: object) -> None:
+        _COMMS.pop(handle, None)
+
+    try:
+        _COMMS[handle] = weakref.ref(comm, forget)
+    except TypeError:  # not weakly referenceable: keep it, and with it its id
+        _COMMS[handle] = comm
+    return handle
+
+
+#: `_enter_comm` outside any graph: Dynamo cannot trace weak references (a graph break).
+_register_comm: Callable[[Communicator], int] = torch.compiler.disable(_enter_comm)  # type: ignore[no-untyped-call]
+
+
+def _comm_handle(comm: Communicator | None) -> int | None:
+    """Return the integer that stands for `comm` in an operator call (None for None).
+
+    A communicator seen before (the modules enter theirs at construction) is looked up,
+    which Dynamo traces; a new one is entered by `_register_comm`, a graph break.
+    """
+    if comm is None:
+        return None
+    handle = id(comm)
+    return handle if handle in _COMMS else _register_comm(comm)
+
+
+def _comm_of(handle: int | None) -> Communicator | None:
+    if handle is None:
+        return None
+    entry = _COMMS[handle]
+    return entry() if isinstance(entry, weakref.ref) else entry
+
+
+def _core_call(
+    loss: LossName,
+    with_grad: bool,
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    scale: torch.Tensor | None,
+    scale_number: float | None,
+    bias: torch.Tensor | None,
+    bias_number: float | None,
+    img_ids: torch.Tensor | None,
+    txt_ids: torch.Tensor | None,
+    block_size: int | None,
+    comm: int | None,
+    strategy: str,
+    precision: str | None,
+) -> Any:
+    """Run the core's loss (with its gradients if `with_grad`) on plain tensors."""
+    value, loss_and_grad = _loss_functions(loss)
+    return (loss_and_grad if with_grad else value)(
+        _detached(img),
+        _detached(txt),
+        _detached(scale) if scale is not None else scale_number,
+        _detached(bias) if bias is not None else bias_number,
+        block_size=block_size,
+        comm=_comm_of(comm),
+        strategy=strategy,
+        img_ids=_detached(img_ids),
+        txt_ids=_detached(txt_ids),
+        precision=precision,
+    )
+
+
+def _fresh(tensor: torch.Tensor, inputs: tuple[Any, ...]) -> torch.Tensor:
+    """`tensor`, or a copy where it shares memory with an input (an operator must not alias)."""
+    for other in inputs:
+        if isinstance(other, torch.Tensor) and tensor.untyped_storage().data_ptr() == (
+            other.untyped_storage().data_ptr()
+        ):
+            return tensor.clone()
+    return tensor
+
+
+@torch.library.custom_op(
+    "portable_siglip::loss_and_grad", mutates_args=(), schema=_LOSS_AND_GRAD_SCHEMA
+)
+def _loss_and_grad_op(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    scale: torch.Tensor | None,
+    scale_number: float | None,
+    bias: torch.Tensor | None,
+    bias_number: float | None,
+    img_ids: torch.Tensor | None,
+    txt_ids: torch.Tensor | None,
+    loss: str,
+    block_size: int | None,
+    comm: int | None,
+    strategy: str,
+    precision: str | None,
+    shard_factor: float,
+) -> tuple[torch.Tensor, ...]:
+    """Return the loss and its gradients (img, txt, scale, bias), the factor is for backward."""
+    del shard_factor
+    inputs = (img, txt, scale, bias, img_ids, txt_ids)
+    value, grads = _core_call(
+        loss, True, img, txt, scale, scale_number, bias, bias_number, img_ids, txt_ids,
+        block_size, comm, strategy, precision,
+    )  # fmt: skip
+    outputs = (value, grads.img, grads.txt, grads.scale, grads.bias)
+    return tuple(_fresh(out, inputs) for out in outputs)
+
+
+@torch.library.custom_op("portable_siglip::loss", mutates_args=(), schema=_LOSS_SCHEMA)
+def _loss_op(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    scale: torch.Tensor | None,
+    scale_number: float | None,
+    bias: torch.Tensor | None,
+    bias_number: float | None,
+    img_ids: torch.Tensor | None,
+    txt_ids: torch.Tensor | None,
+    loss: str,
+    block_size: int | None,
+    comm: int | None,
+    strategy: str,
+    precision: str | None,
+) -> torch.Tensor:
+    """Return the loss alone: no gradient pass."""
+    value = _core_call(
+        loss, False, img, txt, scale, scale_number, bias, bias_number, img_ids, txt_ids,
+        block_size, comm, strategy, precision,
+    )  # fmt: skip
+    return _fresh(value, (img, txt, scale, bias, img_ids, txt_ids))
+
+
+def _accumulator(img: torch.Tensor) -> torch.dtype:
+    """Return the loss's dtype: float64 for float64 features, else float32."""
+    return torch.float64 if img.dtype == torch.float64 else torch.float32
+
+
+@_loss_and_grad_op.register_fake
+def _loss_and_grad_fake(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    scale: torch.Tensor | None,
+    scale_number: float | None,
+    bias: torch.Tensor | None,
+    bias_number: float | None,
+    *args: Any,
+) -> tuple[torch.Tensor, ...]:
+    # The shapes and dtypes of the core's results (a Python scale's or bias's gradient is
+    # in the accumulation dtype); the values come only from the real call.
+    compute = _accumulator(img)
+    return (
+        img.new_empty((), dtype=compute),
+        torch.empty_like(img),
+        torch.empty_like(txt),
+        img.new_empty((), dtype=scale.dtype if scale is not None else compute),
+        img.new_empty((), dtype=bias.dtype if bias is not None else compute),
+    )
+
+
+@_loss_op.register_fake
+def _loss_fake(img: torch.Tensor, *args: Any) -> torch.Tensor:
+    return img.new_empty((), dtype=_accumulator(img))
+
+
+def _setup_backward(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+    ctx.save_for_backward(*output[1:])
+    # DDP averages over W ranks: pre-multiply what only this rank holds (its shard).
+    ctx.shard_factor = inputs[-1]
+
+
+def _backward(ctx: Any, grad_output: torch.Tensor, *unused: Any) -> tuple[Any, ...]:
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # backward(create_graph=True) or autograd.grad(..., create_graph=True)
+        msg = (
+            "portable_siglip: double backward is not supported: the loss's backward is "
+            "its precomputed analytic gradient, which autograd cannot differentiate "
+            "again. Do not pass create_graph=True through this loss (a gradient "
+            "penalty on it, gradgradcheck or a Hessian-vector product would be wrong)."
         )
+        raise RuntimeError(msg)
+    g_img, g_txt, g_scale, g_bias = ctx.saved_tensors
+    factor = ctx.shard_factor
+    needs = ctx.needs_input_grad
+    return (
+        _scaled(g_img, grad_output, factor) if needs[0] else None,
+        _scaled(g_txt, grad_output, factor) if needs[1] else None,
+        _scaled(g_scale, grad_output, 1.0) if needs[2] else None,
+        None,
+        _scaled(g_bias, grad_output, 1.0) if needs[4] else None,
+        *([None] * 9),
+    )
+
+
+torch.library.register_autograd(
+    "portable_siglip::loss_and_grad", _backward, setup_context=_setup_backward
+)
 
 
 def _as_scalar(value: Any) -> Any:
@@ -174,6 +367,60 @@ def _without_autocast(device_type: str) -> contextlib.AbstractContextManager[Any
     return torch.autocast(device_type=device_type, enabled=False)
 
 
+def _split_scalar(value: Any) -> tuple[torch.Tensor | None, float | None] | None:
+    """Split a scale or bias into (tensor, None), (None, number) or (None, None).
+
+    None where the value is neither a tensor, a Python real nor None: the core refuses it.
+    """
+    if value is None or isinstance(value, torch.Tensor):
+        return value, None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        try:
+            return None, float(value)
+        except (OverflowError, ValueError):
+            return None
+    return None
+
+
+def _op_arguments(
+    loss: LossName, img: Any, txt: Any, scale: Any, bias: Any, core: dict[str, Any]
+) -> tuple[Any, ...] | None:
+    """Return the operators' arguments, or None where one has a type they cannot take.
+
+    Such arguments (arrays of another library, a bool scale, a string block size...) go to
+    the core directly, whose checks refuse them with its usual messages.
+    """
+    scale_parts, bias_parts = _split_scalar(scale), _split_scalar(bias)
+    block_size, precision, comm = core["block_size"], core["precision"], core["comm"]
+    ids = (core["img_ids"], core["txt_ids"])
+    if (
+        not (isinstance(img, torch.Tensor) and isinstance(txt, torch.Tensor))
+        or scale_parts is None
+        or scale_parts == (None, None)
+        or bias_parts is None
+        or not all(i is None or isinstance(i, torch.Tensor) for i in ids)
+        or not (block_size is None or (type(block_size) is int and abs(block_size) < 2**62))
+        or not isinstance(core["strategy"], str)
+        or not (precision is None or isinstance(precision, str))
+        or not (comm is None or type(getattr(comm, "size", None)) is int)
+    ):
+        return None
+    return (
+        img,
+        txt,
+        *scale_parts,
+        *bias_parts,
+        *ids,
+        loss,
+        block_size,
+        _comm_handle(comm),
+        core["strategy"],
+        precision,
+    )
+
+
 def _evaluate(
     loss: LossName,
     img: Any,
@@ -200,18 +447,21 @@ def _evaluate(
         "txt_ids": txt_ids,
         "precision": precision,
     }
-    device_type = img.device.type if isinstance(img, torch.Tensor) else "cpu"
-    # The loss runs its own precision policy (half inputs accumulate in float32, `precision`
-    # chooses the GEMM operands): an enclosing autocast must not change its GEMMs.
-    with _without_autocast(device_type):
-        if _needs_graph(img, txt, scale, bias):
-            options = {"core": core, "ddp": ddp}
-            out = _LossFunction.apply(loss, options, img, txt, scale, bias)  # type: ignore[no-untyped-call]
-            return out  # type: ignore[no-any-return]
+    arguments = _op_arguments(loss, img, txt, scale, bias, core)
+    if arguments is None:  # refused by the core's checks (or arrays of another library)
         value, _ = _loss_functions(loss)
         return value(  # type: ignore[no-any-return]
             _detached(img), _detached(txt), _detached(scale), _detached(bias), **core
         )
+    # The loss runs its own precision policy (half inputs accumulate in float32, `precision`
+    # chooses the GEMM operands): an enclosing autocast must not change its GEMMs.
+    with _without_autocast(img.device.type):
+        if _needs_graph(img, txt, scale, bias):
+            # DDP averages over W ranks: backward pre-multiplies the shard's gradients by W.
+            factor = float(comm.size) if ddp and comm is not None else 1.0
+            outputs = _loss_and_grad_op(*arguments, factor)
+            return outputs[0]  # type: ignore[no-any-return]
+        return _loss_op(*arguments)  # type: ignore[no-any-return]
 
 
 def sigmoid_loss(
@@ -634,6 +884,7 @@ class _ContrastiveLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.comm = _check_options(owner, comm, rank, world_size, strategy, allowed)
+        _comm_handle(self.comm)  # known to the operators before any compiled forward
         self.strategy = strategy
         self.block_size = _check_block_size(owner, block_size)
         self.ddp = _check_ddp(ddp)
