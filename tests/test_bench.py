@@ -34,7 +34,7 @@ def test_bench_writes_one_row_per_case(tmp_path: Path) -> None:
 
     report = json.loads(out.read_text())
     cases = [(r["backend"], r["loss"], r["n"], r["impl"]) for r in report["rows"]]
-    # The dense autograd baseline is always there; open_clip's row only when it is installed.
+    # The dense baselines are always there; open_clip's row only when it is installed.
     has_open_clip = report["machine"].get("open_clip") is not None
     torch_rows = ("dense autograd", "open_clip") if has_open_clip else ("dense autograd",)
     expected = [
@@ -42,7 +42,7 @@ def test_bench_writes_one_row_per_case(tmp_path: Path) -> None:
         for backend in ("numpy", "torch")
         for n in (64, 100)
         for loss in ("sigmoid", "softmax")
-        for impl in ("ours", "roofline", *(torch_rows if backend == "torch" else ()))
+        for impl in ("ours", "roofline", *(torch_rows if backend == "torch" else ("dense numpy",)))
     ]
     assert sorted(cases) == sorted(expected)
     assert len(set(cases)) == len(cases)
@@ -100,11 +100,112 @@ def test_bad_sizes_are_a_usage_error() -> None:
     assert exit_info.value.code == 2
 
 
-def test_sweep_defaults_and_per_mode_dimension() -> None:
+def test_bare_bench_is_the_quick_set() -> None:
+    """The bare command was the 84-case sweep (hours); now a few representative cases."""
     args = cli._resolve_dims(parse([]))
+    assert (args.sizes, args.dims, args.backends) == ([4096], [768], ["numpy", "torch"])
+    assert args.sweep is False
+    cases = sweep.plan(args)
+    assert [(c.backend, c.d, c.n, c.loss) for c in cases] == [
+        (backend, 768, 4096, loss)
+        for backend in ("numpy", "torch")
+        for loss in ("sigmoid", "softmax")
+    ]
+    # Each case sets ours against a dense baseline, and the roofline.
+    assert sweep._impls("numpy", True, False) == ["ours", "roofline", "dense numpy"]
+    assert sweep._impls("torch", True, False) == ["ours", "roofline", "dense autograd"]
+    # --sizes, --dims and --backends replace the quick grid, as they replace the sweep's.
+    chosen = cli._resolve_dims(parse(["--sizes", "8192", "--dims", "256", "--backends", "jax"]))
+    assert [(c.backend, c.d, c.n) for c in sweep.plan(chosen)] == [("jax", 256, 8192)] * 2
+
+
+@pytest.mark.parametrize("option", ["--sweep", "--full"])
+def test_sweep_option_gives_the_full_sweep(option: str) -> None:
+    args = cli._resolve_dims(parse([option]))
     assert args.sizes == [1024, 2048, 4096, 8192, 16384, 32768, 65536]
     assert args.dims == [256, 768]
     assert args.backends == ["numpy", "torch", "jax"]
+    assert args.sweep is True
+    assert len(sweep.plan(args)) == 7 * 2 * 3 * 2 == 84
+    assert cli._resolve_dims(parse([option, "--dim", "64"])).dims == [64]
+
+
+@pytest.mark.parametrize(
+    "mode", ["--profile", "--frameworks", "--distributed", "--compare-precision"]
+)
+def test_sweep_with_another_mode_is_a_usage_error(
+    mode: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(parse([mode, "--sweep"])) == 2
+    assert "`--sweep` is the full sweep of the default benchmark" in capsys.readouterr().err
+
+
+def test_bare_bench_runs_the_quick_set_and_sets_ours_against_dense(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The quick set end to end, its n and d shrunk through the plan's constants."""
+    monkeypatch.setattr(sweep, "QUICK_SIZES", (48,))
+    monkeypatch.setattr(sweep, "QUICK_DIMS", (8,))
+    out = tmp_path / "quick.json"
+    assert main(parse(["--repeats", "1", "--no-memory", "--json", str(out)])) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["plan"] == "quick"
+    backends = ["numpy", "torch"] if common.installed("torch") else ["numpy"]
+    assert report["config"]["backends"] == backends
+    rows = {(r["backend"], r["loss"], r["impl"]): r for r in report["rows"]}
+    assert {(r["n"], r["d"]) for r in report["rows"]} == {(48, 8)}
+    dense = {"numpy": "dense numpy", "torch": "dense autograd"}
+    for backend in backends:
+        for loss in ("sigmoid", "softmax"):
+            ours, base = rows[(backend, loss, "ours")], rows[(backend, loss, dense[backend])]
+            assert base["error"] is None
+            assert base["median_s"] > 0
+            assert base["vs_ours"]["time"] == pytest.approx(base["median_s"] / ours["median_s"])
+    text = capsys.readouterr().out
+    assert "plan: the quick set (`bench --sweep`: the full sweep, 84 cases); " in text
+    assert "ours against the dense baseline: same inputs, same rounds" in text
+    assert "time baseline/ours" in text
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_dense_numpy_baseline_matches_the_oracle(loss: str) -> None:
+    import numpy as np
+    from oracle import sigmoid_reference, softmax_reference
+
+    from portable_siglip.bench.baselines import dense_numpy_loss_and_grad
+
+    img, txt = common.make_inputs("numpy", 37, 5, "float64", 3)
+    value, (d_img, d_txt, d_scale, d_bias) = dense_numpy_loss_and_grad(loss, img, txt, 3.0, -2.0)
+    oracle = {"sigmoid": sigmoid_reference, "softmax": softmax_reference}[loss]
+    want = oracle(img, txt, 3.0, -2.0)
+    assert value == pytest.approx(float(want.loss), rel=1e-12)
+    np.testing.assert_allclose(d_img, want.img.astype(np.float64), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(d_txt, want.txt.astype(np.float64), rtol=1e-10, atol=1e-14)
+    assert d_scale == pytest.approx(float(want.scale), rel=1e-10, abs=1e-14)
+    assert d_bias == pytest.approx(float(want.bias), rel=1e-10, abs=1e-14)
+    # float32 inputs give float32 gradients: the baseline runs in the inputs' dtype.
+    small = [x.astype(np.float32) for x in (img, txt)]
+    assert dense_numpy_loss_and_grad(loss, *small, 3.0, -2.0)[1][0].dtype == np.float32
+
+
+def test_dense_numpy_memory_probe_runs() -> None:
+    from portable_siglip.bench import memprobe
+
+    result = memprobe.measure(
+        backend="numpy",
+        loss="sigmoid",
+        impl="dense numpy",
+        n=256,
+        dim=8,
+        dtype="float32",
+        block_size=None,
+        seed=0,
+    )
+    # At least the n x n similarities and logits: 2 x 256 KiB.
+    assert result["tracemalloc_peak_bytes"] >= 2 * 256 * 256 * 4
+
+
+def test_per_mode_dimension() -> None:
     assert cli._resolve_dims(parse(["--dim", "64"])).dims == [64]
     assert cli._resolve_dims(parse(["--dims", "8,16", "--dim", "64"])).dims == [8, 16]
     assert cli._resolve_dims(parse(["--frameworks"])).dim == 768
@@ -166,8 +267,8 @@ def test_jax_rows_are_jitted_and_report_their_compile_time(
     pytest.importorskip("jax")
     out = tmp_path / "bench.json"
     argv = ["--backends", "numpy,jax", "--losses", "sigmoid", "--sizes", "40", "--dim", "8"]
-    options = ["--repeats", "1", "--no-memory", "--positives-per-row", "2", "--json", str(out)]
-    assert main(parse([*argv, *options])) == 0
+    options = ["--repeats", "1", "--no-memory", "--no-dense", "--positives-per-row", "2"]
+    assert main(parse([*argv, *options, "--json", str(out)])) == 0
     rows = json.loads(out.read_text())["rows"]
     compiled = {(r["backend"], r["impl"]): r["compile_s"] for r in rows}
     assert set(compiled) == {
@@ -309,7 +410,7 @@ def test_reference_rows_run_the_array_api_loops_and_restore_the_switch(
     monkeypatch.delenv(_inplace.ENV, raising=False)
     out = tmp_path / "bench.json"
     argv = ["--backends", "numpy", "--losses", "sigmoid", "--sizes", "40", "--dim", "8"]
-    options = ["--repeats", "1", "--no-memory", "--reference", "--json", str(out)]
+    options = ["--repeats", "1", "--no-memory", "--no-dense", "--reference", "--json", str(out)]
     assert main(parse([*argv, *options])) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["impl"] for r in rows] == ["ours", "reference loops", "roofline"]

@@ -3,6 +3,9 @@
 ``dense autograd``
     :func:`dense_loss`: the loss written densely in torch (the n x n logits in one piece),
     differentiated by autograd.
+``dense numpy``
+    :func:`dense_numpy_loss_and_grad`: the loss and its gradients written densely in numpy,
+    by hand, in the inputs' dtype: the naive baseline of a numpy user.
 ``chunked autograd``
     :func:`chunked_sigmoid_loss`: the sigmoid loss summed over blocks of image rows, with
     autograd, as open_clip's ``SigLipLoss(chunk_size=...)`` does.
@@ -36,6 +39,7 @@ from typing import Any
 __all__ = [
     "DENSE",
     "DENSE_LOSSES",
+    "DENSE_NUMPY",
     "OPEN_CLIP",
     "OPEN_CLIP_LOSSES",
     "OURS",
@@ -53,6 +57,8 @@ __all__ = [
 OURS = "ours"
 OPEN_CLIP = "open_clip"
 DENSE = "dense autograd"
+#: The dense numpy loss and gradient (:func:`dense_numpy_loss_and_grad`).
+DENSE_NUMPY = "dense numpy"
 
 #: Lower bounds of the peak extra memory, in units of ``n^2 * itemsize`` for the framework
 #: losses (the dense and chunked losses keep several n x n tensors for backward; 4 to 6 were
@@ -151,6 +157,54 @@ def dense_loss(loss: str, img: Any, txt: Any, scale: Any, bias: Any) -> Any:
     if bias is not None:
         logits = logits + bias
     return formula(logits)
+
+
+def dense_numpy_loss_and_grad(
+    loss: str, img: Any, txt: Any, scale: float, bias: float
+) -> tuple[float, tuple[Any, Any, float, float]]:
+    """Compute the loss and its four gradients densely in numpy: the n x n matrices whole.
+
+    The textbook formula of the registered loss (its ``dense``, which ``run --verify``
+    evaluates in float64) on ``S = img @ txt.T`` in the inputs' own dtype, and the chain
+    rule by hand: ``d_img = t G txt``, ``d_txt = t G^T img``, ``d_t = sum(G * S)``,
+    ``d_b = sum(G)`` with ``G = dL/dZ``. What a numpy user writes without this library.
+
+    Parameters
+    ----------
+    loss : str
+        A registered loss's name.
+    img, txt : numpy.ndarray, shape (n, d)
+        Image and text features; row i of each is a positive pair.
+    scale, bias : float
+        ``t`` and ``b``.
+
+    Returns
+    -------
+    tuple
+        ``(loss, (d_img, d_txt, d_scale, d_bias))``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> value, (d_img, d_txt, d_t, d_b) = dense_numpy_loss_and_grad(
+    ...     "softmax", np.eye(2), np.eye(2), 1.0, 0.0)
+    >>> round(value, 6), d_img.shape, d_b
+    (0.313262, (2, 2), 0.0)
+    """
+    import numpy as np
+
+    from .. import _registry as registry
+
+    spec = registry.get(loss)
+    sims = img @ txt.T  # (n, d) @ (d, n) -> (n, n)
+    positive = np.eye(sims.shape[0], sims.shape[1], dtype=sims.dtype)
+    value, dlogits = spec.dense(sims, scale, bias, positive)
+    dlogits = dlogits.astype(sims.dtype, copy=False)
+    d_img = scale * (dlogits @ txt)  # (n, n) @ (n, d)
+    d_txt = scale * (dlogits.T @ img)
+    d_scale = float((dlogits * sims).sum())
+    d_bias = float(dlogits.sum()) if spec.uses_bias else 0.0
+    return float(value), (d_img, d_txt, d_scale, d_bias)
 
 
 def chunked_sigmoid_loss(img: Any, txt: Any, scale: Any, bias: Any, chunk_size: int) -> Any:

@@ -186,7 +186,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         What is wrong with the common options, or None.
     """
     for name, allowed in (("backends", BACKENDS), ("losses", registry.names())):
-        problem = among(name, getattr(args, name), allowed)
+        # None: not resolved yet (the bench command fills in the backends of its plan).
+        problem = among(name, getattr(args, name) or (), allowed)
         if problem is not None:
             return problem
     if args.dtype not in DTYPES:

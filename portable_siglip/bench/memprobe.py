@@ -60,9 +60,9 @@ def measure(
         Array library.
     loss : str
         A registered loss's name (ignored by the ``roofline`` case).
-    impl : {"ours", "ours ids", "roofline", "dense autograd", "open_clip"}
+    impl : {"ours", "ours ids", "roofline", "dense numpy", "dense autograd", "open_clip"}
         What runs: the blockwise loss and gradient (plain, or with ids), the three GEMMs,
-        the dense torch loss or open_clip's.
+        the dense numpy loss and gradient, the dense torch loss or open_clip's.
     n, dim : int
         Batch size and feature dimension.
     dtype : {"float32", "float64"}

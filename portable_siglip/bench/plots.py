@@ -29,6 +29,7 @@ IMPL_STYLES = {
     "ours": ("-", "o"),
     "ours ids": ("-", "v"),
     "roofline": ("--", "s"),
+    "dense numpy": (":", "<"),
     "dense autograd": (":", "^"),
     "open_clip": ("-.", "D"),
 }

@@ -1,8 +1,15 @@
 """``python -m portable_siglip bench``: time and memory of the blockwise losses on the CPU.
 
-The default run sweeps the batch size n (1024 to 65536), the feature dimension d (256, 768),
-both losses and every installed backend (numpy, torch, jax). For each (backend, d, n, loss)
-these run on the same random inputs, forward + gradient:
+Two plans share this code. The default, the **quick set** (:data:`QUICK_SIZES`,
+:data:`QUICK_DIMS`, :data:`QUICK_BACKENDS`): both losses at n = 4096, d = 768 on numpy and
+torch, ours against the dense baseline of each, side by side; a few minutes on 2 cores.
+``--sweep`` (or ``--full``), the **full sweep** (:data:`DEFAULT_SIZES`, :data:`DEFAULT_DIMS`,
+every backend): the batch size n from 1024 to 65536, d = 256 and 768, both losses, numpy,
+torch and jax; 84 cases, over an hour on a 2-core machine (the numpy cases alone took 31
+minutes, the torch ones 35, for docs/benchmarks.md) and several hours on a loaded one.
+``--sizes``, ``--dims`` and ``--backends`` replace either plan's grid; :func:`plan` lists the
+cases. For each (backend, d, n, loss) these run on the same random inputs, forward +
+gradient:
 
 ``ours``
     :func:`portable_siglip.sigmoid_loss_and_grad` / :func:`softmax_loss_and_grad`. On jax it
@@ -26,6 +33,9 @@ these run on the same random inputs, forward + gradient:
     on row panels of ``S``, so the roofline exists at every n.
 ``dense autograd`` (torch only)
     The loss written densely in torch and differentiated by autograd.
+``dense numpy`` (numpy only)
+    The loss and its gradients written densely in numpy by hand, in the inputs' dtype
+    (:func:`portable_siglip.bench.baselines.dense_numpy_loss_and_grad`).
 ``open_clip`` (torch only, when open-clip-torch is installed)
     open_clip's own ``SigLipLoss`` / ``ClipLoss``, forward + ``backward()``.
 
@@ -39,6 +49,10 @@ skipped with the prediction stated.
 The jitted jax rows report their compile time (``compile_s``: tracing, lowering and the XLA
 compile of ``.lower(...).compile()``) beside the run time, which excludes it; other rows have
 none.
+
+A second table sets ours against the dense baseline of each case (``dense numpy``,
+``dense autograd``): the baseline's time and peak memory as multiples of ours, from the same
+interleaved rounds.
 
 Every row reports GFLOP/s counted as three GEMMs of ``2 n^2 d`` flops whatever the row did, so
 the rows compare, and the roofline fraction ``roofline time / row time``. Peak extra memory is
@@ -65,7 +79,16 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from .. import _registry as registry
-from .baselines import DENSE, OPEN_CLIP, OURS, dense_loss, open_clip_forward, predict_peak_bytes
+from .baselines import (
+    DENSE,
+    DENSE_NUMPY,
+    OPEN_CLIP,
+    OURS,
+    dense_loss,
+    dense_numpy_loss_and_grad,
+    open_clip_forward,
+    predict_peak_bytes,
+)
 from .common import (
     BIAS,
     PROBE_TIMEOUT_BASE_S,
@@ -95,24 +118,41 @@ from .common import (
 __all__ = [
     "IMPLS",
     "OURS_IDS",
+    "QUICK_BACKENDS",
+    "QUICK_DIMS",
+    "QUICK_SIZES",
+    "Case",
     "CompiledRun",
     "compile_seconds",
     "group_ids",
     "main",
     "make_run",
+    "plan",
     "roofline_panel",
 ]
 
 #: Our loss with several positives per row (``--positives-per-row``).
 OURS_IDS = "ours ids"
 
-IMPLS = (OURS, OURS_IDS, "reference loops", "roofline", DENSE, OPEN_CLIP)
+IMPLS = (OURS, OURS_IDS, "reference loops", "roofline", DENSE_NUMPY, DENSE, OPEN_CLIP)
 
-#: Batch sizes n of the default benchmark (``--sizes``).
+#: The dense baselines that the second table sets against ours.
+DENSE_BASELINES = (DENSE_NUMPY, DENSE)
+
+#: Batch sizes n of the full sweep, ``bench --sweep`` (``--sizes`` replaces them).
 DEFAULT_SIZES = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
-#: Feature dimensions d of the default benchmark (``--dims``).
+#: Feature dimensions d of the full sweep (``--dims`` replaces them).
 DEFAULT_DIMS = (256, 768)
+
+#: Batch sizes n of the quick set, the bare ``bench`` (``--sizes`` replaces them).
+QUICK_SIZES = (4096,)
+
+#: Feature dimensions d of the quick set (``--dims`` or ``--dim`` replaces them).
+QUICK_DIMS = (768,)
+
+#: Backends of the quick set (``--backends`` replaces them); one not installed is skipped.
+QUICK_BACKENDS = ("numpy", "torch")
 
 #: A case predicted to take longer than this (seconds) runs once, in its memory probe.
 LONG_CASE_S = 10.0
@@ -305,6 +345,13 @@ def _dense_autograd(loss: str, img: Any, txt: Any) -> Callable[[], None]:
     return _autograd(functools.partial(dense_loss, loss), img, txt)
 
 
+def _dense_numpy(loss: str, img: Any, txt: Any) -> Callable[[], None]:
+    def run() -> None:
+        dense_numpy_loss_and_grad(loss, img, txt, SCALE, BIAS)
+
+    return run
+
+
 def make_run(
     backend: str,
     loss: str,
@@ -322,8 +369,10 @@ def make_run(
         Array library of ``img`` and ``txt``.
     loss : str
         A registered loss's name (not used by ``roofline``).
-    impl : {"ours", "ours ids", "reference loops", "roofline", "dense autograd", "open_clip"}
-        What to run; ``dense autograd`` and ``open_clip`` need torch (and open-clip-torch).
+    impl : {"ours", "ours ids", "reference loops", "roofline", "dense numpy", "dense autograd", \
+"open_clip"}
+        What to run; ``dense numpy`` needs numpy inputs, ``dense autograd`` and ``open_clip``
+        torch ones (and open-clip-torch).
     img, txt : array, shape (n, d)
         The inputs, from :func:`portable_siglip.bench.common.make_inputs`.
     block_size : int or None
@@ -351,6 +400,8 @@ def make_run(
         return _ours(loss, img, txt, block_size, fast_paths=False)
     if impl == "roofline":
         return _roofline(img, txt)
+    if impl == DENSE_NUMPY and backend == "numpy":
+        return _dense_numpy(loss, img, txt)
     if impl == "dense autograd" and backend == "torch":
         return _dense_autograd(loss, img, txt)
     if impl == "open_clip" and backend == "torch":
@@ -364,6 +415,8 @@ def _impls(
 ) -> list[str]:
     impls = ["ours", *([OURS_IDS] if ids else []), *(["reference loops"] if reference else [])]
     impls.append("roofline")
+    if dense and backend == "numpy":
+        impls.append(DENSE_NUMPY)
     if dense and backend == "torch":
         impls.append("dense autograd")
         if open_clip:
@@ -453,12 +506,57 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def _vs_plain(ids_row: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
-    """Return ``ours ids / ours`` of one case: time, peak extra memory, tracemalloc peak."""
+    """Return ``row / ours`` of one case: time, peak extra memory, tracemalloc peak.
+
+    ``ours ids / ours`` (``vs_plain``), or a dense baseline's against ours (``vs_ours``).
+    """
     return {
         "time": _ratio(ids_row["median_s"], plain["median_s"]),
         "peak": _ratio(ids_row["peak_extra_mib"], plain["peak_extra_mib"]),
         "tracemalloc": _ratio(ids_row["tracemalloc_peak_mib"], plain["tracemalloc_peak_mib"]),
     }
+
+
+def _dense_table(rows: list[dict[str, Any]]) -> str | None:
+    """Lay out each dense baseline against ours, one line per case; None without one."""
+    ours = {(r["backend"], r["loss"], r["d"], r["n"]): r for r in rows if r["impl"] == OURS}
+    header = (
+        "backend",
+        "loss",
+        "d",
+        "n",
+        "baseline",
+        "ours s",
+        "baseline s",
+        "time baseline/ours",
+        "ours MiB",
+        "baseline MiB",
+        "peak baseline/ours",
+    )
+    lines = [header]
+    for row in rows:
+        if row["impl"] not in DENSE_BASELINES:
+            continue
+        base = ours.get((row["backend"], row["loss"], row["d"], row["n"]))
+        ratios = row.get("vs_ours") or {}
+        lines.append(
+            (
+                row["backend"],
+                row["loss"],
+                str(row["d"]),
+                str(row["n"]),
+                row["impl"],
+                fmt(None if base is None else base["median_s"], ".3f"),
+                "skipped" if row["skipped"] else fmt(row["median_s"], ".3f"),
+                fmt(ratios.get("time"), ".2f"),
+                fmt(None if base is None else base["peak_extra_mib"], ".1f"),
+                fmt(row["peak_extra_mib"], ".1f"),
+                fmt(ratios.get("peak"), ".1f"),
+            )
+        )
+    if len(lines) == 1:
+        return None
+    return render_table(lines, left={0, 1, 4})
 
 
 def _ids_table(rows: list[dict[str, Any]]) -> str | None:
@@ -505,7 +603,7 @@ def _ids_table(rows: list[dict[str, Any]]) -> str | None:
     return render_table(lines, left={0, 1})
 
 
-def _header(args: argparse.Namespace, machine: dict[str, Any], block: str) -> str:
+def _header(args: argparse.Namespace, machine: dict[str, Any], block: str, cases: int) -> str:
     versions = f"numpy {machine['numpy']}"
     if machine.get("numpy_blas"):
         versions += f" ({machine['numpy_blas']})"
@@ -518,8 +616,17 @@ def _header(args: argparse.Namespace, machine: dict[str, Any], block: str) -> st
         versions += f", open-clip-torch {machine['open_clip']}"
     load = ", ".join(f"{x:.2f}" for x in machine["load_average_before"])
     dims = ", ".join(str(d) for d in args.dims)
+    sizes = ", ".join(str(n) for n in args.sizes)
+    if _plan_name(args) == "quick":
+        from .common import BACKENDS
+
+        full = len(DEFAULT_SIZES) * len(DEFAULT_DIMS) * len(BACKENDS) * len(args.losses)
+        which = f"the quick set (`bench --sweep`: the full sweep, {full} cases)"
+    else:
+        which = "the full sweep"
     return "\n".join(
         [
+            f"plan: {which}; {cases} cases, n in {{{sizes}}}",
             "portable-siglip bench: forward + gradient on the CPU, "
             f"d in {{{dims}}}, {args.dtype}, t = {SCALE:g}, b = {BIAS:g}, "
             f"block_size = {block}, median of {args.repeats} interleaved rounds after 1 warm-up",
@@ -530,6 +637,50 @@ def _header(args: argparse.Namespace, machine: dict[str, Any], block: str) -> st
         ]
     )
 
+
+def _print_tables(args: argparse.Namespace, rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """Print the table of rows and the ratio tables there are; return the notes they need."""
+    print()
+    print(_table(rows))
+    notes: tuple[str, ...] = NOTES
+    if any(row["compile_s"] is not None for row in rows):
+        notes = (JIT_NOTE, *notes)
+    dense_table = _dense_table(rows)
+    if dense_table is not None:
+        print()
+        print("ours against the dense baseline: same inputs, same rounds (baseline / ours)")
+        print(dense_table)
+        notes = (DENSE_NOTE, *notes)
+    ids_table = _ids_table(rows)
+    if ids_table is not None:
+        print()
+        print("several positives per row: ours ids against ours, same inputs, same rounds")
+        print(ids_table)
+        notes = (IDS_NOTE, *notes)
+    if _plan_name(args) == "quick":
+        notes = (QUICK_NOTE, *notes)
+    return notes
+
+
+def _plan_name(args: argparse.Namespace) -> str:
+    """``"sweep"`` with ``--sweep`` (or ``--full``), else ``"quick"``."""
+    return "sweep" if getattr(args, "sweep", False) else "quick"
+
+
+QUICK_NOTE = (
+    "This is the quick set (the bare `bench`): a few representative cases, a few minutes on "
+    "2 cores. `bench --sweep` runs the full sweep (n = 1024 to 65536, d = 256 and 768, "
+    "numpy, torch and jax, both losses: 84 cases), over an hour on a 2-core machine and "
+    "several hours on a loaded one; --sizes, --dims and --backends choose any grid."
+)
+
+DENSE_NOTE = (
+    "dense baselines: `dense numpy` is the loss and its gradients written densely in numpy by "
+    "hand (the n x n logits whole, in the inputs' dtype), `dense autograd` the dense torch "
+    "loss differentiated by autograd; baseline/ours are the ratios of its median time and "
+    "peak MiB to those of `ours` in the same case, timed in the same interleaved rounds "
+    "(or once each, when long)."
+)
 
 IDS_NOTE = (
     "several positives per row: `ours ids` is `ours` called with img_ids = txt_ids = "
@@ -606,6 +757,7 @@ def _new_row(args: argparse.Namespace, case: Case, impl: str) -> dict[str, Any]:
         "skipped": None,
         "error": None,
         "vs_plain": None,
+        "vs_ours": None,
     }
 
 
@@ -627,7 +779,7 @@ class _Sweep:
         return previous[1] * (case.n / previous[0]) ** 2
 
     def too_big(self, case: Case, impl: str) -> str | None:
-        if impl not in ("dense autograd", "open_clip"):
+        if impl not in (DENSE_NUMPY, DENSE, OPEN_CLIP):
             return None
         previous = self.last.get((case.backend, case.d, case.loss, impl))
         measured = None
@@ -680,6 +832,8 @@ def _run_case(sweep: _Sweep, case: Case, impls: list[str], inputs: tuple[Any, An
             row["roofline_fraction"] = roofline_s / row["median_s"]
         if impl == OURS_IDS and OURS in rows:
             row["vs_plain"] = _vs_plain(row, rows[OURS])
+        if impl in DENSE_BASELINES and OURS in rows:
+            row["vs_ours"] = _vs_plain(row, rows[OURS])
         sweep.remember(case, row)
         sweep.rows.append(row)
 
@@ -768,10 +922,28 @@ def _probe_memory(
             row["compile_s"] = memory.get("compile_s")  # compiled there, not here
 
 
-def _cases(args: argparse.Namespace, backends: Sequence[str]) -> list[Case]:
+def plan(args: argparse.Namespace, backends: Sequence[str] | None = None) -> list[Case]:
+    """Return the cases the run will go through, in order: every (backend, d, n, loss).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Options with the grid resolved (``portable_siglip.cli._bench`` does): ``sizes``,
+        ``dims``, ``losses`` and ``backends``; the bare ``bench`` gives the quick set,
+        ``--sweep`` the full sweep.
+    backends : sequence of str, optional
+        The backends to run (default: ``args.backends``; ``main`` passes the installed ones).
+
+    Examples
+    --------
+    >>> args = argparse.Namespace(sizes=[4096], dims=[768], losses=["sigmoid", "softmax"],
+    ...                           backends=["numpy"])
+    >>> [(c.backend, c.n, c.loss) for c in plan(args)]
+    [('numpy', 4096, 'sigmoid'), ('numpy', 4096, 'softmax')]
+    """
     return [
         Case(backend, d, n, loss)
-        for backend in backends
+        for backend in (args.backends if backends is None else backends)
         for d in args.dims
         for n in args.sizes
         for loss in args.losses
@@ -780,7 +952,7 @@ def _cases(args: argparse.Namespace, backends: Sequence[str]) -> list[Case]:
 
 def _sweep(args: argparse.Namespace, backends: Sequence[str], open_clip: bool) -> _Sweep:
     sweep = _Sweep(args)
-    cases = _cases(args, backends)
+    cases = plan(args, backends)
     ids = _positives(args) > 1
     weight = 2 if ids else 1  # ours ids costs about what ours does
     progress = Progress(
@@ -852,7 +1024,7 @@ def main(args: argparse.Namespace) -> int:
     from .._checks import DEFAULT_BLOCK_SIZE
 
     block = str(args.block_size) if args.block_size else f"default ({DEFAULT_BLOCK_SIZE})"
-    print(_header(args, machine, block), flush=True)
+    print(_header(args, machine, block, len(plan(args, backends))), flush=True)
 
     started = time.perf_counter()
     sweep = _sweep(args, backends, open_clip is not None)
@@ -860,23 +1032,14 @@ def main(args: argparse.Namespace) -> int:
     machine["load_average_after"] = list(os.getloadavg())
     machine["wall_s"] = time.perf_counter() - started
 
-    print()
-    print(_table(rows))
-    ids_table = _ids_table(rows)
-    notes_shown: tuple[str, ...] = NOTES
-    if any(row["compile_s"] is not None for row in rows):
-        notes_shown = (JIT_NOTE, *notes_shown)
-    if ids_table is not None:
-        print()
-        print("several positives per row: ours ids against ours, same inputs, same rounds")
-        print(ids_table)
-        notes_shown = (IDS_NOTE, *notes_shown)
+    notes_shown = _print_tables(args, rows)
     print()
     print_notes(notes_shown, errors)
     print_load_after(machine)
     report = {
         "machine": machine,
         "config": {
+            "plan": _plan_name(args),
             "backends": backends,
             "losses": list(args.losses),
             "sizes": list(args.sizes),

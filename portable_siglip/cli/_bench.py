@@ -1,7 +1,9 @@
 """The ``bench`` command: its options, and the dispatch to the benchmark they ask for.
 
-``python -m portable_siglip bench`` runs the sweep (:mod:`portable_siglip.bench.sweep`);
-``--frameworks``, ``--distributed``, ``--profile`` and ``--compare-precision``, which
+``python -m portable_siglip bench`` runs the quick set of :mod:`portable_siglip.bench.sweep`
+(both losses at one moderate n on numpy and torch, ours against the dense baselines: a few
+minutes), ``--sweep`` (or ``--full``) its full sweep over n, d and backends (over an hour
+on 2 cores); ``--frameworks``, ``--distributed``, ``--profile`` and ``--compare-precision``, which
 exclude each other, run :mod:`~portable_siglip.bench.frameworks`,
 :mod:`~portable_siglip.bench.distributed`, :mod:`~portable_siglip.bench.profile` and
 :mod:`~portable_siglip.bench.precision` instead. ``--device cuda`` (or ``cuda:N``) runs
@@ -32,7 +34,8 @@ from ._devices import Device, parse_device, resolve_device
 
 __all__ = ["add_arguments", "main"]
 
-#: The modes that replace the sweep, as their option names; they exclude each other.
+#: The modes that replace the quick set and the sweep, as their option names; they exclude
+#: each other.
 MODES = ("distributed", "frameworks", "profile", "compare_precision")
 
 #: What ``--dtype`` accepts: the sweep's dtypes, bfloat16 (the GPU benchmark and
@@ -48,25 +51,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser : argparse.ArgumentParser
         The ``bench`` subparser (or any parser).
     """
+    from ..bench.sweep import DEFAULT_DIMS, DEFAULT_SIZES, QUICK_BACKENDS, QUICK_DIMS, QUICK_SIZES
+
+    def listed(values: Any) -> str:
+        return ",".join(str(value) for value in values)
+
+    parser.add_argument(
+        "--sweep",
+        "--full",
+        action="store_true",
+        help="run the full sweep instead of the quick set: n = "
+        f"{listed(DEFAULT_SIZES)}, d = {listed(DEFAULT_DIMS)}, backends {listed(BACKENDS)}, "
+        "both losses (84 cases: over an hour on a 2-core machine, several hours on a "
+        f"loaded one). Without it, bench runs the quick set: n = {listed(QUICK_SIZES)}, d = "
+        f"{listed(QUICK_DIMS)}, backends {listed(QUICK_BACKENDS)}, both losses, ours against "
+        "the dense baselines (3 minutes on a loaded 2-core machine). --sizes, --dims and "
+        "--backends replace either grid",
+    )
     parser.add_argument(
         "--backends",
         type=comma_list("--backends", str, BACKENDS),
-        default=list(BACKENDS),
-        help="comma-separated array libraries (default: numpy,torch,jax); one that is not "
-        "installed is skipped with a note",
+        default=None,
+        help=f"comma-separated array libraries (default: {listed(QUICK_BACKENDS)}; with "
+        f"--sweep and the other modes {listed(BACKENDS)}); one that is not installed is "
+        "skipped with a note",
     )
     parser.add_argument(
         "--sizes",
         type=comma_list("--sizes", positive_int, None),
         default=None,
-        help="comma-separated batch sizes n (default: 1024,2048,...,65536; with --frameworks "
-        "8192,16384,32768)",
+        help=f"comma-separated batch sizes n (default: {listed(QUICK_SIZES)}; with --sweep "
+        "1024,2048,...,65536; with --frameworks 8192,16384,32768)",
     )
     parser.add_argument(
         "--dims",
         type=comma_list("--dims", positive_int, None),
         default=None,
-        help="comma-separated feature dimensions d of the sweep (default: 256,768, or --dim)",
+        help=f"comma-separated feature dimensions d of the quick set and the sweep (default: "
+        f"{listed(QUICK_DIMS)}; with --sweep {listed(DEFAULT_DIMS)}; or --dim)",
     )
     parser.add_argument(
         "--dim",
@@ -140,7 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-dense",
         action="store_true",
-        help="skip the dense torch-autograd and open_clip baselines",
+        help="skip the dense baselines: dense numpy, dense torch autograd and open_clip",
     )
     parser.add_argument(
         "--no-memory",
@@ -245,16 +267,21 @@ def _resolve_dims(args: argparse.Namespace) -> argparse.Namespace:
     UsageError
         For a list of dtypes, or a half-precision dtype, in a CPU benchmark that takes one.
     """
-    from ..bench.sweep import DEFAULT_DIMS, DEFAULT_SIZES
+    from ..bench import sweep as plans
 
     values = vars(args)
     compare = bool(values.get("compare_precision"))
     sweep = not (values.get("distributed") or values.get("frameworks") or compare)
     dim = values.get("dim")
+    full = bool(values.get("sweep"))
     updates: dict[str, Any] = {
         "dtype": _resolve_dtype(values.get("dtype"), _is_gpu(args), compare),
         "repeats": values.get("repeats") or (None if _is_gpu(args) else 3),
+        "sweep": full,
     }
+    quick_set = sweep and not full and not _is_gpu(args) and not values.get("profile")
+    if not values.get("backends"):
+        updates["backends"] = list(plans.QUICK_BACKENDS if quick_set else BACKENDS)
     if _is_gpu(args):
         from ..bench.gpu import DEFAULT_DIM as GPU_DIM
         from ..bench.gpu import DEFAULT_SIZES as GPU_SIZES
@@ -273,10 +300,15 @@ def _resolve_dims(args: argparse.Namespace) -> argparse.Namespace:
         updates["sizes"] = values.get("sizes") or [8192]
         updates["dims"] = values.get("dims") or [dim or DEFAULT_DIM]
     elif sweep:
+        sizes, dims = (
+            (plans.DEFAULT_SIZES, plans.DEFAULT_DIMS)
+            if full
+            else (plans.QUICK_SIZES, plans.QUICK_DIMS)
+        )
         if values.get("sizes") is None:
-            updates["sizes"] = list(DEFAULT_SIZES)
+            updates["sizes"] = list(sizes)
         if values.get("dims") is None:
-            updates["dims"] = [dim] if dim is not None else list(DEFAULT_DIMS)
+            updates["dims"] = [dim] if dim is not None else list(dims)
     elif dim is None:
         updates["dim"] = DEFAULT_DIM
     return argparse.Namespace(**{**values, **updates})
@@ -340,7 +372,7 @@ def _resolve_device(args: argparse.Namespace, modes: list[str]) -> Device:
         raise UsageError(f"`--device`: {error}") from None
     if not device.is_cuda:
         return device
-    excluded = [*modes, *(m for m in ("reference", "plots") if getattr(args, m, None))]
+    excluded = [*modes, *(m for m in ("reference", "plots", "sweep") if getattr(args, m, None))]
     if int(getattr(args, "positives_per_row", 1) or 1) > 1:
         excluded.append("positives-per-row")
     if excluded:
@@ -370,13 +402,21 @@ def main(args: argparse.Namespace) -> int:
         ``args.distributed``, :func:`portable_siglip.bench.frameworks.main` with
         ``args.frameworks``, :func:`portable_siglip.bench.profile.main` with
         ``args.profile``, :func:`portable_siglip.bench.precision.main` with
-        ``args.compare_precision``, else :func:`portable_siglip.bench.sweep.main` (0 when every case
-        ran, 1 when some case failed, 2 for invalid options).
+        ``args.compare_precision``, else :func:`portable_siglip.bench.sweep.main` on the quick
+        set, or the full sweep with ``args.sweep`` (0 when every case ran, 1 when some case
+        failed, 2 for invalid options).
     """
     modes = [m.replace("_", "-") for m in MODES if getattr(args, m, False)]
     if len(modes) > 1:
         print(
             f"bench: error: `--{modes[0]}` and `--{modes[1]}` exclude each other", file=sys.stderr
+        )
+        return 2
+    if modes and getattr(args, "sweep", False):
+        print(
+            f"bench: error: `--sweep` is the full sweep of the default benchmark, which "
+            f"`--{modes[0]}` replaces; leave one of them out",
+            file=sys.stderr,
         )
         return 2
     if modes and int(getattr(args, "positives_per_row", 1) or 1) > 1:
