@@ -145,6 +145,108 @@ def test_unconvertible_math_fails_the_strict_build(tmp_path: Path) -> None:
     assert "unsupported command \\foo" in proc.stderr + proc.stdout
 
 
+# --- display math scrolls sideways only; the home page says how to build the site ---------
+
+STYLESHEET = ROOT / "docs" / "stylesheets" / "mathml.css"
+#: The element that holds a display formula: pymdownx.arithmatex's wrapper, which
+#: mkdocs-material styles with ``overflow: auto``.
+DISPLAY_MATH = ".md-typeset div.arithmatex"
+
+
+def _css_rules(css: str) -> list[tuple[list[str], dict[str, str]]]:
+    """The rules of a flat stylesheet: (selectors, declarations), in order.
+
+    Comments are dropped; the declarations of a rule are read in order, a later one replacing
+    an earlier one of the same property, as a browser does.
+    """
+    css = re.sub(r"(?s)/\*.*?\*/", " ", css)
+    rules = []
+    for selectors, body in re.findall(r"([^{}]+)\{([^{}]*)\}", css):
+        declarations: dict[str, str] = {}
+        for item in body.split(";"):
+            if ":" in item:
+                name, value = item.split(":", 1)
+                declarations[name.strip().lower()] = " ".join(value.split()).lower()
+        rules.append(([" ".join(s.split()) for s in selectors.split(",")], declarations))
+    return rules
+
+
+def _overflow_and_padding(declarations: dict[str, str], state: dict[str, str]) -> None:
+    """Apply a rule's overflow and vertical padding to ``state`` (longhands and shorthands)."""
+    for name, value in declarations.items():
+        if name == "overflow":
+            parts = value.split()
+            state["overflow-x"], state["overflow-y"] = parts[0], parts[-1]
+        elif name == "padding":
+            parts = value.split()
+            state["padding-top"] = parts[0]
+            state["padding-bottom"] = parts[2] if len(parts) > 2 else parts[0]
+        elif name in ("padding-block", "padding-block-start", "padding-block-end"):
+            parts = value.split()
+            if name != "padding-block-end":
+                state["padding-top"] = parts[0]
+            if name != "padding-block-start":
+                state["padding-bottom"] = parts[-1]
+        elif name in ("overflow-x", "overflow-y", "padding-top", "padding-bottom"):
+            state[name] = value
+
+
+def _display_math_style(css: str) -> dict[str, str]:
+    """What the stylesheet's rules for ``DISPLAY_MATH`` set, the last rule winning."""
+    state: dict[str, str] = {}
+    for selectors, declarations in _css_rules(css):
+        if DISPLAY_MATH in selectors:
+            _overflow_and_padding(declarations, state)
+    return state
+
+
+def _positive_length(value: str | None) -> bool:
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)(px|em|rem|ex)", value or "")
+    return match is not None and float(match.group(1)) > 0
+
+
+def test_display_math_scrolls_sideways_only() -> None:
+    """A display formula scrolls sideways, never up and down, and is not clipped.
+
+    The theme gives the formula's container ``overflow: auto``; MathML ink a pixel beyond the
+    box then made Chromium draw a vertical scrollbar beside every display equation. The site's
+    stylesheet must turn the vertical overflow off on that container and pad it vertically.
+    """
+    style = _display_math_style(STYLESHEET.read_text(encoding="utf-8"))
+    assert style.get("overflow-y") == "hidden", style
+    assert style.get("overflow-x") == "auto", style  # wide formulas still scroll sideways
+    assert _positive_length(style.get("padding-top")), style
+    assert _positive_length(style.get("padding-bottom")), style
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    assert re.search(r"(?m)^extra_css:\n(?:\s+- .*\n)*\s+- stylesheets/mathml\.css$", config)
+
+
+def test_the_site_stylesheet_comes_after_the_theme_and_overrides_it(site: Path) -> None:
+    """Same selector as the theme's ``overflow: auto`` rule, later in the page: ours wins."""
+    page = _pages(site)["math/index.html"]
+    links = re.findall(r'<link rel="stylesheet" href="([^"]+)"', page)
+    ours = [i for i, href in enumerate(links) if href.endswith("stylesheets/mathml.css")]
+    theme = [i for i, href in enumerate(links) if re.search(r"assets/stylesheets/main\.", href)]
+    assert ours, links
+    assert theme, links
+    assert max(theme) < ours[0], links
+    theme_css = (site / "math" / links[max(theme)]).resolve().read_text(encoding="utf-8")
+    assert _display_math_style(theme_css).get("overflow-y") == "auto"  # what ours overrides
+    assert '<div class="arithmatex"><math' in page
+
+
+def test_home_page_says_how_to_build_and_serve_the_site() -> None:
+    index = (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
+    blocks = "\n".join(re.findall(r"(?s)```bash\n(.*?)```", index))
+    commands = [line.split("#")[0].strip() for line in blocks.splitlines()]
+    for command in ('python -m pip install -e ".[docs]"', "mkdocs serve", "mkdocs build --strict"):
+        assert command in commands, f"docs/index.md does not show {command!r}"
+    # The same commands as DEVELOPERS.md, which CI follows.
+    developers = (ROOT / "DEVELOPERS.md").read_text(encoding="utf-8")
+    for command in ('python -m pip install -e ".[docs]"', "mkdocs serve", "mkdocs build --strict"):
+        assert command in developers
+
+
 def test_no_citations_of_a_missing_design_document() -> None:
     """Nothing cites a design document that is not in this repository; cite docs/ pages."""
     git = shutil.which("git")
