@@ -8,6 +8,7 @@ implementation not found or not constructible, backend not installed, report not
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import math
@@ -23,7 +24,13 @@ from portable_siglip import _registry as registry
 from portable_siglip._interop import BACKENDS, DTYPES, UsageError, check_writable
 
 from ._checks import CONVENTIONS, Report, abandoned_calls, check, describe_exception
-from ._distributed import DIST_CONVENTIONS, import_attribute, judge, judge_mpi
+from ._distributed import (
+    DIST_CONVENTIONS,
+    MPI_BUDGET_TIMEOUTS,
+    import_attribute,
+    judge,
+    judge_mpi,
+)
 from ._judged import golden_losses
 
 __all__ = ["load_implementation", "main"]
@@ -223,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help="seconds each call of the implementation may take; a call that overruns fails "
-        "as 'timeout' and no further call is made; 0 for no limit (default: %(default)s)",
+        "as 'timeout' and no further call is made. With --world-size, seconds a rank may wait "
+        "in a collective. With --comm mpi, the whole run, construction included, gets "
+        f"{MPI_BUDGET_TIMEOUTS} x SECONDS, then rank 0 reports the rank that blocked and "
+        "aborts the job. 0 for no limit (default: %(default)s)",
     )
     parser.add_argument(
         "--report",
@@ -396,6 +406,7 @@ def _mpi(parser: argparse.ArgumentParser, args: argparse.Namespace, timeout: flo
             convention=args.convention,
             timeout=timeout,
             comm=comm,
+            on_timeout=functools.partial(_print_and_write, parser, args),
         )
     except UsageError as error:  # raised on every rank alike; rank 0 says why
         if comm.Get_rank() == 0:

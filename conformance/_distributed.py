@@ -36,6 +36,7 @@ import importlib
 import importlib.util
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -946,6 +947,12 @@ def _run_notes(
 # --------------------------------------------------------------------------- MPI
 
 
+#: How many times `--timeout` the whole MPI run gets, from its start to the report, the
+#: construction of the implementation included: one for starting and constructing, one for
+#: every call (a correct implementation needs a few seconds for all of them).
+MPI_BUDGET_TIMEOUTS = 2
+
+
 def judge_mpi(
     spec: str,
     *,
@@ -954,6 +961,7 @@ def judge_mpi(
     convention: str = "default",
     timeout: float | None = 60.0,
     comm: Any = None,
+    on_timeout: Callable[[Report], object] | None = None,
 ) -> Report | None:
     """Judge a numpy implementation on the ranks of an MPI job; call it on every rank.
 
@@ -961,6 +969,12 @@ def judge_mpi(
     returns the rank's callable ``f(img, txt, scale, bias)``, returning ``(loss, grads)``
     or the loss alone, judged under the ``global`` convention (numpy has no autodiff, so
     the gradients are what `f` returns).
+
+    With a `timeout`, the whole run, the construction included, gets
+    :data:`MPI_BUDGET_TIMEOUTS` times `timeout` seconds. A run that overruns is aborted
+    (``MPI_Abort``, nothing can interrupt a rank that waits for a hung peer), after rank 0
+    has built a failed report naming the rank that blocked, and where, and handed it to
+    `on_timeout` (the command line prints it and writes ``--report``).
 
     Returns
     -------
@@ -979,14 +993,27 @@ def judge_mpi(
         comm = MPI.COMM_WORLD
     check_loss(loss, error=UsageError)  # on every rank alike
     _check_convention(convention)
-    function, arrays = _mpi_function(spec, dtype, comm)
     work, skipped = _scheduled(comm.Get_size(), "global")
-    watchdog = None if timeout is None else _watchdog(comm, timeout * (len(work) + 2))
+    labels = [_label(case, sizes) for case, sizes in work]
+    progress = _Progress()
     started = time.monotonic()
-    outputs = [_mpi_case(function, arrays, case, sizes, comm) for case, sizes in work]
-    gathered = comm.gather(outputs, root=0)
-    if watchdog is not None:
-        watchdog.cancel()
+    watchdog = None
+    if timeout is not None:
+        budget = MPI_BUDGET_TIMEOUTS * timeout
+        report = Report(loss, "numpy", dtype, convention, spec)
+        watchdog = _Watchdog(comm, budget, progress, report, on_timeout)
+    try:
+        progress.enter(-1, _CONSTRUCTING)
+        function, arrays = _mpi_function(spec, dtype, comm, progress)
+        outputs = []
+        for index, (case, sizes) in enumerate(work):
+            progress.enter(index, f"in the implementation's call on {labels[index]}")
+            outputs.append(_mpi_case(function, arrays, case, sizes, comm))
+        progress.enter(len(work), _FINISHING, user=False)
+        gathered = comm.gather(outputs, root=0)
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
     if comm.Get_rank() != 0:
         return None
     run = _Run("global", f"{comm.Get_size()} MPI ranks", True, skipped)
@@ -994,8 +1021,13 @@ def judge_mpi(
     return _build_report(report, run, gathered, work, None, time.monotonic() - started)
 
 
+_CONSTRUCTING = "constructing the implementation"
+_CONSTRUCTED = "waiting for the other ranks to construct theirs"
+_FINISHING = "waiting for the other ranks to finish"
+
+
 def _mpi_function(
-    spec: str, dtype: str, comm: Any
+    spec: str, dtype: str, comm: Any, progress: _Progress | None = None
 ) -> tuple[Callable[..., Any], Callable[[Any], Any]]:
     """Return this rank's implementation, ``ATTR(comm)``, and the maker of its arrays.
 
@@ -1017,30 +1049,228 @@ def _mpi_function(
         error = f"rank {rank}: {usage}"
     except BaseException as raised:
         error = f"rank {rank}: constructing the implementation: {describe_exception(raised)}"
+    if progress is not None:
+        progress.enter(-1, _CONSTRUCTED, user=False)
     errors = [e for e in comm.allgather(error) if e]
     if errors:
         raise UsageError(errors[0])
     return function, lambda values: xp.asarray(values, dtype=dtype_object)
 
 
-def _watchdog(comm: Any, deadline: float) -> threading.Timer:
-    """Start a timer that aborts the MPI job after `deadline` seconds.
+class _Progress:
+    """Where this rank's main thread is in the run.
 
-    Nothing can interrupt a rank that waits for a hung peer: the whole job ends.
+    Its step (-1 constructing, then the case indices), what it does there, and whether that
+    is the implementation's code (else the suite's, waiting for the other ranks).
     """
 
-    def abort() -> None:
+    def __init__(self) -> None:
+        self.step = -1
+        self.what = "starting"
+        self.user = False
+        self.since = time.monotonic()
+
+    def enter(self, step: int, what: str, *, user: bool = True) -> None:
+        self.step, self.what, self.user, self.since = step, what, user, time.monotonic()
+
+    def state(self, rank: int) -> dict[str, Any]:
+        """Return this rank's state and where its main thread is in the source."""
+        where, exchanging = _main_thread_location()
+        return {
+            "rank": rank,
+            "step": self.step,
+            "what": self.what,
+            "user": self.user,
+            "seconds": time.monotonic() - self.since,
+            "where": where,
+            "exchanging": exchanging,
+        }
+
+
+#: A source line that calls MPI (mpi4py's methods, lower and upper case): a rank there waits
+#: for its peers rather than blocking on its own.
+_MPI_CALL = re.compile(
+    r"\.(Sendrecv|sendrecv|Send|send|Recv|recv|Isend|isend|Irecv|irecv|Wait\w*|wait\w*|"
+    r"Test\w*|Barrier|barrier|Allreduce|allreduce|Allgather\w*|allgather|Bcast|bcast|"
+    r"Gather\w*|gather|Reduce\w*|reduce|Scatter\w*|scatter|Alltoall\w*|alltoall|Probe|probe)\s*\("
+)
+
+
+def _main_thread_location() -> tuple[str, bool]:
+    """Say where the main thread is (``file:line in function: source``), and if in MPI.
+
+    In MPI: in mpi4py, in this library's MPI module, or on a line that calls MPI.
+    """
+    import linecache
+
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    if frame is None:
+        return "unknown", False
+    code = frame.f_code
+    line = linecache.getline(code.co_filename, frame.f_lineno).strip()
+    module = str(frame.f_globals.get("__name__", ""))
+    exchanging = module.startswith(("mpi4py", "portable_siglip.backends.mpi")) or bool(
+        _MPI_CALL.search(line)
+    )
+    where = f"{code.co_filename}:{frame.f_lineno} in {code.co_name}" + (f": {line}" if line else "")
+    return where, exchanging
+
+
+def _blame(states: Sequence[dict[str, Any] | None], world: int) -> list[int]:
+    """Return the ranks that blocked, from every rank's state (None: it did not answer).
+
+    The ranks in the implementation's code at the earliest step: those of them not in an
+    MPI call (the others wait there for them), or all of them if each is, or none is.
+    """
+    inside = [s for s in states if s is not None and s["user"]]
+    if not inside:
+        return [r for r in range(world) if states[r] is None]
+    first = min(s["step"] for s in inside)
+    behind = [s for s in inside if s["step"] == first]
+    alone = [s for s in behind if not s["exchanging"]]
+    return [s["rank"] for s in (alone or behind)]
+
+
+def _timeout_message(states: Sequence[dict[str, Any] | None], budget: float) -> str:
+    """Say which ranks blocked, where, and what the others were doing."""
+    world = len(states)
+    blamed = _blame(states, world)
+
+    def describe(state: dict[str, Any]) -> str:
+        return f"{state['what']} for {state['seconds']:.0f} s, at {state['where'][:300]}"
+
+    parts = []
+    for rank in blamed:
+        state = states[rank]
+        parts.append(
+            f"rank {rank} blocked: no answer to the watchdog"
+            if state is None
+            else f"rank {rank} blocked {describe(state)}"
+        )
+    for rank, state in enumerate(states):
+        if rank in blamed:
+            continue
+        if state is None:
+            parts.append(f"rank {rank} did not answer the watchdog")
+        else:
+            role = "waited for it" if len(blamed) == 1 else "waited for them"
+            parts.append(f"rank {rank} {role}: {describe(state)}")
+    return "; ".join(parts) + (
+        f"; timeout: no result from every rank within {budget:g} s ({MPI_BUDGET_TIMEOUTS} x "
+        "--timeout, construction included), so the job was aborted"
+    )
+
+
+class _Watchdog:
+    """Ends an MPI run that overruns its budget, after rank 0 has said which rank blocked.
+
+    Started on every rank at the same moment (after a barrier), before the implementation
+    is constructed. When the budget runs out, each rank's watchdog thread sends its
+    :class:`_Progress` state to rank 0 over a communicator of its own (MPI must allow
+    threads: ``MPI_THREAD_MULTIPLE``, which mpi4py asks for); rank 0's builds the failed
+    report, hands it to `on_timeout` and aborts the job. Without threaded MPI, or when rank
+    0 does not act, each rank prints its own state and aborts.
+    """
+
+    def __init__(
+        self,
+        comm: Any,
+        budget: float,
+        progress: _Progress,
+        report: Report,
+        on_timeout: Callable[[Report], object] | None,
+    ) -> None:
+        from mpi4py import MPI
+
+        self.comm, self.budget, self.progress = comm, budget, progress
+        self.report, self.on_timeout = report, on_timeout
+        threaded = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+        self.side = comm.Dup() if threaded else None
+        comm.Barrier()  # every rank's budget starts now
+        self.started = time.monotonic()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="conformance-watchdog", daemon=True)
+        self.thread.start()
+
+    def cancel(self) -> None:
+        """Stop watching: the run ended in time (called on every rank alike)."""
+        self.stop.set()
+        self.thread.join()
+        if self.side is not None:
+            self.side.Free()
+
+    def _watch(self) -> None:
+        if self.stop.wait(self.budget):
+            return
+        rank = self.comm.Get_rank()
+        state = self.progress.state(rank)
+        if self.side is not None and rank == 0:
+            states = self._collect(state)
+            self._report(_timeout_message(states, self.budget), states)
+            self.comm.Abort(1)
+        if self.side is not None:
+            self.side.isend(state, dest=0, tag=_WATCHDOG_TAG)
+            time.sleep(10)  # rank 0 reports and aborts the job meanwhile
         print(
-            f"rank {comm.Get_rank()}: no result within {deadline:.0f} s; aborting the job",
+            f"rank {rank}: no result within {self.budget:g} s; it is {state['what']} "
+            f"({'the implementation' if state['user'] else 'the suite'}) at {state['where']}; "
+            "aborting the job",
             file=sys.stderr,
             flush=True,
         )
-        comm.Abort(1)
+        self.comm.Abort(1)
 
-    watchdog = threading.Timer(deadline, abort)
-    watchdog.daemon = True
-    watchdog.start()
-    return watchdog
+    def _collect(self, own: dict[str, Any]) -> list[dict[str, Any] | None]:
+        """Rank 0: every rank's state, None for a rank that sends none within 3 s."""
+        assert self.side is not None
+        world = self.comm.Get_size()
+        states: list[dict[str, Any] | None] = [own] + [None] * (world - 1)
+        pending = {r: self.side.irecv(source=r, tag=_WATCHDOG_TAG) for r in range(1, world)}
+        end = time.monotonic() + 3.0
+        while pending and time.monotonic() < end:
+            for r, request in list(pending.items()):
+                done, state = request.test()
+                if done:
+                    states[r] = state
+                    del pending[r]
+            time.sleep(0.01)
+        return states
+
+    def _report(self, message: str, states: Sequence[dict[str, Any] | None]) -> None:
+        """Rank 0: build the failed report of an overrun and hand it over (or print it)."""
+        report = self.report
+        known = [s for s in states if s is not None]
+        step = min((s["step"] for s in known if s["user"]), default=-1)
+        case = "construction" if step < 0 else str(states[0] and _step_label(states, step))
+        report.results = [
+            CheckResult("distributed", case, "loss", math.inf, 0.0, False, message[:200])
+        ]
+        report.notes.append(
+            f"distributed: {len(states)} MPI ranks, --dist-convention global; the run was "
+            f"aborted after {time.monotonic() - self.started:.0f} s, its budget being "
+            f"{self.budget:g} s ({MPI_BUDGET_TIMEOUTS} x --timeout, construction included)"
+        )
+        report.findings = [("rank-failed", message)]
+        try:
+            if self.on_timeout is not None:
+                self.on_timeout(report)
+            else:
+                print(report.table(), flush=True)
+        finally:
+            sys.stdout.flush()
+            print(message, file=sys.stderr, flush=True)
+
+
+def _step_label(states: Sequence[dict[str, Any] | None], step: int) -> str:
+    """Return the case label of `step`, as a rank in it says it."""
+    for state in states:
+        if state is not None and state["step"] == step and " on " in state["what"]:
+            return str(state["what"].split(" on ", 1)[1])
+    return f"case {step}"
+
+
+#: The tag of the watchdogs' messages, on their own communicator.
+_WATCHDOG_TAG = 7061
 
 
 def _mpi_case(

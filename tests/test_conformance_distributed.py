@@ -9,13 +9,17 @@ installed (CI installs it with ``--no-deps``; only ``open_clip/loss.py`` is load
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
-from helpers import skip_without_mpi
+from helpers import launcher_environment, skip_without_mpi
 
 torch = pytest.importorskip("torch")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
@@ -276,6 +280,7 @@ def test_command_line_exit_statuses(local_impls: Path) -> None:
 MPI_IMPLS = textwrap.dedent(
     """
     import functools
+    import time
 
     import portable_siglip as ps
     from portable_siglip.backends.mpi import MPIComm
@@ -302,15 +307,35 @@ MPI_IMPLS = textwrap.dedent(
             return inner(*args)
 
         return loss
+
+
+    def blocks_constructing_on_rank_1(comm):
+        if comm.Get_rank() == 1:
+            time.sleep(3600)
+        return ours(comm)
+
+
+    def blocks_calling_on_rank_1(comm):
+        # Rank 1 blocks in its second call; the other ranks wait for it in the ring.
+        inner = ours(comm)
+        calls = [0]
+
+        def loss(*args):
+            calls[0] += 1
+            if comm.Get_rank() == 1 and calls[0] == 2:
+                time.sleep(3600)
+            return inner(*args)
+
+        return loss
     """
 )
 
 
-def mpirun_judge(impl: str, world: int) -> subprocess.CompletedProcess[str]:
+def mpirun_judge(impl: str, world: int, *more: str) -> subprocess.CompletedProcess[str]:
     skip_without_mpi()  # mpi4py and an MPI library it can load
     from test_mpi_launch import launch
 
-    args = ["--loss", "sigmoid", "--impl", impl, "--backend", "numpy", "--comm", "mpi"]
+    args = ["--loss", "sigmoid", "--impl", impl, "--backend", "numpy", "--comm", "mpi", *more]
     return launch(world, "-m", "portable_siglip.conformance", *args, timeout=120)
 
 
@@ -342,3 +367,56 @@ def test_mpi_judge_a_raising_rank_ends_the_job(mpi_impls: Path) -> None:
     result = mpirun_judge(f"{mpi_impls}:raises_on_rank_1", 2)
     assert result.returncode != 0
     assert "rank 1 gives up" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("where", ["constructing", "calling"])
+def test_mpi_judge_ends_within_its_budget_naming_the_rank_that_blocked(
+    mpi_impls: Path, where: str, world: int, tmp_path: Path
+) -> None:
+    # Issue 24 item 6: a factory that blocked on one rank never ended (the watchdog started
+    # after construction), and a call that blocked ended after timeout x (cases + 2). Now
+    # the whole run, construction included, gets 2 x --timeout, and rank 0 names the rank.
+    skip_without_mpi()
+    from test_mpi_launch import mpirun
+
+    report = str(tmp_path / "report.json")
+    impl = f"{mpi_impls}:blocks_{where}_on_rank_1"
+    args = ["--loss", "sigmoid", "--impl", impl, "--backend", "numpy", "--comm", "mpi"]
+    command = [mpirun(), "-n", str(world), sys.executable, "-m", "portable_siglip.conformance"]
+    command += [*args, "--timeout", "2", "--report", report]
+    started = time.monotonic()
+    # A job that does not end is stopped with SIGTERM, which mpirun passes on to every rank
+    # (a SIGKILL of mpirun, even of its process group, leaves the ranks running).
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=launcher_environment(),
+        start_new_session=True,
+    ) as job:
+        try:
+            stdout, stderr = job.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            job.terminate()
+            try:
+                job.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.communicate()
+            pytest.fail(f"the MPI judge did not end when rank 1 blocked {where}")
+    seconds = time.monotonic() - started
+    result = subprocess.CompletedProcess(command, job.returncode, stdout, stderr)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "FAILED" in result.stdout, output
+    blamed = next(line for line in result.stdout.splitlines() if "[rank-failed]" in line)
+    assert "rank 1 blocked" in blamed, output
+    assert ("constructing" in blamed) == (where == "constructing"), blamed
+    assert "within 4 s" in output, output
+    assert seconds < 60, f"{seconds:.0f} s"
+    written = json.loads(Path(report).read_text())
+    assert [d["code"] for d in written["diagnosis"]] == ["rank-failed"]
+    assert written["diagnosis"][0]["message"] == blamed.split("[rank-failed] ", 1)[1]

@@ -374,3 +374,31 @@ def test_a_bare_torch_loss_is_differentiated_under_no_grad() -> None:
         report = check(dense, loss="sigmoid", backend="torch")
     assert report.passed, report.table()
     assert report.gradients_checked
+
+
+def test_the_mpi_watchdog_blames_the_rank_that_blocked() -> None:
+    # Issue 24 item 6: which rank an overrun MPI run blames, from the ranks' states.
+    from portable_siglip.conformance._distributed import _blame, _timeout_message
+
+    def state(rank: int, step: int, user: bool, exchanging: bool) -> dict[str, Any]:
+        what = "in the implementation's call on c" if user else "waiting for the others"
+        where = "f.py:1 in g: comm.allreduce(x)" if exchanging else "f.py:2 in g: sleep(9)"
+        return {"rank": rank, "step": step, "what": what, "user": user, "seconds": 4.0,
+                "where": where, "exchanging": exchanging}  # fmt: skip
+
+    # A factory blocking on rank 2, ranks 0 and 1 waiting in the suite.
+    waiting = [state(0, -1, False, False), state(1, -1, False, False), state(2, -1, True, False)]
+    assert _blame(waiting, 3) == [2]
+    # A call blocking on rank 1; ranks 0 and 2 are in the same call, in an MPI exchange.
+    exchange = [state(0, 5, True, True), state(1, 5, True, False), state(2, 5, True, True)]
+    assert _blame(exchange, 3) == [1]
+    # Rank 0 blocked in case 3 while rank 1, needing nothing from it, went on to case 9.
+    assert _blame([state(0, 3, True, False), state(1, 9, True, True)], 2) == [0]
+    # Every rank in an exchange: the suite cannot tell; it names them all.
+    assert _blame([state(0, 5, True, True), state(1, 5, True, True)], 2) == [0, 1]
+    # A rank that sends no state, the others waiting in the suite: that one.
+    assert _blame([state(0, 9, False, False), None], 2) == [1]
+    message = _timeout_message(exchange, 4.0)
+    assert message.startswith("rank 1 blocked in the implementation's call on c"), message
+    assert "rank 0 waited for it" in message
+    assert "within 4 s (2 x --timeout, construction included)" in message
