@@ -118,8 +118,9 @@ class AxisComm(BaseComm):
     -----
     The handshake of a distributed call has nothing to compare here: one program cannot
     disagree with itself on d, dtype or strategy, and the values of ``scale``, ``bias`` and
-    the ids are traced, so they are not checked (a row without a positive gives a NaN
-    loss, as under ``jit``). docs/frameworks.md has a sharded train step.
+    the ids are traced, so they are not checked (with the softmax loss a row without a
+    positive gives a NaN loss, as under ``jit``; the sigmoid loss counts its pairs as
+    negatives, as everywhere). docs/frameworks.md has a sharded train step.
 
     Examples
     --------
@@ -407,8 +408,9 @@ def sigmoid_loss(
     img_ids, txt_ids : jax.Array or numpy.ndarray, optional
         Integer ids of the image rows (m,) and text rows (k,), as in
         :func:`portable_siglip.sigmoid_loss`: pairs with equal ids are positives and m may
-        differ from k. Not differentiated. Under ``jax.jit`` their values cannot be
-        checked: a row whose id has no match gives a NaN loss.
+        differ from k. Not differentiated. An image or text whose id has no match on the
+        other side has no positive: all its pairs are negatives, eagerly and under
+        ``jax.jit`` alike (the sigmoid loss is defined for any ids).
         NumPy ids are converted by ``jnp.asarray``: with ``jax_enable_x64`` off (jax's
         default) int64 becomes int32 and uint64 uint32, and ids these cannot hold (a 64-bit
         text hash) raise a ``ValueError`` naming the argument instead of wrapping onto
@@ -495,7 +497,11 @@ def softmax_loss(
     strategy : {"ring", "gather"}
         Distributed schedule, ignored without ``comm``.
     img_ids, txt_ids : jax.Array or numpy.ndarray, optional
-        Integer ids of the rows, as in :func:`sigmoid_loss`.
+        Integer ids of the rows, as in :func:`sigmoid_loss`, except that every id must
+        appear on both sides (a row's target is a distribution over its positives): a
+        ``ValueError`` eagerly; under ``jax.jit``, where their values cannot be checked, a
+        row without a positive gives a NaN loss (the gradients stay finite and leave out
+        that row's target term).
     precision : {"fast", "exact"}, optional
         As for :func:`sigmoid_loss`.
 

@@ -526,6 +526,8 @@ def host_ids(ids: Any) -> list[int] | None:
 def check_positives(img_ids: Sequence[Sequence[int]], txt_ids: Sequence[Sequence[int]]) -> None:
     """Raise ``ValueError`` unless every image id has a text and every text id an image.
 
+    For a loss that needs a positive in every row and column (the softmax loss).
+
     ``img_ids`` and ``txt_ids`` hold the ids of every rank's rows, one sequence per rank (a
     single one in one process): the check is over the global batch, and the message names
     the first row without a positive (and its rank, with several).
@@ -555,7 +557,8 @@ def check_positives(img_ids: Sequence[Sequence[int]], txt_ids: Sequence[Sequence
         msg = (
             f"`{name}`: {row} row {first}{where} (id {value}) has no {other} row with the same "
             f"id{anywhere}, so it has no positive pair; {len(lonely)} of {total} {row} rows"
-            f"{batch} have none (every id must appear in both `img_ids` and `txt_ids`)"
+            f"{batch} have none (every id must appear in both `img_ids` and `txt_ids` for this "
+            "loss, whose target is a distribution over a row's positives)"
         )
         raise ValueError(msg)
 
@@ -616,6 +619,7 @@ def prepare(
     img_ids: object = None,
     txt_ids: object = None,
     check_ids: bool = True,
+    needs_positives: bool = True,
     precision: object = None,
 ) -> Problem:
     """Validate the arguments of a public loss function and cast them for the arithmetic.
@@ -630,6 +634,10 @@ def prepare(
     check_ids : bool
         Whether the ids are the whole batch, so that every row's having a positive can be
         checked here (a distributed caller checks the global ids instead).
+    needs_positives : bool
+        Whether the loss needs a positive in every row and column (the softmax loss, whose
+        target is a distribution over them); the sigmoid loss does not (such a row's pairs
+        are all negatives), and its rows are not checked.
 
     Returns
     -------
@@ -653,7 +661,7 @@ def prepare(
     allowed = registry.get(loss).schedules
     _check_strategy(strategy, allowed, loss)
     chosen = _check_precision(precision)
-    if ids is not None and check_ids:
+    if ids is not None and check_ids and needs_positives:
         values = (host_ids(ids[0]), host_ids(ids[1]))
         if values[0] is not None and values[1] is not None:
             check_positives([values[0]], [values[1]])

@@ -142,14 +142,14 @@ def _common_ids(problem: Problem, everyone: Sequence[dict[str, Any]], rank: int)
 _ID_KEYS = ("img_ids", "txt_ids")
 
 
-def _check_global_ids(everyone: Sequence[dict[str, Any]]) -> None:
-    """Every rank passes ids or none; with ids, every global row has a positive."""
+def _check_global_ids(everyone: Sequence[dict[str, Any]], *, needs_positives: bool) -> None:
+    """Every rank passes ids or none; with ids, every global row has a positive if needed."""
     given = [entry["ids"] for entry in everyone]
     if not all(given) and any(given):
         shown = _by_rank(["given" if g else "None" for g in given])
         msg = f"`img_ids` and `txt_ids` must be passed on every rank or on none, got {shown}"
         raise ValueError(msg)
-    if not any(given):
+    if not any(given) or not needs_positives:
         return
     check_positives(
         [entry["img_ids"] for entry in everyone], [entry["txt_ids"] for entry in everyone]
@@ -176,6 +176,7 @@ def setup(
     img_ids: object = None,
     txt_ids: object = None,
     precision: object = None,
+    needs_positives: bool = True,
 ) -> tuple[Problem, Ring | None]:
     """Validate a call; with a communicator, agree with the other ranks before any exchange.
 
@@ -185,9 +186,9 @@ def setup(
     whether ids are passed, every rank raises the same error, naming the rank and the
     parameter, so no rank is left waiting in an exchange. With ids, the ranks swap them too,
     so that a row without a positive anywhere in the global batch is refused everywhere
-    (where the loss needs one), and every rank's ids are mapped to one dtype, int32 on every
-    rank whatever integer dtypes the ranks passed (:func:`_common_ids`), before any of them
-    travels.
+    where the loss needs one (``needs_positives``: the softmax loss), and every rank's ids
+    are mapped to one dtype, int32 on every rank whatever integer dtypes the ranks passed
+    (:func:`_common_ids`), before any of them travels.
 
     Returns
     -------
@@ -203,6 +204,7 @@ def setup(
         "img_ids": img_ids,
         "txt_ids": txt_ids,
         "precision": precision,
+        "needs_positives": needs_positives,
     }
     if comm is None:
         return prepare(img, txt, scale, bias, **options), None
@@ -221,7 +223,7 @@ def setup(
     _check_agreement(everyone)
     assert problem is not None
     if not traced:
-        _check_global_ids(everyone)
+        _check_global_ids(everyone, needs_positives=needs_positives)
         if problem.labelled:
             problem = _common_ids(problem, everyone, checked.rank)
     sizes = tuple(int(entry["k"]) for entry in everyone)

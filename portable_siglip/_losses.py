@@ -258,6 +258,13 @@ def _softmax(
     return total / norm, _finish(problem, state.img_acc, txt_acc, scale_sum, zero, norm)
 
 
+#: The evaluations whose loss needs a positive in every row and column with ids: the softmax
+#: loss's target is a uniform distribution over a row's (column's) positives, which does not
+#: exist without one, so such ids are a ``ValueError`` (eagerly). The sigmoid family's labels
+#: are defined for any ids: a row or column without a positive is all negatives.
+_NEEDS_POSITIVES = (_softmax,)
+
+
 def sigmoid_loss(
     img: Array,
     txt: Array,
@@ -313,8 +320,10 @@ def sigmoid_loss(
         ``img_ids[i] == txt_ids[j]``, and ``img`` (m, d) and ``txt`` (k, d) may then have
         different row counts (several captions per image, duplicate captions or images;
         docs/multi-positive.md). The loss is then divided by the number of image rows m
-        (of the global batch with ``comm``; ids are global labels there). Every id must
-        appear on both sides, else ``ValueError``. Unique ids give the diagonal loss.
+        (of the global batch with ``comm``; ids are global labels there). An image or text
+        whose id has no match on the other side has no positive: all its pairs are
+        negatives, eagerly, under ``jax.jit`` and with ``comm`` alike. Unique ids give the
+        diagonal loss.
     precision : {"fast", "exact"}, optional
         For float16/bfloat16 features: "fast" (the default) feeds the GEMMs operands in
         the input dtype (``t * img`` rounded to it once; on a GPU also each tile's gradient
@@ -527,7 +536,11 @@ def softmax_loss(
         Integer ids of the rows, as for :func:`sigmoid_loss`. With them each direction is a
         cross-entropy against the uniform distribution over the row's (column's) positives,
         averaged over its own rows: ``(1/m) sum_i (lse_j Z_ij - mean_{j in P_i} Z_ij)`` and
-        ``(1/k) sum_j (lse_i Z_ij - mean_{i in Q_j} Z_ij)``, halved.
+        ``(1/k) sum_j (lse_i Z_ij - mean_{i in Q_j} Z_ij)``, halved. Every id must appear on
+        both sides (the mean over a row's positives needs one), else ``ValueError``; where
+        the ids have no values to check (under ``jax.jit``, or ``AxisComm`` in
+        ``shard_map``) such a row makes the loss NaN, while the gradients stay finite and
+        leave out that row's target term.
     precision : {"fast", "exact"}, optional
         As for :func:`sigmoid_loss`: half-precision GEMM operands ("fast", the default for
         float16/bfloat16 features) or float32 ones ("exact").
@@ -697,6 +710,7 @@ def evaluate(
         img_ids=img_ids,
         txt_ids=txt_ids,
         precision=precision,
+        needs_positives=loss.evaluate in _NEEDS_POSITIVES,
     )
     with full_precision(problem.xp, problem.img):
         return loss.evaluate(loss, problem, ring, grad=grad)  # type: ignore[no-any-return]

@@ -9,6 +9,7 @@ unevenly, so a rank's image and text shards differ in size, and positives cross 
 
 from __future__ import annotations
 
+import math
 from itertools import accumulate, pairwise
 from typing import Any
 
@@ -207,7 +208,12 @@ def test_rectangular_without_ids_names_them() -> None:
         ("txt", r"`txt_ids`: text row {row} \(id 77\) has no image row with the same id"),
     ],
 )
-def test_row_without_a_positive(loss_name: str, side: str, pattern: str) -> None:
+def test_row_without_a_positive_is_refused_by_softmax(side: str, pattern: str) -> None:
+    """The softmax loss's target over a row's positives does not exist without one.
+
+    (The sigmoid loss takes such a row: :func:`test_sigmoid_row_without_a_positive`.)
+    """
+    loss_name = "softmax"
     img, txt, img_ids, txt_ids = batch()
     if side == "img":
         img_ids[5] = 99
@@ -240,7 +246,9 @@ def test_distributed_ids_on_some_ranks_raise_everywhere() -> None:
     assert "rank 0: 'given', rank 1: 'None'" in messages[0]
 
 
-def test_distributed_row_without_a_positive_raises_everywhere(loss_name: str) -> None:
+def test_distributed_row_without_a_positive_raises_everywhere() -> None:
+    """Softmax: a row without a positive anywhere in the global batch, refused on every rank."""
+    loss_name = "softmax"
     img, txt, img_ids, txt_ids = batch()
     txt_ids = txt_ids.copy()
     # A caption on rank 1 whose image has another caption: only the caption is lonely.
@@ -269,6 +277,78 @@ def test_distributed_row_without_a_positive_raises_everywhere(loss_name: str) ->
     assert messages[0] == messages[1]
     expected = f"`txt_ids`: text row {lonely - 5} of rank 1 (id 1000) has no image row"
     assert expected in messages[0]
+
+
+def lonely_batch() -> tuple[np.ndarray, ...]:
+    """The batch with image 5 (id 99) and a caption (id 77) that have no positive anywhere."""
+    img, txt, img_ids, txt_ids = batch(seed=3)
+    img_ids, txt_ids = img_ids.copy(), txt_ids.copy()
+    img_ids[5] = 99
+    shared = [j for j in range(K) if np.sum(txt_ids == txt_ids[j]) > 1]
+    txt_ids[shared[-1]] = 77
+    # Image 5's former captions stay (their id is nowhere among the images now): lonely too.
+    assert not np.isin(99, txt_ids)
+    assert not np.isin(77, img_ids)
+    return img, txt, img_ids, txt_ids
+
+
+def test_sigmoid_row_without_a_positive_golden() -> None:
+    """A hand-computed case: image 1 (id 1) has no text; the loss counts its pairs as negatives.
+
+    img = txt = I (2 x 2), txt ids (0, 0): Z = t I + b, positives (0, 0) and (0, 1).
+    L = [softplus(-(t + b)) + softplus(-b) + softplus(b) + softplus(t + b)] / 2.
+    """
+    t, b = 4.0, -1.0
+
+    def softplus(x: float) -> float:
+        return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+    golden = (softplus(-(t + b)) + softplus(-b) + softplus(b) + softplus(t + b)) / 2
+    for function in (ps.sigmoid_loss, lambda *a, **k: ps.sigmoid_loss_and_grad(*a, **k)[0]):
+        value = function(
+            np.eye(2), np.eye(2), t, b, img_ids=np.array([0, 1]), txt_ids=np.array([0, 0])
+        )
+        assert abs(float(value) - golden) <= 1e-15 * golden
+
+
+def test_sigmoid_row_without_a_positive(xp: Any) -> None:
+    """Images and captions whose ids have no match are all negatives, against the oracle."""
+    img, txt, img_ids, txt_ids = lonely_batch()
+    reference = IDS_REFERENCES["sigmoid"](img, txt, img_ids, txt_ids, SCALE, BIAS)
+    args = on(xp, img, txt)
+    labels = dict(zip(("img_ids", "txt_ids"), on(xp, img_ids, txt_ids), strict=True))
+    loss, grads = ps.sigmoid_loss_and_grad(*args, SCALE, BIAS, block_size=4, **labels)
+    check((loss, grads), reference, 1e-12, "sigmoid")
+    alone = ps.sigmoid_loss(*args, SCALE, BIAS, block_size=4, **labels)
+    assert_close(alone, reference.loss, 1e-12, "loss alone")
+
+
+@pytest.mark.parametrize("strategy", [s for loss, s in SCHEDULES if loss == "sigmoid"])
+def test_distributed_sigmoid_row_without_a_positive(strategy: str) -> None:
+    """The same batch on 3 ranks: no rank refuses it, every rank gets the oracle's values."""
+    img, txt, img_ids, txt_ids = lonely_batch()
+    reference = IDS_REFERENCES["sigmoid"](img, txt, img_ids, txt_ids, SCALE, BIAS)
+    img_rows, txt_rows = shards(IMG_SHARDS[3]), shards(TXT_SHARDS[3])
+
+    def rank_call(comm: ThreadComm) -> Any:
+        r = comm.rank
+        return ps.sigmoid_loss_and_grad(
+            img[img_rows[r]],
+            txt[txt_rows[r]],
+            SCALE,
+            BIAS,
+            comm=comm,
+            strategy=strategy,
+            block_size=4,
+            img_ids=img_ids[img_rows[r]],
+            txt_ids=txt_ids[txt_rows[r]],
+        )
+
+    for r, (value, grads) in enumerate(ThreadGroup(3, timeout=30).run(rank_call)):
+        assert_close(value, reference.loss, 1e-12, f"rank {r} loss")
+        assert_close(grads.img, reference.img[img_rows[r]], 1e-12, f"rank {r} dimg")
+        assert_close(grads.txt, reference.txt[txt_rows[r]], 1e-12, f"rank {r} dtxt")
+        assert_close(grads.bias, reference.bias, 1e-12, f"rank {r} dbias")
 
 
 def test_ids_of_one_rank_match_another_ranks_rows() -> None:
@@ -383,6 +463,29 @@ def test_jax_jit_grad_with_ids(loss: str) -> None:
         assert_close(got, getattr(reference, name), 1e-12, f"d{name}")
     eager = jax.grad(value)(*args, *ids)
     assert_close(eager, reference.img, 1e-12, "eager dimg")
+
+
+def test_jax_sigmoid_row_without_a_positive_eager_and_jit() -> None:
+    """jax, eager and under jit (where the ids have no values): the oracle's loss and gradients."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    from portable_siglip.backends import jax as psj
+
+    img, txt, img_ids, txt_ids = lonely_batch()
+    reference = IDS_REFERENCES["sigmoid"](img, txt, img_ids, txt_ids, SCALE, BIAS)
+
+    def value(img: Any, txt: Any, img_ids: Any, txt_ids: Any) -> Any:
+        return psj.sigmoid_loss(
+            img, txt, SCALE, BIAS, block_size=4, img_ids=img_ids, txt_ids=txt_ids
+        )
+
+    args = (jnp.asarray(img), jnp.asarray(txt), jnp.asarray(img_ids), jnp.asarray(txt_ids))
+    for how, function in (("eager", value), ("jit", jax.jit(value))):
+        assert_close(function(*args), reference.loss, 1e-12, f"{how} loss")
+    d_img, d_txt = jax.jit(jax.grad(value, argnums=(0, 1)))(*args)
+    assert_close(d_img, reference.img, 1e-12, "jit dimg")
+    assert_close(d_txt, reference.txt, 1e-12, "jit dtxt")
 
 
 def test_jax_jit_cannot_check_ids_and_gives_nan() -> None:

@@ -65,3 +65,38 @@ def test_ids_of_other_widths_on_other_ranks(comm: MPIComm, loss: str, strategy: 
     assert_close(got.txt, reference.txt[mine_txt], 1e-12, "grads.txt")
     assert_close(got.scale, reference.scale, 1e-12, "grads.scale")
     assert_close(got.bias, reference.bias, 1e-12, "grads.bias")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("strategy", [s for loss, s in SCHEDULES if loss == "sigmoid"])
+def test_sigmoid_rows_without_a_positive(comm: MPIComm, strategy: str) -> None:
+    """The last image and the first text have ids found nowhere else: all their pairs are
+    negatives, on every rank (the softmax loss would refuse them)."""
+    world, rank = comm.size, comm.rank
+    img_sizes = [2 + r % 2 for r in range(world)]
+    txt_sizes = [3 - r % 2 for r in range(world)]
+    m, k = sum(img_sizes), sum(txt_sizes)
+    rng = np.random.default_rng(80 + world)
+    img_ids = np.arange(m) % 3
+    img_ids[-1] = 1000  # no text has it
+    txt_ids = rng.integers(0, 3, size=k)
+    txt_ids[0] = 2000  # no image has it
+    img = rng.standard_normal((m, 4)) / 2
+    txt = rng.standard_normal((k, 4)) / 2
+    reference = IDS_REFERENCES["sigmoid"](img, txt, img_ids, txt_ids, SCALE, BIAS)
+    mine_img, mine_txt = shard_slices(img_sizes)[rank], shard_slices(txt_sizes)[rank]
+    got_loss, got = LOSS_AND_GRAD["sigmoid"](
+        img[mine_img],
+        txt[mine_txt],
+        SCALE,
+        BIAS,
+        comm=comm,
+        strategy=strategy,
+        block_size=2,
+        img_ids=img_ids[mine_img],
+        txt_ids=txt_ids[mine_txt],
+    )
+    assert_close(got_loss, reference.loss, 1e-12, "loss")
+    assert_close(got.img, reference.img[mine_img], 1e-12, "grads.img")
+    assert_close(got.txt, reference.txt[mine_txt], 1e-12, "grads.txt")
+    assert_close(got.bias, reference.bias, 1e-12, "grads.bias")
