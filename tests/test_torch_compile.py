@@ -191,6 +191,18 @@ def test_compiled_ddp_over_two_ranks_equals_one_process(loss: str) -> None:
         torch.testing.assert_close(joined, expected[index], **ORACLE)
 
 
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_compiled_double_backward_is_refused(loss: str) -> None:
+    # A second derivative through the precomputed gradient would be silently wrong: eager
+    # mode refuses it (tests/test_torch_bridge.py), compiled code too, by torch's own error.
+    compiled = torch.compile(MODULES[loss](), fullgraph=True, backend=BACKEND)
+    (img,) = leaves(features(5, 5, 3)[0])
+    value = compiled(img, features(5, 5, 3)[1], 6.0, -2.0)
+    (grad,) = torch.autograd.grad(value, img, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad.sum().backward()
+
+
 @pytest.mark.parametrize(
     ("dtype", "scale", "bias", "ids"),
     [
