@@ -2,7 +2,8 @@
 
 ``run`` evaluates one loss and its gradients on random L2-normalised features and prints
 the loss, gradient norms, wall time and peak extra memory; ``--verify`` checks the result
-against a dense float64 evaluation and exits with status 1 if they disagree. Launched by
+against a dense float64 evaluation (the textbook formulas by row blocks, :mod:`._verify`,
+which never holds the n x n matrix) and exits with status 1 if they disagree. Launched by
 ``mpirun -n W`` or ``torchrun``, ``run`` shards the global batch over the W ranks (rank r
 holds rows ``[r n / W, (r + 1) n / W)`` of the same seed-determined batch as one process
 would) and reports each rank's time and bytes sent. ``--captions-per-image K`` and
@@ -195,7 +196,11 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="b, the logit bias" + (f" (no effect on {' or '.join(ignored)})" if ignored else ""),
     )
     parser.add_argument(
-        "--verify", action="store_true", help="compare with a dense float64 evaluation"
+        "--verify",
+        action="store_true",
+        help="compare with a dense float64 evaluation: the textbook formulas in float64 "
+        "NumPy, evaluated by row blocks (no n x n matrix; on top of the run, about three "
+        "float64 copies of the features on rank 0)",
     )
     parser.add_argument(
         "--device",
@@ -811,14 +816,14 @@ def _verify(
     grads: Any,
     ids: tuple[Any, Any] | None = None,
 ) -> int:
-    from .._reference import dense_loss_and_grad
+    from ._verify import reference_loss_and_grad
 
     bias = _bias(args)
     # The bias of a loss it does not change is 0; ids only for a batch with several positives.
     rest = (0.0 if bias is None else bias, *(ids or ()))
 
     def dense(img_np: Any, scale: float) -> Any:
-        return dense_loss_and_grad(args.loss, img_np, to_numpy(txt), scale, *rest)
+        return reference_loss_and_grad(args.loss, img_np, to_numpy(txt), scale, *rest)
 
     expected = dense(to_numpy(img), args.scale)
     actual = [loss, grads.img, grads.txt, grads.scale, grads.bias]
