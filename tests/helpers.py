@@ -197,12 +197,29 @@ def run_captured(
     """Run `command` to its end, its output captured as text and its stdin closed.
 
     A non-zero exit status is returned, not raised: the tests assert on it with the output
-    in the message. ``options`` go to :func:`subprocess.run` (``env``, ``cwd``, ...).
+    in the message. ``options`` go to :class:`subprocess.Popen` (``env``, ``cwd``, ...).
+
+    On a timeout the process gets SIGTERM first and SIGKILL only if it is still there 10 s
+    later, then :class:`subprocess.TimeoutExpired` is raised: ``mpirun`` passes SIGTERM on to
+    its ranks, while a SIGKILL of ``mpirun`` alone leaves them running.
     """
     options.setdefault("stdin", subprocess.DEVNULL)
-    return subprocess.run(
-        list(command), capture_output=True, text=True, timeout=timeout, check=False, **options
-    )
+    with subprocess.Popen(
+        list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                stdout, stderr = process.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                stdout, stderr = process.communicate()
+            raise subprocess.TimeoutExpired(
+                process.args, timeout, output=stdout, stderr=stderr
+            ) from None
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def run_python(*args: str, timeout: float, **options: Any) -> subprocess.CompletedProcess[str]:
