@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from portable_siglip import _reference
+from portable_siglip import _losses, _reference
 from portable_siglip.cli import _commands as _cli
 from portable_siglip.cli import _verify
 
@@ -92,3 +92,59 @@ def test_help_says_the_reference_is_blockwise(capsys: pytest.CaptureFixture[str]
         _cli.main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "by row blocks (no n x n matrix" in text
+
+
+# --------------------------------------------------------------------- item 13: underflow
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_gradients_that_underflow_the_dtype_verify(
+    capsys: pytest.CaptureFixture[str], loss: str, dtype: str
+) -> None:
+    # t = 1e-300: t G txt is about 1e-302, zero in float32 and float16, the correctly
+    # rounded value; the float64 reference holds 1e-302.
+    argv = ["run", "--loss", loss, "--dtype", dtype, *SMALL, "--scale", "1e-300", "--verify"]
+    assert _cli.main(argv) == 0, capsys.readouterr().out
+    assert "verify: ok" in capsys.readouterr().out
+
+
+def test_a_wrong_result_below_the_dtype_still_fails(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = _losses.evaluate
+
+    def evaluate(spec: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        value, grads = original(spec, *args, **kwargs)
+        img = np.array(grads.img, copy=True)
+        img[3, 5] = 1e-36  # about 100 times float32's smallest normal number: not a rounding
+        return value, grads._replace(img=img)
+
+    monkeypatch.setattr(_losses, "evaluate", evaluate)
+    assert _cli.main(["run", *SMALL, "--scale", "1e-300", "--verify"]) == 1
+    assert "verify: FAILED (grads.img)" in capsys.readouterr().out
+
+
+def test_comparison_floors_the_reference_at_the_dtypes_smallest_normal() -> None:
+    tiny32 = float(np.finfo(np.float32).tiny)
+    want = np.full((4, 3), 1e-302)  # float64 values that float32 rounds to 0
+    zeros = np.zeros((4, 3), dtype=np.float32)
+    assert _verify.compare(zeros, want, 1e-4)[1]  # the correctly rounded result
+    planted = zeros.copy()
+    planted[2, 1] = np.float32(1e3 * 1e-4 * tiny32)  # 1000 times the allowed error
+    rel, ok = _verify.compare(planted, want, 1e-4)
+    assert not ok
+    assert rel == pytest.approx(0.1, rel=1e-3)
+    subnormal = np.float32(3 * 2.0**-149)  # a few subnormal steps off: within the floor
+    assert _verify.compare(zeros + subnormal, want, 1e-4)[1]
+    # In the normal range the rule is the relative error it always was.
+    normal = np.full((4, 3), 0.5)
+    assert _verify.compare((normal * (1 + 5e-5)).astype(np.float32), normal, 1e-4)[1]
+    assert not _verify.compare((normal * (1 + 5e-4)).astype(np.float32), normal, 1e-4)[1]
+    # The floor is the run's dtype's: float16's smallest normal is 6.1e-5.
+    half_want = np.full(3, 1e-9)
+    assert _verify.compare(np.zeros(3, dtype=np.float16), half_want, 4e-3)[1]
+    assert not _verify.compare(np.full(3, 1e-6, dtype=np.float16), half_want, 4e-3)[1]
+    # NaN or infinity never passes, and a scalar can be judged against another size.
+    assert not _verify.compare(np.float32(np.nan), 1.0, 1e-4)[1]
+    assert _verify.compare(np.float32(1e-3), 0.0, 1e-4, size=100.0)[1]

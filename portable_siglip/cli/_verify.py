@@ -13,6 +13,10 @@ docs/math.md written out again here (no tiles, no workspace, no ``_tilemath``). 
 a loss uses is read from the dense reference it registers (:mod:`portable_siglip._registry`):
 the sigmoid and softmax formulas of :mod:`portable_siglip._reference` are evaluated by row
 blocks; a loss registering another formula is evaluated densely by that formula.
+
+:func:`compare` judges a run's value against the reference: the normwise relative error,
+measured against no magnitude below the smallest normal number of the run's dtype, where the
+dtype's relative precision ends (a float32 gradient of 1e-302 is correctly 0).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 from .. import _reference
 from .. import _registry as registry
 
-__all__ = ["MIN_ROWS", "block_rows", "reference_loss_and_grad"]
+__all__ = ["MIN_ROWS", "block_rows", "compare", "reference_loss_and_grad", "smallest_normal"]
 
 #: The fewest rows of a block: below this the loop and the (k, d) update of the text
 #: gradient that each block makes cost more than its arithmetic.
@@ -222,3 +226,79 @@ def reference_loss_and_grad(
     value, grads = by_rows(problem, float(scale), float(bias))
     d_bias = grads.d_bias if spec.uses_bias else 0.0
     return value, grads.img, grads.txt, grads.d_scale, d_bias
+
+
+def smallest_normal(dtype: Any) -> float:
+    """Return the smallest positive normal number of a floating dtype, or of its name.
+
+    NumPy's dtypes and names, and ``"bfloat16"`` (ml_dtypes' type, which NumPy lacks).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> smallest_normal(np.float16)
+    6.103515625e-05
+    >>> smallest_normal("bfloat16") == smallest_normal("float32")
+    True
+    """
+    import numpy as np
+
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        return 2.0**-126  # 8 exponent bits, as float32
+    try:
+        return float(np.finfo(dtype).tiny)
+    except ValueError:  # ml_dtypes' bfloat16: NumPy has no finfo of it
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(dtype).tiny)  # type: ignore[no-untyped-call]
+
+
+def compare(
+    got: Any, want: Any, rtol: float, *, dtype: Any = None, size: float = 0.0
+) -> tuple[float, bool]:
+    """Judge a run's value `got` against the float64 reference `want`.
+
+    The error is normwise, ``max |got - want|``, relative to the largest of ``max |want|``,
+    `size` and the smallest normal number of the run's `dtype`. Below that number the dtype
+    has only absolute precision: a reference that underflows there (gradients of a scale of
+    1e-300 in float32) is met by the correctly rounded result, often 0, which a purely
+    relative error would call 100% wrong. Above it the rule is the plain relative error.
+
+    Parameters
+    ----------
+    got : array_like
+        The run's value (as a NumPy array or scalar of any floating dtype).
+    want : array_like
+        The reference, float64.
+    rtol : float
+        The largest relative error accepted.
+    dtype : dtype or str, optional
+        The dtype the run computed in; by default `got`'s.
+    size : float, optional
+        Another magnitude to measure the error against (the loss, for its scalar
+        gradients, which are sums of terms that cancel).
+
+    Returns
+    -------
+    rel, ok : (float, bool)
+        The relative error, and whether it is within `rtol` and every value finite.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> compare(np.zeros(2), np.full(2, 1e-302), 1e-4, dtype="float32")[1]
+    True
+    >>> compare(np.zeros(2), np.full(2, 1e-302), 1e-4, dtype="float64")[1]
+    False
+    >>> compare(np.float32(1.5), 1.0, 1e-4)[1]
+    False
+    """
+    import numpy as np
+
+    got_np = np.asarray(got)
+    want_np = np.asarray(want, dtype=np.float64)
+    floor = smallest_normal(got_np.dtype if dtype is None else dtype)
+    reference = max(float(np.max(np.abs(want_np))), size, floor)
+    error = float(np.max(np.abs(got_np.astype(np.float64) - want_np)))
+    rel = error / reference
+    return rel, bool(np.all(np.isfinite(got_np.astype(np.float64)))) and rel <= rtol
