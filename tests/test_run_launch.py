@@ -87,7 +87,7 @@ NO_GPU = [
     (["run", "--device", "cuda"], "needs a CUDA GPU, and none was found"),
     (["run", "--backend", "torch", "--device", "cuda:0"], "needs a CUDA GPU, and none was found"),
     (["run", "--comm", "nccl"], "--comm nccl needs a CUDA GPU"),
-    (["run", "--backend", "torch", "--comm", "nccl"], "CUDA GPU"),
+    (["run", "--backend", "torch", "--comm", "nccl"], "--comm nccl needs a CUDA GPU"),
 ]
 
 
@@ -99,6 +99,8 @@ def test_gpu_options_without_a_gpu_are_usage_errors(argv: list[str], message: st
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert "invalid choice" not in result.stderr
+    if "--device" not in argv:
+        assert "--device" not in result.stderr.split("error:", 1)[1].split(";")[0]
 
 
 BAD = [

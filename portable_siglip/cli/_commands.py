@@ -565,9 +565,13 @@ def _placement(args: argparse.Namespace) -> tuple[Device, str]:
         asked = None if args.device is None else parse_device(args.device)
     except ValueError as error:
         raise UsageError(f"`device`: {error}") from None
+    implied_by = None
     if asked is None and args.comm == "nccl" and args.backend == "torch":
         asked = Device("cuda")  # NCCL moves GPU memory only: --comm nccl implies the GPU
-    device = resolve_device(args.backend, asked, local_rank=_launch.local_rank())
+        implied_by = "--comm nccl"
+    device = resolve_device(
+        args.backend, asked, local_rank=_launch.local_rank(), implied_by=implied_by
+    )
     return device, _launch.choose(args.comm, args.backend, device)
 
 

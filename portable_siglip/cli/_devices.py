@@ -137,7 +137,9 @@ def no_gpu_reasons() -> str:
     return "; ".join(str(cuda_device_count(name)[1]) for name in CUDA_BACKENDS)
 
 
-def resolve_device(backend: str, device: Device | None, *, local_rank: int = 0) -> Device:
+def resolve_device(
+    backend: str, device: Device | None, *, local_rank: int = 0, implied_by: str | None = None
+) -> Device:
     """Check that `device` exists for `backend`; pick the GPU of this rank for a bare ``cuda``.
 
     Parameters
@@ -150,6 +152,9 @@ def resolve_device(backend: str, device: Device | None, *, local_rank: int = 0) 
     local_rank : int
         This process's rank on its node: ``cuda`` without an index means GPU
         ``local_rank % count``, so the ranks of one node spread over its GPUs.
+    implied_by : str, optional
+        The option that asked for `device` when ``--device`` did not (``"--comm nccl"``,
+        which moves GPU memory only): the error names it, not ``--device``.
 
     Returns
     -------
@@ -192,7 +197,10 @@ def resolve_device(backend: str, device: Device | None, *, local_rank: int = 0) 
     count, reason = cuda_device_count(backend)
     if count == 0:
         shown = f"{what} {device}" if what == "--device" else what
-        msg = f"`device`: {shown} needs a CUDA GPU, and none was found: {reason}"
+        name = "device"
+        if implied_by is not None:  # e.g. "--comm nccl": the user gave --comm
+            shown, name = implied_by, implied_by.split()[0].lstrip("-")
+        msg = f"`{name}`: {shown} needs a CUDA GPU, and none was found: {reason}"
         raise UsageError(msg)
     index = local_rank % count if device.index is None else device.index
     if not 0 <= index < count:
