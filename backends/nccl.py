@@ -107,7 +107,12 @@ import numpy as np
 
 from portable_siglip.comm import BaseComm, Request
 
-__all__ = ["CupyRuntime", "NCCLComm", "Runtime", "SharedDeviceError"]
+__all__ = ["CUPY_INSTALL", "CupyRuntime", "NCCLComm", "Runtime", "SharedDeviceError"]
+
+#: How to install CuPy, which :class:`NCCLComm` runs on: its wheel for the CUDA major version
+#: of the GPU's driver. Every message that asks for CuPy quotes it (this module's, and the
+#: command line's for ``--backend cupy`` and ``--comm nccl``).
+CUPY_INSTALL = "pip install cupy-cuda12x or cupy-cuda13x, for the CUDA major version of the driver"
 
 Array = Any
 
@@ -295,7 +300,11 @@ class CupyRuntime:
     """
 
     def __init__(self) -> None:
-        import cupy
+        try:
+            import cupy
+        except ImportError as error:
+            msg = f"NCCLComm runs on CuPy, and it cannot be imported ({error}): {CUPY_INSTALL}"
+            raise ImportError(msg) from None
         from cupy.cuda import nccl
 
         # Without libnccl, cupy.cuda.nccl imports all the same and only sets available to

@@ -64,3 +64,32 @@ def test_a_failing_rank_ends_the_job(how: str) -> None:
     assert "finished" not in result.stdout
     if how == "raise":
         assert "injected failure on rank 1" in result.stderr
+
+
+#: The README's 8-GPU line, and its cupy form, on a machine without a GPU or cupy.
+GPU_LINES = [
+    ("--backend", "torch", "--device", "cuda", "--comm", "nccl", "--verify"),
+    ("--backend", "cupy", "--comm", "nccl", "--verify"),
+]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("line", GPU_LINES, ids=["torch", "cupy"])
+def test_a_usage_error_under_mpirun_is_said_once(world: int, line: tuple[str, ...]) -> None:
+    import importlib.util
+    import time
+
+    from portable_siglip.backends.nccl import CUPY_INSTALL
+
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("cupy is installed: the line may find what it needs")
+    start = time.perf_counter()
+    result = launch(world, "-m", "portable_siglip", "run", *line, "--batch", "64")
+    seconds = time.perf_counter() - start
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [text for text in result.stderr.splitlines() if "run: error:" in text]
+    assert len(errors) == 1, result.stderr  # rank 0 says it; the others leave quietly
+    assert CUPY_INSTALL in errors[0]  # --comm nccl and --backend cupy: one package name
+    assert "Traceback" not in result.stderr
+    # Found from the options before torch or any other array library is imported.
+    assert seconds < 30, f"{seconds:.1f} s"

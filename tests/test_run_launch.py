@@ -103,6 +103,25 @@ def test_gpu_options_without_a_gpu_are_usage_errors(argv: list[str], message: st
         assert "--device" not in result.stderr.split("error:", 1)[1].split(";")[0]
 
 
+@pytest.mark.skipif(gpu_count() > 0, reason="this machine has a GPU")
+@pytest.mark.parametrize("cupy", [False, True], ids=["without-cupy", "with-cupy"])
+def test_comm_nccl_without_a_gpu_names_comm_not_device(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, cupy: bool
+) -> None:
+    """``run --backend torch --comm nccl``: the user gave --comm, not --device; say --comm."""
+    pytest.importorskip("torch")
+    from portable_siglip.cli import _commands
+
+    installed = _launch.installed
+    monkeypatch.setattr(_launch, "installed", lambda name: cupy or installed(name))
+    assert _commands.main(["run", "--backend", "torch", "--comm", "nccl", "--batch", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "run: error: `comm`: --comm nccl needs a CUDA GPU" in err, err
+    assert "--device" not in err
+    if cupy:  # past the check for cupy: torch's own GPU count is what is missing
+        assert "none was found: torch" in err
+
+
 BAD = [
     (["--device", "gpu"], "`device`: expected cpu, cuda or cuda:N, got 'gpu'"),
     (["--device", "cpu", "--backend", "cupy"], "`backend`: 'cupy' is not installed"),
@@ -340,3 +359,22 @@ def test_gpu_comm_torch_with_two_ranks_on_one_gpu_stages_through_the_host() -> N
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ranks           2 (TorchDistComm), strategy bidir" in result.stdout
     assert result.stdout.count("verify: ok") == 1
+
+
+def test_usage_error_before_connecting_is_said_by_rank_0_only(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a launcher, before the ranks connect: rank 0 says it; another rank waits for the
+    launcher to end the job, and says it itself only if still running after the wait."""
+    from portable_siglip.cli import _commands
+
+    monkeypatch.setattr(_commands, "QUIET_RANK_WAIT_S", 0.0)
+    argv = ["run", "--device", "gpu", "--batch", "8"]  # refused before any transport
+    for rank in ("0", "1"):
+        monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+        monkeypatch.setenv("OMPI_COMM_WORLD_RANK", rank)
+        assert _commands.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1, err
+        shown = "run: error: `device`" if rank == "0" else "run: rank 1: error: `device`"
+        assert shown in err

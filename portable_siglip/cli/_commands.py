@@ -19,8 +19,8 @@ Exit status: 0 success, 1 verification failed or an internal error, 2 invalid ar
 or missing library. ``run`` checks every option it hands to the loss, so an exception
 from inside a run (a ``TypeError`` deep in a library included) is reported as an internal
 error, with its traceback, not as a usage error. Under MPI every rank exits with the same
-status; an unexpected error on any rank aborts the whole job (``MPI_Abort``) instead of
-leaving the other ranks waiting.
+status, and a usage error is printed by rank 0 only; an unexpected error on any rank aborts
+the whole job (``MPI_Abort``) instead of leaving the other ranks waiting.
 
 ``run`` sets ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` unless the user set it or the backend
 is jax (:func:`limit_jax_preallocation`).
@@ -50,6 +50,11 @@ _Number = TypeVar("_Number", int, float)
 
 #: jax's switch for taking 75% of a GPU's memory when it first uses the GPU.
 JAX_PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
+
+
+#: Seconds a rank other than 0 waits, after a usage error found before the ranks connect,
+#: for the launcher to end it once rank 0 has said the error (see ``_usage_error``).
+QUIET_RANK_WAIT_S = 10.0
 
 
 #: Rows per generator chunk of ``random_pairs``: any shard regenerates only its chunks.
@@ -325,6 +330,10 @@ def load_run_backend(backend: str, dtype: str) -> tuple[Any, Any]:
     try:
         return load_backend(backend, dtype)
     except UsageError:
+        if backend == "cupy" and not _launch.installed("cupy"):
+            # The same package name as --comm nccl's message: cupy's wheel for the CUDA.
+            msg = f"`backend`: 'cupy' is not installed ({_launch.cupy_install()})"
+            raise UsageError(msg) from None
         if backend != "numpy" or dtype != "bfloat16":
             raise
         xp, _ = load_backend(backend, "float32")
@@ -560,7 +569,9 @@ def shard(n: int, size: int, rank: int) -> tuple[int, int]:
 
 def _placement(args: argparse.Namespace) -> tuple[Device, str]:
     """Resolve ``--device`` and ``--comm``: where the arrays live and which transport."""
-    load_run_backend(args.backend, args.dtype)  # a missing library or dtype is said first
+    # What is missing is said first, before an array library is imported (seconds per rank).
+    _launch.check_installed(args.comm)
+    load_run_backend(args.backend, args.dtype)
     try:
         asked = None if args.device is None else parse_device(args.device)
     except ValueError as error:
@@ -932,9 +943,17 @@ def _usage_error(
 ) -> int:
     """Say what was wrong with the input on rank 0 and return status 2."""
     # Invalid input is found on every rank alike (the losses agree before exchanging),
-    # so every rank exits with status 2 and rank 0 says why.
-    if comm is None or comm.rank == 0:
+    # so every rank exits with status 2 and rank 0 says why; before the ranks are
+    # connected, rank 0 of the launcher (mpirun, torchrun) does.
+    rank = comm.rank if comm is not None else _launch.launch_rank()
+    if rank == 0:
         print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
+    elif comm is None:
+        # Not connected: this rank cannot know that rank 0 found the same error. The
+        # launcher ends the job when rank 0 exits with it, so this rank waits for that,
+        # quietly; still running after the wait, it says the error itself.
+        time.sleep(QUIET_RANK_WAIT_S)
+        print(f"{parser.prog} {args.command}: rank {rank}: error: {error}", file=sys.stderr)
     _launch.disconnect(transport, barrier=False)
     return 2
 

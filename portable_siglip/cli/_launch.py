@@ -40,9 +40,13 @@ from ._devices import Device, cuda_device_count
 __all__ = [
     "COMMS",
     "MPI_LAUNCH_VARIABLES",
+    "check_installed",
     "choose",
     "connect",
+    "cupy_install",
     "disconnect",
+    "installed",
+    "launch_rank",
     "launcher",
     "local_size",
     "shared_gpu_message",
@@ -122,6 +126,29 @@ def local_rank(environ: dict[str, str] | None = None) -> int:
     return 0 if found is None else found
 
 
+def launch_rank(environ: dict[str, str] | None = None) -> int:
+    """Return this process's rank in the job, as its launcher exported it (0 by hand).
+
+    Known before any rank talks to another: a usage error found then is printed by rank 0
+    alone, the others leaving quietly with the same status.
+
+    Examples
+    --------
+    >>> launch_rank({"OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_RANK": "5"})
+    5
+    >>> launch_rank({"TORCHELASTIC_RUN_ID": "x", "RANK": "2", "WORLD_SIZE": "4"})
+    2
+    >>> launch_rank({})
+    0
+    """
+    env = os.environ if environ is None else environ
+    started_by = launcher(dict(env))
+    if started_by is None:
+        return 0
+    found = _first_int(("RANK",) if started_by == "torchrun" else _MPI_RANK, env)
+    return 0 if found is None else found
+
+
 def local_size(environ: dict[str, str] | None = None) -> int:
     """Return the number of ranks on this node (1 when started by hand or unknown).
 
@@ -154,6 +181,43 @@ def shared_gpu_message(ranks: int, device: int | None) -> str:
         f"{ranks} ranks share GPU {0 if device is None else device}; NCCL needs one GPU per "
         "rank; use --comm mpi or --comm torch to try several ranks on one GPU"
     )
+
+
+def installed(name: str) -> bool:
+    """Whether module `name` can be imported, found without importing it."""
+    return importlib.util.find_spec(name) is not None
+
+
+def cupy_install() -> str:
+    """Return how to install CuPy: ``CUPY_INSTALL`` of :mod:`portable_siglip.backends.nccl`."""
+    return str(importlib.import_module("portable_siglip.backends.nccl").CUPY_INSTALL)
+
+
+def _nccl_unavailable(reason: str | None) -> str:
+    return (
+        f"`comm`: --comm nccl needs a CUDA GPU and cupy's NCCL binding, and {reason} "
+        f"({cupy_install()}, on a GPU machine); on the host use --comm mpi, or --comm torch "
+        "for torch.distributed"
+    )
+
+
+def check_installed(choice: str) -> None:
+    """Refuse a ``--comm`` whose library is not installed, before any array library loads.
+
+    Cheap (nothing is imported), so that ``mpirun -n 8 ... --comm nccl`` on a machine
+    without CuPy answers at once instead of after every rank imported torch.
+
+    Raises
+    ------
+    UsageError
+        For ``nccl`` without CuPy.
+
+    Examples
+    --------
+    >>> check_installed("mpi")  # mpi4py is looked for later, when the transport is chosen
+    """
+    if choice == "nccl" and not installed("cupy"):
+        raise UsageError(_nccl_unavailable("cupy is not installed"))
 
 
 def choose(choice: str, backend: str, device: Device, environ: dict[str, str] | None = None) -> str:
@@ -205,12 +269,7 @@ def choose(choice: str, backend: str, device: Device, environ: dict[str, str] | 
     if choice == "nccl":
         count, reason = cuda_device_count("cupy")  # NCCLComm runs on cupy's NCCL binding
         if count == 0:
-            msg = (
-                f"`comm`: --comm nccl needs a CUDA GPU and cupy's NCCL binding, and {reason} "
-                "(pip install cupy-cuda12x or cupy-cuda13x on a GPU machine); on the host use "
-                "--comm mpi, or --comm torch for torch.distributed"
-            )
-            raise UsageError(msg)
+            raise UsageError(_nccl_unavailable(reason))
         if backend not in ("torch", "cupy"):
             msg = (
                 f"`comm`: --comm nccl moves cupy arrays and torch CUDA tensors, got --backend "
