@@ -258,13 +258,6 @@ def _softmax(
     return total / norm, _finish(problem, state.img_acc, txt_acc, scale_sum, zero, norm)
 
 
-#: The evaluations whose loss needs a positive in every row and column with ids: the softmax
-#: loss's target is a uniform distribution over a row's (column's) positives, which does not
-#: exist without one, so such ids are a ``ValueError`` (eagerly). The sigmoid family's labels
-#: are defined for any ids: a row or column without a positive is all negatives.
-_NEEDS_POSITIVES = (_softmax,)
-
-
 def sigmoid_loss(
     img: Array,
     txt: Array,
@@ -710,7 +703,7 @@ def evaluate(
         img_ids=img_ids,
         txt_ids=txt_ids,
         precision=precision,
-        needs_positives=loss.evaluate in _NEEDS_POSITIVES,
+        needs_positives=loss.needs_positives,
     )
     with full_precision(problem.xp, problem.img):
         return loss.evaluate(loss, problem, ring, grad=grad)  # type: ignore[no-any-return]
@@ -770,5 +763,6 @@ SOFTMAX = register(
         uses_bias=False,
         functions=("softmax_loss", "softmax_loss_and_grad"),
         gemms_per_tile=4,
+        needs_positives=True,
     )
 )

@@ -51,6 +51,11 @@ class Loss:
         The (b, d) x (d, b) GEMMs its loss and gradients cost per tile (the benchmarks'
         roofline): 3 for one pass (logits, two gradient products), 4 for the softmax
         loss's two passes.
+    needs_positives : bool
+        Whether, with ids, every row and column must hold a positive pair (a ``ValueError``
+        otherwise, raised eagerly): the softmax loss's target is a uniform distribution over
+        a row's positives, which does not exist without one. The sigmoid family's labels are
+        defined for any ids (a row without a positive is all negatives): False.
 
     Examples
     --------
@@ -73,6 +78,7 @@ class Loss:
     uses_bias: bool = True
     functions: tuple[str, ...] = ()
     gemms_per_tile: int = 3
+    needs_positives: bool = False
 
     @property
     def default_schedule(self) -> str:

@@ -66,6 +66,40 @@ def test_validation_reads_the_schedules_from_the_registry() -> None:
         _registry.unregister("sigmoid-gather")
 
 
+def test_the_registry_says_which_losses_need_a_positive_in_every_row() -> None:
+    """Validation reads ``needs_positives`` from the loss, one process and over a ring."""
+    assert not _registry.get("sigmoid").needs_positives
+    assert _registry.get("softmax").needs_positives
+    strict = _registry.register(
+        replace(_registry.get("sigmoid"), name="sigmoid-strict", needs_positives=True)
+    )
+    try:
+        from portable_siglip._losses import evaluate
+
+        x = np.eye(3)
+        ids = {"img_ids": np.array([0, 1, 2]), "txt_ids": np.array([0, 1, 7])}  # row 2 alone
+        value, _ = evaluate(_registry.get("sigmoid"), x, x, 1.0, 0.0, grad=False, **ids)
+        assert np.isfinite(value)
+        with pytest.raises(ValueError, match="no positive"):
+            evaluate(strict, x, x, 1.0, 0.0, grad=False, **ids)
+        with pytest.raises(ValueError, match="no positive"):
+            ThreadGroup(2).run(
+                lambda comm: evaluate(
+                    strict,
+                    x[comm.rank :: 2],
+                    x[comm.rank :: 2],
+                    1.0,
+                    0.0,
+                    grad=False,
+                    comm=comm,
+                    img_ids=ids["img_ids"][comm.rank :: 2],
+                    txt_ids=ids["txt_ids"][comm.rank :: 2],
+                )
+            )
+    finally:
+        _registry.unregister("sigmoid-strict")
+
+
 def test_circulate_refuses_an_unknown_schedule() -> None:
     """Internal dispatch names the unknown schedule instead of falling through to gather."""
     group = ThreadGroup(2)
