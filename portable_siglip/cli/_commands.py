@@ -15,12 +15,14 @@ then sharded independently. ``--device`` puts the arrays on a GPU
 roofline (see :mod:`portable_siglip.bench`); ``doctor`` checks this machine
 (:mod:`._doctor`).
 
-Exit status: 0 success, 1 verification failed or an internal error, 2 invalid arguments
-or missing library. ``run`` checks every option it hands to the loss, so an exception
-from inside a run (a ``TypeError`` deep in a library included) is reported as an internal
-error, with its traceback, not as a usage error. Under MPI every rank exits with the same
-status, and a usage error is printed by rank 0 only; an unexpected error on any rank aborts
-the whole job (``MPI_Abort``) instead of leaving the other ranks waiting.
+Exit status: 0 success, 1 verification failed or an internal error, 2 invalid arguments,
+a missing library, or a run predicted to need more host memory than is available
+(:mod:`._footprint`, checked before anything is drawn). ``run`` checks every option it hands
+to the loss, so an exception from inside a run (a ``TypeError`` deep in a library included)
+is reported as an internal error, with its traceback, not as a usage error. Under MPI every
+rank exits with the same status, and a usage error is printed by rank 0 only; an unexpected
+error on any rank aborts the whole job (``MPI_Abort``) instead of leaving the other ranks
+waiting.
 
 ``run`` sets ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` unless the user set it or the backend
 is jax (:func:`limit_jax_preallocation`).
@@ -41,7 +43,7 @@ from typing import Any, TypeVar
 from .. import _losses, _memory
 from .. import _registry as registry
 from .._interop import BACKENDS, DTYPES, UsageError, load_backend, to_numpy
-from . import _launch
+from . import _footprint, _launch
 from ._devices import Device, parse_device, place, resolve_device, wait_until_computed
 
 __all__ = ["JAX_PREALLOCATE", "limit_jax_preallocation", "load_run_backend", "main"]
@@ -646,6 +648,7 @@ def _run(args: argparse.Namespace, comm: Any = None, device: Device | None = Non
             "ranks",
             file=sys.stderr,
         )
+    _check_memory(args, comm, device, strategy)  # before anything is drawn
     rows = shard(args.batch, size, rank)
     ids: dict[str, Any] = {}
     ids_np: tuple[Any, Any] | None = None
@@ -718,6 +721,45 @@ def _run(args: argparse.Namespace, comm: Any = None, device: Device | None = Non
     if comm is None:
         return _verify(np, args, img, txt, loss, grads, ids_np)
     return _verify_sharded(np, args, dtype, xp, comm, loss, grads, per_rank)
+
+
+def _check_memory(args: argparse.Namespace, comm: Any, device: Device, strategy: str) -> None:
+    """Refuse a run whose predicted host memory exceeds what is available, on every rank.
+
+    The prediction (:func:`._footprint.predict`) is rank 0's, which verifies; the ranks of
+    one node share its memory. Every rank decides, then the ranks agree: any refusal is
+    every rank's, so all exit with status 2 before any array is drawn.
+    """
+    size = comm.size if comm is not None else 1
+    shape = (args.batch, args.dim, args.captions_per_image)
+    footprint = _footprint.predict(
+        *shape,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        world=size,
+        strategy=strategy,
+        verify=args.verify,
+        on_gpu=device.is_cuda,
+    )
+    here = min(_launch.local_size(), size) if comm is not None else 1
+    need = footprint.peak + (here - 1) * max(footprint.draw, footprint.run)
+    free = _footprint.available_bytes()
+    refusal = None
+    if free is not None and need > free:
+        option = _footprint.largest_option(*shape)
+        parts = "features drawn in float64, the run's features and gradients, its tiles"
+        refusal = (
+            f"`{option}`: run --batch {args.batch} --dim {args.dim} --captions-per-image "
+            f"{args.captions_per_image} needs about {_footprint.gigabytes(need)} of host memory"
+            + (f" on this node ({here} ranks)" if here > 1 else "")
+            + f" ({parts}{', the --verify reference' if args.verify else ''}), and "
+            f"{_footprint.gigabytes(free)} is available; choose a smaller "
+            f"--{option.replace('_', '-')}"
+        )
+    if comm is not None:
+        refusal = next((text for text in comm.allgather_object(refusal) if text), None)
+    if refusal is not None:
+        raise UsageError(refusal)
 
 
 def _print_run(
