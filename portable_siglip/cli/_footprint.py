@@ -125,10 +125,13 @@ def predict(
     check = 0
     if verify:
         everything = (n + k_total) * d
-        # The batch again (drawn in float64, then in the dtype), the gathered gradients in
-        # float64, the reference's gradients and its row blocks (a quarter of the features
-        # each), and the ids.
-        check = everything * (8 * 2 + item + 8 + 8 + 2 * 8) + (n + k_total) * 8 * 3
+        # The features in float64, the reference's float64 gradients, its row blocks (a
+        # quarter of the features each, about five at once), the comparison's float64
+        # copies of one gradient and its difference, and the ids (measured: 40 bytes per
+        # feature value in one process).
+        check = everything * (8 + 8 + 10 + 16) + (n + k_total) * 8 * 3
+        if world > 1:  # rank 0 draws the batch again and gathers the gradient shards
+            check += everything * (8 + item + item + 8)
     return Footprint(draw=draw, run=held, verify=check)
 
 
