@@ -107,7 +107,7 @@ import numpy as np
 
 from portable_siglip.comm import BaseComm, Request
 
-__all__ = ["CUPY_INSTALL", "CupyRuntime", "NCCLComm", "Runtime", "SharedDeviceError"]
+__all__ = ["CupyRuntime", "NCCLComm", "Runtime", "SharedDeviceError"]
 
 #: How to install CuPy, which :class:`NCCLComm` runs on: its wheel for the CUDA major version
 #: of the GPU's driver. Every message that asks for CuPy quotes it (this module's, and the
