@@ -13,8 +13,9 @@ bytes on every run.
 
 :func:`diagnose_ids` names the usual mistakes of a multi-positive loss, each predicted
 densely in float64 from the case's inputs: the ids ignored (diagonal labels), the log inside
-the sum over positives, only the first positive of each row counted, and the positives
-summed instead of averaged.
+the sum over positives, only the first positive of each row counted, the positives
+summed instead of averaged, the sigmoid sum divided by k instead of m, and the loss divided
+by the number of positive pairs instead of by the rows.
 """
 
 from __future__ import annotations
@@ -328,8 +329,12 @@ def _sigmoid_ids(logits: Any, rows: Any, cols: Any, variant: str) -> float:
     if variant in ("log-inside", "positives-summed"):
         return math.nan  # softmax mistakes
     labels = np.where(rows, 1.0, -1.0)
-    # The sum over the pairs divided by m (the images), or by k (the texts) by mistake.
-    count = logits.shape[1] if variant == "normalised-by-k" else logits.shape[0]
+    # The sum over the pairs divided by m (the images), or by mistake by k (the texts) or by
+    # the number of positive pairs.
+    counts = {"normalised-by-k": logits.shape[1], "normalised-by-positives": np.sum(rows)}
+    count = counts.get(variant, logits.shape[0])
+    if count == 0:
+        return math.nan
     return float(np.logaddexp(0.0, -labels * logits).sum() / count)
 
 
@@ -347,6 +352,8 @@ def _softmax_ids(logits: Any, rows: Any, cols: Any, variant: str) -> float:
             return float(np.mean(lse - np.logaddexp.reduce(chosen, axis=1)))
         if variant == "positives-summed":  # every positive a full cross-entropy term
             return float(np.mean(np.sum(np.where(mask, lse[:, None] - z, 0.0), axis=1)))
+        if variant == "normalised-by-positives":  # the mean over all positive pairs
+            return float(np.sum(np.where(mask, lse[:, None] - z, 0.0)) / np.sum(mask))
         mean = np.sum(np.where(mask, z, 0.0), axis=1) / np.sum(mask, axis=1)
         return float(np.mean(lse - mean))
 
@@ -408,6 +415,13 @@ MISTAKES = {
     "normalised-by-k": (
         "the sum over the m x k pairs is divided by k, the number of texts, instead of m, the "
         "number of images (the rows): the loss is off by m / k wherever m != k"
+    ),
+    "normalised-by-positives": (
+        "the loss is divided by the number of positive pairs instead of by the rows: sigmoid, "
+        "the sum over the m x k pairs divided by the P positive pairs instead of m (off by "
+        "m / P); softmax, each direction's -log softmax summed over all its positive pairs "
+        "and divided by their number ((mask * -log_prob).sum() / mask.sum()), so a row with "
+        "c positives weighs c times; average each row over its own positives, then the rows"
     ),
 }
 

@@ -72,6 +72,8 @@ def test_a_right_dense_implementation_passes(loss: str) -> None:
         ("softmax_first_positive", "softmax", "first-positive"),
         ("sigmoid_first_positive", "sigmoid", "first-positive"),
         ("sigmoid_normalised_by_k", "sigmoid", "normalised-by-k"),
+        ("sigmoid_normalised_by_positives", "sigmoid", "normalised-by-positives"),
+        ("softmax_normalised_by_positives", "softmax", "normalised-by-positives"),
     ],
 )
 def test_each_ids_mistake_is_named(impl: str, loss: str, code: str) -> None:

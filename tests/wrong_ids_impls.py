@@ -103,6 +103,30 @@ def sigmoid_normalised_by_k(
     return _sigmoid(logits, _positive(img_ids, txt_ids)) * logits.shape[0] / logits.shape[1]
 
 
+def sigmoid_normalised_by_positives(
+    img: Any, txt: Any, scale: Any, bias: Any, *, img_ids: Any, txt_ids: Any
+) -> Any:
+    # The sum over the m x k pairs divided by the number of positive pairs instead of m.
+    logits = _logits(img, txt, scale, bias)
+    positive = _positive(img_ids, txt_ids)
+    return _sigmoid(logits, positive) * logits.shape[0] / np.count_nonzero(positive)
+
+
+def softmax_normalised_by_positives(
+    img: Any, txt: Any, scale: Any, bias: Any, *, img_ids: Any, txt_ids: Any
+) -> Any:
+    # Each direction's -log softmax summed over all its positive pairs and divided by their
+    # number (`(mask * -log_prob).sum() / mask.sum()`), not averaged per row, then over rows.
+    logits = _logits(img, txt, scale, bias)
+    positive = _positive(img_ids, txt_ids)
+
+    def direction(z: np.ndarray, mask: np.ndarray) -> float:
+        log_prob = z - np.logaddexp.reduce(z, axis=1, keepdims=True)
+        return float(-np.sum(np.where(mask, log_prob, 0.0)) / np.count_nonzero(mask))
+
+    return np.asarray((direction(logits, positive) + direction(logits.T, positive.T)) / 2)
+
+
 def sigmoid_squared_logits(
     img: Any, txt: Any, scale: Any, bias: Any, *, img_ids: Any, txt_ids: Any
 ) -> Any:
