@@ -61,6 +61,8 @@ def _dense_loss(loss: str, case: Case, *, scale: float, bias: float, signs: str 
         if signs == "flipped":  # +1 off the diagonal, -1 on it
             eye = np.eye(n)
             return float(np.logaddexp(0.0, (2.0 * eye - 1.0) * logits).sum() / n)
+        if signs == "zero-one":  # labels eye(n): -log sigmoid(0) = log 2 off the diagonal
+            return float(np.logaddexp(0.0, -np.eye(n) * logits).sum() / n)
         return _logit_loss(loss, logits)
 
 
@@ -267,7 +269,7 @@ def _clamp_hypotheses(
 
 
 def _sigmoid_hypotheses(_golden: Callable[[Case, float], float]) -> list[Hypothesis]:
-    """Sigmoid mistakes: the bias's sign, the labels (predicted without the golden)."""
+    """Sigmoid mistakes: the bias's sign, the labels, 0/1 labels (without the golden)."""
     return [
         (
             "bias-sign",
@@ -291,6 +293,16 @@ def _sigmoid_hypotheses(_golden: Callable[[Case, float], float]) -> list[Hypothe
             "negated (they should be 2 I - 1)",
             lambda case, f: (
                 f * _dense_loss("sigmoid", case, scale=case.scale, bias=case.bias, signs="flipped")
+            ),
+        ),
+        (
+            "zero-one-labels",
+            "the loss matches labels eye(n) (0/1, as in a binary cross-entropy) instead of "
+            "2 * eye(n) - 1: every negative pair contributes -log sigmoid(0) = log 2, a "
+            "constant with no gradient, so the negatives are never pushed apart; SigLIP's "
+            "-log_sigmoid(labels * logits) needs labels +1 on the diagonal and -1 elsewhere",
+            lambda case, f: (
+                f * _dense_loss("sigmoid", case, scale=case.scale, bias=case.bias, signs="zero-one")
             ),
         ),
     ]

@@ -29,6 +29,7 @@ MEANINGFUL: dict[str, tuple[str, ...]] = {
     "unnormalised-sum": ("sum", "normalis", "normaliz"),
     "bias-sign": ("bias",),
     "labels": ("label",),
+    "zero-one-labels": ("eye(n)", "0/1"),
     "one-direction": ("direction", "image", "text"),
     "sum-of-directions": ("direction", "sum", "/2", "/ 2"),
     "non-finite-stress": ("finite", "overflow", "nan", "inf"),
@@ -213,6 +214,27 @@ def test_no_gradient_factor_of_one() -> None:
         report, explanation = _judged(wrong)
         assert "gradient-factor" not in report.codes, explanation
         assert wrong.code in report.codes, explanation
+
+
+def test_zero_one_labels_prediction_is_log_2_per_negative_pair() -> None:
+    """With labels eye(n) each of the n^2 - n negatives adds -log sigmoid(0) = log 2."""
+    import math
+
+    from portable_siglip.conformance import _diagnose
+
+    for case in load_cases():
+        if case.n > 200:
+            continue
+        # The positives' terms, one at a time in float64, and log 2 per negative pair.
+        positives = 0.0
+        for i in range(case.n):
+            z = case.scale * float(case.img[i] @ case.txt[i]) + case.bias
+            positives += max(-z, 0.0) + math.log1p(math.exp(-abs(z)))
+        want = (positives + (case.n**2 - case.n) * math.log(2.0)) / case.n
+        got = _diagnose._dense_loss(
+            "sigmoid", case, scale=case.scale, bias=case.bias, signs="zero-one"
+        )
+        assert got == pytest.approx(want, rel=1e-12), case.name
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -132,6 +132,23 @@ def labels_flipped_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
     return -logsigmoid(-labels * logits).sum() / n
 
 
+def labels_zero_one_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss with 0/1 labels: ``labels = eye(n)`` instead of ``2 * eye(n) - 1``.
+
+    The labels of a binary cross-entropy ({0, 1}) carried over to SigLIP's
+    ``-log_sigmoid(labels * logits)``, which wants {-1, +1}: every negative pair becomes
+    ``-log_sigmoid(0) = log 2``, a constant with no gradient, so the negatives are never
+    pushed apart. Torch, autodiff.
+    """
+    import torch
+    from torch.nn.functional import logsigmoid
+
+    logits = scale * img @ txt.T + bias  # (n, d) @ (d, n) -> (n, n)
+    n = logits.shape[0]
+    labels = torch.eye(n, dtype=logits.dtype)
+    return -logsigmoid(labels * logits).sum() / n
+
+
 # ---------------------------------------------------------------------------------------
 # Softmax directions
 # ---------------------------------------------------------------------------------------
@@ -776,6 +793,9 @@ WRONG: dict[str, Wrong] = {
     ),
     "labels_flipped_sigmoid": Wrong(
         labels_flipped_sigmoid, "sigmoid", "torch", "float64", "labels"
+    ),
+    "labels_zero_one_sigmoid": Wrong(
+        labels_zero_one_sigmoid, "sigmoid", "torch", "float64", "zero-one-labels"
     ),
     "one_direction_softmax": Wrong(
         one_direction_softmax, "softmax", "torch", "float64", "one-direction"
