@@ -269,7 +269,7 @@ def _clamp_hypotheses(
 
 
 def _sigmoid_hypotheses(_golden: Callable[[Case, float], float]) -> list[Hypothesis]:
-    """Sigmoid mistakes: the bias's sign, the labels, 0/1 labels (without the golden)."""
+    """Sigmoid mistakes: the bias's sign or absence, the labels (without the golden)."""
     return [
         (
             "bias-sign",
@@ -294,6 +294,14 @@ def _sigmoid_hypotheses(_golden: Callable[[Case, float], float]) -> list[Hypothe
             lambda case, f: (
                 f * _dense_loss("sigmoid", case, scale=case.scale, bias=case.bias, signs="flipped")
             ),
+        ),
+        (
+            "missing-bias",
+            "the loss matches the bias missing from the logits (Z = t * img @ txt.T, as if "
+            "b = 0): `bias` is taken but never added, so the loss is off wherever b != 0 and "
+            "dL/db is zero because b is not in the graph at all (not merely detached); "
+            "compute Z = t * img @ txt.T + b",
+            lambda case, f: f * _dense_loss("sigmoid", case, scale=case.scale, bias=0.0),
         ),
         (
             "zero-one-labels",
@@ -1366,6 +1374,21 @@ def diagnose(
         _HALF_TILE_LOSSES.clear()
 
 
+def _unexplained(gradient_findings: list[Finding], loss_codes: set[str]) -> list[Finding]:
+    """Drop the gradient findings that the loss's own findings (`loss_codes`) explain.
+
+    A gradient that follows the loss's (wrong) normalisation is no ``gradient-factor``;
+    a zero bias gradient of a loss that never adds the bias (``missing-bias``) is that
+    mistake, not a detached bias.
+    """
+    explained = set()
+    if loss_codes & NORMALISATION:
+        explained.add("gradient-factor")
+    if "missing-bias" in loss_codes:
+        explained.add("zero-bias-grad")
+    return [f for f in gradient_findings if f[0] not in explained]
+
+
 def _diagnose(
     report: Report,
     loss: str,
@@ -1394,10 +1417,7 @@ def _diagnose(
     findings += overflow
     findings += _diagnose_loss(report, loss, cases, outcomes, factor, convention)
     gradient_findings = _diagnose_gradients(report, loss, cases, outcomes, factor)
-    if {code for code, _ in findings} & NORMALISATION:
-        # The gradient follows the loss's own (wrong) normalisation: already explained.
-        gradient_findings = [f for f in gradient_findings if f[0] != "gradient-factor"]
-    findings += gradient_findings
+    findings += _unexplained(gradient_findings, {code for code, _ in findings})
     if "scale-as-log" in {code for code, _ in findings}:
         # exp(scale) overflows by itself on large scales: not a naive softplus or lse.
         findings = [f for f in findings if f[0] != "non-finite-stress"]

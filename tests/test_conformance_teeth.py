@@ -36,6 +36,7 @@ MEANINGFUL: dict[str, tuple[str, ...]] = {
     "tail-block": ("tail", "block", "remainder", "multiple"),
     "zero-scale-grad": ("scale",),
     "zero-bias-grad": ("bias",),
+    "missing-bias": ("bias",),
     "scale-as-log": ("exp", "log"),
     "transposed-gradient": ("transpos", "swap"),
     "gradient-sign": ("sign",),
@@ -214,6 +215,33 @@ def test_no_gradient_factor_of_one() -> None:
         report, explanation = _judged(wrong)
         assert "gradient-factor" not in report.codes, explanation
         assert wrong.code in report.codes, explanation
+
+
+def test_a_missing_bias_is_not_called_detached() -> None:
+    """A bias left out of the logits puts the loss off: named missing, not detached.
+
+    A detached bias leaves the loss right and only dL/db zero: that one stays detached.
+    """
+    torch = pytest.importorskip("torch")
+    from torch.nn.functional import logsigmoid
+
+    report, explanation = _judged(wrong_impls.WRONG["forgotten_bias_sigmoid"])
+    assert report.codes == {"missing-bias"}, explanation
+    assert "detached from the graph" not in explanation, explanation
+    # The loss itself is off, by thousands on the stress cases.
+    worst = max(r.error for r in report.failed if r.quantity == "loss")
+    assert worst > 1e3, explanation
+
+    def detached_bias(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+        logits = scale * img @ txt.T + bias.detach()  # (n, d) @ (d, n) -> (n, n)
+        labels = 2 * torch.eye(logits.shape[0], dtype=logits.dtype) - 1
+        return -logsigmoid(labels * logits).sum() / logits.shape[0]
+
+    report = check(detached_bias, loss="sigmoid", backend="torch")
+    explanation = _explain(report)
+    assert report.codes == {"zero-bias-grad"}, explanation
+    assert {r.quantity for r in report.failed} == {"bias"}, explanation
+    assert "detached from the graph" in explanation, explanation
 
 
 def test_zero_one_labels_prediction_is_log_2_per_negative_pair() -> None:

@@ -321,6 +321,23 @@ def stop_gradient_bias_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any
     return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / n
 
 
+def forgotten_bias_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss whose logits forget the bias: ``Z = t * img @ txt.T``.
+
+    CLIP's logits carried over to SigLIP without its learned ``logit_bias`` (the argument is
+    taken and never used): the loss is that of b = 0, off wherever b is not, and dL/db is
+    zero because b is not in the graph at all. Torch, autodiff.
+    """
+    import torch
+    from torch.nn.functional import logsigmoid
+
+    del bias  # the mistake: taken, never added to the logits
+    logits = scale * img @ txt.T  # (n, d) @ (d, n) -> (n, n)
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, dtype=logits.dtype) - 1
+    return -logsigmoid(labels * logits).sum() / n
+
+
 def scale_as_log_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
     """Sigmoid loss that exponentiates the scale it is given: ``exp(scale) * sims``.
 
@@ -823,6 +840,9 @@ WRONG: dict[str, Wrong] = {
     ),
     "stop_gradient_bias_sigmoid": Wrong(
         stop_gradient_bias_sigmoid, "sigmoid", "jax", "float64", "zero-bias-grad"
+    ),
+    "forgotten_bias_sigmoid": Wrong(
+        forgotten_bias_sigmoid, "sigmoid", "torch", "float64", "missing-bias"
     ),
     "scale_as_log_sigmoid": Wrong(
         scale_as_log_sigmoid, "sigmoid", "torch", "float64", "scale-as-log"
