@@ -811,57 +811,93 @@ def _diagnose_raised(
 #: Pairs whose softplus argument exceeds this are linear in torch's ``F.softplus``.
 SOFTPLUS_THRESHOLD = 20.0
 
+#: Where a sigmoid loss applies a softplus that is linear above the threshold, and what
+#: the finding says of it: to each pair's argument ``-l_ij Z_ij`` (``"argument"``), or to
+#: the logits themselves, the positives then recovered as ``softplus(z) - z``
+#: (``"logits"``, open_clip's chunked ``SigLipLoss``).
+_SOFTPLUS_PLACES = {
+    "argument": (
+        "the results match a softplus that is linear above 20 (softplus(x) = x for "
+        "x > 20), which is what torch's F.softplus does with its default threshold=20: "
+        "it costs up to exp(-20) ~ 2e-9 per pair, invisible in float32 but beyond "
+        "float64's 1e-9 tolerance; use -F.logsigmoid(-x) or logaddexp(0, x)"
+    ),
+    "logits": (
+        "the results match F.softplus(Z).sum() minus the positives' logits, with torch's "
+        "F.softplus linear above its default threshold=20 applied to Z itself, as open_clip's "
+        "chunked SigLipLoss (chunk_size > 0, _chunked_loss) computes: a positive with "
+        "z > 20 costs softplus(z) - z = 0 instead of log1p(exp(-z)) ~ e^-z and gets a "
+        "gradient of exactly 0 instead of -sigmoid(-z), a negative with z > 20 costs z; up "
+        "to exp(-20) ~ 2e-9 per pair, invisible in float32 but beyond float64's 1e-9 "
+        "tolerance; use softplus(-l * z) = -F.logsigmoid(l * z) per pair, or "
+        "F.softplus(z, threshold=40) in float64"
+    ),
+}
+
+
+def _softplus_threshold_prediction(case: Case, place: str) -> tuple[float, Any]:
+    """Return the sigmoid loss and dL/dZ of `case` with a thresholded softplus at `place`.
+
+    Densely in float64, default convention; `place` is a key of :data:`_SOFTPLUS_PLACES`.
+    """
+    import numpy as np
+
+    n, eye = case.n, np.eye(case.n)
+    logits = case.scale * _sims(case) + case.bias  # (n, n)
+    signs = 1.0 - 2.0 * eye  # -l_ij
+    x = signs * logits if place == "argument" else logits
+    linear = x > SOFTPLUS_THRESHOLD
+    with np.errstate(over="ignore"):
+        value = float(np.where(linear, x, np.logaddexp(0.0, x)).sum())
+        slope = np.where(linear, 1.0, np.exp(-np.logaddexp(0.0, -x)))  # sigmoid(x)
+    if place == "argument":
+        return value / n, signs * slope / n
+    # softplus(z) - z on the diagonal: the positives' logits are subtracted.
+    return (value - float(np.trace(logits))) / n, (slope - eye) / n
+
 
 def _diagnose_softplus_threshold(
     report: Report, cases: Sequence[Case], outcomes: dict[str, Outcome], factor: Any
 ) -> list[Finding]:
     """Sigmoid loss with softplus(x) = x above x = 20 (torch's ``F.softplus`` default).
 
-    The loss and gradients are predicted exactly, densely in float64; every quantity of
-    every failed case must match that prediction to a tenth of the tolerance.
+    Applied to each pair's ``-l_ij Z_ij``, or to Z itself with the positives' logits
+    subtracted (open_clip's chunked ``SigLipLoss``): the two differ on the positives with
+    z > 20. The loss and gradients are predicted exactly, densely in float64; every quantity
+    of every failed case must match one prediction to a tenth of the tolerance.
     """
-    import numpy as np
-
     failed = _failed_cases(report, QUANTITIES)
     failed_cases = [c for c in cases if c.name in failed]
-    if not failed_cases:
+    if not failed_cases or any(outcomes[c.name].error is not None for c in failed_cases):
         return []
-    for case in failed_cases:
-        outcome = outcomes[case.name]
-        if outcome.error is not None:
-            return []
-        n, eye = case.n, np.eye(case.n)
-        sims = _sims(case)
-        signs = 1.0 - 2.0 * eye  # -l_ij
-        x = signs * (case.scale * sims + case.bias)
-        linear = x > SOFTPLUS_THRESHOLD
-        with np.errstate(over="ignore"):
-            value = np.where(linear, x, np.logaddexp(0.0, x)).sum() / n
-            slope = np.where(linear, 1.0, np.exp(-np.logaddexp(0.0, -x)))  # sigmoid(x)
-        dlogits = signs * slope / n  # (n, n)
-        f = factor(case)
-        predicted = {
-            "loss": value * f,
-            "img": _stored(case, "sigmoid", "img", case.scale * dlogits @ case.txt * f),
-            "txt": _stored(case, "sigmoid", "txt", case.scale * dlogits.T @ case.img * f),
-            "scale": float((dlogits * sims).sum()) * f,
-            "bias": float(dlogits.sum()) * f,
-        }
-        tolerance = tolerance_for(report.dtype, case)
-        for name, want in predicted.items():
-            if name not in outcome.values:
-                continue
-            if case_error(outcome.values[name], want, case, name) > 0.1 * tolerance:
-                return []
-    return [
-        (
-            "softplus-threshold",
-            "the results match a softplus that is linear above 20 (softplus(x) = x for "
-            "x > 20), which is what torch's F.softplus does with its default threshold=20: "
-            "it costs up to exp(-20) ~ 2e-9 per pair, invisible in float32 but beyond "
-            "float64's 1e-9 tolerance; use -F.logsigmoid(-x) or logaddexp(0, x)",
-        )
-    ]
+    for place, text in _SOFTPLUS_PLACES.items():
+        if all(
+            _matches_softplus_threshold(report, case, outcomes[case.name], factor, place)
+            for case in failed_cases
+        ):
+            return [("softplus-threshold", text)]
+    return []
+
+
+def _matches_softplus_threshold(
+    report: Report, case: Case, outcome: Outcome, factor: Any, place: str
+) -> bool:
+    """Whether every quantity of `outcome` is the thresholded softplus's at `place`."""
+    value, dlogits = _softplus_threshold_prediction(case, place)
+    f = factor(case)
+    predicted = {
+        "loss": value * f,
+        "img": _stored(case, "sigmoid", "img", case.scale * dlogits @ case.txt * f),
+        "txt": _stored(case, "sigmoid", "txt", case.scale * dlogits.T @ case.img * f),
+        "scale": float((dlogits * _sims(case)).sum()) * f,
+        "bias": float(dlogits.sum()) * f,
+    }
+    tolerance = tolerance_for(report.dtype, case)
+    return all(
+        case_error(outcome.values[name], want, case, name) <= 0.1 * tolerance
+        for name, want in predicted.items()
+        if name in outcome.values
+    )
 
 
 #: Half dtypes whose running sums are simulated, and the largest finite value of each.

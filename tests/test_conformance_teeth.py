@@ -244,6 +244,23 @@ def test_a_missing_bias_is_not_called_detached() -> None:
     assert "detached from the graph" in explanation, explanation
 
 
+def test_open_clip_chunked_softplus_is_named_with_its_threshold() -> None:
+    """open_clip main's chunked SigLIP thresholds softplus(Z), not softplus(-l * Z).
+
+    It fails the gradients of the one case with positives above z = 20 (b = 20): there
+    the positives cost softplus(z) - z = 0 and get no gradient. Its finding names the
+    chunked path; a softplus thresholded per pair keeps the other message.
+    """
+    report, explanation = _judged(wrong_impls.WRONG["chunked_softplus_sigmoid"])
+    assert report.codes == {"softplus-threshold"}, explanation
+    assert {r.case for r in report.failed} == {"range-n11-d6-t0.5-b20"}, explanation
+    assert {r.quantity for r in report.failed} == {"img", "txt", "scale", "bias"}, explanation
+    assert "chunk_size" in report.diagnosis[0], explanation
+    report, explanation = _judged(wrong_impls.WRONG["softplus_threshold_sigmoid"])
+    assert report.codes == {"softplus-threshold"}, explanation
+    assert "chunk_size" not in report.diagnosis[0], explanation
+
+
 def test_zero_one_labels_prediction_is_log_2_per_negative_pair() -> None:
     """With labels eye(n) each of the n^2 - n negatives adds -log sigmoid(0) = log 2."""
     import math

@@ -558,6 +558,33 @@ def softplus_threshold_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any
     return softplus(-labels * logits).sum() / n
 
 
+def chunked_softplus_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """open_clip main's chunked ``SigLipLoss`` (``chunk_size > 0``), in torch, autodiff.
+
+    open_clip's ``_chunked_loss`` (after 3.3.0, which has no ``chunk_size``) avoids a labels
+    tensor: for each chunk of image rows it takes every pair as a negative,
+    ``F.softplus(logits).sum()``, and turns the chunk's positives back into positives by
+    subtracting their logits (``softplus(z) - z = softplus(-z)``). torch's ``F.softplus`` is
+    linear above its default ``threshold=20``, and here it is applied to z itself: a
+    positive with z > 20 costs ``z - z = 0`` instead of ``log1p(exp(-z)) ~ e^-20`` and gets
+    a gradient of exactly 0 instead of ``-sigmoid(-z)``; a negative with z > 20 costs z.
+    Wrong by up to e^-20 per pair: invisible in float32, beyond float64's tolerance on a
+    case with b = 20. Chunks of 4 rows, so that the small cases are chunked too.
+    """
+    import torch
+    from torch.nn.functional import softplus
+
+    n, chunk = img.shape[0], 4
+    total = torch.zeros((), dtype=img.dtype)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        logits = scale * img[start:stop] @ txt.T + bias  # (c, d) @ (d, n) -> (c, n)
+        rows = torch.arange(stop - start)
+        positives = logits[rows, start + rows]  # the chunk's diagonal pairs
+        total = total + softplus(logits).sum() - positives.sum()
+    return total / n
+
+
 def float32_compute_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
     """Sigmoid loss computed in float32 on float64 inputs, the loss cast back to float64.
 
@@ -876,6 +903,9 @@ WRONG: dict[str, Wrong] = {
     ),
     "softplus_threshold_sigmoid": Wrong(
         softplus_threshold_sigmoid, "sigmoid", "torch", "float64", "softplus-threshold"
+    ),
+    "chunked_softplus_sigmoid": Wrong(
+        chunked_softplus_sigmoid, "sigmoid", "torch", "float64", "softplus-threshold"
     ),
     "float32_compute_sigmoid": Wrong(
         float32_compute_sigmoid, "sigmoid", "torch", "float64", "float32-compute"
