@@ -585,7 +585,14 @@ def _compare(
 # --------------------------------------------------------------------------- diagnosis
 
 #: The shapes of distributed mistakes :func:`_diagnose` tells apart (see :func:`_fits`).
-_MISTAKES = ("exact", "ddp-ready", "no-exchange", "sum-of-parts", "mean-of-parts")
+_MISTAKES = (
+    "exact",
+    "ddp-ready",
+    "texts-no-grad",
+    "no-exchange",
+    "sum-of-parts",
+    "mean-of-parts",
+)
 
 
 def _local_losses(
@@ -602,17 +609,40 @@ def _local_losses(
     return losses
 
 
+def _own_texts_gradient(case: Case, sizes: Sequence[int], loss: str) -> Any:
+    """Return the texts' gradients each rank's own rows alone send to its own texts, in float64.
+
+    With ``G = dL/dZ`` of the global loss (dense, float64), rank r's rows ``R`` and texts
+    ``C``: ``t * G[R, C].T @ img[R]``, concatenated in rank order. It is what a rank's
+    texts get when the texts are gathered without gradient: only the rank's own loss (its
+    rows against every text) reaches them, through its own slot of the gathered texts.
+    """
+    import numpy as np
+
+    from portable_siglip._reference import dense_logit_gradient
+
+    _, dlogits, _ = dense_logit_gradient(loss, case.img, case.txt, case.scale, case.bias)
+    parts = []
+    for rank in range(len(sizes)):
+        own = _rows(sizes, rank)
+        parts.append(case.scale * dlogits[own, own].T @ np.asarray(case.img[own]))
+    return np.concatenate(parts)
+
+
 def _fits(
     item: tuple[Case, list[int], dict[str, Any], list[float], bool],
     loss: str,
     world_size: int,
     factor: Callable[[int], float],
     dtype: str,
+    convention: str = "ddp",
 ) -> dict[str, bool]:
     """Say which of :data:`_MISTAKES` the ranks' outputs of one failing case fit.
 
     ``exact``: every rank returns the global loss and its exact gradients; ``ddp-ready``:
-    what DDP's average needs; ``no-exchange``: each rank's loss is its shard's alone;
+    what DDP's average needs; ``texts-no-grad``: what `convention` needs, but each rank's
+    texts' gradients are only its own rows' share (:func:`_own_texts_gradient`; W times it
+    under ``ddp``); ``no-exchange``: each rank's loss is its shard's alone;
     ``sum-of-parts`` and ``mean-of-parts``: the ranks' losses differ and add up, or
     average, to the global loss.
     """
@@ -623,7 +653,6 @@ def _fits(
     golden = case.goldens[loss]
     f = factor(case.n)
     gl = golden.loss * f
-    grads = {"img": golden.img * f, "txt": golden.txt * f}
     scalars = {"scale": golden.scale * f, "bias": golden.bias * f}
     names = ("scale", "bias") if _takes_bias(loss) else ("scale",)
 
@@ -633,19 +662,35 @@ def _fits(
     def every(values: Sequence[float], want: float, quantity: str) -> bool:
         return all(close(v, want, quantity) for v in values)
 
-    # Without gradients (a numpy loss alone) neither of the first two can be told.
-    gradients = all(k in raw for k in (*grads, *names))
+    # Without gradients (a numpy loss alone) none of the first three can be told.
+    gradients = all(k in raw for k in ("img", "txt", *names))
+
+    def outputs(divide: int, txt: Any) -> bool:
+        """Whether the outputs, features' gradients divided by `divide`, are exact but `txt`.
+
+        1: every rank's loss and scalar gradients are exact; W: their means are (DDP).
+        """
+        if not gradients:
+            return False
+        if divide == 1:
+            rest = every(losses, gl, "loss") and all(every(raw[k], scalars[k], k) for k in names)
+        else:
+            rest = close(np.mean(losses), gl, "loss") and all(
+                close(np.mean(raw[k]), scalars[k], k) for k in names
+            )
+        return (
+            rest
+            and close(raw["img"] / divide, golden.img * f, "img")
+            and close(raw["txt"] / divide, txt, "txt")
+        )
+
     differ = not every(losses, losses[0], "loss")
     local = _local_losses(case, sizes, loss, factor)
+    divide = world_size if convention == "ddp" else 1
     return {
-        "exact": gradients
-        and all(close(raw[k], grads[k], k) for k in grads)
-        and every(losses, gl, "loss")
-        and all(every(raw[k], scalars[k], k) for k in names),
-        "ddp-ready": gradients
-        and all(close(raw[k] / world_size, grads[k], k) for k in grads)
-        and close(np.mean(losses), gl, "loss")
-        and all(close(np.mean(raw[k]), scalars[k], k) for k in names),
+        "exact": outputs(1, golden.txt * f),
+        "ddp-ready": outputs(world_size, golden.txt * f),
+        "texts-no-grad": gradients and outputs(divide, _own_texts_gradient(case, sizes, loss) * f),
         "no-exchange": all(close(g, w, "loss") for g, w in zip(losses, local, strict=True)),
         "sum-of-parts": differ and close(sum(losses), gl, "loss"),
         "mean-of-parts": differ and close(np.mean(losses), gl, "loss"),
@@ -671,7 +716,7 @@ def _diagnose(
         return []
     fits = dict.fromkeys(_MISTAKES, True)
     for item in failing:
-        for mistake, fit in _fits(item, loss, world_size, factor, dtype).items():
+        for mistake, fit in _fits(item, loss, world_size, factor, dtype, convention).items():
             fits[mistake] &= fit
     return [_mistake(fits, world_size, convention)]
 
@@ -687,6 +732,18 @@ def _mistake(fits: Mapping[str, bool], w: int, convention: str) -> tuple[str, st
             "without gradient, so no rank's loss sends gradient to the other ranks' "
             "features (open_clip: ClipLoss(local_loss=True, gather_with_grad=True), not "
             "ClipLoss()). These outputs do pass --dist-convention global.",
+        )
+    if fits["texts-no-grad"]:
+        times = f"W = {w} times " if convention == "ddp" else ""
+        return (
+            "gather-without-grad",
+            "the texts' gradients miss the other ranks' share, and everything else is "
+            f"right: each rank's texts get only {times}the gradient of its own rows' part "
+            "of the global loss (t * G[own rows, own texts]^T @ img, G = dL/dZ), none from "
+            "the other ranks' rows, whose negatives they also are. The texts were gathered "
+            "without gradient (torch.distributed.all_gather, the own slot kept as the local "
+            "tensor); gather them with gradient (torch.distributed.nn.functional.all_gather, "
+            "or open_clip's SigLipLoss(rank=, world_size=))",
         )
     if convention == "global" and fits["ddp-ready"]:
         return (
