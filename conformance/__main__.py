@@ -218,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
         "error of a naive dense loss in that dtype, docs/conformance.md) (default: %(default)s)",
     )
     parser.add_argument(
+        "--scalar-dtype",
+        choices=("same", "float32"),
+        default="same",
+        help="dtype of scale and bias: same as --dtype, or float32 while img and txt are "
+        "--dtype (float32, float16 or bfloat16), as big_vision and most mixed-precision "
+        "training keep them; one process only (default: %(default)s)",
+    )
+    parser.add_argument(
         "--convention",
         choices=tuple(CONVENTIONS),
         default="default",
@@ -301,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.ids and args.convention != "default":
             msg = f"`--ids` needs the default convention, got `--convention {args.convention}`"
             raise UsageError(msg)
+        _refuse_scalar_dtype(args)
         if args.comm == "mpi":
             return _mpi(parser, args, timeout)
         if args.world_size is not None:
@@ -319,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             convention=args.convention,
             timeout=timeout,
             ids=args.ids,
+            scalar_dtype=None if args.scalar_dtype == "same" else args.scalar_dtype,
         )
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
@@ -327,6 +337,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{parser.prog}: error: {describe_exception(error)}", file=sys.stderr)
         return 1
     return _print_and_write(parser, args, report)
+
+
+def _refuse_scalar_dtype(args: argparse.Namespace) -> None:
+    """Raise a UsageError where ``--scalar-dtype float32`` cannot be judged.
+
+    A float64 run (its scalars would round) and the distributed judge (``--world-size``,
+    ``--comm mpi``), whose workers make scale and bias in the run's dtype.
+    """
+    if args.scalar_dtype == "same":
+        return
+    if args.dtype == "float64":
+        msg = (
+            f"`--scalar-dtype {args.scalar_dtype}` needs `--dtype` float32, float16 or "
+            "bfloat16 (float32 scalars would round the float64 cases')"
+        )
+        raise UsageError(msg)
+    if args.comm == "mpi" or args.world_size is not None:
+        msg = (
+            f"`--scalar-dtype {args.scalar_dtype}` judges one process: drop "
+            "`--world-size`/`--comm mpi` (the distributed judge passes scale and bias in "
+            "the run's dtype)"
+        )
+        raise UsageError(msg)
 
 
 def _distributed(

@@ -127,6 +127,7 @@ class Runner:
         backend: str,
         dtype: str,
         timeout: float | None = None,
+        scalar_dtype: str | None = None,
     ) -> None:
         self.function = function
         self.backend = backend
@@ -135,6 +136,12 @@ class Runner:
         self.timed_out = False
         # scoped: jax's x64 is set around each call (see _run), never for the whole process.
         self.xp, self.dtype_object = load_backend(backend, dtype, scoped=True)
+        # Scale and bias: in the run's dtype, or float32 (scalar_dtype) as in mixed precision.
+        self.scalar_object = (
+            self.dtype_object
+            if scalar_dtype is None
+            else load_backend(backend, scalar_dtype, scoped=True)[1]
+        )
         self.autodiff = backend in ("torch", "jax")
         self.gradients_seen = False
         self.autodiff_used = False
@@ -156,11 +163,11 @@ class Runner:
             return
         import numpy as np
 
-        dtype = np.dtype(self.dtype_object)
+        dtype, scalar = np.dtype(self.dtype_object), np.dtype(self.scalar_object)
         self.jax_planned = [
             (
                 tuple(sorted(kwargs.items())),
-                ((c.img.shape, dtype), (c.txt.shape, dtype), ((), dtype), ((), dtype)),
+                ((c.img.shape, dtype), (c.txt.shape, dtype), ((), scalar), ((), scalar)),
             )
             for c, kwargs in calls
         ]
@@ -177,24 +184,21 @@ class Runner:
     def _arrays(self, case_img: Any, case_txt: Any, scale: float, bias: float) -> list[Any]:
         import numpy as np
 
-        xp, dtype = self.xp, self.dtype_object
+        xp, dtype, scalar = self.xp, self.dtype_object, self.scalar_object
         # Fresh copies: xp.asarray returns the cached array itself when the dtype matches.
         img, txt = np.array(case_img, copy=True), np.array(case_txt, copy=True)
+        pairs = ((img, dtype), (txt, dtype), (scale, scalar), (bias, scalar))
         if self.backend == "torch":
             import torch
 
-            return [
-                torch.tensor(value, dtype=dtype, requires_grad=True)
-                for value in (img, txt, scale, bias)
-            ]
+            return [torch.tensor(value, dtype=d, requires_grad=True) for value, d in pairs]
         if self.backend == "jax":
             import jax
 
             # Convert on the host and copy to the device: jnp.asarray compiles a conversion
             # (or a staging copy) for every new shape, one more compile per case.
-            host = np.dtype(dtype)
-            return [jax.device_put(np.asarray(v, dtype=host)) for v in (img, txt, scale, bias)]
-        return [xp.asarray(value, dtype=dtype) for value in (img, txt, scale, bias)]
+            return [jax.device_put(np.asarray(value, dtype=np.dtype(d))) for value, d in pairs]
+        return [xp.asarray(value, dtype=d) for value, d in pairs]
 
     def run(self, img: Any, txt: Any, scale: float, bias: float, **kwargs: Any) -> Outcome:
         """Evaluate the implementation once; what it raises becomes a failed outcome."""
@@ -555,6 +559,7 @@ def check(
     cases: Iterable[Case] | None = None,
     timeout: float | None = None,
     ids: bool = False,
+    scalar_dtype: str | None = None,
 ) -> Report:
     """Check an implementation of a contrastive loss against the golden cases.
 
@@ -591,6 +596,12 @@ def check(
         called as ``f(img, txt, scale, bias, img_ids=..., txt_ids=...)`` on the golden cases
         with ids (:mod:`._ids`: duplicates, rectangular batches), whose mistakes (ids
         ignored, log inside the sum, ...) are named. Needs the default convention.
+    scalar_dtype : {None, "float32"}
+        Dtype of scale and bias: by default the run's `dtype`; "float32" keeps them float32
+        while img and txt are in `dtype` (a float32, float16 or bfloat16 run), as big_vision
+        and most mixed-precision training keep them. Their gradients are then compared as
+        the float32 they come back in. The naive reference of FlashAttention's rule stays
+        the loss computed with all four inputs in `dtype`.
 
     Returns
     -------
@@ -602,7 +613,8 @@ def check(
     ------
     ValueError
         On a `loss` without golden cases or an unknown `convention`, or a `timeout` that is
-        not positive.
+        not positive, or a `scalar_dtype` other than None and "float32" (or "float32" in a
+        float64 run).
     UsageError
         If the backend is unknown or not installed, or lacks the dtype (a ValueError too:
         :class:`~portable_siglip.conformance.UsageError`).
@@ -615,11 +627,12 @@ def check(
     True
     """
     _check_arguments(loss, convention, dtype, timeout, ids)
+    _check_scalar_dtype(scalar_dtype, dtype)
     if ids:
         chosen = tuple(load_ids_cases() if cases is None else cases)
-        return _check_ids(function, loss, backend, dtype, chosen, timeout)
+        return _check_ids(function, loss, backend, dtype, chosen, timeout, scalar_dtype)
     selected = tuple(load_cases() if cases is None else cases)
-    runner = Runner(function, backend, dtype, timeout)
+    runner = Runner(function, backend, dtype, timeout, scalar_dtype)
     report = Report(loss, backend, dtype, convention, _describe(function))
     outcomes: dict[str, Outcome] = {}
     calls: list[tuple[Case, dict[str, Any]]] = [(case, {}) for case in selected]
@@ -634,7 +647,7 @@ def check(
     finally:
         runner.close()
     report.gradients_checked = runner.gradients_seen
-    report.notes += _run_notes(report, runner, outcomes)
+    report.notes += _run_notes(report, runner, outcomes) + _scalar_notes(scalar_dtype, dtype)
     report.findings = diagnose(report, loss, selected, outcomes, convention)
     return report
 
@@ -656,6 +669,29 @@ def _check_arguments(
     if ids and convention != "default":
         msg = f"`convention` must be 'default' with `ids=True`, got {convention!r}"
         raise ValueError(msg)
+
+
+def _check_scalar_dtype(scalar_dtype: str | None, dtype: str) -> None:
+    """Raise a UsageError (a ValueError) on a `scalar_dtype` :func:`check` does not take."""
+    if scalar_dtype not in (None, "float32"):
+        msg = f"`scalar_dtype` must be None or 'float32', got {scalar_dtype!r}"
+        raise UsageError(msg)
+    if scalar_dtype is not None and dtype == "float64":
+        msg = (
+            f"`scalar_dtype={scalar_dtype!r}` needs a float32, float16 or bfloat16 run "
+            f"(float32 scale and bias would round the float64 cases' scalars), got {dtype!r}"
+        )
+        raise UsageError(msg)
+
+
+def _scalar_notes(scalar_dtype: str | None, dtype: str) -> list[str]:
+    """Return the note of a run with float32 scale and bias (none otherwise)."""
+    if scalar_dtype is None:
+        return []
+    return [
+        f"scale and bias float32, img and txt {dtype} (scalar_dtype='float32'); the naive "
+        f"reference of the half-precision rule keeps all four in {dtype}"
+    ]
 
 
 def _golden_checks(report: Report, runner: Runner, case: Case) -> Outcome:
@@ -770,6 +806,7 @@ def _check_ids(
     dtype: str,
     cases: Sequence[Case],
     timeout: float | None,
+    scalar_dtype: str | None = None,
 ) -> Report:
     """:func:`check` with ``ids=True``: every case's ids bound as keywords, then the goldens.
 
@@ -783,7 +820,9 @@ def _check_ids(
         if any(r.message.startswith("timeout") for r in report.results):
             outcome = Outcome({}, "not run: an earlier call timed out")
         else:
-            runner = Runner(bind_ids(function, case, backend), backend, dtype, timeout)
+            runner = Runner(
+                bind_ids(function, case, backend), backend, dtype, timeout, scalar_dtype
+            )
             outcome = runner.run(case.img, case.txt, case.scale, case.bias)
             autodiff, seen = autodiff or runner.autodiff_used, seen or runner.gradients_seen
         outcomes[case.name] = outcome
@@ -793,6 +832,7 @@ def _check_ids(
         expected = {q: getattr(golden, q) for q in QUANTITIES}
         report.results += _compare("golden", case, outcome, expected, tolerance_for(dtype, case))
     report.gradients_checked = seen
+    report.notes += _scalar_notes(scalar_dtype, dtype)
     if autodiff:
         report.notes.append(_AUTODIFF.format(backend=backend))
     if not seen and any(o.error is None for o in outcomes.values()):
