@@ -203,3 +203,21 @@ def test_jax_big_vision_formula_promotes_to_float32() -> None:
     seen.clear()
     check(loss, dtype="bfloat16", **kwargs)
     assert set(seen) == {(bf16,) * 4}
+
+
+def test_big_vision_bfloat16_fails_only_on_its_scalars_dtype() -> None:
+    """Every golden case, jax bfloat16: with bfloat16 scalars (the default) the big_vision
+    formula fails some checks (its logits are then bfloat16, unlike in training); with float32
+    scalars, as big_vision keeps them, it passes every check (about 10 s per run on CPU).
+    """
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+
+    def loss(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+        logits = img @ txt.T * scale + bias
+        labels = 2 * jnp.eye(img.shape[0], dtype=logits.dtype) - 1
+        return -jax.nn.log_sigmoid(labels * logits).sum() / img.shape[0]
+
+    kept = check(loss, loss="sigmoid", backend="jax", dtype="bfloat16", scalar_dtype="float32")
+    assert kept.passed, [(r.case, r.quantity, r.error, r.tolerance) for r in kept.failed]
+    assert check(loss, loss="sigmoid", backend="jax", dtype="bfloat16").failed
