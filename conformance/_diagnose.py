@@ -1189,6 +1189,124 @@ def _half_accumulation_finding(report: Report, cases: Sequence[Case], descriptio
     return ("half-precision", text)
 
 
+#: Chunk sizes (image rows) of a text gradient accumulated chunk after chunk in the half
+#: dtype: row by row, small chunks, and the tile sizes of :data:`HALF_TILES`.
+HALF_GRADIENT_CHUNKS = (1, 2, 4, 8, *HALF_TILES)
+
+
+def _half_text_gradient(case: Case, dtype: str, chunk: int) -> Any:
+    """Return the sigmoid text gradient of `case` summed chunk by chunk in `dtype`.
+
+    The inputs are rounded to `dtype`; ``G = dL/dZ`` is computed densely in float64. Each
+    chunk of `chunk` image rows contributes ``t * G[c]^T img[c]``, rounded to `dtype` and
+    added into a text accumulator of `dtype`; only the text rows the golden stores are
+    simulated. Float32 values.
+    """
+    import numpy as np
+
+    img = round_half(np.asarray(case.img, np.float32), dtype).astype(np.float64)
+    txt = round_half(np.asarray(case.txt, np.float32), dtype).astype(np.float64)
+    _, dlogits, _ = dense_logit_gradient("sigmoid", img, txt, case.scale, case.bias)
+    rows = getattr(case.goldens["sigmoid"], "rows", None)
+    if rows is not None:
+        dlogits = dlogits[:, list(rows)]  # (n, stored text rows)
+    total = np.zeros((dlogits.shape[1], img.shape[1]), dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, case.n, chunk):
+            part = case.scale * dlogits[start : start + chunk].T @ img[start : start + chunk]
+            total = round_half(total + round_half(part.astype(np.float32), dtype), dtype)
+    return total
+
+
+def _diagnose_half_gradient_accumulation(
+    report: Report,
+    loss: str,
+    cases: Sequence[Case],
+    outcomes: dict[str, Outcome],
+    factor: Any,
+    bound: Callable[[Case, str], float],
+) -> list[Finding]:
+    """Name a sigmoid loss whose text gradient is summed chunk by chunk in the half dtype.
+
+    The loss passes and the text gradient is the only quantity that fails. For each chunk
+    size of :data:`HALF_GRADIENT_CHUNKS` below n, the text gradient is simulated
+    (:func:`_half_text_gradient`) and named with the match rule of
+    :func:`_diagnose_half_accumulation`: every failed case matches the simulation within
+    its bound, so does every case where the simulation is more than twice the bound off the
+    golden, and there is at least one such case.
+    """
+    if loss != "sigmoid" or report.dtype not in HALF_MAX:
+        return []
+    golden = [r for r in report.results if r.check == "golden"]
+    failed = {r.case for r in golden if not r.passed}
+    if not failed or any(r.quantity != "txt" for r in golden if not r.passed):
+        return []
+    ordered = sorted(cases, key=lambda c: (c.name not in failed, c.n))
+    for chunk in HALF_GRADIENT_CHUNKS:
+        evidence = _half_gradient_evidence(
+            report.dtype, chunk, ordered, failed, outcomes, factor, bound
+        )
+        if evidence:
+            return [_half_gradient_finding(report, cases, chunk)]
+    return []
+
+
+def _half_gradient_evidence(
+    dtype: str,
+    chunk: int,
+    ordered: Sequence[Case],
+    failed: set[str],
+    outcomes: dict[str, Outcome],
+    factor: Any,
+    bound: Callable[[Case, str], float],
+) -> int:
+    """Count the cases a text gradient summed in chunks of `chunk` explains, where distinct.
+
+    Zero as soon as one case contradicts it (see :func:`_diagnose_half_gradient_accumulation`).
+    """
+    import numpy as np
+
+    evidence = 0
+    for case in ordered:
+        if case.n <= chunk:  # one chunk: its sum is rounded once, no half accumulation
+            if case.name in failed:
+                return 0
+            continue
+        golden = case.goldens["sigmoid"]
+        got = outcomes[case.name].values.get("txt")
+        if got is None or np.shape(got) != np.shape(golden.txt):
+            return 0
+        predicted = _half_text_gradient(case, dtype, chunk) * factor(case)
+        window = bound(case, "txt")
+        distinct = case_error(predicted, golden.txt * factor(case), case, "txt") > 2 * window
+        explain = case.name in failed or distinct
+        if explain and case_error(got, predicted, case, "txt") > window:
+            return 0
+        evidence += distinct
+    return evidence
+
+
+def _half_gradient_finding(report: Report, cases: Sequence[Case], chunk: int) -> Finding:
+    """Return the ``half-precision`` finding of a text gradient summed in the half dtype."""
+    dtype = report.dtype
+    sizes = {c.name: c.n for c in cases}
+    errors = sorted(
+        (sizes[r.case], r.error, r.tolerance)
+        for r in report.results
+        if r.check == "golden" and not r.passed
+    )
+    shown = ", ".join(f"{e:.1e} (bound {b:.1e}) at n={n}" for n, e, b in errors[:6])
+    rows = "image row by image row" if chunk == 1 else f"in chunks of {chunk} image rows"
+    return (
+        "half-precision",
+        f"the text gradient matches its sum {rows} into a {dtype} accumulator (each "
+        f"chunk's t * G[c]^T img[c] rounded to {dtype} and added), simulated from the "
+        f"inputs: it is off by {shown}, and the loss passes. A {dtype} running sum loses "
+        "the small addends, so the error grows with the number of chunks: accumulate the "
+        "gradient in float32 and cast it once at the end",
+    )
+
+
 def _check_bounds(report: Report) -> Callable[[Case, str], float]:
     """Return the bound of each golden check of `report`, by case and quantity.
 
@@ -1445,6 +1563,9 @@ def _diagnose(
         half = _diagnose_half_accumulation(
             report, loss, cases, outcomes, factor, lambda case: bound(case, "loss")
         ) or _diagnose_half_overflow(report, loss, cases, outcomes, factor)
+        half = half or _diagnose_half_gradient_accumulation(
+            report, loss, cases, outcomes, factor, bound
+        )
         if half:
             return half
     findings = _diagnose_raised(report, cases, outcomes)

@@ -22,6 +22,7 @@ import pytest
 import right_impls
 import wrong_impls
 from portable_siglip.conformance import check, load_cases
+from portable_siglip.conformance._diagnose import _half_text_gradient
 from portable_siglip.conformance._errors import case_errors, error_table
 from portable_siglip.conformance._naive import (
     LOGIT_ORDERS,
@@ -123,6 +124,46 @@ def test_a_loss_summed_tile_by_tile_in_half_precision_fails(dtype: str) -> None:
         assert all(r.error < tolerance_for(dtype, CASES[r.case]) for r in report.failed), (
             explanation
         )
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_text_gradient_summed_row_by_row_in_half_precision_fails(dtype: str) -> None:
+    """A text gradient added image row by image row into a half accumulator: named.
+
+    The loss passes and only ``dL/dtxt`` fails; the simulation of such a sum names it
+    ``half-precision`` (it was ``unknown``), in float16 as in bfloat16.
+    """
+    pytest.importorskip("torch")
+    report = check(
+        wrong_impls.half_row_text_gradient_sigmoid, loss="sigmoid", backend="torch", dtype=dtype
+    )
+    explanation = _explain(report)
+    assert not report.passed, explanation
+    assert report.codes == {"half-precision"}, explanation
+    (text,) = report.diagnosis
+    assert f"image row by image row into a {dtype} accumulator" in text, explanation
+    assert {r.quantity for r in report.failed} == {"txt"}, explanation
+    assert all(r.error > 1.5 * r.tolerance for r in report.failed), explanation
+
+
+def test_the_simulated_half_text_gradient_is_a_float16_running_sum() -> None:
+    """``_half_text_gradient`` against numpy's own float16 additions, G from the formula."""
+    case = CASES["random-n32-d6"]
+    img = np.asarray(case.img).astype(np.float16).astype(np.float64)
+    txt = np.asarray(case.txt).astype(np.float16).astype(np.float64)
+    n = case.n
+    logits = case.scale * img @ txt.T + case.bias  # (n, d) @ (d, n) -> (n, n), float64
+    g = (1.0 / (1.0 + np.exp(-logits)) - np.eye(n)) / n  # dL/dZ of SigLIP, default convention
+    for chunk in (1, 4):
+        want = np.zeros(txt.shape, dtype=np.float16)
+        for start in range(0, n, chunk):
+            part = case.scale * g[start : start + chunk].T @ img[start : start + chunk]
+            want = want + part.astype(np.float32).astype(np.float16)  # float16 additions
+        got = _half_text_gradient(case, "float16", chunk)
+        np.testing.assert_array_equal(got, want.astype(np.float32))
+    # Summed in float32 instead, the same gradient is off by float16 roundings only.
+    exact = case.scale * g.T @ img
+    assert np.abs(got - exact).max() < 1e-2 * np.abs(exact).max()
 
 
 def test_a_dense_bfloat16_clip_loss_is_named_half_precision_logits() -> None:

@@ -740,6 +740,42 @@ def half_tile_text_gradient_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -
     return _half_tile_sigmoid(img, txt, scale, bias, block=16, loss_half=False, txt_half=True)
 
 
+def half_row_text_gradient_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
+    """Sigmoid loss whose text gradient is summed image row by image row in the input dtype.
+
+    Logits, loss, image, scale and bias gradients in float32, densely. The text gradient is
+    accumulated over the image rows, as a loss chunked over the images (chunks of one row)
+    does: each row's contribution ``t * G[i]^T img[i] / n`` is computed in float32, rounded
+    to the input dtype and added into a text accumulator of that dtype (2049 additions at
+    n = 2049). Measured 2026-12-06 (torch CPU): ``dL/dtxt`` is 3.9 and 1.6 times its bound
+    at n = 129 and 2049 in bfloat16, 3.2 and 2.3 times in float16; the loss passes. Torch,
+    (loss, grads).
+    """
+    import torch
+
+    with torch.no_grad():
+        half = img.dtype
+        x, y = img.float(), txt.float()
+        t, b = scale.float(), bias.float()
+        n = x.shape[0]
+        sims = x @ y.T  # (n, d) @ (d, n) -> (n, n)
+        z = t * sims + b
+        positive = torch.eye(n, dtype=torch.float32)
+        loss = torch.nn.functional.softplus(-(2 * positive - 1) * z).sum() / n
+        g = torch.sigmoid(z) - positive  # dL/dZ * n, float32
+        dtxt = torch.zeros(y.shape, dtype=half)
+        for i in range(n):
+            part = t * g[i : i + 1].T @ x[i : i + 1] / n  # (n, 1) @ (1, d) -> (n, d)
+            dtxt = dtxt + part.to(half)
+        grads = Grads(
+            (t * g @ y / n).to(half),
+            dtxt,
+            ((g * sims).sum() / n).to(half),
+            (g.sum() / n).to(half),
+        )
+    return loss.to(half), grads
+
+
 def half_sum_sigmoid(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
     """open_clip's ``SigLipLoss`` on half inputs: ``-logsigmoid(labels * logits).sum() / n``.
 
@@ -927,6 +963,12 @@ WRONG: dict[str, Wrong] = {
     ),
     "half_tile_accumulating_sigmoid-float16": Wrong(
         half_tile_accumulating_sigmoid, "sigmoid", "torch", "float16", "half-precision"
+    ),
+    "half_row_text_gradient_sigmoid-bfloat16": Wrong(
+        half_row_text_gradient_sigmoid, "sigmoid", "torch", "bfloat16", "half-precision"
+    ),
+    "half_row_text_gradient_sigmoid-float16": Wrong(
+        half_row_text_gradient_sigmoid, "sigmoid", "torch", "float16", "half-precision"
     ),
     "half_sum_sigmoid-float16": Wrong(
         half_sum_sigmoid, "sigmoid", "torch", "float16", "half-precision"
