@@ -1354,6 +1354,10 @@ def _diagnose_half_logits(
     failed_any = {r.case for r in golden if not r.passed}
     if not failed_any:
         return []
+    if {r.quantity for r in golden if not r.passed} <= {"scale", "bias"}:
+        scalar = _diagnose_half_scalar_sums(report, loss, cases, outcomes, factor, bound)
+        if scalar:
+            return scalar
     for order in LOGIT_ORDERS:
         evidence: list[tuple[int, float]] = []
         for case in cases:
@@ -1380,6 +1384,127 @@ def _diagnose_half_logits(
             if evidence:
                 return [_half_logits_finding(report, loss, failed_any, evidence, order)]
     return []
+
+
+#: XLA's tree reduction: a reduce over a side longer than this runs in windows of it.
+XLA_WINDOW = 32
+
+
+def _xla_half_sum(values: Any, dtype: str) -> float:
+    """Sum an (m, k) matrix in `dtype` as XLA's CPU reduce of a half array does.
+
+    XLA rewrites a reduce whose side exceeds :data:`XLA_WINDOW` into a reduce-window of
+    32 x 32 windows (each side zero-padded to a multiple of 32, half the padding before),
+    repeated while a side exceeds 32, then a plain reduce; every one of them adds in
+    row-major order, each addition rounded to `dtype` (read from the compiled HLO of
+    ``jax.lax.reduce`` of a bfloat16 (n, n) array, jax 0.4+ on CPU).
+    """
+    import numpy as np
+
+    m = np.asarray(values, np.float32)
+    w = XLA_WINDOW
+    while max(m.shape) > w:
+        r, c = m.shape
+        rows, cols = -(-r // w), -(-c // w)
+        padded = np.zeros((rows * w, cols * w), np.float32)
+        top, left = (rows * w - r) // 2, (cols * w - c) // 2
+        padded[top : top + r, left : left + c] = m
+        windows = padded.reshape(rows, w, cols, w).transpose(0, 2, 1, 3).reshape(rows, cols, -1)
+        total = np.zeros((rows, cols), np.float32)
+        for k in range(w * w):
+            total = round_half(total + windows[:, :, k], dtype).astype(np.float32)
+        m = total
+    acc = np.float32(0)
+    for value in m.ravel():
+        acc = np.float32(round_half(np.float32(acc + value), dtype))
+    return float(acc)
+
+
+def _half_scalar_gradients(case: Case, loss: str, dtype: str) -> dict[str, float]:
+    """dL/dscale and dL/dbias of `case` summed in `dtype` over half logits' gradient.
+
+    A loss whose logits are half has a half ``G = dL/dZ`` in autodiff; ``dL/db = sum G``
+    and ``dL/dt = sum G * S`` (``S = img @ txt.T`` in `dtype`, the products rounded) are
+    then reduced in `dtype` (:func:`_xla_half_sum`). ``G`` and ``S`` from the rounded
+    inputs, densely in float64, each rounded once to `dtype`.
+    """
+    import numpy as np
+
+    img = round_half(np.asarray(case.img, np.float32), dtype).astype(np.float64)
+    txt = round_half(np.asarray(case.txt, np.float32), dtype).astype(np.float64)
+    t = float(round_half(np.float32(case.scale), dtype))
+    b = float(round_half(np.float32(case.bias), dtype))
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        _, dlogits, sims = dense_logit_gradient(loss, img, txt, t, b)
+        g = round_half(np.asarray(dlogits, np.float32), dtype).astype(np.float32)
+        s = round_half(np.asarray(sims, np.float32), dtype).astype(np.float32)
+        gs = round_half(g * s, dtype).astype(np.float32)
+        return {"bias": _xla_half_sum(g, dtype), "scale": _xla_half_sum(gs, dtype)}
+
+
+def _diagnose_half_scalar_sums(
+    report: Report,
+    loss: str,
+    cases: Sequence[Case],
+    outcomes: dict[str, Outcome],
+    factor: Any,
+    bound: Callable[[Case, str], float],
+) -> list[Finding]:
+    """Name half logits whose scale and bias gradients autodiff sums in the half dtype.
+
+    Only dL/dscale and dL/dbias fail (big_vision's formula under ``jax.grad`` with every
+    input bfloat16). Named with the rule of :func:`_diagnose_half_logits`, for each of the
+    two: every case whose simulation (:func:`_half_scalar_gradients`) is more than twice
+    the bound off the golden (at least one) matches the simulation within the bound, and
+    every other failed one misses its bound by less than :data:`HALF_LOGITS_MISS` times.
+    """
+    import numpy as np
+
+    failed = {(r.case, r.quantity) for r in report.results if r.check == "golden" and not r.passed}
+    evidence = 0
+    for case in cases:
+        outcome = outcomes[case.name]
+        golden = case.goldens[loss]
+        predicted = _half_scalar_gradients(case, loss, report.dtype)
+        for quantity in ("scale", "bias"):
+            got = outcome.values.get(quantity) if outcome.error is None else None
+            if got is None or np.ndim(got) != 0:
+                return []
+            want = getattr(golden, quantity) * factor(case)
+            guess = predicted[quantity] * factor(case)
+            window = bound(case, quantity)
+            distinct = case_error(guess, want, case, quantity) > 2 * window
+            if distinct and case_error(got, guess, case, quantity) > window:
+                return []
+            # Where the simulation is right, a failure must be a rounding-sized miss.
+            miss = case_error(got, want, case, quantity) > HALF_LOGITS_MISS * window
+            if not distinct and (case.name, quantity) in failed and miss:
+                return []
+            evidence += distinct
+    if not evidence:
+        return []
+    return [_half_scalar_sums_finding(report, evidence)]
+
+
+def _half_scalar_sums_finding(report: Report, evidence: int) -> Finding:
+    """Return the ``half-precision-logits`` finding of scale and bias gradients summed in half."""
+    dtype = report.dtype
+    worst = max(
+        (r for r in report.results if r.check == "golden" and not r.passed),
+        key=lambda r: r.error / r.tolerance if r.tolerance > 0 else math.inf,
+    )
+    return (
+        "half-precision-logits",
+        f"only dL/dscale and dL/dbias fail, and they match sums of the logits' gradient "
+        f"over all n^2 pairs in {dtype} (G = dL/dlogits and G * (img @ txt.T) in {dtype}, "
+        f"reduced in 32 x 32 windows, each addition rounded to {dtype}, as XLA's backward "
+        f"of logits * t + b reduces them), simulated from the inputs, on the {evidence} "
+        f"checks where that differs from the golden; worst {worst.case} "
+        f"grads.{worst.quantity} at {worst.error:.1e} against a bound of "
+        f"{worst.tolerance:.1e}. The logits are {dtype} because t and b are: keep them "
+        "float32 (big_vision and mixed-precision training do; --scalar-dtype float32) or "
+        "form the logits in float32",
+    )
 
 
 #: What rounds inside each loss's dense formula, for the ``half-precision-logits`` finding.
