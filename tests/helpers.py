@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -242,6 +243,11 @@ def torch_with_gloo() -> Any:
     return torch
 
 
+#: What a rank prints when the ``MASTER_PORT`` that :func:`free_port` chose was taken by
+#: another process between the choice and the rank's bind: the job is started again.
+PORT_TAKEN = ("address already in use", "eaddrinuse")
+
+
 def run_torch_ranks(
     script: Path,
     world: int,
@@ -255,34 +261,95 @@ def run_torch_ranks(
     ``MASTER_PORT``, ``WORLD_SIZE``, ``RANK``), one BLAS thread and `env`. Return the
     ranks' outputs (stdout and stderr together); fail the test if a rank exits non-zero
     or the job is not done within `timeout` seconds.
+
+    The ranks write to files, not pipes (a rank whose pipe fills while the test reads
+    another's would block in the middle of a collective). A rank that fails ends the job
+    15 s later, so the others' waits do not run into the timeout; on a timeout every rank
+    still running gets SIGABRT first, so that Python's fault handler prints where each of
+    its threads was, and the failure shows every rank's state and output. A job whose
+    ``MASTER_PORT`` another process took in the meantime is started once more on a new port.
     """
+    for attempt in range(2):
+        codes, outputs = _torch_job(script, world, args, env, timeout)
+        clash = any(p in out.lower() for out in outputs for p in PORT_TAKEN)
+        if not (clash and any(codes)) or attempt:
+            break
+    if None in codes and not any(codes):
+        states = ", ".join(
+            f"rank {r} {'still running' if c is None else f'exited {c}'}"
+            for r, c in enumerate(codes)
+        )
+        pytest.fail(
+            f"hung: {world} ranks of {script.name} after {timeout:g} s ({states})\n"
+            + _rank_outputs(outputs)
+        )
+    assert codes == [0] * world, (
+        f"exit codes {codes} (None: killed, still running)\n" + _rank_outputs(outputs)
+    )
+    return outputs
+
+
+def _rank_outputs(outputs: Sequence[str], tail: int = 6000) -> str:
+    """Each rank's output, its last `tail` characters, under a header naming the rank."""
+    return "\n".join(f"--- rank {r} ---\n{out[-tail:]}" for r, out in enumerate(outputs))
+
+
+def _torch_job(
+    script: Path,
+    world: int,
+    args: Sequence[str],
+    env: Mapping[str, str] | None,
+    timeout: float,
+) -> tuple[list[int | None], list[str]]:
+    """Start and wait for one job of :func:`run_torch_ranks`: exit codes (None: killed
+    while still running at the timeout) and outputs, by rank."""
+    import tempfile
+    import time
+
     common = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
         "WORLD_SIZE": str(world),
         "OMP_NUM_THREADS": "1",
+        "PYTHONFAULTHANDLER": "1",
         **(env or {}),
     }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), *args],
-            env={**common, "RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(world)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"hung: {world} ranks of {script.name} after {timeout:g} s")
-    finally:
-        for proc in procs:
-            proc.kill()
-    codes = [proc.returncode for proc in procs]
-    assert codes == [0] * world, "\n".join(outputs)
-    return outputs
+    with tempfile.TemporaryDirectory() as folder:
+        logs = [open(Path(folder) / f"rank{rank}.log", "w+") for rank in range(world)]  # noqa: SIM115
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(script), *args],
+                env={**common, "RANK": str(rank)},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            for rank, log in enumerate(logs)
+        ]
+        deadline = time.monotonic() + timeout
+        try:
+            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                if any(p.returncode for p in procs):  # one failed: let the rest fail too
+                    deadline = min(deadline, time.monotonic() + 15)
+                time.sleep(0.1)
+            codes = [p.poll() for p in procs]
+            running = [p for p in procs if p.returncode is None]
+            for proc in running:
+                proc.send_signal(signal.SIGABRT)  # the fault handler prints the stacks
+            for proc in running:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+        outputs = []
+        for log in logs:
+            log.seek(0)
+            outputs.append(log.read())
+            log.close()
+    return codes, outputs

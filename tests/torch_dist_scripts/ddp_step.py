@@ -79,19 +79,20 @@ def main() -> None:
             out[f"open_clip {name}"] = step(model, peer, x_img[rows], x_txt[rows])
     if rank == 0:
         Path(sys.argv[1]).write_text(json.dumps(out))
-    # Leave together: a rank that tears gloo down while a peer is still in its last
-    # collective can make that peer's gloo thread abort the process.
+    # Leave together (a rank that tears gloo down while a peer is still in its last
+    # collective can make that peer's gloo thread abort the process), then leave at once,
+    # the model and the group still alive: with torch 2.13, dropping the DDP model after
+    # destroy_process_group() destroys the gloo group from the main thread, which holds
+    # the GIL while it joins gloo's worker threads, and a worker that is destroying a
+    # finished allreduce waits for the GIL to release a Python object: a deadlock seen in
+    # CI (3 ranks, 240 s) and here (gdb: ~ProcessGroupGloo in Reducer::~Reducer joining
+    # pt_gloo_runloop, which waits in take_gil from ~AsyncAllreduceWork).
     dist.barrier()
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main()
-    # Everything is written and the group is gone; skip the interpreter's teardown, where a
-    # gloo thread that autograd's collectives (open_clip's torch.distributed.nn) left behind
-    # can end the process with "terminate called without an active exception" (seen once
-    # in CI, on one rank of three, after the results were complete).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
