@@ -1,6 +1,7 @@
 """``python -m portable_siglip.conformance``: judge an implementation of a contrastive loss.
 
-Exit status: 0 when every check ran and passed, 1 when at least one failed (an exception,
+Exit status: 0 when every check ran and passed (or, in float16 or bfloat16, was undecidable
+in that dtype), 1 when at least one failed (an exception,
 ``SystemExit`` included, or a timeout is a failure), 2 on a usage error (unknown option,
 implementation not found or not constructible, backend not installed, report not writable).
 """
@@ -185,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m portable_siglip.conformance",
         description="Check an implementation of the SigLIP or CLIP loss and its gradients "
         "against high-precision golden cases.",
-        epilog="Exit status: 0 when every check ran and passed; 1 when a check failed, the "
+        epilog="Exit status: 0 when every check ran and passed (or was undecidable in a half "
+        "dtype); 1 when a check failed, the "
         "implementation raised (sys.exit included) or timed out; 2 on a usage error. "
         "See docs/conformance.md.",
     )

@@ -473,7 +473,9 @@ def _compare(
             )
         elif quantity in outcome.values:
             got = outcome.values[quantity]
-            results.append(compare(check, case.name, case, quantity, got, want, bound, reference))
+            results.append(
+                compare(check, case.name, case, quantity, got, want, bound, reference, dtype)
+            )
     return results
 
 
@@ -784,7 +786,7 @@ def _diagnose_ids_run(
     late = next(
         (name for name, o in outcomes.items() if (o.error or "").startswith("timeout")), None
     )
-    failed = {r.case for r in report.results if not r.passed and r.quantity == "loss"}
+    failed = {r.case for r in report.results if r.failed and r.quantity == "loss"}
     dtype = report.dtype
     findings = diagnose_ids(loss, cases, losses, failed, lambda case: tolerance_for(dtype, case))
     findings += _diagnose_raised(report, cases, outcomes)

@@ -355,7 +355,7 @@ def _failed_cases(report: Report, quantities: Sequence[str]) -> set[str]:
     return {
         r.case
         for r in report.results
-        if r.check == "golden" and not r.passed and r.quantity in quantities
+        if r.check == "golden" and r.failed and r.quantity in quantities
     }
 
 
@@ -534,7 +534,7 @@ def _diagnose_tail_block(report: Report, cases: Sequence[Case]) -> list[Finding]
     such a case or one smaller than a block (a chunk of ``block`` rows that is not clamped
     to the batch gets those wrong too), and some n > block that is a multiple passes.
     """
-    failing = {r.case for r in report.results if r.check == "golden" and not r.passed}
+    failing = {r.case for r in report.results if r.check == "golden" and r.failed}
     passing = [c for c in cases if c.name not in failing]
     broken = [c for c in cases if c.name in failing]
     if not broken or not passing:
@@ -1070,9 +1070,9 @@ def _diagnose_half_accumulation(
 def _only_the_loss_fails(report: Report) -> set[str]:
     """Return the cases whose golden checks fail, if only the loss does; else none."""
     golden = [r for r in report.results if r.check == "golden"]
-    if any(r.quantity != "loss" for r in golden if not r.passed):
+    if any(r.quantity != "loss" for r in golden if r.failed):
         return set()
-    return {r.case for r in golden if not r.passed}
+    return {r.case for r in golden if r.failed}
 
 
 def _half_evidence(
@@ -1165,7 +1165,7 @@ def _half_accumulation_finding(report: Report, cases: Sequence[Case], descriptio
     errors = sorted(
         (sizes[r.case], r.error)
         for r in report.results
-        if r.check == "golden" and not r.passed and r.quantity == "loss"
+        if r.check == "golden" and r.failed and r.quantity == "loss"
     )
     shown = ", ".join(
         f"{e:.1e} at n={n}" if math.isfinite(e) else f"inf at n={n}" for n, e in errors[:6]
@@ -1238,8 +1238,8 @@ def _diagnose_half_gradient_accumulation(
     if loss != "sigmoid" or report.dtype not in HALF_MAX:
         return []
     golden = [r for r in report.results if r.check == "golden"]
-    failed = {r.case for r in golden if not r.passed}
-    if not failed or any(r.quantity != "txt" for r in golden if not r.passed):
+    failed = {r.case for r in golden if r.failed}
+    if not failed or any(r.quantity != "txt" for r in golden if r.failed):
         return []
     ordered = sorted(cases, key=lambda c: (c.name not in failed, c.n))
     for chunk in HALF_GRADIENT_CHUNKS:
@@ -1293,7 +1293,7 @@ def _half_gradient_finding(report: Report, cases: Sequence[Case], chunk: int) ->
     errors = sorted(
         (sizes[r.case], r.error, r.tolerance)
         for r in report.results
-        if r.check == "golden" and not r.passed
+        if r.check == "golden" and r.failed
     )
     shown = ", ".join(f"{e:.1e} (bound {b:.1e}) at n={n}" for n, e, b in errors[:6])
     rows = "image row by image row" if chunk == 1 else f"in chunks of {chunk} image rows"
@@ -1350,11 +1350,11 @@ def _diagnose_half_logits(
     import numpy as np
 
     golden = [r for r in report.results if r.check == "golden"]
-    failed = {r.case for r in golden if not r.passed and r.quantity == "loss"}
-    failed_any = {r.case for r in golden if not r.passed}
+    failed = {r.case for r in golden if r.failed and r.quantity == "loss"}
+    failed_any = {r.case for r in golden if r.failed}
     if not failed_any:
         return []
-    if {r.quantity for r in golden if not r.passed} <= {"scale", "bias"}:
+    if {r.quantity for r in golden if r.failed} <= {"scale", "bias"}:
         scalar = _diagnose_half_scalar_sums(report, loss, cases, outcomes, factor, bound)
         if scalar:
             return scalar
@@ -1460,7 +1460,7 @@ def _diagnose_half_scalar_sums(
     """
     import numpy as np
 
-    failed = {(r.case, r.quantity) for r in report.results if r.check == "golden" and not r.passed}
+    failed = {(r.case, r.quantity) for r in report.results if r.check == "golden" and r.failed}
     evidence = 0
     for case in cases:
         outcome = outcomes[case.name]
@@ -1490,7 +1490,7 @@ def _half_scalar_sums_finding(report: Report, evidence: int) -> Finding:
     """Return the ``half-precision-logits`` finding of scale and bias gradients summed in half."""
     dtype = report.dtype
     worst = max(
-        (r for r in report.results if r.check == "golden" and not r.passed),
+        (r for r in report.results if r.check == "golden" and r.failed),
         key=lambda r: r.error / r.tolerance if r.tolerance > 0 else math.inf,
     )
     return (
@@ -1521,7 +1521,7 @@ def _half_logits_finding(
     """Return the ``half-precision-logits`` finding."""
     dtype = report.dtype
     worst = max(
-        (r for r in report.results if r.check == "golden" and not r.passed),
+        (r for r in report.results if r.check == "golden" and r.failed),
         key=lambda r: r.error / r.tolerance if r.tolerance > 0 else math.inf,
     )
     label = "loss" if worst.quantity == "loss" else f"grads.{worst.quantity}"
@@ -1562,7 +1562,7 @@ def _diagnose_precision(
     error grows with n as sums of n^2 terms are rounded.
     """
     golden = [r for r in report.results if r.check == "golden" and r.case not in exclude]
-    failed = [r for r in golden if not r.passed]
+    failed = [r for r in golden if r.failed]
     if not failed or any(not math.isfinite(r.error) for r in golden):
         return []
     typical = _percentile([r.error for r in golden], 0.75)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -23,6 +23,7 @@ __all__ = [
     "RULE_FACTOR",
     "RULE_FLOOR",
     "TOLERANCE",
+    "UNDECIDABLE_NAIVE",
     "CheckResult",
     "Outcome",
     "Report",
@@ -34,6 +35,7 @@ __all__ = [
     "relative_error",
     "rule_bound",
     "tolerance_for",
+    "undecidable_reason",
     "verdict",
 ]
 
@@ -67,6 +69,17 @@ RULE_FACTOR = 2.0
 #: dtype at 1 (2^-10 for float16, 2^-7 for bfloat16), what returning a correctly computed
 #: value in the half dtype may cost where the naive reference happens to be exact.
 RULE_FLOOR = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
+
+#: A half-precision golden check cannot be decided where the naive reference's normwise
+#: relative error reaches this: a plain loss in that dtype is then off by as much as the
+#: quantity itself, so the rule's bound (2 x that + floor) accepts a result of any sign and
+#: about any size. Such a check within its bound is ``undecidable``, not passed; beyond it,
+#: it still fails. The other undecidable check is a feature gradient whose golden value
+#: underflows the dtype (:func:`undecidable_reason`).
+UNDECIDABLE_NAIVE = 1.0
+
+#: The smallest positive normal number of each half dtype: below it a value underflows.
+_SMALLEST_NORMAL = {"float16": 2.0**-14, "bfloat16": 2.0**-126}
 
 #: A quantity is compared absolutely below this fraction of its natural scale (see
 #: :func:`natural_scale`): saturated cases have gradients of 1e-4 that any float32 code
@@ -114,6 +127,11 @@ class CheckResult:
         (a dense loss computed in the run's dtype, :mod:`._naive`), from which `tolerance`
         is derived; ``inf`` where that reference is not finite (the dtype's fixed
         tolerance applies then). None in float32 and float64 runs.
+    undecidable : bool
+        Whether the run's dtype cannot decide the check (a half-precision check whose naive
+        reference is off by as much as the quantity, or a feature gradient that underflows
+        the dtype) and the result was within its bound: neither passed nor failed;
+        `message` says why. A result beyond its bound fails, decidable or not.
 
     Examples
     --------
@@ -135,6 +153,19 @@ class CheckResult:
     passed: bool
     message: str = ""
     naive: float | None = None
+    undecidable: bool = False
+
+    @property
+    def failed(self) -> bool:
+        """Whether the check failed: neither passed nor undecidable."""
+        return not self.passed and not self.undecidable
+
+    @property
+    def status(self) -> str:
+        """``"passed"``, ``"failed"`` or ``"undecidable"``."""
+        if self.undecidable:
+            return "undecidable"
+        return "passed" if self.passed else "failed"
 
 
 def _quantity_label(result: CheckResult) -> str:
@@ -237,13 +268,22 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        """Whether every check passed."""
-        return bool(self.results) and all(result.passed for result in self.results)
+        """Whether no check failed: every one passed, or was undecidable in this dtype.
+
+        At least one check must have passed: a run whose every check is undecidable (or
+        that ran none) did not pass.
+        """
+        return not self.failed and any(result.passed for result in self.results)
 
     @property
     def failed(self) -> list[CheckResult]:
         """The checks that failed."""
-        return [result for result in self.results if not result.passed]
+        return [result for result in self.results if result.failed]
+
+    @property
+    def undecidable(self) -> list[CheckResult]:
+        """The checks the run's dtype could not decide (see :class:`CheckResult`)."""
+        return [result for result in self.results if result.undecidable]
 
     @property
     def codes(self) -> set[str]:
@@ -258,7 +298,8 @@ class Report:
     @property
     def worst(self) -> float:
         """Largest error relative to its tolerance (below 1 when everything passed)."""
-        ratios = [r.error / r.tolerance for r in self.results if r.tolerance > 0]
+        decided = [r for r in self.results if not r.undecidable]
+        ratios = [r.error / r.tolerance for r in decided if r.tolerance > 0]
         return max(ratios, default=math.inf)
 
     def _worst_failures(self) -> list[CheckResult]:
@@ -274,20 +315,49 @@ class Report:
             return [f"FAILED: no checks ran ({where})"]
         if self.passed:
             lines = [
-                f"PASSED: {len(self.results)} checks ({where}); worst error "
-                f"{self.worst:.2g} x its tolerance"
+                f"PASSED: {self._counts()} ({where}); worst error {self.worst:.2g} x its tolerance"
             ]
+            if self.undecidable:
+                lines.append(
+                    f"  {len(self.undecidable)} checks undecidable in {self.dtype}: "
+                    "report.table() says which and why"
+                )
             if not self.gradients_checked:
                 lines.append("  gradients NOT checked: the loss value only")
             return lines
+        if not self.failed:
+            return [f"FAILED: every check was undecidable in {self.dtype} ({where})"]
         worst = self._worst_failures()[0]
         lines = [
-            f"FAILED: {len(self.failed)} of {len(self.results)} checks ({where})",
+            f"FAILED: {len(self.failed)} of {self._counts()} ({where})",
             f"  worst: {worst.check} {worst.case} {_quantity_label(worst)}: {worst.message[:120]}",
         ]
         if self.findings:
             lines.append(f"  diagnosis: {', '.join(code for code, _ in self.findings)}")
         lines.append("  report.table() lists every failed check, report.diagnosis explains")
+        return lines
+
+    def _counts(self) -> str:
+        """Say how many checks ran, and how many of them were undecidable."""
+        undecidable = len(self.undecidable)
+        extra = f", {undecidable} undecidable" if undecidable else ""
+        return f"{len(self.results)} checks{extra}"
+
+    def _undecidable_lines(self) -> list[str]:
+        """List the undecidable checks, one line per reason with the checks it covers."""
+        if not self.undecidable:
+            return []
+        reasons: dict[str, list[str]] = {}
+        for r in self.undecidable:  # grouped by reason, each check with its own figure
+            reason, _, figure = r.message.rpartition(" (")
+            label = f"{r.check} {r.case} {_quantity_label(r)} ({figure}"
+            reasons.setdefault(reason or r.message, []).append(label)
+        lines = [f"undecidable in {self.dtype} ({len(self.undecidable)} checks):"]
+        for reason, checks in reasons.items():
+            lines.append(f"  {reason}:")
+            lines += [f"    {label}" for label in checks[:8]]
+            if len(checks) > 8:
+                lines.append(f"    ... and {len(checks) - 8} more (see --report)")
         return lines
 
     def __str__(self) -> str:
@@ -310,7 +380,7 @@ class Report:
         the naive reference's error and the bound (``2 x naive + floor``, or the fixed
         tolerance where the naive reference is not finite). Empty for other runs.
         """
-        judged = [r for r in self.results if r.naive is not None]
+        judged = [r for r in self.results if r.naive is not None and not r.undecidable]
         if not judged:
             return []
         rows = [("quantity", "case", "error", "naive", "bound", "error/bound")]
@@ -354,12 +424,10 @@ class Report:
         ]
         lines += [f"  note: {note}" for note in self.notes]
         if self.passed:
-            lines.append(
-                f"PASSED: {len(self.results)} checks; worst error {self.worst:.2g} x its tolerance"
-            )
-            lines += self.rule_table()
+            lines.append(f"PASSED: {self._counts()}; worst error {self.worst:.2g} x its tolerance")
+            lines += self.rule_table() + self._undecidable_lines()
             return "\n".join(lines)
-        lines.append(f"FAILED: {len(failed)} of {len(self.results)} checks")
+        lines.append(f"FAILED: {len(failed)} of {self._counts()}")
         groups = _group_failures(failed)
         shown = groups if limit is None else groups[:limit]
         half = self.half_rule
@@ -393,7 +461,7 @@ class Report:
         hidden = sum(len(group) for group in groups[len(shown) :])
         if hidden:
             lines.append(f"  ... and {hidden} more (see --report)")
-        lines += self.rule_table()
+        lines += self.rule_table() + self._undecidable_lines()
         lines.append("diagnosis:")
         lines += [f"  {line}" for line in self.diagnosis]
         for exception in self.exceptions:
@@ -409,6 +477,9 @@ class Report:
         """JSON-ready form of the report."""
         return {
             "passed": self.passed,
+            "checks": len(self.results),
+            "failed": len(self.failed),
+            "undecidable": len(self.undecidable),
             "loss": self.loss,
             "backend": self.backend,
             "dtype": self.dtype,
@@ -421,6 +492,7 @@ class Report:
             "results": [
                 {
                     **asdict(r),
+                    "status": r.status,
                     "error": r.error if math.isfinite(r.error) else None,
                     "naive": r.naive if r.naive is None or math.isfinite(r.naive) else None,
                 }
@@ -555,22 +627,68 @@ def compare(
     want: Any,
     bound: float,
     naive: float | None = None,
+    dtype: str = "",
 ) -> CheckResult:
     """Return the result of `got` against `want`, the `quantity` of `case`, within `bound`.
 
     `got` is one value, or a list of one value per rank of which the worst counts (its
     message names the rank). A value of another shape than `want` fails with both shapes.
+    In a half-precision golden check (`naive` given, `dtype` float16 or bfloat16), a result
+    within its bound that the dtype cannot decide is undecidable (:func:`undecidable_reason`).
     """
     import numpy as np
 
     if isinstance(got, list):
         errors = [case_error(value, want, case, quantity) for value in got]
         rank = max(range(len(errors)), key=lambda r: errors[r])
-        return verdict(check, label, quantity, errors[rank], bound, naive, f"rank {rank}: ")
-    if np.shape(got) != np.shape(want):
+        result = verdict(check, label, quantity, errors[rank], bound, naive, f"rank {rank}: ")
+    elif np.shape(got) != np.shape(want):
         message = f"shape {np.shape(got)}, expected {np.shape(want)}"
         return CheckResult(check, label, quantity, math.inf, bound, False, message, naive)
-    return verdict(check, label, quantity, case_error(got, want, case, quantity), bound, naive)
+    else:
+        error = case_error(got, want, case, quantity)
+        result = verdict(check, label, quantity, error, bound, naive)
+    reason = undecidable_reason(naive, want, quantity, dtype) if result.passed else ""
+    if reason:
+        return replace(result, passed=False, undecidable=True, message=reason)
+    return result
+
+
+def undecidable_reason(naive: float | None, want: Any, quantity: str, dtype: str) -> str:
+    """Say why `dtype` cannot decide a golden check of `quantity` (empty if it can).
+
+    Only a half-precision check judged by FlashAttention's rule (a finite `naive`) can be
+    undecidable: where the naive reference's error reaches :data:`UNDECIDABLE_NAIVE` (the
+    dtype computes the quantity no better than its own size), or where `want`, a feature
+    gradient, is not zero but below the dtype's smallest normal number (it underflows).
+
+    Examples
+    --------
+    >>> undecidable_reason(1.5, 0.0, "bias", "bfloat16")[-17:]
+    '(naive error 1.5)'
+    >>> undecidable_reason(0.01, [1e-9, 0.0], "img", "float16")[-15:]
+    '(largest 1e-09)'
+    >>> undecidable_reason(0.01, [0.5, 0.0], "img", "float16")
+    ''
+    """
+    import numpy as np
+
+    if naive is None or dtype not in HALF_DTYPES or not math.isfinite(naive):
+        return ""
+    if naive >= UNDECIDABLE_NAIVE:
+        return (
+            f"a naive {dtype} loss is off by as much as the quantity itself: {dtype} cannot "
+            f"tell a right value from a wrong one here (naive error {naive:.2g})"
+        )
+    if quantity in ("img", "txt"):
+        largest = float(np.max(np.abs(np.asarray(want, dtype=np.float64)), initial=0.0))
+        tiny = _SMALLEST_NORMAL[dtype]
+        if 0.0 < largest < tiny:
+            return (
+                f"the gradient underflows {dtype}: its golden entries are below the smallest "
+                f"normal number {tiny:.2g} (largest {largest:.2g})"
+            )
+    return ""
 
 
 def relative_error(actual: Any, expected: Any, floor: float = FLOOR) -> float:
