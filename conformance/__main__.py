@@ -344,8 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _refuse_scalar_dtype(args: argparse.Namespace) -> None:
     """Raise a UsageError where ``--scalar-dtype float32`` cannot be judged.
 
-    A float64 run (its scalars would round) and the distributed judge (``--world-size``,
-    ``--comm mpi``), whose workers make scale and bias in the run's dtype.
+    A float64 run (its scalars would round) and the MPI judge (``--comm mpi``), whose ranks
+    make scale and bias in the run's dtype; the gloo judge (``--world-size``) takes it.
     """
     if args.scalar_dtype == "same":
         return
@@ -355,11 +355,11 @@ def _refuse_scalar_dtype(args: argparse.Namespace) -> None:
             "bfloat16 (float32 scalars would round the float64 cases')"
         )
         raise UsageError(msg)
-    if args.comm == "mpi" or args.world_size is not None:
+    if args.comm == "mpi":
         msg = (
-            f"`--scalar-dtype {args.scalar_dtype}` judges one process: drop "
-            "`--world-size`/`--comm mpi` (the distributed judge passes scale and bias in "
-            "the run's dtype)"
+            f"`--scalar-dtype {args.scalar_dtype}` is not taken by `--comm mpi` (its ranks "
+            "pass scale and bias in the run's dtype): judge one process, or use "
+            "`--world-size W` (gloo)"
         )
         raise UsageError(msg)
 
@@ -377,6 +377,7 @@ def _distributed(
         dtype=args.dtype,
         convention=args.convention,
         timeout=timeout,
+        scalar_dtype=None if args.scalar_dtype == "same" else args.scalar_dtype,
     )
     return _print_and_write(parser, args, report)
 

@@ -52,7 +52,7 @@ from portable_siglip import _registry as registry
 from portable_siglip._interop import UsageError
 
 from ._cases import Case, load_cases
-from ._checks import describe_exception
+from ._checks import _check_scalar_dtype, _scalar_notes, describe_exception
 from ._judged import check_loss, golden_losses
 from ._naive import naive_errors
 from ._report import (
@@ -242,12 +242,18 @@ def _takes_bias(loss: str) -> bool:
 
 
 def _worker_case(
-    function: Callable[..., Any], case: Case, rows: slice, loss: str, dtype: Any
+    function: Callable[..., Any],
+    case: Case,
+    rows: slice,
+    loss: str,
+    dtype: Any,
+    scalar_dtype: Any = None,
 ) -> dict[str, Any]:
     """Return the loss and autograd's gradients of `function` on the shard `rows` of `case`.
 
-    The shard, ``scale`` and ``bias`` are leaf tensors of torch dtype `dtype`; a leaf the
-    loss does not reach gets a zero gradient. What the implementation raises propagates.
+    The shard is a pair of leaf tensors of torch dtype `dtype`, ``scale`` and ``bias`` leaf
+    tensors of `scalar_dtype` (`dtype` when None); a leaf the loss does not reach gets a
+    zero gradient. What the implementation raises propagates.
     """
     import numpy as np
     import torch
@@ -255,8 +261,8 @@ def _worker_case(
     leaves = [
         torch.tensor(np.array(case.img[rows]), dtype=dtype, requires_grad=True),
         torch.tensor(np.array(case.txt[rows]), dtype=dtype, requires_grad=True),
-        torch.tensor(case.scale, dtype=dtype, requires_grad=True),
-        torch.tensor(case.bias, dtype=dtype, requires_grad=True),
+        torch.tensor(case.scale, dtype=scalar_dtype or dtype, requires_grad=True),
+        torch.tensor(case.bias, dtype=scalar_dtype or dtype, requires_grad=True),
     ]
     inputs = leaves if _takes_bias(loss) else leaves[:3]  # ClipLoss takes no bias
     value = _scalar_loss(function(*inputs))
@@ -300,11 +306,14 @@ def _worker_run(args: argparse.Namespace) -> int:
         return _USAGE
     (out / f"rank{rank}.built").touch()
     _, dtype = load_backend("torch", args.dtype)
+    scalar_dtype = None
+    if args.scalar_dtype != "same":
+        scalar_dtype = load_backend("torch", args.scalar_dtype)[1]
     work, _ = _scheduled(world, args.dist_convention)
     for index, (case, sizes) in enumerate(work):
         rows = _rows(sizes, rank)
         try:
-            values = _worker_case(function, case, rows, args.loss, dtype)
+            values = _worker_case(function, case, rows, args.loss, dtype, scalar_dtype)
         except KeyboardInterrupt:
             raise
         except BaseException as error:  # SystemExit too: a failed run
@@ -330,6 +339,7 @@ def _worker_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--impl", required=True)
     parser.add_argument("--loss", choices=golden_losses(), required=True)
     parser.add_argument("--dtype", choices=tuple(TOLERANCE), default="float64")
+    parser.add_argument("--scalar-dtype", choices=("same", "float32"), default="same")
     parser.add_argument("--dist-convention", choices=DIST_CONVENTIONS, default="ddp")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--out", required=True)
@@ -358,6 +368,7 @@ def _worker_command(
     dtype: str,
     timeout: float | None,
     out: Path,
+    scalar_dtype: str | None = None,
 ) -> list[str]:
     """Return the command line of a worker, but its ``--rank``."""
     return [
@@ -374,6 +385,8 @@ def _worker_command(
         loss,
         "--dtype",
         dtype,
+        "--scalar-dtype",
+        scalar_dtype or "same",
         "--dist-convention",
         convention,
         "--timeout",
@@ -821,6 +834,7 @@ def judge(
     dtype: str = "float64",
     convention: str = "default",
     timeout: float | None = 60.0,
+    scalar_dtype: str | None = None,
 ) -> Report:
     """Run the factory `spec` on `world_size` gloo processes and judge it against the goldens.
 
@@ -847,6 +861,9 @@ def judge(
         Seconds a rank may wait in a collective for its peers (a hung rank fails the run
         after that); the whole run is bounded by `timeout` times the number of cases plus
         two. None: 30 minutes per collective and no bound on the run.
+    scalar_dtype : {None, "float32"}
+        As for :func:`~portable_siglip.conformance.check`: ``"float32"`` hands every rank
+        ``scale`` and ``bias`` in float32 beside float32, float16 or bfloat16 features.
 
     Returns
     -------
@@ -861,6 +878,7 @@ def judge(
         If `spec` cannot be loaded or called on a rank, or the arguments are wrong.
     """
     _check_judge_arguments(loss, world_size, dist_convention, convention)
+    _check_scalar_dtype(scalar_dtype, dtype)
     from portable_siglip._interop import load_backend
 
     load_backend("torch", dtype)  # UsageError for a dtype torch lacks
@@ -879,11 +897,14 @@ def judge(
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="conformance-dist-") as folder:
         out = Path(folder)
-        command = _worker_command(spec, loss, world_size, dist_convention, dtype, timeout, out)
+        command = _worker_command(
+            spec, loss, world_size, dist_convention, dtype, timeout, out, scalar_dtype
+        )
         labels = [_label(case, sizes) for case, sizes in work]
         raw, failure = _launch(command, world_size, deadline, out, labels)
     run = _Run(dist_convention, f"{world_size} processes on gloo", _takes_bias(loss), skipped)
     report = Report(loss, "torch", dtype, convention, spec)  # ClipLoss takes no bias
+    report.notes += _scalar_notes(scalar_dtype, dtype)
     return _build_report(report, run, raw, work, failure, time.monotonic() - started)
 
 

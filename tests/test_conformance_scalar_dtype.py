@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from portable_siglip.conformance import check, load_cases
+from portable_siglip.conformance import UsageError, check, load_cases
 from portable_siglip.conformance.__main__ import build_parser, main
 
 CASES = {case.name: case for case in load_cases()}
@@ -140,17 +140,13 @@ def test_the_cli_option_parses_and_is_refused_when_bad(capsys: Any) -> None:
     [
         (["--dtype", "float64", "--scalar-dtype", "float32"], "`--scalar-dtype float32` needs"),
         (
-            ["--dtype", "bfloat16", "--scalar-dtype", "float32", "--world-size", "2"],
-            "`--scalar-dtype float32` judges one process",
-        ),
-        (
             ["--dtype", "bfloat16", "--scalar-dtype", "float32", "--comm", "mpi"],
-            "`--scalar-dtype float32` judges one process",
+            "`--scalar-dtype float32` is not taken by `--comm mpi`",
         ),
     ],
 )
 def test_the_cli_refuses_what_it_cannot_judge(argv: list[str], match: str, capsys: Any) -> None:
-    """float32 scalars in a float64 run, or with the distributed judge: status 2, named."""
+    """float32 scalars in a float64 run, or with the MPI judge: status 2, named."""
     assert main(["--loss", "sigmoid", *argv]) == 2
     assert match in capsys.readouterr().err
 
@@ -221,3 +217,41 @@ def test_big_vision_bfloat16_fails_only_on_its_scalars_dtype() -> None:
     kept = check(loss, loss="sigmoid", backend="jax", dtype="bfloat16", scalar_dtype="float32")
     assert kept.passed, [(r.case, r.quantity, r.error, r.tolerance) for r in kept.failed]
     assert check(loss, loss="sigmoid", backend="jax", dtype="bfloat16").failed
+
+
+#: A gloo factory whose ranks refuse scale and bias that are not float32: it passes the
+#: distributed judge only if the judge hands them float32, as --scalar-dtype float32 asks.
+_FLOAT32_SCALARS_ONLY = """
+import torch
+
+from portable_siglip.backends.torch import SigLipLoss
+
+
+def siglip(rank, world_size):
+    inner = SigLipLoss(rank=rank, world_size=world_size)
+
+    def loss(img, txt, scale, bias):
+        if scale.dtype != torch.float32 or bias.dtype != torch.float32:
+            raise TypeError(f"scale and bias must stay float32, got {scale.dtype}")
+        return inner(img, txt, scale, bias)
+
+    return loss
+"""
+
+
+def test_the_gloo_judge_passes_float32_scalars(tmp_path: Any) -> None:
+    """``judge(..., scalar_dtype="float32")``: every rank gets float32 scale and bias."""
+    pytest.importorskip("torch")
+    from portable_siglip.conformance._distributed import judge
+
+    path = tmp_path / "float32_scalars.py"
+    path.write_text(_FLOAT32_SCALARS_ONLY)
+    spec = f"{path}:siglip"
+    kept = judge(spec, loss="sigmoid", world_size=2, dtype="bfloat16", scalar_dtype="float32")
+    assert kept.passed, kept.table()
+    assert any("scale and bias float32" in note for note in kept.notes), kept.notes
+    same = judge(spec, loss="sigmoid", world_size=2, dtype="bfloat16", timeout=30)
+    assert not same.passed
+    assert "scale and bias must stay float32" in same.table()
+    with pytest.raises(UsageError, match=r"`scalar_dtype='float32'` needs"):
+        judge(spec, loss="sigmoid", world_size=2, dtype="float64", scalar_dtype="float32")
