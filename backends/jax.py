@@ -68,7 +68,9 @@ import portable_siglip as _core
 from portable_siglip import _distributed, _losses, _registry
 from portable_siglip.comm import BaseComm, Communicator
 
-__all__ = ["AxisComm", "sigmoid_loss", "softmax_loss"]
+from ._jax_cached import cached_value_and_grad
+
+__all__ = ["AxisComm", "cached_value_and_grad", "sigmoid_loss", "softmax_loss"]
 
 Array = Any
 Extras = tuple[jax.Array, ...]
