@@ -29,8 +29,10 @@ from ._typing import Array, Namespace
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_GPU_BLOCK_SIZE",
+    "UNMATCHED_TXT",
     "Problem",
     "check_positives",
+    "check_unmatched_txt",
     "concrete_value",
     "default_block_size",
     "host_ids",
@@ -52,6 +54,11 @@ DEFAULT_BLOCK_SIZE = 1024
 #: Not yet measured on a GPU: ``python -m portable_siglip doctor`` probes the block sizes
 #: on every device it finds and reports the best, and docs/gpu.md records the result.
 DEFAULT_GPU_BLOCK_SIZE = 4096
+
+#: The values of ``unmatched_txt``: what the softmax loss does with a text row whose id no
+#: image row has. "error" (the default) refuses it; "negatives" makes it a negative of every
+#: image (it joins every image row's denominator, and has no column term of its own).
+UNMATCHED_TXT = ("error", "negatives")
 
 
 def on_accelerator(array: Any) -> bool:
@@ -123,6 +130,9 @@ class Problem:
         Tile edge, at most ``n``.
     gemm : Gemm
         How the tile GEMMs take their operands (:mod:`._precision`).
+    unmatched_txt : {"error", "negatives"}
+        What a loss that needs positives does with a text row without one (docs/math.md,
+        section 9): refuse it, or treat it as a negative of every image.
     """
 
     xp: Namespace
@@ -142,6 +152,7 @@ class Problem:
     k: int = 0
     img_ids: Array | None = None
     txt_ids: Array | None = None
+    unmatched_txt: str = "error"
 
     @property
     def precision(self) -> str:
@@ -152,6 +163,11 @@ class Problem:
     def labelled(self) -> bool:
         """Whether positives come from ids rather than the diagonal."""
         return self.img_ids is not None
+
+    @property
+    def txt_negatives(self) -> bool:
+        """Whether text rows without a positive are negatives (ids and ``"negatives"``)."""
+        return self.labelled and self.unmatched_txt == "negatives"
 
 
 def _describe(value: Any) -> str:
@@ -523,10 +539,17 @@ def host_ids(ids: Any) -> list[int] | None:
         return None
 
 
-def check_positives(img_ids: Sequence[Sequence[int]], txt_ids: Sequence[Sequence[int]]) -> None:
+def check_positives(
+    img_ids: Sequence[Sequence[int]],
+    txt_ids: Sequence[Sequence[int]],
+    *,
+    unmatched_txt: str = "error",
+) -> None:
     """Raise ``ValueError`` unless every image id has a text and every text id an image.
 
-    For a loss that needs a positive in every row and column (the softmax loss).
+    For a loss that needs a positive in every row and column (the softmax loss). With
+    ``unmatched_txt="negatives"`` only the images are checked: a text without an image is a
+    negative of every image (docs/math.md, section 9).
 
     ``img_ids`` and ``txt_ids`` hold the ids of every rank's rows, one sequence per rank (a
     single one in one process): the check is over the global batch, and the message names
@@ -535,10 +558,10 @@ def check_positives(img_ids: Sequence[Sequence[int]], txt_ids: Sequence[Sequence
     distributed = len(img_ids) > 1
     images = {value for shard in img_ids for value in shard}
     texts = {value for shard in txt_ids for value in shard}
-    for name, shards, others, row, other in (
-        ("img_ids", img_ids, texts, "image", "text"),
-        ("txt_ids", txt_ids, images, "text", "image"),
-    ):
+    sides = [("img_ids", img_ids, texts, "image", "text")]
+    if unmatched_txt == "error":
+        sides.append(("txt_ids", txt_ids, images, "text", "image"))
+    for name, shards, others, row, other in sides:
         lonely = [
             (rank, i, value)
             for rank, shard in enumerate(shards)
@@ -599,6 +622,22 @@ def _check_strategy(strategy: object, allowed: tuple[str, ...], loss: str) -> st
     return _check_choice("strategy", strategy, allowed, rule)
 
 
+def check_unmatched_txt(unmatched_txt: object) -> str:
+    """Check ``unmatched_txt``: one of :data:`UNMATCHED_TXT`.
+
+    Examples
+    --------
+    >>> check_unmatched_txt("negatives")
+    'negatives'
+    >>> check_unmatched_txt("ignore")
+    Traceback (most recent call last):
+    ...
+    ValueError: `unmatched_txt` must be one of ('error', 'negatives'), got 'ignore'
+    """
+    rule = f"`unmatched_txt` must be one of {UNMATCHED_TXT}"
+    return _check_choice("unmatched_txt", unmatched_txt, UNMATCHED_TXT, rule)
+
+
 def _check_precision(precision: object) -> str | None:
     """Check ``precision``: None (the default for the dtype) or one of :data:`PRECISIONS`."""
     if precision is None:
@@ -621,6 +660,7 @@ def prepare(
     check_ids: bool = True,
     needs_positives: bool = True,
     precision: object = None,
+    unmatched_txt: object = "error",
 ) -> Problem:
     """Validate the arguments of a public loss function and cast them for the arithmetic.
 
@@ -638,6 +678,11 @@ def prepare(
         Whether the loss needs a positive in every row and column (the softmax loss, whose
         target is a distribution over them); the sigmoid loss does not (such a row's pairs
         are all negatives), and its rows are not checked.
+    unmatched_txt : {"error", "negatives"}
+        With ``needs_positives``: whether a text row without a positive is refused or is a
+        negative of every image (then only the image rows are checked). Validated for
+        every loss; a loss without ``needs_positives`` treats such rows as negatives either
+        way, and without ids there are none.
 
     Returns
     -------
@@ -661,10 +706,11 @@ def prepare(
     allowed = registry.get(loss).schedules
     _check_strategy(strategy, allowed, loss)
     chosen = _check_precision(precision)
+    unmatched = check_unmatched_txt(unmatched_txt)
     if ids is not None and check_ids and needs_positives:
         values = (host_ids(ids[0]), host_ids(ids[1]))
         if values[0] is not None and values[1] is not None:
-            check_positives([values[0]], [values[1]])
+            check_positives([values[0]], [values[1]], unmatched_txt=unmatched)
 
     input_dtype = img.dtype
     # Half-precision inputs accumulate in float32; float32 and float64 in themselves. Any
@@ -705,4 +751,5 @@ def prepare(
         img_ids=None if ids is None else ids[0],
         txt_ids=None if ids is None else ids[1],
         gemm=gemm,
+        unmatched_txt=unmatched,
     )

@@ -142,8 +142,14 @@ def _common_ids(problem: Problem, everyone: Sequence[dict[str, Any]], rank: int)
 _ID_KEYS = ("img_ids", "txt_ids")
 
 
-def _check_global_ids(everyone: Sequence[dict[str, Any]], *, needs_positives: bool) -> None:
-    """Every rank passes ids or none; with ids, every global row has a positive if needed."""
+def _check_global_ids(
+    everyone: Sequence[dict[str, Any]], *, needs_positives: bool, unmatched_txt: str = "error"
+) -> None:
+    """Every rank passes ids or none; with ids, every global row has a positive if needed.
+
+    With ``unmatched_txt="negatives"`` only the image rows need one (the ranks agree on it:
+    :func:`_check_agreement` ran first).
+    """
     given = [entry["ids"] for entry in everyone]
     if not all(given) and any(given):
         shown = _by_rank(["given" if g else "None" for g in given])
@@ -152,7 +158,9 @@ def _check_global_ids(everyone: Sequence[dict[str, Any]], *, needs_positives: bo
     if not any(given) or not needs_positives:
         return
     check_positives(
-        [entry["img_ids"] for entry in everyone], [entry["txt_ids"] for entry in everyone]
+        [entry["img_ids"] for entry in everyone],
+        [entry["txt_ids"] for entry in everyone],
+        unmatched_txt=unmatched_txt,
     )
 
 
@@ -177,17 +185,19 @@ def setup(
     txt_ids: object = None,
     precision: object = None,
     needs_positives: bool = True,
+    unmatched_txt: object = "error",
 ) -> tuple[Problem, Ring | None]:
     """Validate a call; with a communicator, agree with the other ranks before any exchange.
 
     Every rank validates its own arguments, then all ranks swap a summary (one
     ``allgather_object``). If any rank's arguments are invalid, or the ranks disagree on
-    the loss, whether gradients are wanted, the strategy, d, dtype, precision, scale or bias, or
-    whether ids are passed, every rank raises the same error, naming the rank and the
-    parameter, so no rank is left waiting in an exchange. With ids, the ranks swap them too,
-    so that a row without a positive anywhere in the global batch is refused everywhere
-    where the loss needs one (``needs_positives``: the softmax loss), and every rank's ids
-    are mapped to one dtype, int32 on every rank whatever integer dtypes the ranks passed
+    the loss, whether gradients are wanted, the strategy, d, dtype, precision, scale or bias,
+    ``unmatched_txt``, or whether ids are passed, every rank raises the same error, naming
+    the rank and the parameter, so no rank is left waiting in an exchange. With ids, the
+    ranks swap them too, so that a row without a positive anywhere in the global batch is
+    refused everywhere where the loss needs one (``needs_positives``: the softmax loss; only
+    the image rows with ``unmatched_txt="negatives"``), and every rank's ids are mapped to
+    one dtype, int32 on every rank whatever integer dtypes the ranks passed
     (:func:`_common_ids`), before any of them travels.
 
     Returns
@@ -205,6 +215,7 @@ def setup(
         "txt_ids": txt_ids,
         "precision": precision,
         "needs_positives": needs_positives,
+        "unmatched_txt": unmatched_txt,
     }
     if comm is None:
         return prepare(img, txt, scale, bias, **options), None
@@ -223,7 +234,9 @@ def setup(
     _check_agreement(everyone)
     assert problem is not None
     if not traced:
-        _check_global_ids(everyone, needs_positives=needs_positives)
+        _check_global_ids(
+            everyone, needs_positives=needs_positives, unmatched_txt=problem.unmatched_txt
+        )
         if problem.labelled:
             problem = _common_ids(problem, everyone, checked.rank)
     sizes = tuple(int(entry["k"]) for entry in everyone)
@@ -266,6 +279,7 @@ def _summary(
         "scale": None if traced else _scalar_value(problem.scale),
         "bias": None if traced else _scalar_value(problem.bias),
         "ids": problem.labelled,
+        "unmatched_txt": problem.unmatched_txt,
     }
     if problem.labelled and not traced:
         summary["img_ids"] = _ids_values(problem.img_ids)
@@ -300,6 +314,7 @@ _AGREED = {
     "precision": "`precision`",
     "scale": "`scale`",
     "bias": "`bias`",
+    "unmatched_txt": "`unmatched_txt`",
 }
 
 

@@ -19,9 +19,11 @@ from ._registry import Loss, register
 from ._sigmoid import sigmoid_sums
 from ._softmax import (
     lse_excess,
+    matched_excess,
     merge_lse_pairs,
     softmax_grad_sums,
     softmax_lse,
+    weigh_columns,
 )
 from ._tilemath import sigmoid_tile, softmax_grad_tile
 from ._tiles import Positives
@@ -196,7 +198,8 @@ def _softmax(
     Without ids the loss is ``(excess(rows) + excess(cols)) / (2n)``; with ids each direction
     is a mean over its own rows, ``excess(rows) / M + excess(cols) / K``, written as
     ``(excess(rows) + w * excess(cols)) / (2M)`` with ``w = M / K`` so that both cases
-    share one normaliser (``w = 1`` without ids).
+    share one normaliser (``w = 1`` without ids). With ``unmatched_txt="negatives"`` the
+    columns are averaged over the K' that have a positive (:func:`_matched_columns`).
     """
     xp = problem.xp
     scaled_img = _scaled_img(problem)
@@ -228,11 +231,18 @@ def _softmax(
     tail = ((4,),) if labelled else ((2,),)
     (cols,) = circulate(ring, xp, _travelling(problem), first, acc_tails=tail, merge="lse")
     row_lse = state.rows
-    local = lse_excess(xp, row_lse, diag) + weight * lse_excess(xp, cols, diag)
     norm = 2.0 * ring.img_total
-    if not grad:
-        (total,) = global_sums(ring, xp, [local])
-        return total / norm, None
+    local: Array | None = None
+    if problem.txt_negatives:
+        value, cols = _matched_columns(problem, ring, row_lse, cols)
+        if not grad:
+            return value, None
+        weight = 1.0  # folded into the column pairs
+    else:
+        local = lse_excess(xp, row_lse, diag) + weight * lse_excess(xp, cols, diag)
+        if not grad:
+            (total,) = global_sums(ring, xp, [local])
+            return total / norm, None
 
     def second(home: Any, block: tuple[Array, ...]) -> tuple[Array, ...]:
         txt, col_lse = block[0], block[-1]
@@ -254,8 +264,29 @@ def _softmax(
         ring, xp, _travelling(problem, cols), second, acc_tails=((problem.d,),), merge="sum"
     )
     scale_sum = _scale_sum(problem, state.img_acc)
-    total, scale_sum = global_sums(ring, xp, [local, scale_sum])
-    return total / norm, _finish(problem, state.img_acc, txt_acc, scale_sum, zero, norm)
+    if local is None:
+        (scale_sum,) = global_sums(ring, xp, [scale_sum])
+    else:
+        total, scale_sum = global_sums(ring, xp, [local, scale_sum])
+        value = total / norm
+    return value, _finish(problem, state.img_acc, txt_acc, scale_sum, zero, norm)
+
+
+def _matched_columns(problem: Problem, ring: Ring, rows: Array, cols: Array) -> tuple[Array, Array]:
+    """Return the loss of ``unmatched_txt="negatives"`` and the column pairs for pass two.
+
+    The rows' term is a mean over all M image rows (whose log-sum-exp runs over every text,
+    those without a positive included); the columns' term a mean over the K' text columns
+    that have a positive, K' summed over the ranks (one extra allgather of three numbers).
+    Returns ``(rows / M + cols / K') / 2`` and the column pairs with the weight ``M / K'``
+    (0 for a column without a positive) folded in (:func:`._softmax.weigh_columns`).
+    docs/math.md, section 9.
+    """
+    xp = problem.xp
+    col_sum, matched = matched_excess(xp, cols)
+    row_sum, col_sum, matched = global_sums(ring, xp, [lse_excess(xp, rows), col_sum, matched])
+    value = (row_sum / ring.img_total + col_sum / matched) / 2.0
+    return value, weigh_columns(xp, cols, ring.img_total / matched)
 
 
 def sigmoid_loss(
@@ -495,6 +526,7 @@ def softmax_loss(
     img_ids: Array | None = None,
     txt_ids: Array | None = None,
     precision: str | None = None,
+    unmatched_txt: str = "error",
 ) -> Array:
     r"""CLIP softmax (InfoNCE) loss, symmetric over both directions, evaluated blockwise.
 
@@ -537,6 +569,16 @@ def softmax_loss(
     precision : {"fast", "exact"}, optional
         As for :func:`sigmoid_loss`: half-precision GEMM operands ("fast", the default for
         float16/bfloat16 features) or float32 ones ("exact").
+    unmatched_txt : {"error", "negatives"}
+        What to do, with ids, with a text row whose id no image row has (a mined hard
+        negative, an extra caption): "error" (the default) raises the ``ValueError`` above;
+        "negatives" makes it a negative of every image. It then joins every image row's
+        log-sum-exp and has no column term, and the text-to-image term is a mean over the
+        k' columns that have a positive: ``(1/k') sum_{j: r_j > 0} (...)``. It holds under
+        ``jax.jit`` too (the columns are told apart by their positive counts). An image row
+        without a positive is an error either way. Without ids every text has its image and
+        "negatives" changes nothing. With ``comm`` every rank must pass the same value.
+        docs/math.md, section 9.
 
     Returns
     -------
@@ -564,6 +606,14 @@ def softmax_loss(
     >>> loss = ps.softmax_loss(img, img, scale=1.0)
     >>> print(f"{float(loss):.6f}")  # log(1 + e^-1)
     0.313262
+
+    A third caption that is nobody's positive, a hard negative of both images:
+
+    >>> txt = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
+    >>> ids = dict(img_ids=np.arange(2), txt_ids=np.array([0, 1, -1]))
+    >>> loss = ps.softmax_loss(img, txt, 1.0, unmatched_txt="negatives", **ids)
+    >>> print(f"{float(loss):.6f}")  # mean of log(e + 1 + e^0.7) - 1 and log(1 + e^-1)
+    0.529666
     """
     return evaluate(
         SOFTMAX,
@@ -578,6 +628,7 @@ def softmax_loss(
         img_ids=img_ids,
         txt_ids=txt_ids,
         precision=precision,
+        unmatched_txt=unmatched_txt,
     )[0]
 
 
@@ -593,6 +644,7 @@ def softmax_loss_and_grad(
     img_ids: Array | None = None,
     txt_ids: Array | None = None,
     precision: str | None = None,
+    unmatched_txt: str = "error",
 ) -> tuple[Array, Gradients]:
     r"""CLIP softmax loss and its exact gradients, in two blockwise passes.
 
@@ -603,7 +655,7 @@ def softmax_loss_and_grad(
 
     Parameters
     ----------
-    img, txt, scale, bias, block_size, comm, strategy, img_ids, txt_ids, precision
+    img, txt, scale, bias, block_size, comm, strategy, img_ids, txt_ids, precision, unmatched_txt
         As for :func:`softmax_loss`.
 
     Returns
@@ -650,6 +702,7 @@ def softmax_loss_and_grad(
         img_ids=img_ids,
         txt_ids=txt_ids,
         precision=precision,
+        unmatched_txt=unmatched_txt,
     )
     assert grads is not None
     return loss, grads
@@ -673,12 +726,15 @@ def evaluate(
     img_ids: Array | None = None,
     txt_ids: Array | None = None,
     precision: str | None = None,
+    unmatched_txt: str = "error",
 ) -> tuple[Array, Gradients | None]:
     """Evaluate any registered ``loss``: validate (agreeing with the other ranks), then run it.
 
     What the public functions call; the command line and the benchmarks call it with the
     loss the user named (:func:`._registry.get`). The keywords are the public functions';
-    without ``strategy``, the loss's first schedule. Returns the loss and, with ``grad``, its
+    without ``strategy``, the loss's first schedule. ``unmatched_txt`` is validated for every
+    loss and acts only on a loss with ``needs_positives`` (for the others a text without a
+    positive is all negatives already). Returns the loss and, with ``grad``, its
     :class:`Gradients` (else None).
 
     Examples
@@ -704,6 +760,7 @@ def evaluate(
         txt_ids=txt_ids,
         precision=precision,
         needs_positives=loss.needs_positives,
+        unmatched_txt=unmatched_txt,
     )
     with full_precision(problem.xp, problem.img):
         return loss.evaluate(loss, problem, ring, grad=grad)  # type: ignore[no-any-return]

@@ -28,10 +28,17 @@ row's and column's positives, ``c``, and sums their logits, ``S``: the pairs bec
 ``(M, s, c, S)`` (shape (m, 4), (k, 4)), the loss term of a row is ``(M - S / c) + s`` (the
 mean positive logit replaces ``Z_ii``), and the second pass subtracts ``1/c_i`` (rows) and
 ``w/c_j`` (columns, ``w = m/k``) on the positives instead of 2 on the diagonal.
+
+With ``unmatched_txt="negatives"`` (texts whose id no image has, docs/math.md, section 9)
+such a column has ``c = 0``: it stays in every row's log-sum-exp, the column term averages
+over the ``k'`` columns with ``c > 0`` only (:func:`matched_excess`), and before the second
+pass :func:`weigh_columns` folds the column weight ``w_j`` (``m/k'``, 0 for a column without
+a positive) into the column pairs, so that the second pass runs unchanged with weight 1.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import array_api_compat
@@ -54,10 +61,12 @@ from ._typing import Array, Namespace
 __all__ = [
     "SoftmaxLse",
     "lse_excess",
+    "matched_excess",
     "merge_lse",
     "merge_lse_pairs",
     "softmax_grad_sums",
     "softmax_lse",
+    "weigh_columns",
 ]
 
 
@@ -102,6 +111,60 @@ def lse_excess(xp: Namespace, lse: Array, diag: Array | None = None) -> Array:
     zero = xp.zeros((), dtype=lse.dtype, device=array_api_compat.device(lse))
     target = lse[:, 3] / lse[:, 2] if diag is None else diag
     return xp.sum(xp.maximum(lse[:, 0] - target, zero) + lse[:, 1])
+
+
+def matched_excess(xp: Namespace, lse: Array) -> tuple[Array, Array]:
+    """Return ``lse_excess`` over the (k, 4) rows with a positive, and how many there are.
+
+    The terms are those of :func:`lse_excess` (``max(M - S/c, 0) + s``) for the rows with
+    ``c > 0``; a row without a positive (a text whose id no image has, under
+    ``unmatched_txt="negatives"``) has no term, and its ``S/c = 0/0`` is never formed.
+    Returns the sum and the count of such rows, both 0-d arrays of the dtype of ``lse``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> xp = array_api_compat.array_namespace(np.zeros(1))
+    >>> cols = np.array([[3.0, 0.5, 2.0, 4.0], [1.0, 0.25, 0.0, 0.0]])  # (M, s, c, S)
+    >>> [float(v) for v in matched_excess(xp, cols)]  # (3 - 4/2) + 0.5; one column matched
+    [1.5, 1.0]
+    """
+    device = array_api_compat.device(lse)
+    zero = xp.zeros((), dtype=lse.dtype, device=device)
+    found = lse[:, 2] > zero
+    count = xp.where(found, lse[:, 2], xp.ones((), dtype=lse.dtype, device=device))
+    terms = xp.maximum(lse[:, 0] - lse[:, 3] / count, zero) + lse[:, 1]
+    return xp.sum(xp.where(found, terms, zero)), xp.sum(xp.astype(found, lse.dtype))
+
+
+def weigh_columns(xp: Namespace, cols: Array, weight: Array) -> Array:
+    """Fold the column weight of ``unmatched_txt="negatives"`` into (k, 4) column pairs.
+
+    The second pass subtracts ``w / c_j`` on a column's positives and adds ``w`` times its
+    softmax ``exp((Z - M_j) - s_j)``. A column with a positive gets ``w = weight``
+    (``m / k'``, a 0-d array), one without ``w = 0``. Returned: the pairs with
+    ``s_j - log w`` in column 1 and ``c_j / w`` in column 2, so that the unchanged second
+    pass with weight 1 computes ``w * softmax`` and ``w / c_j``; for ``w = 0`` these are
+    ``+inf`` (its softmax is then ``exp(-inf) = 0`` and ``1 / inf = 0``: the column adds
+    nothing). ``log w`` is an O(log m) shift of ``s``, which lies in ``[0, log m]``, so the
+    exponent keeps its rounding (docs/math.md, section 9).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> xp = array_api_compat.array_namespace(np.zeros(1))
+    >>> cols = np.array([[3.0, 0.5, 2.0, 4.0], [1.0, 0.25, 0.0, 0.0]])
+    >>> np.round(weigh_columns(xp, cols, np.asarray(2.0))[:, 1:3], 6).tolist()  # 0.5 - log 2
+    [[-0.193147, 1.0], [inf, inf]]
+    """
+    device = array_api_compat.device(cols)
+    zero = xp.zeros((), dtype=cols.dtype, device=device)
+    inf = xp.full((), math.inf, dtype=cols.dtype, device=device)
+    found = cols[:, 2] > zero
+    weight = xp.astype(weight, cols.dtype)
+    log_sums = xp.where(found, cols[:, 1] - xp.log(weight), inf)
+    counts = xp.where(found, cols[:, 2] / weight, inf)
+    return xp.stack((cols[:, 0], log_sums, counts, cols[:, 3]), axis=1)
 
 
 def softmax_lse(
