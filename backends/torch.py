@@ -86,7 +86,16 @@ import portable_siglip as ps
 from portable_siglip import _checks, _losses, _registry
 from portable_siglip.comm import BaseComm, Communicator, Request, check_communicator
 
-__all__ = ["ClipLoss", "SigLipLoss", "TorchDistComm", "sigmoid_loss", "softmax_loss"]
+from ._torch_cached import cached_step
+
+__all__ = [
+    "ClipLoss",
+    "SigLipLoss",
+    "TorchDistComm",
+    "cached_step",
+    "sigmoid_loss",
+    "softmax_loss",
+]
 
 Scalar: TypeAlias = "float | torch.Tensor"
 #: The name of a registered loss (portable_siglip._registry).
