@@ -134,10 +134,15 @@ _SIGNATURE = (
     "float? bias_number, Tensor? img_ids, Tensor? txt_ids, str loss, int? block_size, "
     "int? comm, str strategy, str? precision"
 )
+# `unmatched_txt` (the softmax loss's) comes last, with its default, so that the operators
+# keep their positional arguments.
 _LOSS_AND_GRAD_SCHEMA = (
-    f"({_SIGNATURE}, float shard_factor) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    f'({_SIGNATURE}, float shard_factor, str unmatched_txt="error") '
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
-_LOSS_SCHEMA = f"({_SIGNATURE}) -> Tensor"
+_LOSS_SCHEMA = f'({_SIGNATURE}, str unmatched_txt="error") -> Tensor'
+#: Where `shard_factor` is among the inputs of `loss_and_grad`: after the signature's.
+_SHARD_FACTOR = _SIGNATURE.count(",") + 1
 
 #: The communicators passed to the operators, by handle (`id`): a weak reference whose
 #: callback drops the entry when the communicator dies (so a live entry's id is never
@@ -197,9 +202,13 @@ def _core_call(
     comm: int | None,
     strategy: str,
     precision: str | None,
+    unmatched_txt: str = "error",
 ) -> Any:
     """Run the core's loss (with its gradients if `with_grad`) on plain tensors."""
     value, loss_and_grad = _loss_functions(loss)
+    # Only a loss that takes it (the softmax loss) is given `unmatched_txt`; "error" is its
+    # default, so a call that leaves it alone passes nothing.
+    extra = {} if unmatched_txt == "error" else {"unmatched_txt": unmatched_txt}
     return (loss_and_grad if with_grad else value)(
         _detached(img),
         _detached(txt),
@@ -211,6 +220,7 @@ def _core_call(
         img_ids=_detached(img_ids),
         txt_ids=_detached(txt_ids),
         precision=precision,
+        **extra,
     )
 
 
@@ -242,13 +252,14 @@ def _loss_and_grad_op(
     strategy: str,
     precision: str | None,
     shard_factor: float,
+    unmatched_txt: str = "error",
 ) -> tuple[torch.Tensor, ...]:
     """Return the loss and its gradients (img, txt, scale, bias), the factor is for backward."""
     del shard_factor
     inputs = (img, txt, scale, bias, img_ids, txt_ids)
     value, grads = _core_call(
         loss, True, img, txt, scale, scale_number, bias, bias_number, img_ids, txt_ids,
-        block_size, comm, strategy, precision,
+        block_size, comm, strategy, precision, unmatched_txt,
     )  # fmt: skip
     outputs = (value, grads.img, grads.txt, grads.scale, grads.bias)
     return tuple(_fresh(out, inputs) for out in outputs)
@@ -269,11 +280,12 @@ def _loss_op(
     comm: int | None,
     strategy: str,
     precision: str | None,
+    unmatched_txt: str = "error",
 ) -> torch.Tensor:
     """Return the loss alone: no gradient pass."""
     value = _core_call(
         loss, False, img, txt, scale, scale_number, bias, bias_number, img_ids, txt_ids,
-        block_size, comm, strategy, precision,
+        block_size, comm, strategy, precision, unmatched_txt,
     )  # fmt: skip
     return _fresh(value, (img, txt, scale, bias, img_ids, txt_ids))
 
@@ -313,7 +325,7 @@ def _loss_fake(img: torch.Tensor, *args: Any) -> torch.Tensor:
 def _setup_backward(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
     ctx.save_for_backward(*output[1:])
     # DDP averages over W ranks: pre-multiply what only this rank holds (its shard).
-    ctx.shard_factor = inputs[-1]
+    ctx.shard_factor = inputs[_SHARD_FACTOR]
 
 
 def _backward(ctx: Any, grad_output: torch.Tensor, *unused: Any) -> tuple[Any, ...]:
@@ -335,7 +347,7 @@ def _backward(ctx: Any, grad_output: torch.Tensor, *unused: Any) -> tuple[Any, .
         _scaled(g_scale, grad_output, 1.0) if needs[2] else None,
         None,
         _scaled(g_bias, grad_output, 1.0) if needs[4] else None,
-        *([None] * 9),
+        *([None] * 10),
     )
 
 
@@ -413,6 +425,7 @@ def _op_arguments(
         or not (block_size is None or (type(block_size) is int and abs(block_size) < 2**62))
         or not isinstance(core["strategy"], str)
         or not (precision is None or isinstance(precision, str))
+        or not isinstance(core.get("unmatched_txt", "error"), str)
         or not (comm is None or type(getattr(comm, "size", None)) is int)
     ):
         return None
@@ -444,6 +457,7 @@ def _evaluate(
     img_ids: Any = None,
     txt_ids: Any = None,
     precision: str | None = None,
+    unmatched_txt: Any = "error",
 ) -> torch.Tensor:
     ddp = _check_ddp(ddp)
     scale = _as_scalar(scale)
@@ -456,21 +470,24 @@ def _evaluate(
         "txt_ids": txt_ids,
         "precision": precision,
     }
+    if not (isinstance(unmatched_txt, str) and unmatched_txt == "error"):
+        core["unmatched_txt"] = unmatched_txt  # only the softmax loss takes it
     arguments = _op_arguments(loss, img, txt, scale, bias, core)
     if arguments is None:  # refused by the core's checks (or arrays of another library)
         value, _ = _loss_functions(loss)
         return value(  # type: ignore[no-any-return]
             _detached(img), _detached(txt), _detached(scale), _detached(bias), **core
         )
+    unmatched = core.get("unmatched_txt", "error")
     # The loss runs its own precision policy (half inputs accumulate in float32, `precision`
     # chooses the GEMM operands): an enclosing autocast must not change its GEMMs.
     with _without_autocast(img.device.type):
         if _needs_graph(img, txt, scale, bias):
             # DDP averages over W ranks: backward pre-multiplies the shard's gradients by W.
             factor = float(comm.size) if ddp and comm is not None else 1.0
-            outputs = _loss_and_grad_op(*arguments, factor)
+            outputs = _loss_and_grad_op(*arguments, factor, unmatched)
             return outputs[0]  # type: ignore[no-any-return]
-        return _loss_op(*arguments)  # type: ignore[no-any-return]
+        return _loss_op(*arguments, unmatched)  # type: ignore[no-any-return]
 
 
 def sigmoid_loss(
@@ -571,6 +588,7 @@ def softmax_loss(
     img_ids: torch.Tensor | None = None,
     txt_ids: torch.Tensor | None = None,
     precision: str | None = None,
+    unmatched_txt: str = "error",
 ) -> torch.Tensor:
     """CLIP softmax loss that torch autograd differentiates, with flat memory in backward.
 
@@ -597,6 +615,10 @@ def softmax_loss(
         Integer ids of the rows, as in :func:`sigmoid_loss`.
     precision : {"fast", "exact"}, optional
         GEMM operands for half-precision features, as in :func:`sigmoid_loss`.
+    unmatched_txt : {"error", "negatives"}
+        With ids, a text row whose id no image has: refused ("error", the default) or a
+        negative of every image ("negatives", hard negatives), as in
+        :func:`portable_siglip.softmax_loss`.
 
     Returns
     -------
@@ -633,6 +655,7 @@ def softmax_loss(
         img_ids=img_ids,
         txt_ids=txt_ids,
         precision=precision,
+        unmatched_txt=unmatched_txt,
     )
 
 
@@ -949,6 +972,7 @@ class _ContrastiveLoss(nn.Module):
             img_ids=img_ids,
             txt_ids=txt_ids,
             precision=self.precision,
+            unmatched_txt=getattr(self, "unmatched_txt", "error"),
         )
         return {"contrastive_loss": loss} if output_dict else loss
 
@@ -1058,6 +1082,10 @@ class ClipLoss(_ContrastiveLoss):
         GEMM operands for bfloat16/float16 features: "fast" (None, the default) feeds
         them in the features' dtype with float32 accumulation (tensor cores), "exact" in
         float32 (:func:`portable_siglip.sigmoid_loss`). float32/float64 ignore it.
+    unmatched_txt : {"error", "negatives"}
+        With ids, what a text row whose id no image has is: refused ("error", the default)
+        or a negative of every image ("negatives": mined hard negatives, extra captions),
+        as in :func:`portable_siglip.softmax_loss`.
 
     Examples
     --------
@@ -1083,6 +1111,7 @@ class ClipLoss(_ContrastiveLoss):
         block_size: int | None = None,
         ddp: bool = True,
         precision: str | None = None,
+        unmatched_txt: str = "error",
     ) -> None:
         super().__init__(
             "ClipLoss",
@@ -1095,7 +1124,15 @@ class ClipLoss(_ContrastiveLoss):
             ddp,
             precision,
         )
+        try:
+            self.unmatched_txt = _checks.check_unmatched_txt(unmatched_txt)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"ClipLoss: {error}") from None
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
         self.use_horovod = use_horovod
+
+    def extra_repr(self) -> str:
+        """Say how the module is configured."""
+        return f"{super().extra_repr()}, unmatched_txt={self.unmatched_txt!r}"
