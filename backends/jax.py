@@ -280,6 +280,7 @@ def _bridge(
     img_ids: object = None,
     txt_ids: object = None,
     precision: object = None,
+    unmatched_txt: object = "error",
 ) -> jax.Array:
     """Evaluate one loss through a ``custom_vjp`` built for this call's static arguments."""
     # Looked up at call time, so the core functions are the ones of the package now.
@@ -290,6 +291,8 @@ def _bridge(
         "strategy": strategy,
         "precision": precision,
     }
+    if not (isinstance(unmatched_txt, str) and unmatched_txt == "error"):
+        options["unmatched_txt"] = unmatched_txt  # only the softmax loss takes it
     labelled = not (img_ids is None and txt_ids is None)
     if not (_is_array(img) and _is_array(txt)) or (
         labelled and not (_is_array(img_ids) and _is_array(txt_ids))
@@ -476,6 +479,7 @@ def softmax_loss(
     img_ids: Array | None = None,
     txt_ids: Array | None = None,
     precision: str | None = None,
+    unmatched_txt: str = "error",
 ) -> jax.Array:
     """CLIP softmax loss, differentiable by JAX through its analytic gradients.
 
@@ -506,6 +510,11 @@ def softmax_loss(
         that row's target term).
     precision : {"fast", "exact"}, optional
         As for :func:`sigmoid_loss`.
+    unmatched_txt : {"error", "negatives"}
+        With ids, a text row whose id no image has: refused ("error", the default) or a
+        negative of every image ("negatives", hard negatives), as in
+        :func:`portable_siglip.softmax_loss`. "negatives" holds under ``jax.jit`` too: the
+        texts without a positive are found from the traced ids.
 
     Returns
     -------
@@ -542,4 +551,5 @@ def softmax_loss(
         img_ids=img_ids,
         txt_ids=txt_ids,
         precision=precision,
+        unmatched_txt=unmatched_txt,
     )
