@@ -1453,10 +1453,13 @@ def _diagnose_half_scalar_sums(
     """Name half logits whose scale and bias gradients autodiff sums in the half dtype.
 
     Only dL/dscale and dL/dbias fail (big_vision's formula under ``jax.grad`` with every
-    input bfloat16). Named with the rule of :func:`_diagnose_half_logits`, for each of the
-    two: every case whose simulation (:func:`_half_scalar_gradients`) is more than twice
-    the bound off the golden (at least one) matches the simulation within the bound, and
-    every other failed one misses its bound by less than :data:`HALF_LOGITS_MISS` times.
+    input bfloat16 or float16). Named where every failed check of the two is explained: it
+    matches the simulation (:func:`_half_scalar_gradients`) within its bound where that is
+    more than twice the bound off the golden (the evidence: at least one such check), or
+    misses its bound by less than :data:`HALF_LOGITS_MISS` times. Checks that passed need
+    not match: the simulation rounds G once from float64 and sums in XLA's CPU order, which
+    a framework that rounds inside G's elementwise kernels (float16, with three more bits,
+    shows it) or reduces in another order does not reproduce exactly.
     """
     import numpy as np
 
@@ -1464,23 +1467,26 @@ def _diagnose_half_scalar_sums(
     evidence = 0
     for case in cases:
         outcome = outcomes[case.name]
+        if outcome.error is not None:
+            return []
         golden = case.goldens[loss]
-        predicted = _half_scalar_gradients(case, loss, report.dtype)
+        predicted = None
         for quantity in ("scale", "bias"):
-            got = outcome.values.get(quantity) if outcome.error is None else None
+            got = outcome.values.get(quantity)
             if got is None or np.ndim(got) != 0:
                 return []
+            if (case.name, quantity) not in failed:
+                continue
+            if predicted is None:
+                predicted = _half_scalar_gradients(case, loss, report.dtype)
             want = getattr(golden, quantity) * factor(case)
             guess = predicted[quantity] * factor(case)
             window = bound(case, quantity)
             distinct = case_error(guess, want, case, quantity) > 2 * window
-            if distinct and case_error(got, guess, case, quantity) > window:
-                return []
-            # Where the simulation is right, a failure must be a rounding-sized miss.
-            miss = case_error(got, want, case, quantity) > HALF_LOGITS_MISS * window
-            if not distinct and (case.name, quantity) in failed and miss:
-                return []
-            evidence += distinct
+            if distinct and case_error(got, guess, case, quantity) <= window:
+                evidence += 1
+            elif case_error(got, want, case, quantity) > HALF_LOGITS_MISS * window:
+                return []  # neither the simulation nor a rounding-sized miss
     if not evidence:
         return []
     return [_half_scalar_sums_finding(report, evidence)]
@@ -1499,7 +1505,7 @@ def _half_scalar_sums_finding(report: Report, evidence: int) -> Finding:
         f"over all n^2 pairs in {dtype} (G = dL/dlogits and G * (img @ txt.T) in {dtype}, "
         f"reduced in 32 x 32 windows, each addition rounded to {dtype}, as XLA's backward "
         f"of logits * t + b reduces them), simulated from the inputs, on the {evidence} "
-        f"checks where that differs from the golden; worst {worst.case} "
+        f"failed checks where that differs from the golden; worst {worst.case} "
         f"grads.{worst.quantity} at {worst.error:.1e} against a bound of "
         f"{worst.tolerance:.1e}. The logits are {dtype} because t and b are: keep them "
         "float32 (big_vision and mixed-precision training do; --scalar-dtype float32) or "

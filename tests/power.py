@@ -161,6 +161,15 @@ def catalogue() -> tuple[list[Entry], list[str]]:
             scalar_dtype="float32",
         ),
     ]
+    # The same three in float16 (test_conformance_half_adapters.py).
+    entries += [
+        Entry("third-party", f"{name}-float16", function, loss, backend, "float16", half)
+        for name, function, loss, backend in (
+            ("HF CLIP", half_adapters.hf_clip_loss, "softmax", "torch"),
+            ("torchmultimodal", half_adapters.torchmultimodal_contrastive_loss, "softmax", "torch"),
+            ("big_vision", half_adapters.big_vision_sigmoid_loss, "sigmoid", "jax"),
+        )
+    ]
     skipped: list[str] = []
     try:
         importlib.metadata.version("open-clip-torch")
