@@ -31,20 +31,12 @@ import wrong_ids_impls
 import wrong_impls
 from portable_siglip.conformance import check
 
-# The ids mistakes and the code each must be given (test_conformance_ids.py). The squared
-# logits match no known mistake: rejected, and its right name is ``unknown``.
+# The ids mistakes, the loss each claims and the code it must be given, from
+# wrong_ids_impls.EXPECTED (as test_conformance_ids.py reads them), with the backend it
+# runs on: numpy, but the loss that takes no ids, judged on torch.
 IDS_WRONG: dict[str, tuple[str, str, str]] = {
-    "sigmoid_ids_ignored": ("sigmoid", "numpy", "ids-ignored"),
-    "softmax_ids_ignored": ("softmax", "numpy", "ids-ignored"),
-    "softmax_log_inside": ("softmax", "numpy", "log-inside"),
-    "softmax_positives_summed": ("softmax", "numpy", "positives-summed"),
-    "softmax_first_positive": ("softmax", "numpy", "first-positive"),
-    "sigmoid_first_positive": ("sigmoid", "numpy", "first-positive"),
-    "sigmoid_normalised_by_k": ("sigmoid", "numpy", "normalised-by-k"),
-    "sigmoid_normalised_by_positives": ("sigmoid", "numpy", "normalised-by-positives"),
-    "softmax_normalised_by_positives": ("softmax", "numpy", "normalised-by-positives"),
-    "sigmoid_squared_logits": ("sigmoid", "numpy", "unknown"),
-    "sigmoid_without_ids": ("sigmoid", "torch", "ids-not-accepted"),
+    impl: (loss, "torch" if impl == "sigmoid_without_ids" else "numpy", code)
+    for impl, (loss, code) in wrong_ids_impls.EXPECTED.items()
 }
 
 

@@ -11,6 +11,24 @@ from typing import Any
 
 import numpy as np
 
+#: Each mistake of this module, the loss it claims and the diagnosis code the conformance
+#: suite must give it with ``ids=True`` (tests/test_conformance_ids.py, tests/power.py). The
+#: squared logits match no known mistake: rejected, and their right name is ``unknown``;
+#: ``sigmoid_without_ids`` takes no ids at all (torch, ``ids-not-accepted``).
+EXPECTED: dict[str, tuple[str, str]] = {
+    "sigmoid_ids_ignored": ("sigmoid", "ids-ignored"),
+    "softmax_ids_ignored": ("softmax", "ids-ignored"),
+    "softmax_log_inside": ("softmax", "log-inside"),
+    "softmax_positives_summed": ("softmax", "positives-summed"),
+    "softmax_first_positive": ("softmax", "first-positive"),
+    "sigmoid_first_positive": ("sigmoid", "first-positive"),
+    "sigmoid_normalised_by_k": ("sigmoid", "normalised-by-k"),
+    "sigmoid_normalised_by_positives": ("sigmoid", "normalised-by-positives"),
+    "softmax_normalised_by_positives": ("softmax", "normalised-by-positives"),
+    "sigmoid_squared_logits": ("sigmoid", "unknown"),
+    "sigmoid_without_ids": ("sigmoid", "ids-not-accepted"),
+}
+
 
 def _logits(img: Any, txt: Any, scale: Any, bias: Any) -> np.ndarray:
     return float(scale) * (np.asarray(img) @ np.asarray(txt).T) + float(bias)
