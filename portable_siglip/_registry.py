@@ -55,7 +55,11 @@ class Loss:
         Whether, with ids, every row and column must hold a positive pair (a ``ValueError``
         otherwise, raised eagerly): the softmax loss's target is a uniform distribution over
         a row's positives, which does not exist without one. The sigmoid family's labels are
-        defined for any ids (a row without a positive is all negatives): False.
+        defined for any ids (a row without a positive is all negatives): False. Such a loss
+        takes ``unmatched_txt="negatives"`` (:func:`._losses.evaluate`): a text column without
+        a positive is then a negative of every image instead of an error, and the loss's
+        evaluation reads ``problem.txt_negatives`` (docs/math.md, section 9); for a loss
+        without ``needs_positives`` the option is validated and changes nothing.
 
     Examples
     --------
