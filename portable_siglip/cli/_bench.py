@@ -3,12 +3,12 @@
 ``python -m portable_siglip bench`` runs the quick set of :mod:`portable_siglip.bench.sweep`
 (both losses at one moderate n on numpy and torch, ours against the dense baselines: a few
 minutes), ``--sweep`` (or ``--full``) its full sweep over n, d and backends (over an hour
-on 2 cores); ``--frameworks``, ``--distributed``, ``--profile`` and ``--compare-precision``, which
-exclude each other, run :mod:`~portable_siglip.bench.frameworks`,
-:mod:`~portable_siglip.bench.distributed`, :mod:`~portable_siglip.bench.profile` and
-:mod:`~portable_siglip.bench.precision` instead. ``--device cuda`` (or ``cuda:N``) runs
-:mod:`~portable_siglip.bench.gpu`, after checking that the GPU is there. Each is imported
-only when it runs.
+on 2 cores); ``--frameworks``, ``--cached``, ``--distributed``, ``--profile`` and
+``--compare-precision``, which exclude each other, run :mod:`~portable_siglip.bench.frameworks`,
+:mod:`~portable_siglip.bench.cached`, :mod:`~portable_siglip.bench.distributed`,
+:mod:`~portable_siglip.bench.profile` and :mod:`~portable_siglip.bench.precision` instead.
+``--device cuda`` (or ``cuda:N``) runs :mod:`~portable_siglip.bench.gpu`, after checking that
+the GPU is there. Each is imported only when it runs.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ __all__ = ["add_arguments", "main"]
 
 #: The modes that replace the quick set and the sweep, as their option names; they exclude
 #: each other.
-MODES = ("distributed", "frameworks", "profile", "compare_precision")
+MODES = ("distributed", "frameworks", "cached", "profile", "compare_precision")
 
 #: What ``--dtype`` accepts: the sweep's dtypes, bfloat16 (the GPU benchmark and
 #: ``--compare-precision``) and float16 (``--compare-precision``).
@@ -245,7 +245,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int_arg,
         default=512,
         help="with --frameworks: rows per chunk of the chunked autograd loss and of open_clip's "
-        "SigLipLoss(chunk_size=...) where it has one",
+        "SigLipLoss(chunk_size=...) where it has one; with --cached: rows per encoder call of "
+        "cached_step",
+    )
+    cached = parser.add_argument_group(
+        "cached",
+        "`--cached` times one training step of a small two-tower MLP made here, with "
+        "portable_siglip.backends.torch.cached_step (the towers see --chunk-size rows at a "
+        "time) against one plain backward of the whole batch with our loss module and "
+        "open_clip's (when installed), until these exceed --memory-cap-gib: time, and peak "
+        "extra memory in a fresh process per case (torch only; default n = 4096,8192, d = 128)",
+    )
+    cached.add_argument(
+        "--cached",
+        action="store_true",
+        help="benchmark cached_step against a plain training step "
+        "(see portable_siglip.bench.cached)",
     )
 
 
@@ -271,7 +286,9 @@ def _resolve_dims(args: argparse.Namespace) -> argparse.Namespace:
 
     values = vars(args)
     compare = bool(values.get("compare_precision"))
-    sweep = not (values.get("distributed") or values.get("frameworks") or compare)
+    sweep = not (
+        values.get("distributed") or values.get("frameworks") or values.get("cached") or compare
+    )
     dim = values.get("dim")
     full = bool(values.get("sweep"))
     updates: dict[str, Any] = {
@@ -309,6 +326,10 @@ def _resolve_dims(args: argparse.Namespace) -> argparse.Namespace:
             updates["sizes"] = list(sizes)
         if values.get("dims") is None:
             updates["dims"] = [dim] if dim is not None else list(dims)
+    elif values.get("cached"):
+        from ..bench.cached import DEFAULT_DIM as CACHED_DIM
+
+        updates["dim"] = dim or CACHED_DIM
     elif dim is None:
         updates["dim"] = DEFAULT_DIM
     return argparse.Namespace(**{**values, **updates})
@@ -400,7 +421,8 @@ def main(args: argparse.Namespace) -> int:
         the benchmark's ``main`` returns: :func:`portable_siglip.bench.gpu.main` with
         ``--device cuda``, :func:`portable_siglip.bench.distributed.main` with
         ``args.distributed``, :func:`portable_siglip.bench.frameworks.main` with
-        ``args.frameworks``, :func:`portable_siglip.bench.profile.main` with
+        ``args.frameworks``, :func:`portable_siglip.bench.cached.main` with ``args.cached``,
+        :func:`portable_siglip.bench.profile.main` with
         ``args.profile``, :func:`portable_siglip.bench.precision.main` with
         ``args.compare_precision``, else :func:`portable_siglip.bench.sweep.main` on the quick
         set, or the full sweep with ``args.sweep`` (0 when every case ran, 1 when some case
@@ -444,6 +466,10 @@ def main(args: argparse.Namespace) -> int:
         from ..bench import frameworks
 
         return frameworks.main(args)
+    if getattr(args, "cached", False):
+        from ..bench import cached
+
+        return cached.main(args)
     if getattr(args, "profile", False):
         from ..bench import profile
 

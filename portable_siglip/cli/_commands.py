@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(run)
     bench_help = (
         "time forward + gradient against the roofline; --distributed: the MPI "
-        "strategies; --frameworks: torch modules against open_clip and autograd"
+        "strategies; --frameworks: torch modules against open_clip and autograd; --cached: "
+        "a training step with cached_step against a plain backward"
     )
     bench = commands.add_parser(
         "bench",
