@@ -207,6 +207,7 @@ def cached_value_and_grad(
     txt_ids: Any = None,
     block_size: int | None = None,
     precision: str | None = None,
+    strategy: str | None = None,
 ) -> tuple[jax.Array, Params]:
     """Return the loss of a whole batch and its gradient with respect to ``params``, in two passes.
 
@@ -261,6 +262,10 @@ def cached_value_and_grad(
         Tile edge of the loss; None picks the default.
     precision : {"fast", "exact"}, optional
         GEMM operands of the loss for half-precision features.
+    strategy : str, optional
+        The distributed schedule, as for :func:`portable_siglip.sigmoid_loss` (``"bidir"``,
+        ``"shift"``, ``"reduce"``, ``"gather"``) or :func:`portable_siglip.softmax_loss`
+        (``"ring"``, ``"gather"``); None takes the loss's default. Ignored without ``comm``.
 
     Returns
     -------
@@ -328,10 +333,12 @@ def cached_value_and_grad(
     img = _embed("images", encode_img, params, images, chunk)
     txt = _embed("texts", encode_txt, params, texts, chunk)
     (t, b), pull_scalars = jax.vjp(lambda p: _scalars(scale_and_bias(p)), params)
-    labels = {} if img_ids is None and txt_ids is None else {"img_ids": img_ids, "txt_ids": txt_ids}
-    value, grads = loss_and_grad(
-        img, txt, t, b, block_size=block_size, comm=comm, precision=precision, **labels
-    )
+    options: dict[str, Any] = {"block_size": block_size, "comm": comm, "precision": precision}
+    if strategy is not None:
+        options["strategy"] = strategy
+    if not (img_ids is None and txt_ids is None):
+        options.update(img_ids=img_ids, txt_ids=txt_ids)
+    value, grads = loss_and_grad(img, txt, t, b, **options)
     d_t = jnp.asarray(grads.scale).astype(t.dtype)
     d_b = None if b is None else jnp.asarray(grads.bias).astype(b.dtype)
     (from_scalars,) = pull_scalars((d_t, d_b))

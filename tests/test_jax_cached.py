@@ -256,8 +256,10 @@ def test_constant_scale_and_no_bias() -> None:
     assert float(got[1]["b"]) == 0.0
 
 
-@pytest.mark.parametrize(("world", "shards"), [(2, [3, 8]), (3, [4, 1, 6])])
-def test_thread_group_uneven_shards(world: int, shards: list[int]) -> None:
+@pytest.mark.parametrize(
+    ("world", "shards", "strategy"), [(2, [3, 8], None), (3, [4, 1, 6], "reduce")]
+)
+def test_thread_group_uneven_shards(world: int, shards: list[int], strategy: str | None) -> None:
     """Eagerly with a host communicator: every rank gets the global loss and full gradient."""
     params = make_params(6)
     n = sum(shards)
@@ -268,7 +270,7 @@ def test_thread_group_uneven_shards(world: int, shards: list[int]) -> None:
         rows = slice(int(bounds[comm.rank]), int(bounds[comm.rank + 1]))
         return psj.cached_value_and_grad(
             ENCODE, params, images[rows], texts[rows], chunk_size=2, comm=comm,
-            scale_and_bias=scale_and_bias, block_size=16,
+            scale_and_bias=scale_and_bias, block_size=16, strategy=strategy,
         )  # fmt: skip
 
     want = golden("sigmoid", params, images, texts)
@@ -427,8 +429,15 @@ def sharded() -> dict[str, Any]:
     return report
 
 
-@pytest.mark.parametrize("case", ["sigmoid-5", "sigmoid-3", "softmax-3",
-                                  "sigmoid-ids", "softmax-ids", "sigmoid-3-unchecked"])  # fmt: skip
+CASES = ["sigmoid-5", "sigmoid-3", "softmax-3", "sigmoid-ids", "softmax-ids",
+         "sigmoid-3-reduce", "softmax-3-gather", "sigmoid-3-unchecked"]  # fmt: skip
+
+
+def test_shard_map_ran_every_case(sharded: dict[str, Any]) -> None:
+    assert sorted(sharded) == sorted(["devices", *CASES])
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_shard_map_equals_one_device(sharded: dict[str, Any], case: str) -> None:
     """Each device's loss and gradient equal the dense full-batch ones (and one another)."""
     for quantity, error in sharded[case].items():

@@ -50,7 +50,9 @@ def golden(loss: str, params: Any, images: Any, texts: Any, ids: tuple[Any, Any]
     return jax.value_and_grad(whole)(params)
 
 
-def case(loss: str, chunk: int, ids: bool, check_vma: bool = True) -> dict[str, float]:
+def case(
+    loss: str, chunk: int, ids: bool, check_vma: bool = True, strategy: str | None = None
+) -> dict[str, float]:
     params = make_params(8)
     m, k = (36, 48) if ids else (40, 40)  # 9 and 12, or 10 and 10 rows per device
     images, texts = batch(m, k, seed=9)
@@ -68,6 +70,7 @@ def case(loss: str, chunk: int, ids: bool, check_vma: bool = True) -> dict[str, 
             scale_and_bias=scale_and_bias,
             comm=AxisComm("data"),
             block_size=4,
+            strategy=strategy,
             **named,
         )
         return jax.tree.map(lambda a: a[None], (value, grads))  # one copy per device
@@ -89,10 +92,13 @@ def case(loss: str, chunk: int, ids: bool, check_vma: bool = True) -> dict[str, 
 
 def main() -> None:
     report: dict[str, Any] = {"devices": len(jax.devices())}
+    for chunk in (5, 3):  # divides the 10 rows per device, does not; the default schedule
+        report[f"sigmoid-{chunk}"] = case("sigmoid", chunk, ids=False)
+    report["softmax-3"] = case("softmax", 3, ids=False)
     for loss in ("sigmoid", "softmax"):
-        for chunk in (5, 3):  # divides the 10 rows per device, does not
-            report[f"{loss}-{chunk}"] = case(loss, chunk, ids=False)
         report[f"{loss}-ids"] = case(loss, 4, ids=True)  # 4 divides 12 texts, not 9 images
+    report["sigmoid-3-reduce"] = case("sigmoid", 3, ids=False, strategy="reduce")
+    report["softmax-3-gather"] = case("softmax", 3, ids=False, strategy="gather")
     # Without the varying-axis types, jax's vjp does not sum over the devices by itself.
     report["sigmoid-3-unchecked"] = case("sigmoid", 3, ids=False, check_vma=False)
     print(json.dumps(report))
