@@ -248,9 +248,13 @@ def _backward_with_graph(
     chunk_size: int,
     states: list[RngState],
     grad: torch.Tensor,
+    factor: float,
     found: dict[int, torch.Tensor] | None,
 ) -> None:
-    """Pass 2: re-embed each chunk with a graph, its RNG state restored; back-propagate."""
+    """Pass 2: re-embed each chunk with a graph, its RNG state restored; back-propagate.
+
+    Each chunk gets its rows of `grad` times `factor` (the number of ranks: DDP's convention).
+    """
     for (start, stop), state in zip(_spans(tower.rows, chunk_size), states, strict=True):
         _set_rng_state(state)
         with torch.enable_grad():
@@ -259,7 +263,8 @@ def _backward_with_graph(
             return
         if found is not None:
             _leaves([out], found)
-        torch.autograd.backward(out, grad[start:stop].to(out.dtype))
+        rows = grad[start:stop] * factor if factor != 1.0 else grad[start:stop]
+        torch.autograd.backward(out, rows.to(out.dtype))
 
 
 def _average(comm: Communicator, leaves: list[torch.Tensor]) -> None:
@@ -481,11 +486,9 @@ def cached_step(
 
     # Pass 2: each chunk again, with a graph, and its share of the feature gradient.
     factor = float(comm.size) if comm is not None else 1.0
-    g_img = grads.img * factor if factor != 1.0 else grads.img
-    g_txt = grads.txt * factor if factor != 1.0 else grads.txt
     try:
-        _backward_with_graph(towers[0], chunk_size, img_states, g_img, found)
-        _backward_with_graph(towers[1], chunk_size, txt_states, g_txt, found)
+        _backward_with_graph(towers[0], chunk_size, img_states, grads.img, factor, found)
+        _backward_with_graph(towers[1], chunk_size, txt_states, grads.txt, factor, found)
     finally:
         _set_rng_state(after_pass_1)
     if found is not None:
