@@ -14,7 +14,12 @@ expected values come from two computations written here, sharing no code with th
 from __future__ import annotations
 
 import inspect
+import json
+import os
+import subprocess
+import sys
 from itertools import accumulate, pairwise
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -529,3 +534,31 @@ def test_jax_eager_and_jit() -> None:
         psj.softmax_loss(*args, img_ids=ids[0], txt_ids=ids[1])
     with pytest.raises(ValueError, match="`unmatched_txt` must be one of"):
         psj.softmax_loss(*args, img_ids=ids[0], txt_ids=ids[1], unmatched_txt="x")
+
+
+def test_jax_axis_comm_in_shard_map() -> None:
+    """``AxisComm`` under ``jit(shard_map)`` on 4 CPU devices, both schedules, core and bridge.
+
+    The ids are traced there (no handshake reads them): the hard negatives are found from
+    their counts and K' is summed by the communicator's allreduce.
+    """
+    pytest.importorskip("jax")
+    script = Path(__file__).with_name("jax_scripts") / "unmatched_shard_map.py"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["devices"] >= 4
+    img, txt = np.array(report["img"]), np.array(report["txt"])
+    expected = dense(img, txt, np.array(report["img_ids"]), np.array(report["txt_ids"]), 5.0)
+    assert not np.isin(report["txt_ids"], report["img_ids"]).all()
+    for strategy in ("ring", "gather"):
+        for how in ("core", "bridge"):
+            loss, d_img, d_txt, d_scale = (np.asarray(v) for v in report[strategy][how])
+            what = f"{strategy} {how}"
+            assert_close(loss, np.asarray(expected.loss), 1e-12, f"{what} loss")
+            assert_close(d_img, expected.img, 1e-12, f"{what} dimg")
+            assert_close(d_txt, expected.txt, 1e-12, f"{what} dtxt")
+            assert_close(d_scale, np.asarray(expected.scale), 1e-12, f"{what} dscale")
