@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 import portable_siglip as _core
-from portable_siglip import _losses, _registry
+from portable_siglip import _checks, _losses, _registry
 from portable_siglip.comm import Communicator
 
 __all__ = ["cached_value_and_grad"]
@@ -208,6 +208,7 @@ def cached_value_and_grad(
     block_size: int | None = None,
     precision: str | None = None,
     strategy: str | None = None,
+    unmatched_txt: str = "error",
 ) -> tuple[jax.Array, Params]:
     """Return the loss of a whole batch and its gradient with respect to ``params``, in two passes.
 
@@ -266,6 +267,12 @@ def cached_value_and_grad(
         The distributed schedule, as for :func:`portable_siglip.sigmoid_loss` (``"bidir"``,
         ``"shift"``, ``"reduce"``, ``"gather"``) or :func:`portable_siglip.softmax_loss`
         (``"ring"``, ``"gather"``); None takes the loss's default. Ignored without ``comm``.
+    unmatched_txt : {"error", "negatives"}
+        With ids, what the softmax loss does with a text whose id no image has (a mined hard
+        negative, an extra caption), as for :func:`portable_siglip.softmax_loss`: "error"
+        refuses it, "negatives" makes it a negative of every image. The sigmoid loss
+        already counts such a text as a negative of every image; for it the value is
+        checked and changes nothing.
 
     Returns
     -------
@@ -325,7 +332,9 @@ def cached_value_and_grad(
     """
     encode_img, encode_txt = _check_encoders(encode)
     chunk = _check_chunk_size(chunk_size)
-    loss_and_grad = _losses.loss_functions(_registry.get(loss, parameter="loss"), _core)[1]
+    described = _registry.get(loss, parameter="loss")
+    loss_and_grad = _losses.loss_functions(described, _core)[1]
+    unmatched = _checks.check_unmatched_txt(unmatched_txt)
     _check_scale_and_bias(scale_and_bias)
     _check_params(params)
     _refuse_traced_host_comm(comm, params, images, texts, img_ids, txt_ids)
@@ -338,6 +347,8 @@ def cached_value_and_grad(
         options["strategy"] = strategy
     if not (img_ids is None and txt_ids is None):
         options.update(img_ids=img_ids, txt_ids=txt_ids)
+    if described.needs_positives:  # the softmax loss: the only one that takes it
+        options["unmatched_txt"] = unmatched
     value, grads = loss_and_grad(img, txt, t, b, **options)
     d_t = jnp.asarray(grads.scale).astype(t.dtype)
     d_b = None if b is None else jnp.asarray(grads.bias).astype(b.dtype)

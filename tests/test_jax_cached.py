@@ -117,11 +117,18 @@ def dense_sigmoid(img: Any, txt: Any, t: Any, b: Any, e: Any) -> Any:
 
 
 def dense_softmax(img: Any, txt: Any, t: Any, b: Any, e: Any) -> Any:
-    """Mean of the row and column cross-entropies against the uniform target on positives."""
+    """Mean of the row and column cross-entropies against the uniform target on positives.
+
+    A column without a positive (a text no image matches, ``unmatched_txt="negatives"``)
+    is in every row's log-sum-exp and has no column term; the columns average over the
+    k' that have one (docs/math.md).
+    """
     z = t * (img @ txt.T) + b
     rows = jax.scipy.special.logsumexp(z, axis=1) - jnp.sum(e * z, axis=1) / jnp.sum(e, axis=1)
-    cols = jax.scipy.special.logsumexp(z, axis=0) - jnp.sum(e * z, axis=0) / jnp.sum(e, axis=0)
-    return (jnp.mean(rows) + jnp.mean(cols)) / 2
+    counts = jnp.sum(e, axis=0)
+    cols = jax.scipy.special.logsumexp(z, axis=0) - jnp.sum(e * z, axis=0) / jnp.maximum(counts, 1)
+    matched = counts > 0
+    return (jnp.mean(rows) + jnp.sum(jnp.where(matched, cols, 0.0)) / jnp.sum(matched)) / 2
 
 
 DENSE = {"sigmoid": dense_sigmoid, "softmax": dense_softmax}
@@ -192,6 +199,34 @@ def test_ids_with_more_texts_than_images(loss: str, chunk: int) -> None:
 
     want = golden(loss, params, images, texts, img_ids, txt_ids)
     assert_matches(step(params, images, texts, img_ids, txt_ids), want)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_hard_negative_texts(loss: str) -> None:
+    """Texts 6 and 7 have ids no image has: with ``unmatched_txt="negatives"`` they are
+    negatives of every image (the softmax loss's option; the sigmoid loss's own rule)."""
+    params = make_params(9)
+    images, texts = batch(9, 12)
+    img_ids, _ = id_pairs()
+    txt_ids = jnp.arange(12) % 8
+
+    @jax.jit
+    def step(p: Any, x: Any, y: Any, a: Any, c: Any) -> Any:
+        return psj.cached_value_and_grad(
+            ENCODE, p, x, y, loss=loss, chunk_size=4, scale_and_bias=scale_and_bias,
+            img_ids=a, txt_ids=c, unmatched_txt="negatives", block_size=5,
+        )  # fmt: skip
+
+    want = golden(loss, params, images, texts, img_ids, txt_ids)
+    assert_matches(step(params, images, texts, img_ids, txt_ids), want)
+
+
+def test_unmatched_texts_are_refused_by_default() -> None:
+    img_ids, _ = id_pairs()
+    images, texts = batch(9, 12)
+    with pytest.raises(ValueError, match=r"`txt_ids`: text row 6 \(id 6\) has no image row"):
+        call(loss="softmax", images=images, texts=texts, img_ids=img_ids,
+             txt_ids=jnp.arange(12) % 8)  # fmt: skip
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
@@ -357,6 +392,7 @@ def call(**changes: Any) -> Any:
         ({"chunk_size": 2.0}, TypeError, "`chunk_size` must be a positive int, got 2.0"),
         ({"chunk_size": True}, TypeError, "`chunk_size` must be a positive int, got True"),
         ({"loss": "cosine"}, ValueError, "`loss` must be one of 'sigmoid', 'softmax'"),
+        ({"unmatched_txt": "ignore"}, ValueError, "`unmatched_txt` must be one of"),
         ({"encode": encode_img}, TypeError, "`encode` must be a pair"),
         ({"encode": (encode_img, 3)}, TypeError, "`encode` must be a pair"),
         ({"scale_and_bias": 5.0}, TypeError, "`scale_and_bias` must be a callable"),
@@ -430,9 +466,10 @@ def sharded() -> dict[str, Any]:
 
 
 #: Chunks of 5 divide the 10 rows per device, 3 do not; with ids 4 divides 12 texts, not
-#: 9 images; the default schedules, reduce and gather; check_vma on and off.
-CASES = ["sigmoid-5", "sigmoid-ids", "softmax-ids", "sigmoid-3-reduce", "softmax-3-gather",
-         "sigmoid-3-unchecked"]  # fmt: skip
+#: 9 images; hard-negative texts; the default schedules, reduce and gather; check_vma on and
+#: off.
+CASES = ["sigmoid-5", "sigmoid-ids", "softmax-ids", "softmax-negatives", "sigmoid-3-reduce",
+         "softmax-3-gather", "sigmoid-3-unchecked"]  # fmt: skip
 
 
 def test_shard_map_ran_every_case(sharded: dict[str, Any]) -> None:

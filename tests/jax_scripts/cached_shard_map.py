@@ -51,12 +51,18 @@ def golden(loss: str, params: Any, images: Any, texts: Any, ids: tuple[Any, Any]
 
 
 def case(
-    loss: str, chunk: int, ids: bool, check_vma: bool = True, strategy: str | None = None
+    loss: str,
+    chunk: int,
+    ids: bool,
+    check_vma: bool = True,
+    strategy: str | None = None,
+    unmatched: bool = False,
 ) -> dict[str, float]:
     params = make_params(8)
     m, k = (36, 48) if ids else (40, 40)  # 9 and 12, or 10 and 10 rows per device
     images, texts = batch(m, k, seed=9)
-    labels = (jnp.arange(m) % 12, jnp.arange(k) % 12) if ids else None  # positives across devices
+    # Positives across devices; with `unmatched`, texts of ids 12..15 match no image.
+    labels = (jnp.arange(m) % 12, jnp.arange(k) % (16 if unmatched else 12)) if ids else None
 
     def local(p: Any, x: Any, y: Any, *given: Any) -> Any:
         named = dict(zip(("img_ids", "txt_ids"), given, strict=False))
@@ -71,6 +77,7 @@ def case(
             comm=AxisComm("data"),
             block_size=4,
             strategy=strategy,
+            unmatched_txt="negatives" if unmatched else "error",
             **named,
         )
         return jax.tree.map(lambda a: a[None], (value, grads))  # one copy per device
@@ -95,6 +102,7 @@ def main() -> None:
     report["sigmoid-5"] = case("sigmoid", 5, ids=False)  # divides the 10 rows per device
     for loss in ("sigmoid", "softmax"):
         report[f"{loss}-ids"] = case(loss, 4, ids=True)  # 4 divides 12 texts, not 9 images
+    report["softmax-negatives"] = case("softmax", 4, ids=True, unmatched=True)
     report["sigmoid-3-reduce"] = case("sigmoid", 3, ids=False, strategy="reduce")
     report["softmax-3-gather"] = case("softmax", 3, ids=False, strategy="gather")
     # Without the varying-axis types, jax's vjp does not sum over the devices by itself.
