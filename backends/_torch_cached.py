@@ -206,9 +206,10 @@ class _RngStates:
             self.cuda[index].copy_(torch.stack(torch.cuda.get_rng_state_all()))
 
     def restore(self, index: int) -> None:
-        torch.set_rng_state(self.cpu[index])
+        # A copy: set_rng_state of a row view past the first crashes (torch 2.13).
+        torch.set_rng_state(self.cpu[index].clone())
         if self.cuda is not None:
-            torch.cuda.set_rng_state_all(list(self.cuda[index]))
+            torch.cuda.set_rng_state_all([state.clone() for state in self.cuda[index]])
 
 
 def _spans(rows: int, chunk_size: int) -> list[tuple[int, int]]:
