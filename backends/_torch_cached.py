@@ -19,6 +19,8 @@ import torch
 from portable_siglip import _checks, _registry
 from portable_siglip.comm import Communicator, check_communicator
 
+from ._torch_common import as_scalar, detached, loss_functions, without_autocast
+
 #: A batch of encoder inputs: a tensor, or a dict, tuple or list of them (nested alike),
 #: whose tensors share their first dimension, the rows.
 Inputs: TypeAlias = Any
@@ -465,8 +467,6 @@ def cached_step(
     >>> loss.shape, image_tower[0].weight.grad.shape, log_scale.grad.shape
     (torch.Size([]), torch.Size([4, 8]), torch.Size([]))
     """
-    from . import torch as bridge  # imported here: it imports this module
-
     spec = _registry.get(loss)
     chunk_size = _check_positive_int("chunk_size", chunk_size)
     towers = (
@@ -483,8 +483,8 @@ def cached_step(
     _check_call(towers, logit_scale, logit_bias, options)
     strategy = _check_strategy(spec, strategy)
     comm = check_communicator(comm) if comm is not None else None
-    scale = bridge._as_scalar(logit_scale)
-    bias = bridge._as_scalar(logit_bias)
+    scale = as_scalar(logit_scale)
+    bias = as_scalar(logit_bias)
 
     # Pass 1: the features, without a graph.
     img, img_states = _embed_without_graph(towers[0], chunk_size)
@@ -492,18 +492,18 @@ def cached_step(
     after_pass_1 = _rng_state()
 
     # The loss and its gradients, blockwise, in the core's own precision.
-    _, loss_and_grad = bridge._loss_functions(spec.name)
-    with bridge._without_autocast(img.device.type):
+    _, loss_and_grad = loss_functions(spec.name)
+    with without_autocast(img.device.type):
         value, grads = loss_and_grad(
             img,
             txt,
-            bridge._detached(scale),
-            bridge._detached(bias),
+            detached(scale),
+            detached(bias),
             block_size=block_size,
             comm=comm,
             strategy=strategy,
-            img_ids=bridge._detached(img_ids),
-            txt_ids=bridge._detached(txt_ids),
+            img_ids=detached(img_ids),
+            txt_ids=detached(txt_ids),
             precision=precision,
         )
     del img, txt

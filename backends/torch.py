@@ -71,7 +71,6 @@ Examples
 
 from __future__ import annotations
 
-import contextlib
 import numbers
 import sys
 import weakref
@@ -82,11 +81,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import portable_siglip as ps
-from portable_siglip import _checks, _losses, _registry
+from portable_siglip import _checks, _registry
 from portable_siglip.comm import BaseComm, Communicator, Request, check_communicator
 
 from ._torch_cached import cached_step
+from ._torch_common import as_scalar as _as_scalar
+from ._torch_common import detached as _detached
+from ._torch_common import loss_functions as _loss_functions
+from ._torch_common import without_autocast as _without_autocast
 
 __all__ = [
     "ClipLoss",
@@ -100,16 +102,6 @@ __all__ = [
 Scalar: TypeAlias = "float | torch.Tensor"
 #: The name of a registered loss (portable_siglip._registry).
 LossName: TypeAlias = str
-
-
-def _loss_functions(loss: LossName) -> tuple[Any, Any]:
-    return _losses.loss_functions(_registry.get(loss), ps)
-
-
-def _detached(value: Any) -> Any:
-    # The core sees plain tensors: no autograd bookkeeping, and DLPack export (MPIComm's
-    # host staging) refuses tensors that require grad.
-    return value.detach() if isinstance(value, torch.Tensor) else value
 
 
 def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, factor: float) -> torch.Tensor:
@@ -356,13 +348,6 @@ torch.library.register_autograd(
 )
 
 
-def _as_scalar(value: Any) -> Any:
-    """Let a one-element tensor (shape ``(1,)``, ``(1, 1)``, ...) stand for a 0-d one."""
-    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.numel() == 1:
-        return value.reshape(())
-    return value
-
-
 def _needs_graph(*values: Any) -> bool:
     return torch.is_grad_enabled() and any(
         isinstance(v, torch.Tensor) and v.requires_grad for v in values
@@ -374,18 +359,6 @@ def _check_ddp(ddp: object) -> bool:
         msg = f"`ddp` must be True or False, got {type(ddp).__name__} {ddp!r}"
         raise TypeError(msg)
     return ddp
-
-
-def _without_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
-    """Switch autocast off on `device_type`; a no-op where autocast does not exist (meta).
-
-    The meta device has no autocast (``torch.autocast(device_type="meta")`` raises), and
-    nothing to switch off: on it the loss only infers shapes and dtypes.
-    """
-    available = getattr(torch.amp, "is_autocast_available", None)
-    if device_type == "meta" or (available is not None and not available(device_type)):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def _split_scalar(value: Any) -> tuple[torch.Tensor | None, float | None] | None:

@@ -163,7 +163,8 @@ def test_the_walker_sees_the_package() -> None:
     assert "portable_siglip._losses" in graph
     assert "portable_siglip._checks" in graph["portable_siglip._losses"]
     assert "portable_siglip.comm" in graph["portable_siglip._distributed"]
-    assert "portable_siglip" in graph["portable_siglip.backends.torch"]
+    assert "portable_siglip" in graph["portable_siglip.backends._torch_common"]
+    assert "portable_siglip.backends._torch_common" in graph["portable_siglip.backends.torch"]
     assert any(name.startswith("portable_siglip.bench.") for name in graph)
     assert "portable_siglip.cli._doctor" in graph["portable_siglip.cli._commands"]
     assert "portable_siglip._losses" in graph["portable_siglip.cli._commands"]
