@@ -358,6 +358,7 @@ def cached_step(
     precision: str | None = None,
     strategy: str | None = None,
     sync_grads: bool = True,
+    unmatched_txt: str = "error",
 ) -> torch.Tensor:
     """Back-propagate the loss of a whole batch while the encoders see one chunk at a time.
 
@@ -417,6 +418,10 @@ def cached_step(
         step back-propagated into are **averaged over the ranks with one all-reduce** per
         dtype and device, what DDP does, so every rank holds the exact gradient of the
         global loss. False: leave them for the caller's own averaging.
+    unmatched_txt : {"error", "negatives"}
+        The softmax loss's: what a text whose id matches no image is ("negatives": a hard
+        negative of every image, docs/multi-positive.md); the sigmoid loss takes every
+        such pair as a negative anyway and ignores it.
 
     Returns
     -------
@@ -482,6 +487,8 @@ def cached_step(
     }
     _check_call(towers, logit_scale, logit_bias, options)
     strategy = _check_strategy(spec, strategy)
+    unmatched = _checks.check_unmatched_txt(unmatched_txt)
+    extra = {"unmatched_txt": unmatched} if spec.needs_positives else {}
     comm = check_communicator(comm) if comm is not None else None
     scale = as_scalar(logit_scale)
     bias = as_scalar(logit_bias)
@@ -505,6 +512,7 @@ def cached_step(
             img_ids=detached(img_ids),
             txt_ids=detached(txt_ids),
             precision=precision,
+            **extra,
         )
     del img, txt
     found: dict[int, torch.Tensor] | None = (

@@ -101,8 +101,12 @@ def dense_loss(loss: str, img: Any, txt: Any, scale: Any, bias: Any, ids: Any = 
     if loss == "sigmoid":
         return functional.softplus(-(2 * positive - 1) * logits).sum() / m
     rows_term = torch.logsumexp(logits, 1) - (positive * logits).sum(1) / positive.sum(1)
-    cols_term = torch.logsumexp(logits, 0) - (positive * logits).sum(0) / positive.sum(0)
-    return (rows_term.mean() + cols_term.mean()) / 2
+    # A text that is nobody's positive (a hard negative, unmatched_txt="negatives") joins
+    # the rows' denominators and has no column term: the mean is over matched columns.
+    matched = positive.sum(0) > 0
+    per_column = positive.sum(0).clamp(min=1)  # no 0/0 (whose gradient is NaN) off `matched`
+    cols_term = torch.logsumexp(logits, 0) - (positive * logits).sum(0) / per_column
+    return (rows_term.mean() + cols_term[matched].mean()) / 2
 
 
 def spans(n: int, chunk: int) -> list[tuple[int, int]]:
@@ -212,6 +216,27 @@ def test_equals_one_full_backward_with_ids(loss: str, chunk: int) -> None:
     want_value, want = reference(model, [(images, texts)], loss, chunk, [3], (img_ids, txt_ids))
     assert abs(value - want_value) <= 1e-12 * abs(want_value)
     assert_grads_close(got, want, f"{loss} with ids, chunk {chunk}")
+
+
+@pytest.mark.parametrize("chunk", [3, 4])
+def test_softmax_with_hard_negatives(chunk: int) -> None:
+    """Texts whose ids no image has: refused by default, hard negatives with "negatives"."""
+    img_ids = torch.arange(7)
+    txt_ids = torch.tensor([3, 100, 0, 1, 2, 101, 4, 5, 6, 102])  # 100..102: no image
+    model, (images, texts) = Towers(), inputs(7, txt_ids.numel())
+    ids = {"img_ids": img_ids, "txt_ids": txt_ids}
+    value, got = run_step(
+        model, images, texts, "softmax", chunk, 4, unmatched_txt="negatives", **ids
+    )
+    want_value, want = reference(
+        model, [(images, texts)], "softmax", chunk, [4], (img_ids, txt_ids)
+    )
+    assert abs(value - want_value) <= 1e-12 * abs(want_value)
+    assert_grads_close(got, want, f"softmax with hard negatives, chunk {chunk}")
+    with pytest.raises(ValueError, match="txt_ids"):
+        run_step(model, images, texts, "softmax", chunk, 4, **ids)
+    with pytest.raises(ValueError, match="`unmatched_txt` must be one of"):
+        run_step(model, images, texts, "softmax", chunk, 4, unmatched_txt="ignore", **ids)
 
 
 def test_dropout_matters_so_the_replay_is_tested() -> None:
