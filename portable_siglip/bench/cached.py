@@ -53,6 +53,7 @@ from .common import (
     WARMUP_N,
     add_case_arguments,
     check_args,
+    compare_rows,
     fmt,
     log_progress,
     machine_info,
@@ -405,21 +406,7 @@ def _run_one(
 
 def _compare(rows: Sequence[dict[str, Any]], errors: list[str]) -> None:
     """Fill in each row's ratios to ``cached_step`` at the same (loss, n); check the losses."""
-    cached = next((row for row in rows if row["impl"] == CACHED), None)
-    if cached is None:
-        return
-    for row in rows:
-        if cached["median_s"] and row["median_s"] is not None:
-            row["time_ratio"] = row["median_s"] / cached["median_s"]
-        if cached["peak_extra_mib"] and row["peak_extra_mib"] is not None:
-            row["memory_ratio"] = row["peak_extra_mib"] / cached["peak_extra_mib"]
-        mine, theirs = cached["loss_value"], row["loss_value"]
-        if row is cached or mine is None or theirs is None:
-            continue
-        if not abs(theirs - mine) <= VALUE_RTOL * max(abs(mine), 1e-30):
-            error = f"loss {theirs:.7g} differs from cached_step's {mine:.7g}"
-            row["notes"].append(error)
-            errors.append(f"{row['loss']} n={row['n']} {row['impl']}: {error}")
+    compare_rows(rows, CACHED, VALUE_RTOL, "cached_step's", errors)
 
 
 def _table(rows: Sequence[dict[str, Any]]) -> str:

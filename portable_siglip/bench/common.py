@@ -41,6 +41,7 @@ __all__ = [
     "among",
     "check_args",
     "comma_list",
+    "compare_rows",
     "fmt",
     "installed",
     "log_progress",
@@ -728,3 +729,43 @@ def _clock(seconds: float) -> str:
     """
     whole = round(seconds)
     return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def compare_rows(
+    rows: Sequence[dict[str, Any]], reference: str, rtol: float, name: str, errors: list[str]
+) -> None:
+    """Fill in each row's time and memory ratios to the `reference` row; check the losses.
+
+    `rows` are one case's (one loss, one n), each with ``impl``, ``median_s``,
+    ``peak_extra_mib``, ``loss_value``, ``notes``, ``loss`` and ``n``; ``time_ratio`` and
+    ``memory_ratio`` are set where both figures exist. A loss value more than `rtol`
+    (relative) from the reference's is a note of its row and an entry of `errors`, naming
+    the reference as `name` ("ours", "cached_step's").
+
+    Examples
+    --------
+    >>> rows = [
+    ...     {"impl": "a", "median_s": 2.0, "peak_extra_mib": 10.0, "loss_value": 1.0},
+    ...     {"impl": "b", "median_s": 3.0, "peak_extra_mib": 40.0, "loss_value": 1.5,
+    ...      "notes": [], "loss": "sigmoid", "n": 8},
+    ... ]
+    >>> errors = []
+    >>> compare_rows(rows, "a", 1e-3, "a's", errors)
+    >>> rows[1]["time_ratio"], rows[1]["memory_ratio"], errors
+    (1.5, 4.0, ["sigmoid n=8 b: loss 1.5 differs from a's 1"])
+    """
+    base = next((row for row in rows if row["impl"] == reference), None)
+    if base is None:
+        return
+    for row in rows:
+        if base["median_s"] and row["median_s"] is not None:
+            row["time_ratio"] = row["median_s"] / base["median_s"]
+        if base["peak_extra_mib"] and row["peak_extra_mib"] is not None:
+            row["memory_ratio"] = row["peak_extra_mib"] / base["peak_extra_mib"]
+        mine, theirs = base["loss_value"], row["loss_value"]
+        if row is base or mine is None or theirs is None:
+            continue
+        if not abs(theirs - mine) <= rtol * max(abs(mine), 1e-30):
+            error = f"loss {theirs:.7g} differs from {name} {mine:.7g}"
+            row["notes"].append(error)
+            errors.append(f"{row['loss']} n={row['n']} {row['impl']}: {error}")

@@ -83,6 +83,7 @@ from .common import (
     WARMUP_N,
     add_case_arguments,
     check_args,
+    compare_rows,
     fmt,
     log_progress,
     machine_info,
@@ -515,21 +516,7 @@ def _run_one(
 
 def _compare_with_ours(rows: Sequence[dict[str, Any]], errors: list[str]) -> None:
     """Fill in the ratios to ``ours`` of the rows of one (loss, n); check the loss values."""
-    ours = next((row for row in rows if row["impl"] == OURS), None)
-    if ours is None:
-        return
-    for row in rows:
-        if ours["median_s"] and row["median_s"] is not None:
-            row["time_ratio"] = row["median_s"] / ours["median_s"]
-        if ours["peak_extra_mib"] and row["peak_extra_mib"] is not None:
-            row["memory_ratio"] = row["peak_extra_mib"] / ours["peak_extra_mib"]
-        mine, theirs = ours["loss_value"], row["loss_value"]
-        if row is ours or mine is None or theirs is None:
-            continue
-        if not abs(theirs - mine) <= VALUE_RTOL * max(abs(mine), 1e-30):
-            error = f"loss {theirs:.7g} differs from ours {mine:.7g}"
-            row["notes"].append(error)
-            errors.append(f"{row['loss']} n={row['n']} {row['impl']}: {error}")
+    compare_rows(rows, OURS, VALUE_RTOL, "ours", errors)
 
 
 def _table(rows: Sequence[dict[str, Any]]) -> str:
